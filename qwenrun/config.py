@@ -1,0 +1,180 @@
+"""The HF `config.json` converted once into frozen, typed configs.
+
+Every `dict.get(..., default)` for model hyper-parameters lives here, so layers receive plain ints and
+floats and never consult the raw JSON. Both spellings of RoPE settings are accepted: transformers 4.x
+(`rope_theta` + `rope_scaling`) and 5.x (`rope_parameters`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenrun.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings; `rope_type` is "default" or "yarn" (the two Qwen3 uses)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
+        rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rp.get("rope_type") or rp.get("type") or "default"
+        if rope_type not in ("default", "yarn"):
+            raise CheckpointError(
+                f"rope type {rope_type!r} is not supported (Qwen3 uses 'default' or 'yarn')"
+            )
+        theta = rp.get("rope_theta") or cfg.get("rope_theta") or 10000.0
+        prf = rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+        max_pos = cfg.get("max_position_embeddings")
+        if rope_type == "default":
+            return cls(theta=float(theta), partial_rotary_factor=float(prf))
+        orig = rp.get("original_max_position_embeddings") or max_pos
+        factor = rp.get("factor")
+        if factor is None:
+            if not (orig and max_pos):
+                raise CheckpointError("yarn rope scaling needs 'factor' or max_position_embeddings")
+            factor = max_pos / orig
+        return cls(
+            theta=float(theta),
+            rope_type="yarn",
+            partial_rotary_factor=float(prf),
+            factor=float(factor),
+            original_max_position_embeddings=int(orig) if orig else None,
+            attention_factor=rp.get("attention_factor"),
+            beta_fast=float(rp.get("beta_fast") or 32.0),
+            beta_slow=float(rp.get("beta_slow") or 1.0),
+            mscale=rp.get("mscale"),
+            mscale_all_dim=rp.get("mscale_all_dim"),
+            truncate=bool(rp.get("truncate", True)),
+        )
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+
+    def is_sparse(self, layer: int) -> bool:
+        """Which layers use experts, exactly as `Qwen3MoeDecoderLayer.__init__` decides."""
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope: RopeConfig
+    torch_dtype: str | None
+    moe: MoeConfig | None = None
+    eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a parsed config.json; missing required fields are named in the error."""
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise CheckpointError("config.json has no 'architectures' entry")
+        cfg = {**cfg, **cfg.get("text_config", {})}
+
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise CheckpointError(f"config.json is missing required field {key!r}")
+            return cfg[key]
+
+        heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        moe = None
+        num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # 4.x / 5.x spelling
+        if num_experts:
+            moe = MoeConfig(
+                num_experts=int(num_experts),
+                num_experts_per_tok=int(need("num_experts_per_tok")),
+                moe_intermediate_size=int(need("moe_intermediate_size")),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+                mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
+            )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=archs[0],
+            model_type=cfg.get("model_type", ""),
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(cfg.get("intermediate_size") or 0),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 32768),
+            rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            rope=RopeConfig.from_hf(cfg),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            moe=moe,
+            eos_token_id=eos_ids,
+        )
+
+    def num_parameters(self) -> int:
+        """Parameter count from the shapes alone (for `qwenrun info` and memory estimates)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2) + 2 * d
+        attn += (self.num_attention_heads + 2 * self.num_key_value_heads) * d * self.attention_bias
+        total = 0
+        for layer in range(self.num_hidden_layers):
+            if self.moe is not None and self.moe.is_sparse(layer):
+                mlp = self.moe.num_experts * (3 * h * self.moe.moe_intermediate_size + h)  # experts + router
+            else:
+                mlp = 3 * h * self.intermediate_size
+            total += attn + mlp + 2 * h
+        emb = self.vocab_size * h
+        return total + emb + h + (0 if self.tie_word_embeddings else emb)
+
+    def num_active_parameters(self) -> int:
+        """Parameters touched per token: MoE reads only the selected experts."""
+        if self.moe is None:
+            return self.num_parameters()
+        idle = self.moe.num_experts - self.moe.num_experts_per_tok
+        sparse_layers = sum(self.moe.is_sparse(i) for i in range(self.num_hidden_layers))
+        return self.num_parameters() - sparse_layers * idle * 3 * self.hidden_size * self.moe.moe_intermediate_size

@@ -1,0 +1,212 @@
+"""LLMEngine: requests in, one scheduled step at a time, token and text deltas out.
+
+The loop is explicit data: `Scheduler.schedule()` returns a `ScheduledBatch`, `ModelRunner.run()`
+returns sampled ids, and `_apply` turns each id into output (forced thinking-budget tokens replace
+sampled ones), checks stop conditions and frees finished requests' blocks at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+import torch
+
+from qwenrun.engine.kv_cache import BlockPool, KVCache
+from qwenrun.engine.request import EARLY_STOP_TEXT, Request, StepDelta, Thinking
+from qwenrun.engine.runner import ModelRunner
+from qwenrun.engine.scheduler import Scheduler
+from qwenrun.errors import ContextLengthError, InvalidRequestError
+from qwenrun.loading.loader import Checkpoint
+from qwenrun.sampling.params import SamplingParams
+from qwenrun.sampling.sampler import make_generator
+from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Room left for the answer when max_tokens forces reasoning to close: a quarter, at most 1024.
+ANSWER_RESERVE_FRACTION, ANSWER_RESERVE_MAX = 4, 1024
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """A fifth of RAM on CPU (at most 4 GiB); 90% of the free memory left on a GPU after loading."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(ram // 5, 4 << 30)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ckpt: Checkpoint,
+        tokenizer: Tokenizer | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 8192,
+    ) -> None:
+        cfg = ckpt.config
+        self.config, self.tokenizer, self.device = cfg, tokenizer, device
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+            raise InvalidRequestError(
+                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings}); configure rope scaling (YaRN) to go further"
+            )
+        context = max_model_len or cfg.max_position_embeddings
+        budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(device)
+        per_block = KVCache.bytes_per_block(cfg, block_size, dtype)
+        num_blocks = min(budget // per_block, -(-context // block_size) * max_num_seqs)
+        capacity = num_blocks * block_size
+        if capacity < context:
+            if max_model_len is not None or capacity < min(context, 256):
+                raise InvalidRequestError(
+                    f"the KV cache ({budget / 2**20:.0f} MiB) holds {capacity} tokens, fewer than "
+                    f"max_model_len {context}; raise kv_cache_memory or lower max_model_len"
+                )
+            logger.warning("context window limited to %d tokens by the KV cache memory", capacity)
+            context = capacity
+        self.max_model_len = context
+        self.kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
+        gen = ckpt.generation_config.get("eos_token_id")
+        eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        vocab = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
+        self.runner = ModelRunner(model, cfg, self.kv_cache, vocab, self.eos_token_ids, device)
+        self.early_stop_ids: tuple[int, ...] = tuple(tokenizer.encode(EARLY_STOP_TEXT)) if tokenizer else ()
+        self._ids = itertools.count()
+        self._requests: dict[str, Request] = {}
+
+    def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """How many tokens a request may generate; ContextLengthError if it cannot fit."""
+        if prompt_len == 0:
+            raise InvalidRequestError("the prompt is empty")
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens but the context window is {self.max_model_len} tokens"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
+                f"of {self.max_model_len} tokens; lower max_tokens to at most {room}"
+            )
+        return params.max_tokens or room
+
+    def _thinking(self, prompt: list[int], params: SamplingParams, max_new: int) -> Thinking:
+        tok = self.tokenizer
+        start, end = (tok.think_start_id, tok.think_end_id) if tok else (None, None)
+        is_open = False
+        for t in reversed(prompt):  # a template that opens <think> itself (Thinking-2507) starts open
+            if t in (start, end):
+                is_open = t == start
+                break
+        stop_len = len(self.early_stop_ids)
+        close_at = None
+        if self.early_stop_ids and max_new > stop_len:
+            reserve = max(1, min(ANSWER_RESERVE_MAX, (max_new - stop_len) // ANSWER_RESERVE_FRACTION))
+            close_at = max_new - stop_len - reserve
+        budget = params.thinking_budget if self.early_stop_ids else None
+        if params.thinking_budget is not None and not self.early_stop_ids:
+            raise InvalidRequestError("thinking_budget needs a tokenizer with <think> and </think> tokens")
+        thinking = Thinking(start, end, self.early_stop_ids, budget, close_at, open=is_open)
+        thinking.maybe_force_now(0)
+        return thinking
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Validates against the context window and queues the request (ContextLengthError otherwise)."""
+        prompt = list(prompt_token_ids)
+        vocab = self.config.vocab_size
+        if any(not (0 <= t < vocab) for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        max_new = self.max_new_tokens(len(prompt), params)
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids |= set(self.eos_token_ids)
+        request_id = request_id or str(next(self._ids))
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            max_new_tokens=max_new,
+            stop_ids=frozenset(stop_ids),
+            thinking=self._thinking(prompt, params, max_new),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens)
+            if self.tokenizer
+            else None,
+            generator=make_generator(params.seed, self.device),
+        )
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks return to the pool immediately."""
+        req = self._requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            req.finish_reason = "abort"
+            self.scheduler.finish(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepDelta]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.run(batch)
+        return [self._apply(req, tok, lp) for req, tok, lp in zip(batch.requests, result.token_ids, result.logprobs)]
+
+    def _apply(self, req: Request, sampled: int, logprob: dict[int, float] | None) -> StepDelta:
+        forced = bool(req.thinking.forced)
+        token = req.thinking.forced.popleft() if forced else sampled
+        req.token_ids.append(token)
+        if req.logprobs is not None:
+            req.logprobs.append(logprob if not forced else {token: 0.0})
+        n_out = req.num_output_tokens
+        req.thinking.observe(token, n_out)
+        params = req.params
+        if not forced and token in req.stop_ids and n_out >= max(params.min_tokens, 1):
+            req.finish_reason = "stop"
+            req.stop_reason = token if token in (params.stop_token_ids or ()) else None
+        elif req.detokenizer is not None:
+            self._append_text(req, req.detokenizer.add([token]))
+        if req.finish_reason is None and (n_out >= req.max_new_tokens or len(req.token_ids) >= self.max_model_len):
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            if req.detokenizer is not None and not isinstance(req.stop_reason, str):
+                req.text += req.detokenizer.flush()
+            self.scheduler.finish(req)
+            self._requests.pop(req.request_id, None)
+        return StepDelta(req, [token], self._release_text(req), req.finished)
+
+    def _append_text(self, req: Request, delta: str) -> None:
+        """Adds decoded text; a stop string ends the request and is cut from the output (vLLM)."""
+        old = len(req.text)
+        req.text += delta
+        for stop in req.params.stop or ():
+            i = req.text.find(stop, max(0, old - len(stop) + 1))
+            if i != -1:
+                req.text = req.text[:i]
+                req.finish_reason, req.stop_reason = "stop", stop
+                return
+
+    def _release_text(self, req: Request) -> str:
+        """Text safe to stream: everything once finished, else all but a possible stop-string prefix."""
+        hold = 0 if req.finished else max((len(s) - 1 for s in req.params.stop or ()), default=0)
+        end = max(req.sent_text_len, len(req.text) - hold)
+        out = req.text[req.sent_text_len : end]
+        req.sent_text_len = end
+        return out

@@ -1,0 +1,165 @@
+"""The engine's data: requests as they move through the scheduler, and what each step hands back."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from qwenrun.sampling.params import SamplingParams
+from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
+
+# Qwen's documented early-stop text for a spent thinking budget (Qwen3 quickstart, "Thinking Budget").
+EARLY_STOP_TEXT = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now."
+    "\n</think>\n\n"
+)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Thinking:
+    """Reasoning bookkeeping of one request, and the tokens the engine forces to close it.
+
+    `close_at` caps the output length at which an open reasoning block is closed, so that a request
+    limited by max_tokens still gets the early-stop text, `</think>` and room for an answer.
+    """
+
+    start_id: int | None
+    end_id: int | None
+    early_stop_ids: tuple[int, ...]
+    budget: int | None
+    close_at: int | None
+    open: bool = False
+    tokens: int = 0
+    forced: deque[int] = field(default_factory=deque)
+
+    def observe(self, token: int, num_output: int) -> None:
+        """Account for one appended output token; queue the early-stop text when a limit is hit."""
+        if token == self.start_id and not self.open:
+            self.open, self.tokens = True, 0
+            return
+        if token == self.end_id:
+            self.open = False  # forced tokens after </think> (the "\n\n") still follow
+            return
+        if not self.open:
+            return
+        self.tokens += 1
+        if self.forced:
+            return
+        over_budget = self.budget is not None and self.tokens >= self.budget
+        if over_budget or (self.close_at is not None and num_output >= self.close_at):
+            self.forced.extend(self.early_stop_ids)
+
+    def maybe_force_now(self, num_output: int) -> None:
+        """A budget of 0 (or a prompt that opened <think>) may need the close before any sampling."""
+        if self.open and not self.forced:
+            if (self.budget is not None and self.tokens >= self.budget) or (
+                self.close_at is not None and num_output >= self.close_at
+            ):
+                self.forced.extend(self.early_stop_ids)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    thinking: Thinking
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    token_ids: list[int] = field(init=False)  # prompt + output, appended in place
+    num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list, init=False)
+    status: Status = field(default=Status.WAITING, init=False)
+    text: str = field(default="", init=False)
+    sent_text_len: int = field(default=0, init=False)
+    finish_reason: str | None = field(default=None, init=False)
+    stop_reason: str | int | None = field(default=None, init=False)
+    logprobs: list[dict[int, float]] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens to run through the model next step: the prompt (after preemption, prompt+output) or 1."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's plan: run `num_tokens[i]` new tokens of `requests[i]` (their blocks are allocated)."""
+
+    requests: list[Request]
+    num_tokens: list[int]
+
+    def __post_init__(self) -> None:
+        assert len(self.requests) == len(self.num_tokens) and self.requests
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence (vLLM's name). Chat requests also carry the parsed fields."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None
+    reasoning_content: str | None = None
+    content: str | None = None
+    tool_calls: list | None = None
+    tool_call_errors: list[str] | None = None
+    reasoning_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class StepDelta:
+    """What one request produced in one step (for streaming)."""
+
+    request: Request
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool

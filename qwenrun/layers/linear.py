@@ -1,0 +1,68 @@
+"""Linear layers that merge several checkpoint projections into one matmul.
+
+The checkpoint keeps q/k/v (and gate/up) as separate tensors; running them as one GEMM halves the
+number of kernel launches and weight reads on the decode path. Each merged layer names its checkpoint
+sources, so the loader learns the mapping from the model itself instead of from a separate table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """One checkpoint tensor and the slice of a parameter it fills.
+
+    `shard` names the slice ("" for a whole parameter); `covers` lists the shards a tensor fills, so a
+    fused checkpoint tensor (transformers 5 experts) can stand in for the per-expert ones.
+    """
+
+    checkpoint_name: str
+    param_name: str
+    shard: str
+    view: Callable[[torch.Tensor], torch.Tensor]
+    covers: tuple[str, ...] = ()
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p
+
+
+class MergedLinear(nn.Module):
+    """y = x Wᵀ with W = cat(W_src0, W_src1, ...) along the output dim (no bias unless asked)."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], sources: Sequence[str], bias: bool = False):
+        super().__init__()
+        assert len(out_sizes) == len(sources)
+        self.out_sizes = tuple(out_sizes)
+        self.sources = tuple(sources)
+        self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
+        offset = 0
+        for size, src in zip(self.out_sizes, self.sources):
+            for kind in ("weight", "bias") if self.bias is not None else ("weight",):
+                yield WeightTarget(
+                    f"{parent}{src}.{kind}", f"{own}.{kind}", src, _narrow(offset, size)
+                )
+            offset += size
+
+
+def _narrow(offset: int, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda p: p.narrow(0, offset, size)
+
+
+def plain_targets(module: nn.Module, parent: str, own: str) -> Iterator[WeightTarget]:
+    """Parameters whose checkpoint name equals the module path (the default)."""
+    for pname, _ in module.named_parameters(recurse=False):
+        yield WeightTarget(f"{own}.{pname}", f"{own}.{pname}", "", _whole)

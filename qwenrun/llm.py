@@ -1,0 +1,317 @@
+"""`LLM`: the offline Python API, with vLLM's names (`generate`, `chat`) plus Qwen3 hybrid thinking."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qwenrun.engine.engine import LLMEngine
+from qwenrun.engine.request import CompletionOutput, Request, RequestOutput
+from qwenrun.errors import CheckpointError, InvalidRequestError
+from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
+from qwenrun.sampling.params import SamplingParams
+from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
+from qwenrun.tokenizer.reasoning import StreamingReasoningParser, split_reasoning
+from qwenrun.tokenizer.tokenizer import Tokenizer
+from qwenrun.tokenizer.tool_parsers import get_tool_parser
+
+Prompt = str | list[int] | Mapping[str, Any]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class ChatDelta:
+    """One streamed piece of a chat answer; `output` is set on the last one."""
+
+    reasoning: str
+    content: str
+    finished: bool
+    output: CompletionOutput | None = None
+
+
+class LLM:
+    """Load a Qwen3 / Qwen3-MoE checkpoint (folder or hub id) and run it.
+
+    Args:
+        model: checkpoint folder or hub id (`Qwen/Qwen3-0.6B`).
+        dtype: "auto" (checkpoint dtype), "bfloat16", "float16" or "float32".
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        revision: hub revision (branch, tag or commit) to pin.
+        max_model_len: context window (default: the model's max_position_embeddings).
+        kv_cache_memory: bytes for the KV cache (default: a fifth of RAM up to 4 GiB on CPU).
+        max_num_seqs: most requests decoded together.
+        tool_parser: tool-call output format ("hermes" for Qwen3).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        revision: str | None = None,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        tool_parser: str = "hermes",
+    ) -> None:
+        ckpt = open_checkpoint(model, revision)
+        self.checkpoint = ckpt
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, ckpt.config, self.device)
+        self.tokenizer = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").is_file() else None
+        self._chat_template: ChatTemplate | None = None
+        self.model = load_model(ckpt, self.dtype, self.device)
+        self.engine = LLMEngine(
+            self.model, ckpt, self.tokenizer, self.dtype, self.device,
+            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+            block_size=block_size, max_num_seqs=max_num_seqs,
+        )
+        self.tool_parser = get_tool_parser(tool_parser)
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """Defaults from the checkpoint's generation_config.json (Qwen3: T=0.6, top_p 0.95, top_k 20)."""
+        return SamplingParams.from_generation_config(self.checkpoint.generation_config)
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise CheckpointError(f"{self.checkpoint.path} has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_tokenizer(self._need_tokenizer())
+        return self._chat_template
+
+    # ----------------------------------------------------------------------------------- generate
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self._need_tokenizer().encode(prompt)
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self._need_tokenizer().encode(prompt["prompt"])
+            raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}")
+
+    @staticmethod
+    def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, (str, Mapping)):
+            return [prompts]
+        if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+
+    def _submit(self, prompts: list[Prompt], params: SamplingParams | Sequence[SamplingParams] | None) -> list[tuple[str | None, list[Request]]]:
+        if params is None:
+            params = self.get_default_sampling_params()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        encoded = [self._prompt_ids(p) for p in prompts]
+        submitted: list[tuple[str | None, list[Request]]] = []
+        try:
+            for (text, ids), p in zip(encoded, plist):
+                reqs = []
+                for i in range(p.n):
+                    sub = p if p.n == 1 or p.seed is None else _with(p, seed=p.seed + i)
+                    reqs.append(self.engine.add_request(ids, sub))
+                submitted.append((text, reqs))
+        except Exception:
+            for _, reqs in submitted:  # leave nothing half-queued
+                for r in reqs:
+                    self.engine.abort(r.request_id)
+            raise
+        return submitted
+
+    def _run(self) -> Iterator:
+        while self.engine.has_unfinished_requests():
+            yield from self.engine.step()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts together (continuous batching) and return one output per prompt, in order."""
+        submitted = self._submit(self._as_list(prompts), sampling_params)
+        for _ in self._run():
+            pass
+        return [_request_output(text, reqs) for text, reqs in submitted]
+
+    def generate_stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[tuple[int, str, bool]]:
+        """Yields (prompt index, text delta, finished) as tokens are produced (n must be 1)."""
+        submitted = self._submit(self._as_list(prompts), sampling_params)
+        index = {reqs[0].request_id: i for i, (_, reqs) in enumerate(submitted)}
+        try:
+            for delta in self._run():
+                if delta.text_delta or delta.finished:
+                    yield index[delta.request.request_id], delta.text_delta, delta.finished
+        finally:
+            for _, reqs in submitted:
+                for r in reqs:
+                    self.engine.abort(r.request_id)
+
+    # --------------------------------------------------------------------------------------- chat
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        enable_thinking: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The prompt text for `messages`. Thinking: explicit `enable_thinking` wins; otherwise the
+        latest `/think` or `/no_think` in a user/system message decides; otherwise the template default (on)."""
+        kwargs = dict(chat_template_kwargs or {})
+        if enable_thinking is None and "enable_thinking" not in kwargs:
+            enable_thinking = soft_thinking_switch(messages)
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation or a list of them. Each output carries `reasoning_content`, `content`,
+        parsed `tool_calls` (and `tool_call_errors` for malformed ones), token counts and finish reason."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        params = self._chat_params(sampling_params, thinking_budget)
+        prompts = [
+            self.render_chat(c, enable_thinking=enable_thinking, tools=tools, chat_template_kwargs=chat_template_kwargs)
+            for c in conversations
+        ]
+        outputs = self.generate(prompts, params)
+        for out in outputs:
+            opened = self._think_open(out.prompt_token_ids)
+            for comp in out.outputs:
+                self._parse_chat(comp, opened)
+        return outputs
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        enable_thinking: bool | None = None,
+        thinking_budget: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> Iterator[ChatDelta]:
+        """Streams reasoning and content deltas of one conversation; the last delta has the full output."""
+        params = self._chat_params(sampling_params, thinking_budget)
+        prompt = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools,
+                                  chat_template_kwargs=chat_template_kwargs)
+        [(_, [req])] = self._submit([prompt], _with(params, n=1))
+        opened = self._think_open(req.prompt_token_ids)
+        parser = StreamingReasoningParser(think_open_in_prompt=opened)
+        try:
+            for delta in self._run():
+                if delta.request is not req:
+                    continue
+                reasoning, content = parser.feed(delta.text_delta)
+                if delta.finished:
+                    r2, c2 = parser.finish()
+                    comp = _completion(0, req)
+                    self._parse_chat(comp, opened)
+                    yield ChatDelta(reasoning + r2, content + c2, True, comp)
+                    return
+                if reasoning or content:
+                    yield ChatDelta(reasoning, content, False)
+        finally:
+            self.engine.abort(req.request_id)
+
+    def _chat_params(self, params: SamplingParams | None, thinking_budget: int | None) -> SamplingParams:
+        params = params or self.get_default_sampling_params()
+        return _with(params, thinking_budget=thinking_budget) if thinking_budget is not None else params
+
+    def _think_open(self, prompt_ids: list[int]) -> bool:
+        tok = self._need_tokenizer()
+        for t in reversed(prompt_ids):
+            if t in (tok.think_start_id, tok.think_end_id):
+                return t == tok.think_start_id
+        return False
+
+    def _parse_chat(self, comp: CompletionOutput, think_open_in_prompt: bool) -> None:
+        reasoning, content = split_reasoning(comp.text, think_open_in_prompt=think_open_in_prompt)
+        comp.reasoning_content = reasoning
+        parsed = self.tool_parser.parse(content or "")
+        comp.content = parsed.content
+        comp.tool_calls = list(parsed.tool_calls)
+        comp.tool_call_errors = list(parsed.errors)
+        tok = self._need_tokenizer()
+        ids = comp.token_ids
+        if tok.think_end_id in ids:
+            comp.reasoning_tokens = ids.index(tok.think_end_id)
+        elif reasoning is not None and content is None:
+            comp.reasoning_tokens = len(ids)
+
+    # ------------------------------------------------------------------------------------- logits
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced logits [T, vocab] (fp32 on CPU) for scoring and verification."""
+        ids = list(token_ids)
+        if not ids:
+            raise InvalidRequestError("token_ids is empty")
+        self.engine.max_new_tokens(len(ids), SamplingParams(max_tokens=None))
+        pool, bs = self.engine.pool, self.engine.kv_cache.block_size
+        blocks = pool.allocate(-(-len(ids) // bs))
+        try:
+            return self.engine.runner.prompt_logits(ids, blocks).float().cpu()
+        finally:
+            pool.free(blocks)
+
+
+def _with(params: SamplingParams, **changes: Any) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)
+
+
+def _completion(index: int, req: Request) -> CompletionOutput:
+    return CompletionOutput(
+        index=index,
+        text=req.text,
+        token_ids=list(req.output_token_ids),
+        finish_reason=req.finish_reason,
+        stop_reason=req.stop_reason,
+        logprobs=req.logprobs,
+    )
+
+
+def _request_output(prompt: str | None, reqs: list[Request]) -> RequestOutput:
+    return RequestOutput(
+        request_id=reqs[0].request_id,
+        prompt=prompt,
+        prompt_token_ids=list(reqs[0].prompt_token_ids),
+        outputs=[_completion(i, r) for i, r in enumerate(reqs)],
+        finished=all(r.finished for r in reqs),
+    )

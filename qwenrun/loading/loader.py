@@ -1,0 +1,69 @@
+"""`load_model`: checkpoint folder or hub id -> (model on device, config), nothing else touched."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwenrun.config import ModelConfig
+from qwenrun.errors import CheckpointError
+from qwenrun.loading.source import read_json, resolve_model_path
+from qwenrun.loading.weights import load_weights
+from qwenrun.models import create_model, model_class
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    generation_config: dict[str, Any]
+
+
+def open_checkpoint(model: str | os.PathLike[str], revision: str | None = None) -> Checkpoint:
+    """Resolve and parse the JSON side of a checkpoint; fails early on unknown architectures."""
+    path = resolve_model_path(model, revision)
+    config = ModelConfig.from_hf(read_json(path / "config.json"))
+    model_class(config.architecture)
+    return Checkpoint(path, config, read_json(path / "generation_config.json", required=False))
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto` = the checkpoint's dtype (bf16 for released Qwen3), except fp16 on CPU, which is slow there."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        dtype = config.torch_dtype or "bfloat16"
+        if dtype in ("float16", "fp16") and device.type == "cpu":
+            dtype = "bfloat16"
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build on `meta` (no init cost), allocate on `device`, then stream the weights in."""
+    with torch.device("meta"), _default_dtype(dtype):
+        model = create_model(ckpt.config)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings)
+    return model.eval()

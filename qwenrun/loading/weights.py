@@ -1,0 +1,113 @@
+"""Stream safetensors tensors into a model built on `meta`, checking names and shapes as they arrive.
+
+The model's layers say which checkpoint tensor fills which parameter slice (`weight_targets`), so
+merged projections and stacked experts need no separate name table. Loading ends with a check that
+every parameter slice was filled exactly once; errors name the offending checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from qwenrun.errors import CheckpointError
+from qwenrun.layers.linear import WeightTarget, plain_targets
+from qwenrun.loading.source import read_json
+
+# Buffers transformers may serialise that qwenrun recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: sharded (index JSON) or single."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); qwenrun never loads pickles. "
+            "Convert to safetensors first, e.g. in transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise CheckpointError(f"no *.safetensors weights found in {folder}")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """One tensor resident at a time; safetensors memory-maps the file."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {path.name}: {e} (the file is corrupt or truncated)") from None
+
+
+def weight_targets(model: nn.Module) -> dict[str, WeightTarget]:
+    targets: dict[str, WeightTarget] = {}
+    for own, module in model.named_modules():
+        parent = own.rsplit(".", 1)[0] + "." if "." in own else ""
+        produce = getattr(module, "weight_targets", None)
+        found = produce(parent, own) if produce else plain_targets(module, parent, own)
+        for t in found:
+            targets[t.checkpoint_name] = t
+    return targets
+
+
+def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, tied_embeddings: bool) -> None:
+    """Fill every parameter of `model` (already materialised, any device) from the checkpoint."""
+    params = dict(model.named_parameters())
+    targets = weight_targets(model)
+    needed: dict[str, set[str]] = {}
+    for t in targets.values():
+        if not t.covers:
+            needed.setdefault(t.param_name, set()).add(t.shard)
+    filled: dict[str, set[str]] = {name: set() for name in needed}
+    unexpected: list[str] = []
+    for name, tensor in iter_tensors(checkpoint_files(folder)):
+        target = targets.get(name)
+        if target is None:
+            if name.endswith(_IGNORED_SUFFIXES) or (tied_embeddings and name == "lm_head.weight"):
+                continue
+            unexpected.append(name)
+            continue
+        dest = target.view(params[target.param_name].data)
+        if tuple(dest.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {list(tensor.shape)} but the model expects {list(dest.shape)} "
+                "(config.json does not match the weights)"
+            )
+        covered = set(target.covers) or {target.shard}
+        if covered & filled[target.param_name]:
+            raise CheckpointError(f"tensor {name} fills part of {target.param_name} that was already loaded")
+        dest.copy_(tensor.to(dtype))
+        filled[target.param_name] |= covered
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) the model does not use: {_some(unexpected)} "
+            "(wrong architecture in config.json?)"
+        )
+    by_slice = {(t.param_name, t.shard): t.checkpoint_name for t in targets.values() if not t.covers}
+    missing = [by_slice[(p, s)] for p, shards in needed.items() for s in sorted(shards - filled[p])]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {_some(sorted(missing))}")
+
+
+def _some(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -1,0 +1,32 @@
+"""Architecture registry: `config.json` `architectures[0]` -> model class, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from qwenrun.config import ModelConfig
+from qwenrun.errors import UnsupportedModelError
+
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "Qwen3ForCausalLM": ("qwenrun.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwenrun.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} is not supported; qwenrun runs {', '.join(supported_architectures())}"
+        )
+    module, name = _ARCHITECTURES[architecture]
+    return getattr(importlib.import_module(module), name)
+
+
+def create_model(cfg: ModelConfig) -> nn.Module:
+    return model_class(cfg.architecture)(cfg)

@@ -1,0 +1,105 @@
+"""Qwen3 dense (`Qwen3ForCausalLM`): GQA attention with per-head q/k RMSNorm, SwiGLU MLP, RMSNorm pre-norm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenrun.config import ModelConfig
+from qwenrun.layers.attention import AttentionMetadata, paged_attention
+from qwenrun.layers.linear import MergedLinear
+from qwenrun.layers.norm import RMSNorm
+from qwenrun.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, (q, kv, kv), ("q_proj", "k_proj", "v_proj"), cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
+        )
+        q = apply_rotary(self.q_norm(q.view(T, self.num_heads, self.head_dim)), *rope)
+        k = apply_rotary(self.k_norm(k.view(T, self.num_kv_heads, self.head_dim)), *rope)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        return self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, self.scale))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = MergedLinear(hidden, (intermediate, intermediate), ("gate_proj", "up_proj"))
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, rope, meta, kv) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, meta, kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim)
+
+    def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [T, H]
+        rope = self.rotary_emb(positions, h.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            h = layer(h, rope, meta, kv)
+        return self.norm(h)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """The engine's model contract: `forward(ids [T], positions [T], meta, kv_caches) -> hidden [T, H]`
+    and `compute_logits(hidden [N, H]) -> [N, vocab]`, run only for the rows that need logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @staticmethod
+    def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
+        return Qwen3DecoderLayer(cfg, Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)

@@ -1,0 +1,90 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`): Qwen3 attention with a top-k routed expert MLP (no shared expert).
+
+Experts are stored stacked (`w13 [E, 2I, H]`, `w2 [E, H, I]`) so a step runs only the experts its tokens
+selected, each once over all of its tokens, instead of a Python loop over every expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenrun.config import ModelConfig
+from qwenrun.layers.linear import WeightTarget
+from qwenrun.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP
+
+
+class Qwen3MoeExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [E, gate;up, H]
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; weights/experts [T, k] -> Σ_k weights · Expert_k(x), grouped by expert."""
+        T, k = experts.shape
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k  # [T*k] token row of each sorted assignment
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = order[start : start + n]
+            rows = token_of[start : start + n]
+            gate, up = F.linear(x[rows], self.w13[e]).split(self.intermediate, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[e])  # [n, H]
+            out.index_add_(0, rows, y * weights.reshape(-1)[idx, None])
+            start += n
+        return out
+
+    def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
+        I = self.intermediate
+        everything = tuple(f"{e}.{p}" for e in range(self.num_experts) for p in ("gate", "up", "down"))
+        for e in range(self.num_experts):
+            yield WeightTarget(f"{own}.{e}.gate_proj.weight", f"{own}.w13", f"{e}.gate", _expert(e, 0, I))
+            yield WeightTarget(f"{own}.{e}.up_proj.weight", f"{own}.w13", f"{e}.up", _expert(e, I, I))
+            yield WeightTarget(f"{own}.{e}.down_proj.weight", f"{own}.w2", f"{e}.down", _expert(e, None, None))
+        # transformers 5 may store the experts fused; either layout loads.
+        gate_up = tuple(s for s in everything if not s.endswith("down"))
+        down = tuple(s for s in everything if s.endswith("down"))
+        yield WeightTarget(f"{own}.gate_up_proj", f"{own}.w13", "fused", lambda p: p, gate_up)
+        yield WeightTarget(f"{own}.down_proj", f"{own}.w2", "fused", lambda p: p, down)
+
+
+def _expert(e: int, offset: int | None, size: int | None):
+    if offset is None:
+        return lambda p: p[e]
+    return lambda p: p[e].narrow(0, offset, size)
+
+
+class Qwen3MoeSparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.top_k, self.norm_topk_prob = cfg.moe.num_experts_per_tok, cfg.moe.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)
+        self.experts = Qwen3MoeExperts(cfg.moe.num_experts, cfg.hidden_size, cfg.moe.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)  # [T, E] in the model dtype, as transformers
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(x, weights.to(logits.dtype), experts)
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    @staticmethod
+    def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
+        assert cfg.moe is not None
+        if cfg.moe.is_sparse(index):
+            return Qwen3DecoderLayer(cfg, Qwen3MoeSparseMoeBlock(cfg))
+        return Qwen3DecoderLayer(cfg, Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
