@@ -120,7 +120,7 @@ class LLMEngine:
         if params.thinking_budget is not None and not self.early_stop_ids:
             raise InvalidRequestError("thinking_budget needs a tokenizer with <think> and </think> tokens")
         thinking = Thinking(start, end, self.early_stop_ids, budget, close_at, open=is_open)
-        thinking.maybe_force_now(0)
+        thinking.check_limits(0)
         return thinking
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:

@@ -45,26 +45,21 @@ class Thinking:
         """Account for one appended output token; queue the early-stop text when a limit is hit."""
         if token == self.start_id and not self.open:
             self.open, self.tokens = True, 0
-            return
-        if token == self.end_id:
+        elif token == self.end_id:
             self.open = False  # forced tokens after </think> (the "\n\n") still follow
             return
-        if not self.open:
-            return
-        self.tokens += 1
-        if self.forced:
+        elif self.open:
+            self.tokens += 1
+        self.check_limits(num_output)
+
+    def check_limits(self, num_output: int) -> None:
+        """Queue the close once the budget or the max_tokens reserve is reached (a budget of 0
+        closes right after <think>, or before the first token when the prompt opened it)."""
+        if not self.open or self.forced:
             return
         over_budget = self.budget is not None and self.tokens >= self.budget
         if over_budget or (self.close_at is not None and num_output >= self.close_at):
             self.forced.extend(self.early_stop_ids)
-
-    def maybe_force_now(self, num_output: int) -> None:
-        """A budget of 0 (or a prompt that opened <think>) may need the close before any sampling."""
-        if self.open and not self.forced:
-            if (self.budget is not None and self.tokens >= self.budget) or (
-                self.close_at is not None and num_output >= self.close_at
-            ):
-                self.forced.extend(self.early_stop_ids)
 
 
 @dataclass
