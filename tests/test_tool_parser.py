@@ -1,0 +1,231 @@
+"""Hermes tool-call parsing (spec A6): table cases, errors never dropped, streaming == whole."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from typing import Any
+
+import pytest
+
+from qwenrun.errors import InvalidRequestError
+from qwenrun.tokenizer.tool_parsers import get_tool_parser
+from qwenrun.tokenizer.tool_parsers.hermes import (
+    ContentDelta,
+    StreamingToolCallParser,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallError,
+    parse_tool_calls,
+)
+
+WEATHER_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+WEATHER_ROME = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+
+# (output text, expected content, expected [(name, arguments as object)], expected number of errors)
+CASES: list[tuple[str, str | None, list[tuple[str, dict[str, Any]]], int]] = [
+    ("Just text, no calls.", "Just text, no calls.", [], 0),
+    ("", None, [], 0),
+    (WEATHER_PARIS, None, [("get_weather", {"city": "Paris"})], 0),
+    (
+        WEATHER_PARIS + "\n" + WEATHER_ROME,
+        None,
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})],
+        0,
+    ),
+    ("Let me check.\n\n" + WEATHER_PARIS, "Let me check.", [("get_weather", {"city": "Paris"})], 0),
+    (
+        "Before " + WEATHER_PARIS + " after",
+        "Before  after",
+        [("get_weather", {"city": "Paris"})],
+        0,
+    ),
+    ('<tool_call>{"name": "f", "parameters": {"a": 1}}</tool_call>', None, [("f", {"a": 1})], 0),
+    (
+        '<tool_call>{"name": "f", "arguments": "{\\"a\\": [1, 2]}"}</tool_call>',
+        None,
+        [("f", {"a": [1, 2]})],
+        0,
+    ),
+    ('<tool_call>{"name": "now"}</tool_call>', None, [("now", {})], 0),
+    ('<tool_call>{"name": "now", "arguments": {}}</tool_call>', None, [("now", {})], 0),
+    (
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京", "emoji": "😀"}}'
+            "\n</tool_call>"
+        ),
+        None,
+        [("get_weather", {"city": "北京", "emoji": "😀"})],
+        0,
+    ),
+    (
+        '<tool_call>\n{"name": "f", "arguments": {"s": "</tool_call"}}\n</tool_call>',
+        None,
+        [("f", {"s": "</tool_call"})],
+        0,
+    ),
+    # Unterminated last call: accepted when its JSON is complete (vLLM's `<tool_call>(.*)` branch)
+    ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n', None, [("f", {"x": 1})], 0),
+    # Malformed: reported, and the raw block stays in content
+    (
+        '<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>',
+        '<tool_call>\n{"name": "f", "arguments": {"x": 1}\n</tool_call>',
+        [],
+        1,
+    ),
+    (
+        '<tool_call>\n{"name": "f", "arguments": {"x": ',
+        '<tool_call>\n{"name": "f", "arguments": {"x":',
+        [],
+        1,
+    ),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', [], 1),
+    ('<tool_call>["f", {}]</tool_call>', '<tool_call>["f", {}]</tool_call>', [], 1),
+    (
+        '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
+        [],
+        1,
+    ),
+    (
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        [],
+        1,
+    ),
+    ("<tool_call></tool_call>", "<tool_call></tool_call>", [], 1),
+    ("Partial <tool_call", "Partial <tool_call", [], 0),
+    ("stray </tool_call> close", "stray </tool_call> close", [], 0),
+    # One bad block among good ones: the good ones are kept
+    (
+        WEATHER_PARIS + '\n<tool_call>{"name": oops}</tool_call>\n' + WEATHER_ROME,
+        '<tool_call>{"name": oops}</tool_call>',
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})],
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls", "n_errors"), CASES)
+def test_parse_tool_calls(
+    text: str, content: str | None, calls: list[tuple[str, dict[str, Any]]], n_errors: int
+) -> None:
+    parsed = parse_tool_calls(text)
+    assert parsed.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == calls
+    assert len(parsed.errors) == n_errors
+    for call in parsed.tool_calls:
+        assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+
+
+def test_arguments_are_compact_unicode_json() -> None:
+    call = parse_tool_calls(
+        '<tool_call>{"name":"f","arguments":{"city":"北京","n":[1,2]}}</tool_call>'
+    ).tool_calls[0]
+    assert call.arguments == '{"city": "北京", "n": [1, 2]}'
+    assert len({c.id for c in parse_tool_calls(WEATHER_PARIS + WEATHER_PARIS).tool_calls}) == 2
+
+
+def test_error_message_quotes_the_block() -> None:
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+    parsed = parse_tool_calls("Checking. " + bad)
+    assert parsed.tool_calls == []
+    assert parsed.content == "Checking. " + bad
+    (error,) = parsed.errors
+    assert error.startswith("tool call is not valid JSON (")
+    assert repr(bad) in error
+    missing_name = parse_tool_calls('<tool_call>{"arguments": {}}</tool_call>').errors[0]
+    assert 'no "name"' in missing_name and '{"arguments": {}}' in missing_name
+
+
+def test_registry() -> None:
+    parser = get_tool_parser("hermes")
+    assert parser.name == "hermes"
+    assert parser.parse(WEATHER_PARIS).tool_calls[0].name == "get_weather"
+    assert isinstance(parser.streaming(), StreamingToolCallParser)
+    with pytest.raises(InvalidRequestError, match="unknown tool parser 'nope'; available: hermes"):
+        get_tool_parser("nope")
+
+
+def run_stream(
+    text: str, rng: random.Random, max_chunk: int
+) -> tuple[str, list[ToolCall], list[str], list[int]]:
+    parser = StreamingToolCallParser()
+    events, pos = [], 0
+    while pos < len(text):
+        size = rng.randint(1, max_chunk)
+        events += parser.feed(text[pos : pos + size])
+        pos += size
+    events += parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    assert all(e.text for e in events if isinstance(e, ContentDelta))  # no empty deltas
+    calls = [e.call for e in events if isinstance(e, ToolCallDelta)]
+    indexes = [e.index for e in events if isinstance(e, ToolCallDelta)]
+    errors = [e.message for e in events if isinstance(e, ToolCallError)]
+    return content, calls, errors, indexes
+
+
+def assert_stream_matches(text: str, rng: random.Random, max_chunk: int) -> None:
+    whole = parse_tool_calls(text)
+    content, calls, errors, indexes = run_stream(text, rng, max_chunk)
+    assert content == (whole.content or ""), text
+    assert [(c.name, c.arguments) for c in calls] == [
+        (c.name, c.arguments) for c in whole.tool_calls
+    ], text
+    assert errors == whole.errors, text
+    assert indexes == list(range(len(calls)))
+
+
+@pytest.mark.parametrize(("text", "content", "calls", "n_errors"), CASES)
+def test_streaming_matches_table(text: str, content: str | None, calls: Any, n_errors: int) -> None:
+    rng = random.Random(11)
+    for max_chunk in (1, 2, 3, 7, 100):
+        assert_stream_matches(text, rng, max_chunk)
+
+
+def test_streaming_holds_partial_open_tag_and_emits_whole_calls() -> None:
+    parser = StreamingToolCallParser()
+    assert parser.feed("Let me check <tool") == [ContentDelta("Let me check")]
+    assert parser.feed('_call>\n{"name": "get_weather", ') == []
+    events = parser.feed('"arguments": {"city": "Paris"}}\n</tool_call>\nDone')
+    assert isinstance(events[0], ToolCallDelta) and events[0].index == 0
+    assert (events[0].call.name, events[0].call.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert events[1:] == [ContentDelta(" \nDone")]
+    assert parser.finish() == []
+
+
+def test_streaming_unterminated_bad_call_is_reported() -> None:
+    parser = StreamingToolCallParser()
+    assert parser.feed('<tool_call>\n{"name": "f", "argu') == []
+    events = parser.finish()
+    assert isinstance(events[0], ToolCallError) and "not valid JSON" in events[0].message
+    assert events[1:] == [ContentDelta('<tool_call>\n{"name": "f", "argu')]
+
+
+FRAGMENTS = [
+    WEATHER_PARIS,
+    WEATHER_ROME,
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_",
+    "</tool",
+    "<",
+    "\n",
+    " ",
+    "text",
+    "中文🎉",
+    '{"name": "f", "arguments": {"a": 1}}',
+    '{"name": "g"}',
+    "{bad",
+    '"arguments": "{}"',
+    "}",
+]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_streaming_equals_whole_text_fuzz(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(20):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 12)))
+        assert_stream_matches(text, rng, rng.choice([1, 3, 8, 40]))
