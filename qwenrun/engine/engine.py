@@ -125,6 +125,10 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         """Validates against the context window and queues the request (ContextLengthError otherwise)."""
+        return self.add(self.make_request(prompt_token_ids, params, request_id))
+
+    def make_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Validate and build a request without touching the scheduler (safe from any thread)."""
         prompt = list(prompt_token_ids)
         vocab = self.config.vocab_size
         if any(not (0 <= t < vocab) for t in prompt):
@@ -133,11 +137,8 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids |= set(self.eos_token_ids)
-        request_id = request_id or str(next(self._ids))
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already running")
         req = Request(
-            request_id=request_id,
+            request_id=request_id or str(next(self._ids)),
             prompt_token_ids=prompt,
             params=params,
             max_new_tokens=max_new,
@@ -148,7 +149,12 @@ class LLMEngine:
             else None,
             generator=make_generator(params.seed, self.device),
         )
-        self._requests[request_id] = req
+        return req
+
+    def add(self, req: Request) -> Request:
+        if req.request_id in self._requests:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already running")
+        self._requests[req.request_id] = req
         self.scheduler.add(req)
         return req
 

@@ -1,0 +1,136 @@
+"""AsyncEngine: the engine loop on its own thread, with per-request asyncio streams for the server.
+
+The engine itself is single-threaded. Callers hand it requests and aborts through an inbox that
+the loop drains between steps, and receive each step's deltas through their asyncio queue, so the
+event loop never blocks on a forward pass and a disconnecting client frees its blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from qwenrun.engine.engine import LLMEngine
+from qwenrun.engine.request import Request, StepDelta
+from qwenrun.errors import QwenrunError
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(QwenrunError):
+    """The waiting queue is full; the server answers 429 instead of queueing without limit."""
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    preemptions: int
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[StepDelta | BaseException]]] = {}
+        self._pending = 0  # submitted but not yet taken by the loop
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="qwenrun-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- caller side (event loop)
+    async def generate(self, req: Request) -> AsyncIterator[StepDelta]:
+        """Yields the request's deltas until it finishes; leaving early (client gone) aborts it."""
+        with self._lock:
+            if len(self.engine.scheduler.waiting) + self._pending >= self.max_waiting:
+                raise EngineOverloadedError(f"too many queued requests ({self.max_waiting}); retry later")
+            self._pending += 1
+        q: asyncio.Queue[StepDelta | BaseException] = asyncio.Queue()
+        self._streams[req.request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", req))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not finished:
+                self._inbox.put(("abort", req.request_id))
+
+    def stats(self) -> EngineStats:
+        pool = self.engine.pool
+        return EngineStats(
+            running=len(self.engine.scheduler.running),
+            waiting=len(self.engine.scheduler.waiting) + self._pending,
+            kv_blocks_used=pool.num_blocks - pool.num_free,
+            kv_blocks_total=pool.num_blocks,
+            preemptions=self.engine.scheduler.num_preemptions,
+        )
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    # ----------------------------------------------------------------------- engine thread
+    def _drain(self, block: bool) -> None:
+        try:
+            kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            if kind == "add":
+                assert isinstance(item, Request)
+                with self._lock:
+                    self._pending -= 1
+                if item.request_id in self._streams:
+                    self._add(item)
+            elif kind == "abort":
+                assert isinstance(item, str)
+                self.engine.abort(item)
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, req: Request) -> None:
+        try:
+            self.engine.add(req)
+        except QwenrunError as e:
+            self._send(req.request_id, e)
+
+    def _send(self, request_id: str, item: StepDelta | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain(block=not self.engine.has_unfinished_requests())
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # a failed step must not hang every client: fail them, keep serving
+                logger.exception("engine step failed; aborting the running requests")
+                for request_id in list(self._streams):
+                    self.engine.abort(request_id)
+                    self._send(request_id, QwenrunError(f"engine error: {e}"))
+                continue
+            for d in deltas:
+                self._send(d.request.request_id, d)
