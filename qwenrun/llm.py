@@ -49,6 +49,8 @@ class LLM:
         max_model_len: context window (default: the model's max_position_embeddings).
         kv_cache_memory: bytes for the KV cache (default: a fifth of RAM up to 4 GiB on CPU).
         max_num_seqs: most requests decoded together.
+        max_num_batched_tokens: tokens per step; longer prompts are prefilled in chunks of this size.
+        enable_prefix_caching: reuse the KV blocks of a repeated prompt prefix.
         tool_parser: tool-call output format ("hermes" for Qwen3).
     """
 
@@ -62,6 +64,8 @@ class LLM:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
         tool_parser: str = "hermes",
     ) -> None:
         ckpt = open_checkpoint(model, revision)
@@ -75,6 +79,7 @@ class LLM:
             self.model, ckpt, self.tokenizer, self.dtype, self.device,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
         )
         self.tool_parser = get_tool_parser(tool_parser)
 

@@ -59,12 +59,16 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
 }
 
 
-def make_checkpoint(name: str, folder: Path, seed: int = 0) -> tuple[Path, transformers.PreTrainedModel]:
-    """Writes the checkpoint with save_pretrained and returns (folder, fp32 reference model in eval mode)."""
+def make_checkpoint(
+    name: str, folder: Path, seed: int = 0, **extra: object
+) -> tuple[Path, transformers.PreTrainedModel]:
+    """Writes the checkpoint with save_pretrained and returns (folder, fp32 reference model in eval mode).
+
+    `extra` overrides config fields, e.g. vocab_size=151936 to pair the model with the real tokenizer."""
     kind, overrides, save_kwargs = CONFIGS[name]
     cfg_cls = getattr(transformers, f"{kind}Config")
     model_cls = getattr(transformers, f"{kind}ForCausalLM")
-    cfg = cfg_cls(**{**BASE, **overrides})
+    cfg = cfg_cls(**{**BASE, **overrides, **extra})
     torch.manual_seed(seed)
     # eager attention / experts: the bit-reproducible reference paths (spec §6 item 12)
     ref = model_cls._from_config(cfg, attn_implementation="eager", torch_dtype=torch.float32).eval()

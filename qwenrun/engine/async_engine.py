@@ -32,6 +32,12 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     preemptions: int
+    prompt_tokens_seen: int
+    prefix_hit_tokens: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prompt_tokens_seen if self.prompt_tokens_seen else 0.0
 
 
 class AsyncEngine:
@@ -78,7 +84,9 @@ class AsyncEngine:
             waiting=len(self.engine.scheduler.waiting) + self._pending,
             kv_blocks_used=pool.num_blocks - pool.num_free,
             kv_blocks_total=pool.num_blocks,
-            preemptions=self.engine.scheduler.num_preemptions,
+            preemptions=self.engine.scheduler.stats.preemptions,
+            prompt_tokens_seen=self.engine.scheduler.stats.prompt_tokens_seen,
+            prefix_hit_tokens=self.engine.scheduler.stats.prefix_hit_tokens,
         )
 
     def shutdown(self) -> None:

@@ -50,7 +50,8 @@ class LLMEngine:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 8192,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
     ) -> None:
         cfg = ckpt.config
         self.config, self.tokenizer, self.device = cfg, tokenizer, device
@@ -74,7 +75,7 @@ class LLMEngine:
             context = capacity
         self.max_model_len = context
         self.kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
         gen = ckpt.generation_config.get("eos_token_id")
         eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
@@ -173,7 +174,12 @@ class LLMEngine:
         if batch is None:
             return []
         result = self.runner.run(batch)
-        return [self._apply(req, tok, lp) for req, tok, lp in zip(batch.requests, result.token_ids, result.logprobs)]
+        self.scheduler.after_step(batch)
+        return [
+            self._apply(req, tok, lp)
+            for req, tok, lp in zip(batch.requests, result.token_ids, result.logprobs)
+            if tok is not None
+        ]
 
     def _apply(self, req: Request, sampled: int, logprob: dict[int, float] | None) -> StepDelta:
         forced = bool(req.thinking.forced)

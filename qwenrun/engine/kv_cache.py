@@ -1,8 +1,17 @@
-"""The paged KV cache: preallocated per-layer slot arrays and the pool of fixed-size blocks."""
+"""The paged KV cache: preallocated per-layer slot arrays, and the pool of fixed-size blocks with
+automatic prefix caching.
+
+A full block is named by a hash chained over every token before it, so equal names mean equal
+prefixes. Freed blocks keep their name and stay reusable until the pool needs them again, least
+recently freed first; a request whose prompt starts with cached blocks shares them (ref counts)
+and computes only the rest.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -26,32 +35,86 @@ class KVCache:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-class BlockPool:
-    """Free list of block ids. Invariant: free + allocated == all blocks, no id in both."""
+def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """Name of a full block: a cryptographic hash, so one client cannot forge another's prefix."""
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    return h.digest()
 
-    def __init__(self, num_blocks: int) -> None:
+
+class BlockPool:
+    """Blocks with reference counts; unreferenced blocks sit on an LRU free list, named ones stay cached.
+
+    Invariants (`check_integrity`): a block is free iff its ref count is 0; every cached name maps
+    to a block carrying that name; free + referenced == all blocks.
+    """
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        self._name: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        """n fresh blocks, evicting the least recently freed cached ones."""
         if n > len(self._free):
             raise RuntimeError(f"KV cache exhausted: need {n} blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._used.update(blocks)
+        blocks = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            name = self._name[b]
+            if name is not None:
+                del self._cached[name]
+                self._name[b] = None
+            self._ref[b] = 1
+            blocks.append(b)
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block; the tail of a sequence is evicted first (least shared)."""
+        for b in reversed(blocks):
+            self._ref[b] -= 1
+            assert self._ref[b] >= 0, f"block {b} freed twice"
+            if self._ref[b] == 0:
+                self._free[b] = None
+
+    def match(self, names: Sequence[bytes]) -> list[int]:
+        """The cached blocks for the longest run of leading names (not yet referenced)."""
+        if not self.enable_prefix_caching:
+            return []
+        found = []
+        for name in names:
+            b = self._cached.get(name)
+            if b is None:
+                break
+            found.append(b)
+        return found
+
+    def num_free_after_share(self, blocks: Sequence[int]) -> int:
+        """Free blocks left once `blocks` are shared (sharing a free cached block takes it off the list)."""
+        return len(self._free) - sum(1 for b in blocks if self._ref[b] == 0)
+
+    def share(self, blocks: Sequence[int]) -> None:
         for b in blocks:
-            self._used.remove(b)
-            self._free.append(b)
+            if self._ref[b] == 0:
+                del self._free[b]
+            self._ref[b] += 1
+
+    def register(self, block: int, name: bytes) -> None:
+        """Name a block that just became full; the first block with a given name wins."""
+        if self.enable_prefix_caching and name not in self._cached and self._name[block] is None:
+            self._cached[name] = block
+            self._name[block] = name
 
     def check_integrity(self) -> None:
         free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
-        assert not (free & self._used), "a block is both free and in use"
-        assert len(free) + len(self._used) == self.num_blocks, "blocks were lost"
+        assert all(r >= 0 for r in self._ref), "negative ref count"
+        assert free == {b for b, r in enumerate(self._ref) if r == 0}, "free list and ref counts disagree"
+        assert all(self._name[b] == n for n, b in self._cached.items()), "prefix index points at a renamed block"
+        assert len(free) + sum(1 for r in self._ref if r > 0) == self.num_blocks, "blocks were lost"

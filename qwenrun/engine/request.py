@@ -75,6 +75,8 @@ class Request:
     token_ids: list[int] = field(init=False)  # prompt + output, appended in place
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list, init=False)
+    block_hashes: list[bytes] = field(default_factory=list, init=False)  # names of full blocks of token_ids
+    num_registered_blocks: int = field(default=0, init=False)  # leading blocks named in the prefix cache
     status: Status = field(default=Status.WAITING, init=False)
     text: str = field(default="", init=False)
     sent_text_len: int = field(default=0, init=False)
@@ -111,13 +113,19 @@ class Request:
 
 @dataclass
 class ScheduledBatch:
-    """One step's plan: run `num_tokens[i]` new tokens of `requests[i]` (their blocks are allocated)."""
+    """One step's plan: run `num_tokens[i]` new tokens of `requests[i]` (their blocks are allocated).
+
+    A request samples a token only when its chunk reaches the end of its tokens (`samples`)."""
 
     requests: list[Request]
     num_tokens: list[int]
 
     def __post_init__(self) -> None:
         assert len(self.requests) == len(self.num_tokens) and self.requests
+
+    @property
+    def samples(self) -> list[bool]:
+        return [r.num_computed_tokens + n == len(r.token_ids) for r, n in zip(self.requests, self.num_tokens)]
 
 
 @dataclass

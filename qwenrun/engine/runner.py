@@ -16,7 +16,7 @@ from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab
 
 @dataclass
 class StepResult:
-    token_ids: list[int]  # one per scheduled request
+    token_ids: list[int | None]  # one per scheduled request; None while its prompt is still prefilling
     logprobs: list[dict[int, float] | None]
 
 
@@ -54,13 +54,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        """One forward; a token for each request whose chunk reached its end (None for the others)."""
+        samples = batch.samples
         ids, positions, meta = self._inputs(batch)
         hidden = self.model(ids, positions, meta, self.kv.layers)  # [T, H]
-        last = torch.tensor(batch.num_tokens).cumsum(0).sub_(1).to(self.device)
-        logits = mask_vocab(self.model.compute_logits(hidden[last]), self.valid_vocab_size)  # [B, V]
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
-        reqs = batch.requests
+        reqs = [r for r, s in zip(batch.requests, samples) if s]
+        if not reqs:
+            return StepResult([None] * len(samples), [None] * len(samples))
+        ends = torch.tensor(batch.num_tokens).cumsum(0).sub_(1)
+        last = ends[torch.tensor(samples)].to(self.device)
+        logits = mask_vocab(self.model.compute_logits(hidden[last]), self.valid_vocab_size)  # [B, V]
         sbatch = SamplingBatch.build(
             [r.params for r in reqs],
             [r.output_token_ids for r in reqs],
@@ -81,7 +86,9 @@ class ModelRunner:
                     entry = dict(zip(top_ids[i, :kk].tolist(), top_lp[i, :kk].tolist()))
                     entry[int(tokens[i])] = float(chosen[i])
                     logprobs[i] = entry
-        return StepResult(tokens.tolist(), logprobs)
+        sampled = iter(zip(tokens.tolist(), logprobs))
+        per_req = [next(sampled) if s else (None, None) for s in samples]
+        return StepResult([t for t, _ in per_req], [lp for _, lp in per_req])
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:

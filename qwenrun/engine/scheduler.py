@@ -1,17 +1,27 @@
 """Continuous batching: which requests run each step, with how many tokens, in which blocks.
 
-Policy (nano-vllm's): admit waiting requests as one prefill step whenever their prompts fit the
-token budget and free blocks; otherwise run one decode step over every running request. Blocks are
-allocated as sequences grow; when the pool runs dry, the most recently admitted request is preempted
-(its blocks freed, its tokens recomputed later), so a full cache delays work but never corrupts it.
+Each step spends a token budget: first one token for every running request that is decoding (or the
+next chunk of one still prefilling), then chunks of waiting prompts, so a long prompt is prefilled a
+chunk per step while the others keep decoding. A prompt starting with cached blocks (same system
+prompt, same history) shares them and computes only the rest. Blocks are allocated as sequences
+grow; when the pool runs dry, the most recently admitted request is preempted (blocks freed, tokens
+recomputed later — mostly from the prefix cache), so a full cache delays work but never corrupts it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
-from qwenrun.engine.kv_cache import BlockPool
+from qwenrun.engine.kv_cache import BlockPool, block_hash
 from qwenrun.engine.request import Request, ScheduledBatch, Status
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    prompt_tokens_seen: int = 0  # prompt (or recomputed) tokens of admitted requests
+    prefix_hit_tokens: int = 0  # of those, tokens served from the prefix cache
 
 
 class Scheduler:
@@ -20,7 +30,7 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
+        self.stats = SchedulerStats()
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -33,51 +43,89 @@ class Scheduler:
         return -(-total // self.block_size) - len(req.block_table)
 
     def schedule(self) -> ScheduledBatch | None:
-        prefill: list[Request] = []
         budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
-            req = self.waiting[0]
-            n = req.num_new_tokens
-            if prefill and n > budget:
-                break
-            need = self._blocks_needed(req, n)
-            if need > self.pool.num_free:
-                break
-            req.block_table += self.pool.allocate(need)
-            req.status = Status.RUNNING
-            self.waiting.popleft()
-            prefill.append(req)
-            budget -= n
-        if prefill:
-            self.running += prefill
-            return ScheduledBatch(prefill, [r.num_new_tokens for r in prefill])
-        return self._schedule_decode()
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled: list[Request] = []
+        reqs: list[Request] = []
+        counts: list[int] = []
         for req in list(self.running):
+            if budget == 0:
+                break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            while self._blocks_needed(req, 1) > self.pool.num_free:
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-            if req.status is Status.RUNNING:
-                req.block_table += self.pool.allocate(self._blocks_needed(req, 1))
-                scheduled.append(req)
-        if not scheduled:
-            return None
-        return ScheduledBatch(scheduled, [1] * len(scheduled))
+            n = min(req.num_new_tokens, budget)
+            if self._grow(req, n):
+                reqs.append(req)
+                counts.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = self._admit(req, budget)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            reqs.append(req)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(reqs, counts) if reqs else None
+
+    def _grow(self, req: Request, n: int) -> bool:
+        """Blocks for n more tokens of a running request, preempting from the back; False if req itself went."""
+        while self._blocks_needed(req, n) > self.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        req.block_table += self.pool.allocate(self._blocks_needed(req, n))
+        return True
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Share cached prefix blocks and allocate the first chunk; 0 if it does not fit yet."""
+        tokens = req.token_ids
+        full = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute: it yields the logits
+        self._name_blocks(req, full)
+        shared = self.pool.match(req.block_hashes[:full])
+        cached = len(shared) * self.block_size
+        n = min(len(tokens) - cached, budget)
+        need = -(-(cached + n) // self.block_size) - len(shared)
+        if need > self.pool.num_free_after_share(shared):
+            return 0
+        self.pool.share(shared)
+        req.block_table = shared + self.pool.allocate(need)
+        req.num_computed_tokens = cached
+        req.status = Status.RUNNING
+        self.stats.prompt_tokens_seen += len(tokens)
+        self.stats.prefix_hit_tokens += cached
+        return n
+
+    def after_step(self, batch: ScheduledBatch) -> None:
+        """Name the blocks that became full, so later prompts can reuse them."""
+        for req in batch.requests:
+            full = req.num_computed_tokens // self.block_size
+            self._name_blocks(req, full)
+            for i in range(req.num_registered_blocks, full):
+                self.pool.register(req.block_table[i], req.block_hashes[i])
+            req.num_registered_blocks = max(req.num_registered_blocks, full)
+
+    def _name_blocks(self, req: Request, full: int) -> None:
+        """Extend the request's hash chain over its first `full` blocks of tokens."""
+        bs = self.block_size
+        while len(req.block_hashes) < full:
+            i = len(req.block_hashes)
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            req.block_hashes.append(block_hash(parent, req.token_ids[i * bs : (i + 1) * bs]))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._release(req)
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.stats.preemptions += 1
+
+    def _release(self, req: Request) -> None:
         self.pool.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
-        req.status = Status.WAITING
-        self.waiting.appendleft(req)
-        self.num_preemptions += 1
+        req.num_registered_blocks = 0
 
     def finish(self, req: Request) -> None:
         """Frees the request's blocks at once (finished or aborted)."""
@@ -85,6 +133,5 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.pool.free(req.block_table)
-        req.block_table = []
+        self._release(req)
         req.status = Status.FINISHED
