@@ -1,0 +1,275 @@
+"""`qwenrun chat`: a streaming terminal conversation with thinking controls and slash commands.
+
+Input is plain `input()`, with readline for editing and history when stdin is a terminal. When
+stdin is a pipe, each line read is echoed after the prompt so the output reads as a transcript.
+Ctrl-C during an answer asks the stream to stop after the current step (the engine stays
+consistent); a second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+
+from qwenrun.cli.common import DIM, THINKING_STYLE, ChatPrinter, console, load_llm, sampling_params
+from qwenrun.errors import QwenrunError
+from qwenrun.tokenizer.chat import soft_thinking_switch
+
+if TYPE_CHECKING:
+    from qwenrun.engine.request import CompletionOutput
+    from qwenrun.llm import LLM
+    from qwenrun.sampling.params import SamplingParams
+
+# Reasoning longer than this gets the "thought for N tokens, /show to expand" line after the answer.
+LONG_THINKING_TOKENS = 200
+
+HELP = """\
+/think, /no_think   thinking on or off from now on (also inside a message, as Qwen's soft switch)
+/budget N           close the reasoning after N tokens; /budget off removes the limit
+/system TEXT        set the system prompt (/system alone shows it, /system off clears it)
+/show               print the last reasoning in full
+/hide               turn the live reasoning display off (again: on)
+/history            print the conversation
+/reset              forget the conversation (system prompt and settings stay)
+/help               this list
+/exit               quit (also Ctrl-D); Ctrl-C stops an answer
+//text              send a message that starts with a slash ("/text")"""
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Iterator[threading.Event]:
+    """While active, the first Ctrl-C only sets the event; the next one gets the default handler."""
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ChatSession:
+    """The conversation and its settings; `turn` sends a message, `command` runs a slash command."""
+
+    def __init__(
+        self,
+        llm: LLM,
+        params: SamplingParams,
+        *,
+        thinking: bool,
+        budget: int | None,
+        system: str | None,
+        show_thinking: bool,
+    ) -> None:
+        self.llm, self.params = llm, params
+        self.thinking, self.budget = thinking, budget
+        self.system, self.show_thinking = system, show_thinking
+        # Assistant turns keep reasoning_content too; the template drops it from older turns itself.
+        self.history: list[dict[str, str]] = []
+        self.last_reasoning: str | None = None
+
+    def settings(self) -> str:
+        budget = "" if self.budget is None else f", budget {self.budget} tokens"
+        return f"thinking {'on' if self.thinking else 'off'}{budget}"
+
+    def turn(self, text: str) -> None:
+        switch = soft_thinking_switch([{"role": "user", "content": text}])
+        if switch is not None:  # like the model's soft switch, it holds for the following turns
+            self.thinking = switch
+        user = {"role": "user", "content": text}
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        printer = ChatPrinter(console, console if self.show_thinking else None)
+        status = console.status("Thinking…")
+        reasoning: list[str] = []
+        content: list[str] = []
+        output = None
+        start = time.perf_counter()
+        stream = self.llm.chat_stream(
+            system + self.history + [user],
+            self.params,
+            enable_thinking=self.thinking,
+            thinking_budget=self.budget,
+        )
+        try:
+            with _stop_on_sigint() as stop, contextlib.closing(stream):
+                for delta in stream:
+                    if delta.reasoning:
+                        reasoning.append(delta.reasoning)
+                        if not self.show_thinking and not content:
+                            status.start()
+                        printer.reasoning(delta.reasoning)
+                    if delta.content:
+                        status.stop()
+                        content.append(delta.content)
+                        printer.content(delta.content)
+                    output = delta.output
+                    if stop.is_set():
+                        break
+        except KeyboardInterrupt:
+            pass  # the second Ctrl-C: the stream is closed, which aborts the request
+        except QwenrunError as e:  # e.g. the conversation outgrew the context window
+            status.stop()
+            printer.finish()
+            console.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+            return
+        finally:
+            status.stop()
+        printer.finish()
+        elapsed = time.perf_counter() - start
+        if output is not None:
+            answer = {"role": "assistant", "content": output.content or ""}
+            thought = output.reasoning_content
+        else:
+            answer = {"role": "assistant", "content": "".join(content).strip()}
+            thought = "".join(reasoning).strip() or None
+        if thought:
+            answer["reasoning_content"] = thought
+            self.last_reasoning = thought
+        self.history += [user, answer]  # a stopped answer stays, as far as it got
+        self._report(output, thought, elapsed)
+
+    def _report(self, output: CompletionOutput | None, thought: str | None, elapsed: float) -> None:
+        if output is None:
+            console.print(Text(f"[stopped after {elapsed:.1f} s]", style=DIM))
+            return
+        n = len(output.token_ids)
+        parts = [f"{n} tokens"]
+        if output.reasoning_tokens:
+            parts[0] += f" ({output.reasoning_tokens} thinking)"
+        parts.append(f"{n / elapsed:.1f} tok/s" if elapsed > 0 else "")
+        parts.append(f"{elapsed:.1f} s")
+        if output.finish_reason == "length":
+            parts.append("stopped at max tokens")
+        if thought and (not self.show_thinking or output.reasoning_tokens > LONG_THINKING_TOKENS):
+            parts.append(f"thought for {output.reasoning_tokens or '?'} tokens, /show to expand")
+        console.print(Text(" · ".join(p for p in parts if p), style=DIM), soft_wrap=True)
+
+    def command(self, line: str) -> bool:
+        """Run one slash command; False means quit."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name in ("/think", "/no_think"):
+            self.thinking = name == "/think"
+            if arg:  # `/no_think what is 2+2` switches and asks in one go
+                self.turn(arg)
+            else:
+                self._note(self.settings())
+        elif name == "/budget":
+            if arg in ("off", "none"):
+                self.budget = None
+            elif arg.isdigit():
+                self.budget = int(arg)
+            elif arg:
+                self._note("usage: /budget N or /budget off", error=True)
+                return True
+            self._note(self.settings())
+        elif name == "/system":
+            if arg == "off":
+                self.system = None
+            elif arg:
+                self.system = arg
+            self._note(f"system prompt: {self.system or '(none)'}")
+        elif name == "/show":
+            if self.last_reasoning:
+                console.print(Text(self.last_reasoning, style=THINKING_STYLE), soft_wrap=True)
+            else:
+                self._note("no reasoning yet")
+        elif name == "/hide":
+            self.show_thinking = not self.show_thinking
+            self._note(f"live reasoning display {'on' if self.show_thinking else 'off'}")
+        elif name == "/history":
+            self._print_history()
+        elif name == "/reset":
+            self.history.clear()
+            self.last_reasoning = None
+            self._note("conversation cleared")
+        elif name == "/help":
+            console.print(Text(HELP), soft_wrap=True)
+        else:
+            self._note(f"unknown command {name}; /help lists them", error=True)
+        return True
+
+    def _print_history(self) -> None:
+        if self.system:
+            console.print(Text.assemble(("system: ", "bold"), self.system), soft_wrap=True)
+        for message in self.history:
+            label = "you" if message["role"] == "user" else "assistant"
+            if "reasoning_content" in message:
+                console.print(
+                    Text(
+                        f"({label} thought {len(message['reasoning_content'])} characters)",
+                        style=DIM,
+                    )
+                )
+            console.print(Text.assemble((f"{label}: ", "bold"), message["content"]), soft_wrap=True)
+        if not self.history:
+            self._note("(empty)")
+
+    @staticmethod
+    def _note(text: str, error: bool = False) -> None:
+        console.print(Text(text, style="red" if error else DIM), soft_wrap=True)
+
+
+def _read_line(interactive: bool) -> str:
+    """One line of input; EOFError at the end (Ctrl-D)."""
+    if interactive:
+        # \001/\002 tell readline the colour codes take no room, so editing keeps its column.
+        return input("\001\033[1;32m\002>>> \001\033[0m\002")
+    line = input()
+    console.print(Text(f">>> {line}"), soft_wrap=True)
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+    llm = load_llm(args, max_num_seqs=1)
+    session = ChatSession(
+        llm,
+        sampling_params(llm, args),
+        thinking=not args.no_think,
+        budget=args.budget,
+        system=args.system,
+        show_thinking=args.show_thinking,
+    )
+    console.print(
+        Text(
+            f"{args.model} · {session.settings()} · /help for commands, /exit or Ctrl-D to quit",
+            style=DIM,
+        ),
+        soft_wrap=True,
+    )
+    while True:
+        try:
+            line = _read_line(interactive).strip()
+        except EOFError:
+            if interactive:
+                console.print()
+            return 0
+        except KeyboardInterrupt:
+            console.print(Text("^C (/exit or Ctrl-D to quit)", style=DIM))
+            continue
+        if not line:
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            if not session.command(line):
+                return 0
+        else:
+            session.turn(line.removeprefix("/"))

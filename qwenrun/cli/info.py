@@ -1,0 +1,163 @@
+"""`qwenrun info`: what a checkpoint is and what it will cost, from its JSON files alone.
+
+Memory figures come from the shapes: weights are parameters × bytes per element, and the KV cache
+holds K and V for every layer and KV head, 2·layers·kv_heads·head_dim elements per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+
+from qwenrun.cli.common import console, human, human_bytes
+from qwenrun.errors import CheckpointError
+from qwenrun.loading.loader import open_checkpoint
+
+# generation_config.json keys worth showing: the sampling defaults qwenrun reads, plus do_sample.
+GENERATION_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+)
+
+
+def _json_only(model: str, revision: str | None) -> str:
+    """A hub id's config files alone, so `info` never downloads weights; local paths pass through.
+
+    The hub-id test mirrors `loading.source.resolve_model_path`, which fetches whole checkpoints.
+    """
+    if (
+        Path(model).expanduser().exists()
+        or model.count("/") != 1
+        or model.startswith((".", "/", "~"))
+    ):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            model, revision=revision, allow_patterns=["config.json", "generation_config.json"]
+        )
+    except Exception as e:  # offline, missing, gated: the hub's own message says which
+        raise CheckpointError(f"could not fetch the config of {model}: {e}") from None
+
+
+def describe(model: str, revision: str | None) -> dict[str, Any]:
+    """Everything `info` prints, as JSON-ready values (bytes and counts as plain integers)."""
+    ckpt = open_checkpoint(_json_only(model, revision), revision)
+    cfg = ckpt.config
+    rope: dict[str, Any] = {"type": cfg.rope.rope_type, "theta": cfg.rope.theta}
+    if cfg.rope.rope_type == "yarn":
+        rope |= {
+            "factor": cfg.rope.factor,
+            "original_max_position_embeddings": cfg.rope.original_max_position_embeddings,
+        }
+    moe = None
+    if cfg.moe is not None:
+        moe = {
+            "num_experts": cfg.moe.num_experts,
+            "num_experts_per_tok": cfg.moe.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe.moe_intermediate_size,
+            "norm_topk_prob": cfg.moe.norm_topk_prob,
+        }
+    params = cfg.num_parameters()
+    kv_elems = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    gen = ckpt.generation_config
+    return {
+        "model": model,
+        "path": str(ckpt.path),
+        "architecture": cfg.architecture,
+        "model_type": cfg.model_type,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope": rope,
+        "moe": moe,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "num_parameters": params,
+        "num_active_parameters": cfg.num_active_parameters(),
+        "weight_bytes": {"bfloat16": 2 * params, "float32": 4 * params},
+        "kv_cache_bytes_per_token": {"bfloat16": 2 * kv_elems, "float32": 4 * kv_elems},
+        "checkpoint_dtype": cfg.torch_dtype,
+        "generation_defaults": {k: gen[k] for k in GENERATION_KEYS if k in gen},
+    }
+
+
+def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
+    rope = d["rope"]
+    rope_text = f"{rope['type']}, theta {rope['theta']:g}"
+    if rope["type"] == "yarn":
+        rope_text += (
+            f", yarn factor {rope['factor']:g} over {rope['original_max_position_embeddings']}"
+        )
+    params = f"{d['num_parameters']:,} ({human(d['num_parameters'])})"
+    if d["moe"] is not None:
+        params += f", active {d['num_active_parameters']:,} ({human(d['num_active_parameters'])})"
+    kv = d["kv_cache_bytes_per_token"]["bfloat16"]
+    context = d["max_position_embeddings"]
+    rows = [
+        ("model", d["path"] if d["path"] == d["model"] else f"{d['model']} ({d['path']})"),
+        ("architecture", f"{d['architecture']} ({d['model_type']})"),
+        ("parameters", params),
+        ("layers", str(d["num_hidden_layers"])),
+        ("hidden size", f"{d['hidden_size']} (MLP {d['intermediate_size']})"),
+        (
+            "attention heads",
+            f"{d['num_attention_heads']} q / {d['num_key_value_heads']} kv, "
+            f"head_dim {d['head_dim']}",
+        ),
+        ("vocab size", str(d["vocab_size"])),
+        ("context length", str(context)),
+        ("rope", rope_text),
+    ]
+    if d["moe"] is not None:
+        moe = d["moe"]
+        rows.append(
+            (
+                "experts",
+                f"{moe['num_experts']}, top-{moe['num_experts_per_tok']}, "
+                f"expert MLP {moe['moe_intermediate_size']}, "
+                f"norm_topk_prob {str(moe['norm_topk_prob']).lower()}",
+            )
+        )
+    gen = ", ".join(f"{k} {v}" for k, v in d["generation_defaults"].items())
+    rows += [
+        ("tied embeddings", "yes" if d["tie_word_embeddings"] else "no"),
+        ("checkpoint dtype", d["checkpoint_dtype"] or "unknown"),
+        (
+            "weights memory",
+            f"{human_bytes(d['weight_bytes']['bfloat16'])} bf16, "
+            f"{human_bytes(d['weight_bytes']['float32'])} fp32",
+        ),
+        (
+            "KV cache",
+            f"{kv:,} bytes per token bf16 ({human_bytes(kv * context)} for {context} tokens)",
+        ),
+        ("generation defaults", gen or "none (generation_config.json sets no sampling values)"),
+    ]
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    d = describe(args.model, args.revision)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    rows = _lines(d)
+    width = max(len(key) for key, _ in rows) + 2
+    for key, value in rows:
+        console.print(Text.assemble((key.ljust(width), "bold cyan"), value), soft_wrap=True)
+    return 0

@@ -1,0 +1,225 @@
+"""`qwenrun`: the whole argument surface in one parser; each subcommand runs in its own module.
+
+Subcommand modules are imported only once chosen, so `--help`, `--version` and usage errors answer
+without importing torch. Every failure a user can act on ends as one red `error: ...` line on stderr
+and exit status 1 (argparse keeps 2 for usage errors); `QWENRUN_DEBUG=1` re-raises instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import qwenrun
+
+# The checkpoint `qwenrun chat` opens when none is named.
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+
+# What `resolve_dtype` accepts, minus aliases: a typo is a usage error before torch is imported.
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _add_model(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    help_ = "checkpoint folder or hub id (e.g. Qwen/Qwen3-0.6B)"
+    if default is None:
+        p.add_argument("model", help=help_)
+    else:
+        p.add_argument("model", nargs="?", default=default, help=f"{help_}; default {default}")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="weights and KV cache dtype (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--device", default="auto", help='"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...'
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_int_at_least(1),
+        metavar="N",
+        help="context window in tokens (default: the model's)",
+    )
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (unset: the checkpoint's generation_config.json)")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
+    g.add_argument("--top-p", type=float, metavar="P")
+    g.add_argument("--top-k", type=int, metavar="K", help="0 = off")
+    g.add_argument("--min-p", type=float, metavar="P")
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        metavar="X",
+        help="in [-2, 2]; Qwen suggests 1.5 against repetition",
+    )
+    g.add_argument("--repetition-penalty", type=float, metavar="X")
+    g.add_argument(
+        "--max-tokens",
+        type=_int_at_least(1),
+        metavar="N",
+        help="tokens per answer, thinking included",
+    )
+    g.add_argument("--seed", type=int, metavar="S")
+
+
+def _add_thinking(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("thinking")
+    g.add_argument("--no-think", action="store_true", help="answer without a reasoning block")
+    g.add_argument(
+        "--budget",
+        type=_int_at_least(0),
+        metavar="N",
+        help="close the reasoning after N tokens and answer (Qwen's thinking budget)",
+    )
+    g.add_argument("--system", metavar="TEXT", help="system prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwenrun", description="Run Qwen3 and Qwen3-MoE checkpoints."
+    )
+    parser.add_argument("--version", action="version", version=f"qwenrun {qwenrun.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    chat = sub.add_parser(
+        "chat",
+        help="interactive chat (type /help inside)",
+        description=(
+            "Chat in the terminal. Reasoning streams dimmed; /think, /no_think, /budget N, "
+            "/system TEXT, /reset, /history, /show, /hide, /help, /exit. Ctrl-C stops an answer, "
+            "Ctrl-D quits."
+        ),
+    )
+    _add_model(chat, default=DEFAULT_MODEL)
+    _add_runtime(chat)
+    _add_sampling(chat)
+    _add_thinking(chat)
+    shown = chat.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--show-thinking",
+        dest="show_thinking",
+        action="store_true",
+        default=True,
+        help="stream the reasoning (default)",
+    )
+    shown.add_argument(
+        "--hide-thinking",
+        dest="show_thinking",
+        action="store_false",
+        help="show only a one-line summary of the reasoning",
+    )
+
+    gen = sub.add_parser(
+        "generate",
+        help="complete prompts (or answer them with --chat)",
+        description=(
+            "Raw completion of each prompt, or with --chat one user turn per prompt through the "
+            "chat template. A single prompt streams when stdout is a terminal; reasoning goes to "
+            "stderr when stdout is not a terminal, so a redirect keeps only the answer."
+        ),
+    )
+    _add_model(gen)
+    gen.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="a prompt; repeat for a batch",
+    )
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user message")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help=(
+            "print one JSON object per prompt: prompt, text, reasoning_content, content, "
+            "tool_calls, finish_reason, prompt_tokens, completion_tokens (the chat-only fields "
+            "are null without --chat)"
+        ),
+    )
+    _add_runtime(gen)
+    _add_sampling(gen)
+    _add_thinking(gen)
+
+    info = sub.add_parser("info", help="describe a checkpoint without loading its weights")
+    _add_model(info)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    for p in (chat, gen, info):
+        p.set_defaults(parser=p)  # so later checks report usage errors against the subcommand
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Usage errors caught before a model loads: flag combinations, out-of-range sampling values."""
+    parser = args.parser
+    if args.command == "generate" and not args.chat:
+        for flag, value in (("--no-think", args.no_think), ("--system", args.system)):
+            if value:
+                parser.error(f"{flag} needs --chat")
+    if args.command in ("chat", "generate"):
+        from qwenrun.cli.common import sampling_overrides
+        from qwenrun.errors import InvalidRequestError
+        from qwenrun.sampling.params import SamplingParams
+
+        try:
+            SamplingParams(**sampling_overrides(args))
+        except InvalidRequestError as e:
+            parser.error(str(e))
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    from qwenrun.errors import QwenrunError
+
+    if isinstance(error, (QwenrunError, OSError)):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text} (set QWENRUN_DEBUG=1 for the traceback)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _check(args)
+    try:
+        return importlib.import_module(f"qwenrun.cli.{args.command}").run(args)
+    except BrokenPipeError:
+        # The reader left (`| head`): point stdout at devnull so the exit-time flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        if os.environ.get("QWENRUN_DEBUG") == "1":
+            raise
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True).print(Text(f"error: {_one_line(e)}", style="red"), soft_wrap=True)
+        return 1
