@@ -51,6 +51,8 @@ class LLM:
         max_num_seqs: most requests decoded together.
         max_num_batched_tokens: tokens per step; longer prompts are prefilled in chunks of this size.
         enable_prefix_caching: reuse the KV blocks of a repeated prompt prefix.
+        quantization: None, "int8" (per channel) or "int4" (group-wise, `quant_group_size` 32/64/128/256)
+            weight-only; `quantize_lm_head=False` keeps the LM head in the model dtype.
         tool_parser: tool-call output format ("hermes" for Qwen3).
     """
 
@@ -66,6 +68,9 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
+        quantization: str | None = None,
+        quant_group_size: int = 128,
+        quantize_lm_head: bool = True,
         tool_parser: str = "hermes",
     ) -> None:
         ckpt = open_checkpoint(model, revision)
@@ -75,6 +80,10 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").is_file() else None
         self._chat_template: ChatTemplate | None = None
         self.model = load_model(ckpt, self.dtype, self.device)
+        if quantization is not None:
+            from qwenrun.quant import quantize_model
+
+            quantize_model(self.model, quantization, quant_group_size, quantize_lm_head)
         self.engine = LLMEngine(
             self.model, ckpt, self.tokenizer, self.dtype, self.device,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,

@@ -38,11 +38,15 @@ class Qwen3MoeExperts(nn.Module):
                 continue
             idx = order[start : start + n]
             rows = token_of[start : start + n]
-            gate, up = F.linear(x[rows], self.w13[e]).split(self.intermediate, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[e])  # [n, H]
+            gate, up = self.linear(x[rows], "w13", e).split(self.intermediate, dim=-1)
+            y = self.linear(F.silu(gate) * up, "w2", e)  # [n, H]
             out.index_add_(0, rows, y * weights.reshape(-1)[idx, None])
             start += n
         return out
+
+    def linear(self, x: torch.Tensor, which: str, e: int) -> torch.Tensor:
+        """x @ W_e^T for one expert; quantized experts override only this."""
+        return F.linear(x, self.w13[e] if which == "w13" else self.w2[e])
 
     def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
         I = self.intermediate
