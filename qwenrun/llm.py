@@ -12,6 +12,7 @@ import torch
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import CompletionOutput, Request, RequestOutput
 from qwenrun.errors import CheckpointError, InvalidRequestError
+from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
@@ -84,6 +85,8 @@ class LLM:
             from qwenrun.quant import quantize_model
 
             quantize_model(self.model, quantization, quant_group_size, quantize_lm_head)
+        if cpu_packing_available(self.dtype, self.device):
+            pack_linears(self.model)  # whatever quantization left in bf16
         self.engine = LLMEngine(
             self.model, ckpt, self.tokenizer, self.dtype, self.device,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,

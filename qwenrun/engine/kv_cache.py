@@ -19,11 +19,11 @@ from qwenrun.config import ModelConfig
 
 
 class KVCache:
-    """Per layer K and V of shape [num_blocks * block_size, kv_heads, head_dim], allocated once."""
+    """Per layer K and V of shape [kv_heads, num_blocks * block_size, head_dim] (head-major), allocated once."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_key_value_heads, num_blocks * block_size, cfg.head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)

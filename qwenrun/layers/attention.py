@@ -1,11 +1,13 @@
 """Attention over a paged KV cache.
 
-The cache of each layer is a flat array of slots `[num_blocks * block_size, kv_heads, head_dim]`; a
-sequence owns whole blocks listed in its block table. Per step the engine builds one
-`AttentionMetadata` (shared by all layers): where each new token's K/V is written, and, per group of
-sequences, the slots of each one's whole context padded into a `[B, L]` grid so that one SDPA call
-serves the group. Decoding sequences (one query each) and prefill chunks form separate groups, so a
-long chunk does not pad every decode row to its length.
+Each layer's cache is head-major, `[kv_heads, num_blocks * block_size, head_dim]`, so the keys of one
+head of one sequence are contiguous rows: CPU matmuls over them run at memory speed, while the
+token-major layout made bf16 kernels several times slower. A sequence owns whole blocks listed in its
+block table. Per step the engine builds one `AttentionMetadata` shared by all layers.
+
+Decode rows (one query each) take a path without SDPA: two batched matmuls and a softmax, reading a
+lone sequence's keys in place when its blocks are consecutive (SDPA costs ~2 ms per call on CPU for a
+single query). Prefill chunks run through SDPA, padded into a `[B, L]` grid per group.
 """
 
 from __future__ import annotations
@@ -17,19 +19,28 @@ import torch.nn.functional as F
 
 
 @dataclass
-class AttentionGroup:
+class DecodeGroup:
+    rows: torch.Tensor  # [B] rows of the flat batch that are decode queries
+    key_slots: torch.Tensor | None  # [B, L] cache slots of each context (None: `span` is used)
+    span: tuple[int, int] | None  # (first slot, length) of a lone sequence with consecutive blocks
+    bias: torch.Tensor | None  # [B, 1, L] 0 / -inf for padded keys; None when all lengths are equal
+
+
+@dataclass
+class PrefillGroup:
     query_index: torch.Tensor  # [B, Q] row of the flat token batch for each padded query
-    key_slots: torch.Tensor  # [B, L] flat cache slot of every key of each sequence (0 past its end)
-    mask: torch.Tensor | None  # [B, 1, Q, L] True = may attend; None when nothing is masked
-    is_causal: bool  # one sequence, whole context new: SDPA's own causal mask
+    key_slots: torch.Tensor  # [B, L]
+    mask: torch.Tensor | None  # [B, 1, Q, L] True = may attend; None with is_causal
+    is_causal: bool  # one sequence whose whole context is new: SDPA's own causal mask
     token_rows: torch.Tensor  # [Tg] flat rows this group produces
     token_index: torch.Tensor  # [Tg] where those rows sit in the padded [B*Q] output
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    groups: list[AttentionGroup]
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    decode: DecodeGroup | None
+    prefill: PrefillGroup | None
     num_tokens: int
 
     @classmethod
@@ -45,34 +56,54 @@ class AttentionMetadata:
         starts = [0]
         for n in query_lens[:-1]:
             starts.append(starts[-1] + n)
-        slots: list[torch.Tensor] = []
+        slots = []
         for q, c, table in zip(query_lens, context_lens, block_tables):
             pos = torch.arange(c - q, c)
             slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
-        decode = [i for i, q in enumerate(query_lens) if q == 1]
-        prefill = [i for i, q in enumerate(query_lens) if q > 1]
-        groups = [
-            _group([query_lens[i] for i in idx], [context_lens[i] for i in idx], [block_tables[i] for i in idx],
-                   [starts[i] for i in idx], block_size, device)
-            for idx in (decode, prefill)
-            if idx
-        ]
-        return cls(torch.cat(slots).to(device), groups, sum(query_lens))
+        dec = [i for i, q in enumerate(query_lens) if q == 1]
+        pre = [i for i, q in enumerate(query_lens) if q > 1]
+        pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+        return cls(
+            slot_mapping=torch.cat(slots).to(device),
+            decode=_decode_group(pick(starts, dec), pick(context_lens, dec), pick(block_tables, dec), block_size, device)
+            if dec
+            else None,
+            prefill=_prefill_group(
+                pick(query_lens, pre), pick(context_lens, pre), pick(block_tables, pre), pick(starts, pre),
+                block_size, device,
+            )
+            if pre
+            else None,
+            num_tokens=sum(query_lens),
+        )
 
 
-def _group(
-    query_lens: list[int],
-    context_lens: list[int],
-    block_tables: list[list[int]],
-    starts: list[int],
-    block_size: int,
-    device: torch.device,
-) -> AttentionGroup:
-    B, Q, L = len(query_lens), max(query_lens), max(context_lens)
+def _key_slots(context_lens: list[int], block_tables: list[list[int]], block_size: int) -> torch.Tensor:
+    L = max(context_lens)
     n_blocks = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (n_blocks - len(t)) for t in block_tables], dtype=torch.long)
     pos = torch.arange(L)
-    key_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+    return tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+
+
+def _decode_group(rows, context_lens, block_tables, block_size, device) -> DecodeGroup:
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    if len(rows) == 1:
+        table, L = block_tables[0], context_lens[0]
+        used = table[: -(-L // block_size)]
+        if used[-1] - used[0] == len(used) - 1 and all(b - a == 1 for a, b in zip(used, used[1:])):
+            return DecodeGroup(rows_t, None, (used[0] * block_size, L), None)
+    key_slots = _key_slots(context_lens, block_tables, block_size)
+    bias = None
+    if min(context_lens) != max(context_lens):
+        valid = torch.arange(key_slots.shape[1])[None, :] < torch.tensor(context_lens)[:, None]
+        bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, :].to(device)
+    return DecodeGroup(rows_t, key_slots.to(device), None, bias)
+
+
+def _prefill_group(query_lens, context_lens, block_tables, starts, block_size, device) -> PrefillGroup:
+    B, Q, L = len(query_lens), max(query_lens), max(context_lens)
+    key_slots = _key_slots(context_lens, block_tables, block_size)
     q_lens, ctx = torch.tensor(query_lens), torch.tensor(context_lens)
     qi = torch.arange(Q)
     q_valid = qi[None, :] < q_lens[:, None]  # [B, Q]
@@ -80,12 +111,13 @@ def _group(
     token_index = (torch.arange(B)[:, None] * Q + qi[None, :])[q_valid]
     is_causal = B == 1 and Q == L
     mask = None
-    if not is_causal and not (Q == 1 and min(context_lens) == L):
+    if not is_causal:
+        pos = torch.arange(L)
         q_pos = (ctx - q_lens)[:, None] + qi[None, :]  # absolute position of each query
         m = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < ctx[:, None, None])
         m[:, :, 0] |= ~q_valid  # padded query rows see one key so softmax stays finite
         mask = m[:, None].to(device)
-    return AttentionGroup(
+    return PrefillGroup(
         query_index=query_index.to(device),
         key_slots=key_slots.to(device),
         mask=mask,
@@ -95,31 +127,60 @@ def _group(
     )
 
 
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
+                      scale: float) -> torch.Tensor:
+    """q [B, nh, d] -> [B, nh*d]; softmax in fp32 like transformers' eager attention."""
+    B, nh, d = q.shape
+    nkv = k_cache.shape[0]
+    if g.span is not None:
+        start, L = g.span
+        keys = k_cache[:, start : start + L]  # [nkv, L, d], a view
+        values = v_cache[:, start : start + L]
+    else:
+        L = g.key_slots.shape[1]
+        keys = k_cache[:, g.key_slots].reshape(nkv * B, L, d)  # [nkv*B, L, d] gathered
+        values = v_cache[:, g.key_slots].reshape(nkv * B, L, d)
+    qg = q.view(B, nkv, nh // nkv, d).transpose(0, 1).reshape(nkv * B, nh // nkv, d)
+    scores = torch.bmm(qg, keys.transpose(1, 2)).float() * scale  # [nkv*B, g, L]
+    if g.bias is not None:
+        scores = scores.view(nkv, B, -1, L) + g.bias
+    probs = scores.softmax(dim=-1).to(q.dtype).view(nkv * B, -1, L)
+    out = torch.bmm(probs, values)  # [nkv*B, g, d]
+    return out.view(nkv, B, nh // nkv, d).transpose(0, 1).reshape(B, nh * d)
+
+
+def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PrefillGroup,
+                       scale: float) -> torch.Tensor:
+    B, Q = g.query_index.shape
+    nh, d = q.shape[1], q.shape[2]
+    qp = q[g.query_index].transpose(1, 2)  # [B, nh, Q, d]
+    kp = k_cache[:, g.key_slots].transpose(0, 1)  # [B, nkv, L, d]
+    vp = v_cache[:, g.key_slots].transpose(0, 1)
+    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
+                                       enable_gqa=True)
+    return o.transpose(1, 2).reshape(B * Q, nh * d)[g.token_index]  # [Tg, nh*d]
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, nh, d]
     k: torch.Tensor,  # [T, nkv, d]
     v: torch.Tensor,  # [T, nkv, d]
-    k_cache: torch.Tensor,  # [S, nkv, d]
+    k_cache: torch.Tensor,  # [nkv, S, d]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Writes this step's K/V into the cache, then attends each query to its sequence's context."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     T, nh, d = q.shape
-    out = None if len(meta.groups) == 1 else q.new_empty(T, nh * d)
-    for g in meta.groups:
-        B, Q = g.query_index.shape
-        qp = q[g.query_index].transpose(1, 2)  # [B, nh, Q, d]
-        kp = k_cache[g.key_slots].transpose(1, 2)  # [B, nkv, L, d]
-        vp = v_cache[g.key_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qp, kp, vp, attn_mask=g.mask, is_causal=g.is_causal, scale=scale, enable_gqa=True
-        )
-        o = o.transpose(1, 2).reshape(B * Q, nh * d)[g.token_index]  # [Tg, nh*d]
-        if out is None:
-            return o  # one group holds every token, in order
-        out[g.token_rows] = o
-    assert out is not None
+    if meta.prefill is None:
+        assert meta.decode is not None
+        return _decode_attention(q, k_cache, v_cache, meta.decode, scale)  # rows are 0..T-1 in order
+    pre = _prefill_attention(q, k_cache, v_cache, meta.prefill, scale)
+    if meta.decode is None:
+        return pre  # one prefill group holds every token, in order
+    out = q.new_empty(T, nh * d)
+    out[meta.prefill.token_rows] = pre
+    out[meta.decode.rows] = _decode_attention(q[meta.decode.rows], k_cache, v_cache, meta.decode, scale)
     return out

@@ -1,0 +1,173 @@
+"""Single-stream prefill and decode speed: qwenrun (bf16 / int8 / int4) against transformers bf16, same run.
+
+Protocol (as ../shared/spec/cpu-baselines.md): batch 1, a 512-token prompt, 128 greedy new tokens, a
+fresh random prompt per run (so the prefix cache never helps), median (min / max) of --runs timed runs
+after one warm-up. Each engine runs in its own subprocess, which also gives a clean peak RSS.
+
+    python benchmarks/decode_bench.py                        # Qwen3-0.6B shape, random bf16 weights
+    python benchmarks/decode_bench.py --shape qwen3-30b-a3b --layers 4
+    python benchmarks/decode_bench.py --model /path/to/checkpoint --engines qwenrun-bf16,qwenrun-int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "qwen3-0.6b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
+        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
+}
+ENGINES = ("transformers-bf16", "qwenrun-bf16", "qwenrun-int8", "qwenrun-int4")
+
+
+def build_checkpoint(shape: str, layers: int | None, out: Path) -> Path:
+    """Random N(0, 0.02) bf16 weights with the exact real shapes, written by transformers."""
+    import torch
+    import transformers
+
+    cfg_dict = dict(SHAPES[shape], rms_norm_eps=1e-6, torch_dtype="bfloat16", eos_token_id=151645)
+    if layers:
+        cfg_dict["num_hidden_layers"] = layers
+    folder = out / f"{shape}-{cfg_dict['num_hidden_layers']}l"
+    if (folder / "config.json").is_file():
+        return folder
+    cfg_cls = transformers.Qwen3MoeConfig if "moe" in cfg_dict["model_type"] else transformers.Qwen3Config
+    model_cls = transformers.Qwen3MoeForCausalLM if cfg_cls is transformers.Qwen3MoeConfig else transformers.Qwen3ForCausalLM
+    cfg = cfg_cls(**{k: v for k, v in cfg_dict.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02, generator=gen)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    import torch
+
+    return torch.randint(0, 150000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_qwenrun(model: str, quant: str | None, runs: int, prompt_len: int, new_tokens: int) -> dict:
+    from qwenrun import LLM, SamplingParams
+
+    llm = LLM(model, dtype="bfloat16", device="cpu", quantization=quant, max_model_len=4096, max_num_seqs=1,
+              max_num_batched_tokens=prompt_len)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prefill, decode = [], []
+    for i in range(runs + 1):
+        req = llm.engine.add_request(_prompt(i, prompt_len), params)
+        t0 = time.perf_counter()
+        t_first = None
+        while llm.engine.has_unfinished_requests():
+            for d in llm.engine.step():
+                if t_first is None:
+                    t_first = time.perf_counter()
+        t_end = time.perf_counter()
+        assert req.num_output_tokens == new_tokens
+        if i:  # the first run is the warm-up
+            prefill.append(prompt_len / (t_first - t0))
+            decode.append((new_tokens - 1) / (t_end - t_first))
+    return {"prefill": prefill, "decode": decode}
+
+
+def run_transformers(model: str, runs: int, prompt_len: int, new_tokens: int) -> dict:
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for i in range(runs + 1):
+            ids = torch.tensor([_prompt(i, prompt_len)])
+            t0 = time.perf_counter()
+            m(ids)
+            t1 = time.perf_counter()
+            m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            t2 = time.perf_counter()
+            if i:
+                prefill.append(prompt_len / (t1 - t0))
+                decode.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    return {"prefill": prefill, "decode": decode}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.engine == "transformers-bf16":
+        res = run_transformers(args.model, args.runs, args.prompt_len, args.new_tokens)
+    else:
+        quant = {"qwenrun-bf16": None, "qwenrun-int8": "int8", "qwenrun-int4": "int4"}[args.engine]
+        res = run_qwenrun(args.model, quant, args.runs, args.prompt_len, args.new_tokens)
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res))
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f} / {max(xs):.1f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder (default: build one with --shape)")
+    ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, help="reduce depth (e.g. 4 for the 30B-A3B per-layer shape)")
+    ap.add_argument("--cache-dir", default=os.environ.get("QWENRUN_BENCH_DIR", "/tmp/qwenrun-bench"))
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.engine:
+        return child(args)
+    model = args.model or str(build_checkpoint(args.shape, args.layers, Path(args.cache_dir)))
+    results = {}
+    for engine in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--engine", engine, "--model", model, "--runs", str(args.runs),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{engine}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[engine] = json.loads(line[7:])
+        r = results[engine]
+        print(f"{engine:18s} prefill {fmt(r['prefill'])} tok/s   decode {fmt(r['decode'])} tok/s   "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    base = results.get("transformers-bf16")
+    if base:
+        for name, r in results.items():
+            if name != "transformers-bf16":
+                print(f"{name}: decode {statistics.median(r['decode']) / statistics.median(base['decode']):.2f}x, "
+                      f"prefill {statistics.median(r['prefill']) / statistics.median(base['prefill']):.2f}x transformers bf16")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
