@@ -78,6 +78,18 @@ class AttentionMetadata:
         )
 
 
+    @classmethod
+    def without_cache(cls, seq_lens: list[int], device: torch.device) -> AttentionMetadata:
+        """Whole sequences attended among themselves, no KV cache (training, scoring): the keys of
+        sequence b are its own new tokens, laid out like its queries."""
+        tables = [list(range(n)) for n in seq_lens]  # one-token "blocks": key j of b is flat row start_b + j
+        starts = [0]
+        for n in seq_lens[:-1]:
+            starts.append(starts[-1] + n)
+        group = _prefill_group(seq_lens, seq_lens, [[s + j for j in t] for s, t in zip(starts, tables)], starts, 1, device)
+        return cls(torch.empty(0, dtype=torch.long, device=device), None, group, sum(seq_lens))
+
+
 def _key_slots(context_lens: list[int], block_tables: list[list[int]], block_size: int) -> torch.Tensor:
     L = max(context_lens)
     n_blocks = max(len(t) for t in block_tables)
@@ -165,12 +177,18 @@ def paged_attention(
     q: torch.Tensor,  # [T, nh, d]
     k: torch.Tensor,  # [T, nkv, d]
     v: torch.Tensor,  # [T, nkv, d]
-    k_cache: torch.Tensor,  # [nkv, S, d]
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | None,  # [nkv, S, d]
+    v_cache: torch.Tensor | None,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Writes this step's K/V into the cache, then attends each query to its sequence's context."""
+    """Writes this step's K/V into the cache, then attends each query to its sequence's context.
+
+    With no cache (`AttentionMetadata.without_cache`), the step's own K/V are the whole context."""
+    if k_cache is None or v_cache is None:
+        assert meta.prefill is not None and meta.decode is None
+        k_cache, v_cache = k.transpose(0, 1), v.transpose(0, 1)  # [nkv, T, d]; key slots are flat rows
+        return _prefill_attention(q, k_cache, v_cache, meta.prefill, scale)
     k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     T, nh, d = q.shape

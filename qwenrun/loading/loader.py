@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.errors import CheckpointError
+from qwenrun.errors import InvalidRequestError
 from qwenrun.loading.source import read_json, resolve_model_path
 from qwenrun.loading.weights import load_weights
 from qwenrun.models import create_model, model_class
@@ -45,7 +45,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
         if dtype in ("float16", "fp16") and device.type == "cpu":
             dtype = "bfloat16"
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
     return DTYPES[dtype]
 
 

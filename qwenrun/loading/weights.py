@@ -27,12 +27,15 @@ def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index} has no 'weight_map'")
+        if not isinstance(weight_map, dict) or not weight_map or not all(map(_is_str, weight_map.values())):
+            raise CheckpointError(f"{index} has no 'weight_map' of tensor name -> shard file name")
         files = sorted({folder / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"shard(s) listed in {index.name} are missing: {', '.join(missing)} "
+                "(incomplete download? fetch them again)"
+            )
         return files
     files = sorted(folder.glob("*.safetensors"))
     if files:
@@ -55,7 +58,9 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {path.name}: {e} (the file is corrupt or truncated)") from None
+            raise CheckpointError(
+                f"cannot read {path.name}: {e} (the file is corrupt or truncated; download it again)"
+            ) from None
 
 
 def weight_targets(model: nn.Module) -> dict[str, WeightTarget]:
@@ -94,7 +99,9 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, tied_embedd
             )
         covered = set(target.covers) or {target.shard}
         if covered & filled[target.param_name]:
-            raise CheckpointError(f"tensor {name} fills part of {target.param_name} that was already loaded")
+            raise CheckpointError(
+                f"tensor {name} is stored twice (it fills part of {target.param_name} that was already loaded)"
+            )
         dest.copy_(tensor.to(dtype))
         filled[target.param_name] |= covered
     if unexpected:
@@ -105,7 +112,14 @@ def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, tied_embedd
     by_slice = {(t.param_name, t.shard): t.checkpoint_name for t in targets.values() if not t.covers}
     missing = [by_slice[(p, s)] for p, shards in needed.items() for s in sorted(shards - filled[p])]
     if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {_some(sorted(missing))}")
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensor(s): {_some(sorted(missing))} "
+            "(incomplete download, or config.json does not match the weights)"
+        )
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
 
 
 def _some(names: list[str], limit: int = 6) -> str:

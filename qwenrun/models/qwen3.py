@@ -77,14 +77,15 @@ class Qwen3Model(nn.Module):
     def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [T, H]
         rope = self.rotary_emb(positions, h.dtype)
-        for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, rope, meta, kv)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, meta, kv_caches[i] if kv_caches is not None else (None, None))
         return self.norm(h)
 
 
 class Qwen3ForCausalLM(nn.Module):
     """The engine's model contract: `forward(ids [T], positions [T], meta, kv_caches) -> hidden [T, H]`
-    and `compute_logits(hidden [N, H]) -> [N, vocab]`, run only for the rows that need logits."""
+    and `compute_logits(hidden [N, H]) -> [N, vocab]`, run only for the rows that need logits.
+    `kv_caches=None` with `AttentionMetadata.without_cache` runs whole sequences (training, scoring)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
