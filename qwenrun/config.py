@@ -110,16 +110,26 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a parsed config.json; missing required fields are named in the error."""
+        """Build from a parsed config.json; a missing or malformed field is named in the error."""
+        try:
+            return cls._from_hf(cfg)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"config.json has a malformed field: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise CheckpointError("config.json has no 'architectures' entry")
         cfg = {**cfg, **cfg.get("text_config", {})}
 
         def need(key: str) -> Any:
-            if cfg.get(key) is None:
+            value = cfg.get(key)
+            if value is None:
                 raise CheckpointError(f"config.json is missing required field {key!r}")
-            return cfg[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"config.json field {key!r} must be a positive integer, got {value!r}")
+            return value
 
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
 
 from qwenrun.cli.common import console, human, human_bytes
-from qwenrun.errors import CheckpointError
 from qwenrun.loading.loader import open_checkpoint
 
 # generation_config.json keys worth showing: the sampling defaults qwenrun reads, plus do_sample.
@@ -29,30 +27,9 @@ GENERATION_KEYS = (
 )
 
 
-def _json_only(model: str, revision: str | None) -> str:
-    """A hub id's config files alone, so `info` never downloads weights; local paths pass through.
-
-    The hub-id test mirrors `loading.source.resolve_model_path`, which fetches whole checkpoints.
-    """
-    if (
-        Path(model).expanduser().exists()
-        or model.count("/") != 1
-        or model.startswith((".", "/", "~"))
-    ):
-        return model
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(
-            model, revision=revision, allow_patterns=["config.json", "generation_config.json"]
-        )
-    except Exception as e:  # offline, missing, gated: the hub's own message says which
-        raise CheckpointError(f"could not fetch the config of {model}: {e}") from None
-
-
 def describe(model: str, revision: str | None) -> dict[str, Any]:
     """Everything `info` prints, as JSON-ready values (bytes and counts as plain integers)."""
-    ckpt = open_checkpoint(_json_only(model, revision), revision)
+    ckpt = open_checkpoint(model, revision, weights=False)
     cfg = ckpt.config
     rope: dict[str, Any] = {"type": cfg.rope.rope_type, "theta": cfg.rope.theta}
     if cfg.rope.rope_type == "yarn":

@@ -28,9 +28,13 @@ class Checkpoint:
     generation_config: dict[str, Any]
 
 
-def open_checkpoint(model: str | os.PathLike[str], revision: str | None = None) -> Checkpoint:
-    """Resolve and parse the JSON side of a checkpoint; fails early on unknown architectures."""
-    path = resolve_model_path(model, revision)
+def open_checkpoint(
+    model: str | os.PathLike[str], revision: str | None = None, weights: bool = True
+) -> Checkpoint:
+    """Resolve and parse the JSON side of a checkpoint; fails early on unknown architectures.
+
+    `weights=False` fetches only the JSON files of a hub model (enough to describe it)."""
+    path = resolve_model_path(model, revision, None if weights else ["*.json"])
     config = ModelConfig.from_hf(read_json(path / "config.json"))
     model_class(config.architecture)
     return Checkpoint(path, config, read_json(path / "generation_config.json", required=False))
@@ -39,6 +43,8 @@ def open_checkpoint(model: str | os.PathLike[str], revision: str | None = None) 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
     """`auto` = the checkpoint's dtype (bf16 for released Qwen3), except fp16 on CPU, which is slow there."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InvalidRequestError(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
         return dtype
     if dtype == "auto":
         dtype = config.torch_dtype or "bfloat16"

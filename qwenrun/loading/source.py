@@ -16,8 +16,12 @@ from qwenrun.errors import CheckpointError
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
-def resolve_model_path(model: str | os.PathLike[str], revision: str | None = None) -> Path:
-    """Local folder as is; otherwise `org/name` is fetched (or found in the cache) from the hub."""
+def resolve_model_path(
+    model: str | os.PathLike[str], revision: str | None = None, allow_patterns: list[str] | None = None
+) -> Path:
+    """Local folder as is; otherwise `org/name` is fetched (or found in the cache) from the hub.
+
+    `allow_patterns` narrows the download (e.g. only the JSON files, to describe a model)."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -30,7 +34,7 @@ def resolve_model_path(model: str | os.PathLike[str], revision: str | None = Non
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=allow_patterns or HUB_PATTERNS))
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"{text} is not in the local hub cache and cannot be downloaded (offline or no network): {e}"
