@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 
 import qwenrun
 
-# The checkpoint `qwenrun chat` opens when none is named.
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+# The checkpoint `qwenrun chat` opens when none is named: the bundled demo model, found beside the
+# installed package so it works offline (reproduce it with `qwenrun train-demo`).
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "qwen3-tiny-thinker")
 
 # What `resolve_dtype` accepts, minus aliases: a typo is a usage error before torch is imported.
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -167,7 +168,44 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint without loading its weights")
     _add_model(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
-    for p in (chat, gen, info):
+    train = sub.add_parser(
+        "train-demo",
+        help="reproduce the bundled demo model (tokenizer, data, training, export)",
+        description=(
+            "Train qwen3-tiny-thinker from scratch on synthetic arithmetic chats (thinking, "
+            "non-thinking and calculator tool calls) and export it in the Hugging Face layout."
+        ),
+    )
+    train.add_argument("--out", default="qwen3-tiny-thinker", metavar="DIR", help="output folder")
+    train.add_argument("--steps", type=_int_at_least(1), default=1500, metavar="N", help="optimizer steps")
+    train.add_argument("--batch-size", type=_int_at_least(1), default=24, metavar="N", help="chats per step")
+    train.add_argument("--lr", type=float, default=2e-3, metavar="LR", help="peak learning rate")
+    train.add_argument("--seed", type=int, default=0, metavar="S")
+    train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    train.add_argument(
+        "--install", action="store_true", help="copy the result over the bundled model folder"
+    )
+    train.set_defaults(module="qwenrun.train.recipe")
+
+    ev = sub.add_parser(
+        "eval-demo",
+        help="accuracy of the demo model: thinking vs non-thinking, budgets, tool calls",
+        description=(
+            "Held-out arithmetic accuracy by task and digit count in thinking and non-thinking "
+            "mode, under thinking budgets, and with the calculator tool."
+        ),
+    )
+    ev.add_argument("model", nargs="?", help="checkpoint folder (default: the bundled demo model)")
+    ev.add_argument("--n", type=_int_at_least(1), default=200, metavar="N", help="problems per task")
+    ev.add_argument("--seed", type=int, default=1234, metavar="S")
+    ev.add_argument("--png", metavar="PATH", help="write the accuracy-vs-budget plot (needs matplotlib)")
+    ev.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    ev.set_defaults(module="qwenrun.demo.evaluate")
+    from qwenrun.server.cli import add_serve_parser
+
+    serve = add_serve_parser(sub)
+    serve.set_defaults(module="qwenrun.server.cli")
+    for p in (chat, gen, info, train, ev, serve):
         p.set_defaults(parser=p)  # so later checks report usage errors against the subcommand
     return parser
 
@@ -209,8 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _check(args)
+    if getattr(args, "model", "") is None:
+        args.model = DEFAULT_MODEL
     try:
-        return importlib.import_module(f"qwenrun.cli.{args.command}").run(args)
+        module = getattr(args, "module", None) or f"qwenrun.cli.{args.command}"
+        return importlib.import_module(module).run(args)
     except BrokenPipeError:
         # The reader left (`| head`): point stdout at devnull so the exit-time flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,276 @@
+"""`POST /v1/messages` (Anthropic Messages API) and `POST /v1/messages/count_tokens`.
+
+The request is converted to the chat path's messages: `system` -> a system message; user `text`
+blocks -> one user message; `tool_result` blocks -> tool messages (before the user's text, as they
+answer the previous turn's calls); assistant `thinking` -> `reasoning_content`, `tool_use` ->
+`tool_calls`. Tools map to OpenAI functions (`input_schema` -> `parameters`), `tool_choice`
+auto/any/tool/none to auto/required/named/none (same limits as the chat endpoint: no grammar).
+
+Thinking: `{"type": "enabled", "budget_tokens": N}` -> thinking on with Qwen's thinking budget N;
+`{"type": "disabled"}` -> `enable_thinking=False`; absent or `adaptive` -> the template default
+(Qwen3 thinks) and the `/think` `/no_think` soft switches. Thinking blocks carry an empty
+`signature`: there is nothing to sign here. An assistant message last in `messages` is rendered as a
+finished turn, not continued (no prefill). Image and document blocks are refused (text models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+
+from qwenrun.engine.request import Request
+from qwenrun.server.chat import ChatPlan, build_plan, parse_output, select_tools, template_messages
+from qwenrun.server.protocol import (
+    AnthropicBlock,
+    AnthropicMessagesRequest,
+    AnthropicResponse,
+    AnthropicUsage,
+)
+from qwenrun.server.serving import (
+    APIError,
+    ServerState,
+    SSEResponse,
+    as_api_error,
+    iterate_requests,
+    make_requests,
+    new_id,
+    parse_body,
+    run_until_disconnect,
+    sampling_params,
+    sse,
+)
+
+
+def _tool_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
+
+
+def _block_text(content: str | list[AnthropicBlock] | None, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, b in enumerate(content):
+        if b.type != "text":
+            raise APIError(400, f"{where}[{j}]: block type {b.type!r} is not supported here; "
+                           "this server takes text only", param=where)
+        parts.append(b.text or "")
+    return "\n".join(parts)
+
+
+def _messages(body: AnthropicMessagesRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if body.system:
+        out.append({"role": "system", "content": _block_text(body.system, "system")})
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}].content"
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        texts, reasoning, calls, results = [], [], [], []
+        for j, b in enumerate(m.content):
+            if b.type == "text":
+                texts.append(b.text or "")
+            elif b.type == "thinking" and m.role == "assistant":
+                reasoning.append(b.thinking or "")
+            elif b.type == "redacted_thinking" and m.role == "assistant":
+                continue
+            elif b.type == "tool_use" and m.role == "assistant":
+                if not b.name:
+                    raise APIError(400, f"{where}[{j}]: tool_use needs a name", param=where)
+                calls.append({"id": b.id or _tool_id(), "type": "function",
+                              "function": {"name": b.name, "arguments": b.input or {}}})
+            elif b.type == "tool_result" and m.role == "user":
+                text = _block_text(b.content, f"{where}[{j}].content")
+                results.append({"role": "tool", "tool_call_id": b.tool_use_id,
+                                "content": f"Error: {text}" if b.is_error else text})
+            else:
+                raise APIError(400, f"{where}[{j}]: block type {b.type!r} is not supported in a "
+                               f"{m.role} message", param=where)
+        if m.role == "user":
+            out += results
+            if texts or not results:
+                out.append({"role": "user", "content": "\n".join(texts)})
+        else:
+            msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+            if reasoning:
+                msg["reasoning_content"] = "\n".join(reasoning)
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+    return out
+
+
+def _tools(body: AnthropicMessagesRequest,
+           raw: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:
+    tools = None
+    if body.tools:
+        tools = []
+        for i, (t, rt) in enumerate(zip(body.tools, raw["tools"])):
+            kind = rt.get("type")
+            if kind not in (None, "custom"):
+                raise APIError(400, f"tools[{i}]: server tool type {kind!r} is not supported",
+                               param=f"tools[{i}].type")
+            fn: dict[str, Any] = {"name": t.name}
+            if t.description is not None:
+                fn["description"] = t.description
+            fn["parameters"] = t.input_schema if t.input_schema is not None else {
+                "type": "object", "properties": {}}
+            tools.append({"type": "function", "function": fn})
+    choice: Any = None
+    tc = body.tool_choice
+    if tc is not None:
+        if tc.type == "tool":
+            if not tc.name:
+                raise APIError(400, "tool_choice of type 'tool' needs a name", param="tool_choice.name")
+            choice = {"type": "function", "function": {"name": tc.name}}
+        else:
+            choice = {"auto": "auto", "any": "required", "none": "none"}[tc.type]
+    return select_tools(tools, choice)
+
+
+async def _plan(state: ServerState,
+                request: HTTPRequest) -> tuple[AnthropicMessagesRequest, str, ChatPlan]:
+    raw, body = await parse_body(request, AnthropicMessagesRequest)
+    model = state.check_model(body.model)
+    if not body.messages:
+        raise APIError(400, "messages is empty: provide at least one message", param="messages")
+    messages = template_messages(_messages(body))
+    tools, parse_tools = _tools(body, raw)
+    enable, budget = None, None
+    if body.thinking is not None:
+        if body.thinking.type == "enabled":
+            enable, budget = True, body.thinking.budget_tokens
+        elif body.thinking.type == "disabled":
+            enable = False
+    params = sampling_params(
+        state, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        min_p=body.min_p, presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop_sequences,
+        max_tokens=body.max_tokens, thinking_budget=budget)
+    parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+    plan = await asyncio.to_thread(
+        build_plan, state, messages, tools=tools, parse_tools=parse_tools, params=params,
+        chat_template_kwargs=body.chat_template_kwargs, enable_thinking=enable,
+        parallel_tool_calls=parallel)
+    return body, model, plan
+
+
+async def count_tokens(state: ServerState, request: HTTPRequest) -> Response:
+    _, _, plan = await _plan(state, request)
+    return JSONResponse({"input_tokens": len(plan.prompt_ids)})
+
+
+def _stop(req: Request, tool_use: bool) -> tuple[str, str | None]:
+    if tool_use:
+        return "tool_use", None
+    if req.finish_reason == "length":
+        return "max_tokens", None
+    if isinstance(req.stop_reason, str):
+        return "stop_sequence", req.stop_reason
+    return "end_turn", None
+
+
+async def messages(state: ServerState, request: HTTPRequest) -> Response:
+    arrival = time.perf_counter()
+    body, model, plan = await _plan(state, request)
+    msg_id = new_id("msg")
+    [req] = await make_requests(state, plan.prompt_ids, plan.params, msg_id, 1)
+    if body.stream:
+        return SSEResponse(_stream(state, plan, req, arrival, msg_id, model))
+    result = await run_until_disconnect(request, _response(state, plan, req, arrival, msg_id, model))
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+async def _response(state: ServerState, plan: ChatPlan, req: Request, arrival: float, msg_id: str,
+                    model: str) -> dict[str, Any]:
+    async for _ in iterate_requests(state, [req], arrival):
+        pass
+    parsed = parse_output(state, plan, req.text)
+    content: list[dict[str, Any]] = []
+    if parsed.reasoning:
+        content.append({"type": "thinking", "thinking": parsed.reasoning, "signature": ""})
+    if parsed.content:
+        content.append({"type": "text", "text": parsed.content})
+    for call in parsed.tool_calls:
+        content.append({"type": "tool_use", "id": _tool_id(), "name": call.name,
+                        "input": json.loads(call.arguments)})
+    stop_reason, stop_sequence = _stop(req, bool(parsed.tool_calls))
+    return AnthropicResponse(
+        id=msg_id, model=model, content=content, stop_reason=stop_reason, stop_sequence=stop_sequence,
+        usage=AnthropicUsage(input_tokens=len(plan.prompt_ids), output_tokens=req.num_output_tokens),
+    ).model_dump(mode="json")
+
+
+async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: float, msg_id: str,
+                  model: str) -> AsyncIterator[str]:
+    parser = plan.stream_parser(state)
+    index = -1
+    open_type: str | None = None
+
+    def start(kind: str, block: dict[str, Any]) -> list[str]:
+        nonlocal index, open_type
+        out = stop()
+        index += 1
+        open_type = kind
+        out.append(sse({"type": "content_block_start", "index": index, "content_block": block},
+                       "content_block_start"))
+        return out
+
+    def stop() -> list[str]:
+        nonlocal open_type
+        if open_type is None:
+            return []
+        open_type = None
+        return [sse({"type": "content_block_stop", "index": index}, "content_block_stop")]
+
+    def delta(d: dict[str, Any]) -> str:
+        return sse({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
+
+    message: dict[str, Any] = {
+        "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": len(plan.prompt_ids), "output_tokens": 0}}
+    try:
+        yield sse({"type": "message_start", "message": message}, "message_start")
+        async for _, d in iterate_requests(state, [req], arrival):
+            events = parser.feed(d.text_delta)
+            if d.finished:
+                events += parser.finish()
+            for event in events:
+                if event[0] == "reasoning":
+                    if open_type != "thinking":
+                        block = {"type": "thinking", "thinking": "", "signature": ""}
+                        for s in start("thinking", block):
+                            yield s
+                    yield delta({"type": "thinking_delta", "thinking": event[1]})
+                elif event[0] == "content":
+                    if open_type != "text":
+                        for s in start("text", {"type": "text", "text": ""}):
+                            yield s
+                    yield delta({"type": "text_delta", "text": event[1]})
+                else:
+                    call = event[2]
+                    for s in start("tool_use", {"type": "tool_use", "id": _tool_id(),
+                                                "name": call.name, "input": {}}):
+                        yield s
+                    yield delta({"type": "input_json_delta", "partial_json": call.arguments})
+                    for s in stop():
+                        yield s
+        for s in stop():
+            yield s
+        stop_reason, stop_sequence = _stop(req, parser.n_calls > 0)
+        yield sse({"type": "message_delta",
+                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                   "usage": {"output_tokens": req.num_output_tokens}}, "message_delta")
+        yield sse({"type": "message_stop"}, "message_stop")
+    except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
+        yield sse(as_api_error(e).body(anthropic=True), "error")

@@ -1,0 +1,132 @@
+"""`qwenrun serve MODEL`: load a checkpoint and serve it over HTTP (OpenAI and Anthropic APIs).
+
+`add_serve_parser(subparsers)` declares the subcommand and `run(args)` runs it; neither
+imports torch, FastAPI or the model until the command actually runs, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "4GiB", "512M", "2g", "1048576" (binary units: K = 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 4GiB, 512MiB or a byte count, got {text!r}")
+    value = float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return int(value)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [1, 65535], got {value}")
+    return value
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `serve` to a subparsers object; returns the new parser (its defaults set `parser`)."""
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description=(
+            "Serve MODEL with OpenAI-compatible /v1/chat/completions, /v1/completions and "
+            "/v1/models, Anthropic-compatible /v1/messages, /health and Prometheus /metrics. "
+            "Reasoning comes back as reasoning_content; tool calls as tool_calls."))
+    p.add_argument("model", nargs="?", help="checkpoint folder or hub id (default: the bundled demo model)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) to pin")
+    net = p.add_argument_group("http")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    net.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    net.add_argument("--api-key", default=os.environ.get("QWENRUN_API_KEY"),
+                     help="require this Bearer token on /v1 routes "
+                          "(default: $QWENRUN_API_KEY, else none)")
+    net.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                     help="model name(s) clients send (default: MODEL as given)")
+    net.add_argument("--max-queue", type=_non_negative, default=256, metavar="N",
+                     help="waiting requests accepted before answering 429 (default 256)")
+    net.add_argument("--log-level", default="info",
+                     choices=("critical", "error", "warning", "info", "debug"))
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="weights and KV cache dtype (default: the checkpoint's)")
+    rt.add_argument("--device", default="auto",
+                    help='"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...')
+    rt.add_argument("--max-model-len", type=_positive, metavar="N",
+                    help="context window in tokens (default: the model's)")
+    rt.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE",
+                    help="KV cache size, e.g. 4GiB (default: 90%% of free GPU memory; "
+                         "on CPU a fifth of RAM, at most 4 GiB)")
+    rt.add_argument("--max-num-seqs", type=_positive, default=64, metavar="N",
+                    help="requests decoded together (default 64)")
+    rt.add_argument("--max-num-batched-tokens", type=_positive, default=512, metavar="N",
+                    help="tokens per step; longer prompts prefill in chunks (default 512)")
+    rt.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                    help="do not reuse the KV cache of repeated prompt prefixes")
+    rt.add_argument("--tool-call-parser", default="hermes", help="tool-call format (default hermes)")
+    p.set_defaults(parser=p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model behind a spinner, print the URL, serve until Ctrl-C; returns the exit status."""
+    import uvicorn
+    from rich.console import Console
+    from rich.text import Text
+
+    from qwenrun.llm import LLM
+    from qwenrun.server.app import create_app
+
+    err = Console(stderr=True, highlight=False)
+    start = time.perf_counter()
+    with err.status(f"Loading {args.model}…"):
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                  max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser)
+    names = args.served_model_name or [args.model]
+    err.print(Text(f"loaded {args.model} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
+                   f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens",
+                   style="grey50"), soft_wrap=True)
+    app = create_app(llm, served_model_name=names, api_key=args.api_key, max_queue=args.max_queue)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
+    err.print(Text(f"serving {names[0]!r} at http://{shown}:{args.port}/v1 "
+                   f"(OpenAI + Anthropic APIs; /health, /metrics)"
+                   + ("; API key required" if args.api_key else ""), style="bold"), soft_wrap=True)
+    sys.stderr.flush()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0

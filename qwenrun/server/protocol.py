@@ -1,0 +1,418 @@
+"""Request and response bodies of the HTTP API, mirroring the OpenAI and Anthropic schemas.
+
+Requests are validated strictly but openly: unknown fields are accepted and ignored (clients such
+as Qwen-Agent send many), while a known field of the wrong JSON type is a 400 (no "1" -> 1
+coercion; an integer is still a valid number). Range checks live in `SamplingParams`, so the
+server and the Python API reject the same values with the same words.
+
+Extensions accepted on chat and completions requests (vLLM / SGLang / Qwen spellings): `top_k`,
+`min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
+`chat_template_kwargs`, `enable_thinking`, `thinking_budget` (alias `thinking_token_budget`),
+`include_reasoning`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# ----------------------------------------------------------------------------------- requests
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+class ContentPart(_In):
+    """One part of a list `content`: only `{"type": "text", "text": ...}` is supported."""
+
+    type: str
+    text: str | None = None
+
+
+class FunctionCallIn(_In):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_In):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessage(_In):
+    """A message of the conversation; `developer` is OpenAI's new name for `system`."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class FunctionDefinition(_In):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_In):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_In):
+    name: str
+
+
+class NamedToolChoice(_In):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_In):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_In):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_In):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _SamplingFields(_In):
+    """Fields shared by chat and completions requests (OpenAI names plus vLLM extensions)."""
+
+    model: str | None = None
+    stream: bool | None = False  # null is accepted for every optional field, as some clients send it
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    thinking_token_budget: int | None = None
+    include_reasoning: bool | None = True
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
+class AnthropicBlock(_In):
+    """A content block of an Anthropic message; which fields matter depends on `type`."""
+
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[AnthropicBlock] | None = None
+    is_error: bool | None = None
+    thinking: str | None = None
+    signature: str | None = None
+
+
+class AnthropicMessage(_In):
+    role: Literal["user", "assistant"]
+    content: str | list[AnthropicBlock]
+
+
+class AnthropicTool(_In):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+
+
+class AnthropicToolChoice(_In):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class AnthropicThinking(_In):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class AnthropicMessagesRequest(_In):
+    model: str | None = None
+    messages: list[AnthropicMessage]
+    max_tokens: int | None = None
+    system: str | list[AnthropicBlock] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    thinking: AnthropicThinking | None = None
+    metadata: dict[str, Any] | None = None
+    # extensions
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+def summarize_validation_error(error: ValidationError) -> tuple[str, str | None]:
+    """One readable line for a pydantic error and the first offending parameter.
+
+    Union branches ("str", "list[str]", model names) are dropped from locations, and the messages
+    of one location are joined with "or": `stop: Input should be a valid string or a valid array`.
+    """
+    groups: dict[str, list[str]] = {}
+    for err in error.errors(include_url=False):
+        parts = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        loc = ".".join(parts)
+        msg = re.sub(r" or instance of \w+", "", err["msg"])
+        if err["type"] == "json_invalid":
+            return f"the request body is not valid JSON: {msg.removeprefix('Invalid JSON: ')}", None
+        if err["type"] == "missing":
+            msg = "field required"
+        groups.setdefault(loc, [])
+        if msg not in groups[loc]:
+            groups[loc].append(msg)
+    # A union reports every branch; the deepest location says what is actually wrong.
+    deepest = {loc: msgs for loc, msgs in groups.items()
+               if not any(other.startswith(loc + ".") or (not loc and other) for other in groups)}
+    groups = deepest or groups
+    lines = []
+    for loc, msgs in list(groups.items())[:3]:
+        text = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
+        lines.append(f"{loc}: {text}" if loc else text)
+    more = len(groups) - len(lines)
+    message = "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
+    first = next(iter(groups), "") or None
+    return message, first
+
+
+def _is_union_tag(part: object) -> bool:
+    if not isinstance(part, str):
+        return False
+    return (
+        "[" in part
+        or "-" in part
+        or part[:1].isupper()
+        or part in {"str", "int", "float", "bool", "dict", "list", "none"}
+    )
+
+
+# ---------------------------------------------------------------------------------- responses
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ErrorInfo(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(_Out):
+    error: ErrorInfo
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "qwenrun"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Out):
+    content: list[TokenLogprob] | None = None
+
+
+class FunctionCallOut(_Out):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatMessageOut(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int = 0
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+
+class ChatChoice(_Out):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaFunction(_Out):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Out):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
+class DeltaMessage(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(_Out):
+    """Serialised with `exclude_unset`: deltas carry only what changed (as OpenAI's do)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class AnthropicUsage(_Out):
+    input_tokens: int
+    output_tokens: int
+
+
+class AnthropicResponse(_Out):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None = None
+    stop_sequence: str | None = None
+    usage: AnthropicUsage

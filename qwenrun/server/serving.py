@@ -1,0 +1,397 @@
+"""What every endpoint shares: the app's state, errors as HTTP answers, sampling parameters from a
+request body, running engine requests (with metrics and cancellation), SSE and token texts.
+
+Cancellation contract: every engine stream is iterated inside `iterate_requests`, whose cleanup
+closes the `AsyncEngine.generate` iterators, which abort their requests and free their KV blocks.
+`SSEResponse` closes its body iterator when the client goes away, and `run_until_disconnect` cancels
+a non-streaming handler when its client does, so no disconnect leaves a request running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from qwenrun.engine.async_engine import AsyncEngine, EngineOverloadedError
+from qwenrun.engine.request import Request, StepDelta
+from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError, QwenrunError
+from qwenrun.sampling.params import SamplingParams
+from qwenrun.server.metrics import Metrics
+from qwenrun.server.protocol import summarize_validation_error
+
+if TYPE_CHECKING:
+    from qwenrun.llm import LLM
+    from qwenrun.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger("qwenrun.server")
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+MAX_LOGPROBS = 20  # OpenAI's cap for top_logprobs
+MAX_N = 128  # choices per request: more is a mistake, not a workload
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answer: HTTP status plus OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self, anthropic: bool = False) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        # Anthropic's shape wraps the same object: {"type": "error", "error": {...}}.
+        return {"type": "error", "error": error} if anthropic else {"error": error}
+
+    def response(self, anthropic: bool = False) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(anthropic), status_code=self.status, headers=headers)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Map runtime errors to their HTTP answer; anything unexpected is a 500 (and logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(429, str(exc), "rate_limit_error", code="server_overloaded")
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, (InvalidRequestError, CheckpointError)):
+        return APIError(400, str(exc))
+    if isinstance(exc, QwenrunError):
+        return APIError(500, str(exc), "server_error")
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+async def parse_body(request: HTTPRequest, model: type[M]) -> tuple[dict[str, Any], M]:
+    """The JSON object of the body (raw, for verbatim pass-through) and its validated model."""
+    raw = await request.body()
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+    try:
+        return obj, model.model_validate(obj)
+    except ValidationError as e:
+        message, param = summarize_validation_error(e)
+        raise APIError(400, message, param=param) from None
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    engine: AsyncEngine
+    model_names: tuple[str, ...]
+    metrics: Metrics
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    token_texts: TokenTexts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.llm.tokenizer)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+    def check_model(self, name: str | None) -> str:
+        """The model name to answer with; 404 for a name this server does not serve."""
+        if name is None or name == "":
+            return self.model_names[0]
+        if name not in self.model_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in self.model_names)}",
+                           "not_found_error", param="model", code="model_not_found")
+        return name
+
+    def tokenizer(self) -> Tokenizer:
+        tok = self.llm.tokenizer
+        if tok is None:
+            raise APIError(400, "this checkpoint has no tokenizer.json: only /v1/completions with "
+                           "token-id prompts is available")
+        return tok
+
+
+def sampling_params(state: ServerState, **overrides: Any) -> SamplingParams:
+    """The checkpoint's defaults (generation_config.json) with the request's non-null values."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return dataclasses.replace(state.llm.get_default_sampling_params(), **given)
+    except TypeError as e:  # replace() with a value of an impossible type
+        raise APIError(400, str(e)) from None
+
+
+def check_logprobs(k: int | None, name: str) -> None:
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", param=name)
+
+
+def check_unsupported(logit_bias: dict[str, float] | None) -> None:
+    if logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def make_requests(state: ServerState, prompt_ids: list[int], params: SamplingParams,
+                        request_id: str, n: int) -> list[Request]:
+    """n engine requests for one prompt (seeds seed, seed+1, ... as `LLM.generate` does).
+
+    Raises:
+        APIError: 429 when the queue has no room for n more, 400 for what the engine rejects.
+    """
+    if n > MAX_N:
+        raise APIError(400, f"n must be at most {MAX_N}, got {n}", param="n")
+    stats = state.engine.stats()
+    if stats.waiting + n > state.engine.max_waiting:
+        raise EngineOverloadedError(
+            f"too many queued requests ({state.engine.max_waiting}); retry later")
+    reqs = []
+    for i in range(n):
+        seed = params.seed if n == 1 or params.seed is None else params.seed + i
+        p = dataclasses.replace(params, n=1, seed=seed)
+        reqs.append(state.llm.engine.make_request(prompt_ids, p, f"{request_id}-{i}"))
+    return reqs
+
+
+# ------------------------------------------------------------------------------ running requests
+
+
+@dataclass
+class _Timing:
+    arrival: float
+    first: float | None = None
+    last: float | None = None
+
+
+async def iterate_requests(state: ServerState, reqs: Sequence[Request],
+                           arrival: float) -> AsyncIterator[tuple[int, StepDelta]]:
+    """Yields (index in `reqs`, delta) until every request finished, recording metrics.
+
+    Closing this iterator early (client gone, error) aborts the unfinished requests.
+    """
+    metrics = state.metrics
+    timings = [_Timing(arrival) for _ in reqs]
+
+    def record(i: int, d: StepDelta) -> None:
+        now = time.perf_counter()
+        t = timings[i]
+        if t.first is None:
+            t.first = now
+            metrics.ttft.observe(now - t.arrival)
+            metrics.prompt_tokens.inc(d.request.num_prompt_tokens)
+        elif t.last is not None:
+            metrics.itl.observe(now - t.last)
+        t.last = now
+        metrics.generation_tokens.inc(len(d.new_token_ids))
+        if d.finished:
+            metrics.e2e.observe(now - t.arrival)
+            metrics.finished.labels(d.request.finish_reason or "unknown").inc()
+
+    if len(reqs) == 1:
+        gen = state.engine.generate(reqs[0])
+        try:
+            async for d in gen:
+                record(0, d)
+                yield 0, d
+        finally:
+            await _aclose(gen)
+        return
+
+    queue: asyncio.Queue[tuple[int, StepDelta | Exception]] = asyncio.Queue()
+
+    async def pump(i: int, req: Request) -> None:
+        gen = state.engine.generate(req)
+        try:
+            async for d in gen:
+                queue.put_nowait((i, d))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((i, e))
+        finally:
+            await _aclose(gen)
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    remaining = len(reqs)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            record(i, item)
+            if item.finished:
+                remaining -= 1
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _aclose(iterator: AsyncIterable[Any]) -> None:
+    """Close an async generator now (its `finally` aborts engine requests); others need nothing."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def run_until_disconnect(request: HTTPRequest, work: Awaitable[T]) -> T | Response:
+    """Await `work`, cancelling it if the client disconnects first (then answer 499, unseen)."""
+    task = asyncio.ensure_future(work)
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if gone:
+            return Response(status_code=499)
+        raise
+    finally:
+        watcher.cancel()
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that stop, and close their source, as soon as the client disconnects.
+
+    Starlette only closes the body iterator implicitly (garbage collection); here its cleanup, which
+    aborts the engine requests, runs deterministically whichever side ends first.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = self.body_iterator
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away while we wrote
+                    except Exception:  # body iterators report errors in-band; this is a bug
+                        logger.exception("streaming response failed")
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _aclose(body)
+
+
+def sse(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:
+    if isinstance(data, BaseModel):
+        text = data.model_dump_json(exclude_unset=True)
+    elif isinstance(data, dict):
+        text = json.dumps(data, ensure_ascii=False)
+    else:
+        text = data
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
+# ------------------------------------------------------------------------------ output helpers
+
+
+def generated_ids(req: Request) -> list[int]:
+    """Output ids without a final stop token (eos / stop_token_ids), whose text is never shown."""
+    ids = req.output_token_ids
+    by_token = req.finish_reason == "stop" and not isinstance(req.stop_reason, str)
+    if by_token and ids and ids[-1] in req.stop_ids:
+        return ids[:-1]
+    return ids
+
+
+def reasoning_tokens(state: ServerState, ids: Sequence[int], reasoning: str | None,
+                     content: str | None) -> int:
+    """Tokens spent thinking: those before `</think>`, or all of them if thinking never ended."""
+    tok = state.llm.tokenizer
+    end = tok.think_end_id if tok is not None else None
+    if end is not None and end in ids:
+        return list(ids).index(end)
+    return len(ids) if reasoning is not None and content is None else 0
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: vocabulary character -> byte."""
+    printable = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    bs = [b for lo, hi in printable for b in range(ord(lo), ord(hi) + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class TokenTexts:
+    """Token id -> (display text, UTF-8 bytes) for logprobs, cached.
+
+    A token holding part of a character decodes to U+FFFD; its exact bytes then come from the
+    byte-level vocabulary entry, as OpenAI's `bytes` field intends.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self.get = lru_cache(maxsize=1 << 16)(self._get)
+
+    def _get(self, token_id: int) -> tuple[str, list[int]]:
+        tok = self.tokenizer
+        if tok is None:
+            return f"token_id:{token_id}", []
+        text = tok.decode([token_id])
+        if "\ufffd" not in text:
+            return text, list(text.encode("utf-8"))
+        piece = tok.id_to_token(token_id) or ""
+        table = _byte_decoder()
+        if piece and all(c in table for c in piece):
+            raw = bytes(table[c] for c in piece)
+            return raw.decode("utf-8", errors="replace"), list(raw)
+        return text, list(text.encode("utf-8"))
+
+
+def top_entries(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely of a runner logprob entry (top-k plus the chosen token), best first."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
