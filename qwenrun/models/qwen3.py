@@ -29,15 +29,17 @@ class Qwen3Attention(nn.Module):
         x: torch.Tensor,  # [T, H]
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
-        )
-        q = apply_rotary(self.q_norm(q.view(T, self.num_heads, self.head_dim)), *rope)
-        k = apply_rotary(self.k_norm(k.view(T, self.num_kv_heads, self.head_dim)), *rope)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        T, nh, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) d]
+        # q and k heads are adjacent: one norm and one rotation serve both (half the decode kernels);
+        # normalise, round, then scale by the weight, in transformers' order
+        qk = F.rms_norm(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), (d,), None, self.q_norm.eps)
+        w = torch.cat((self.q_norm.weight.expand(nh, d), self.k_norm.weight.expand(nkv, d)))  # [nh+nkv, d]
+        qk = apply_rotary(qk * w, *rope)
+        q, k = qk.split((nh, nkv), dim=1)
+        v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
         return self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, self.scale))
 
 
