@@ -236,6 +236,10 @@ def _read_line(interactive: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "mcp_config", None):  # tools: the same conversation through the agent loop
+        from qwenrun.agent.cli import run as run_agent
+
+        return run_agent(args)
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # not on every platform; input() works without it

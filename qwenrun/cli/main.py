@@ -17,7 +17,9 @@ import qwenrun
 
 # The checkpoint `qwenrun chat` opens when none is named: the bundled demo model, found beside the
 # installed package so it works offline (reproduce it with `qwenrun train-demo`).
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "qwen3-tiny-thinker")
+DEFAULT_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "qwen3-tiny-thinker"
+)
 
 # What `resolve_dtype` accepts, minus aliases: a typo is a usage error before torch is imported.
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -134,6 +136,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="show only a one-line summary of the reasoning",
     )
 
+    chat.add_argument(
+        "--mcp-config",
+        metavar="FILE",
+        help='tools from MCP servers ({"mcpServers": {...}} JSON); turns the chat into `qwenrun agent`',
+    )
+
+    agent = sub.add_parser(
+        "agent",
+        help="tool-using chat over MCP servers (type /help inside)",
+        description=(
+            "Chat with a model that calls tools from the MCP servers of --mcp-config "
+            '({"mcpServers": {name: {"command", "args", "env"} | {"url"}}}, per-server "allow", '
+            '"deny", "timeout"). Tool calls and results are shown; /tools lists the tools.'
+        ),
+    )
+    _add_model(agent, default=DEFAULT_MODEL)
+    agent.add_argument("--mcp-config", metavar="FILE", help="MCP servers JSON file")
+    agent.add_argument(
+        "--max-steps", type=_int_at_least(1), default=8, metavar="N", help="model turns per message (default 8)"
+    )
+    agent.add_argument(
+        "--tool-timeout", type=float, default=30.0, metavar="S", help="seconds per tool call (default 30)"
+    )
+    agent.add_argument(
+        "--max-output-bytes", type=_int_at_least(1), default=16384, metavar="N",
+        help="tool output beyond this is cut, with a note (default 16384)",
+    )
+    agent.add_argument(
+        "--tool-parser", choices=("hermes", "qwen3_coder"), help="tool-call format (default: from the chat template)"
+    )
+    agent.add_argument("--server-logs", action="store_true", help="show the MCP servers' stderr")
+    _add_runtime(agent)
+    _add_sampling(agent)
+    _add_thinking(agent)
+    agent.set_defaults(module="qwenrun.agent.cli")
+
     gen = sub.add_parser(
         "generate",
         help="complete prompts (or answer them with --chat)",
@@ -177,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument("--out", default="qwen3-tiny-thinker", metavar="DIR", help="output folder")
-    train.add_argument("--steps", type=_int_at_least(1), default=1500, metavar="N", help="optimizer steps")
-    train.add_argument("--batch-size", type=_int_at_least(1), default=24, metavar="N", help="chats per step")
+    train.add_argument(
+        "--steps", type=_int_at_least(1), default=1150, metavar="N", help="optimizer steps"
+    )
+    train.add_argument(
+        "--batch-size", type=_int_at_least(1), default=24, metavar="N", help="chats per step"
+    )
     train.add_argument("--lr", type=float, default=2e-3, metavar="LR", help="peak learning rate")
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
@@ -196,16 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ev.add_argument("model", nargs="?", help="checkpoint folder (default: the bundled demo model)")
-    ev.add_argument("--n", type=_int_at_least(1), default=200, metavar="N", help="problems per task")
+    ev.add_argument(
+        "--n", type=_int_at_least(1), default=200, metavar="N", help="problems per task"
+    )
     ev.add_argument("--seed", type=int, default=1234, metavar="S")
-    ev.add_argument("--png", metavar="PATH", help="write the accuracy-vs-budget plot (needs matplotlib)")
+    ev.add_argument(
+        "--png", metavar="PATH", help="write the accuracy-vs-budget plot (needs matplotlib)"
+    )
     ev.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     ev.set_defaults(module="qwenrun.demo.evaluate")
     from qwenrun.server.cli import add_serve_parser
 
     serve = add_serve_parser(sub)
     serve.set_defaults(module="qwenrun.server.cli")
-    for p in (chat, gen, info, train, ev, serve):
+    for p in (chat, agent, gen, info, train, ev, serve):
         p.set_defaults(parser=p)  # so later checks report usage errors against the subcommand
     return parser
 
@@ -217,7 +263,7 @@ def _check(args: argparse.Namespace) -> None:
         for flag, value in (("--no-think", args.no_think), ("--system", args.system)):
             if value:
                 parser.error(f"{flag} needs --chat")
-    if args.command in ("chat", "generate"):
+    if args.command in ("chat", "generate", "agent"):
         from qwenrun.cli.common import sampling_overrides
         from qwenrun.errors import InvalidRequestError
         from qwenrun.sampling.params import SamplingParams

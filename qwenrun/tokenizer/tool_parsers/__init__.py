@@ -43,6 +43,14 @@ def _hermes() -> ToolParser:
     return ToolParser("hermes", hermes.parse_tool_calls, hermes.StreamingToolCallParser)
 
 
+@register_tool_parser("qwen3_coder")
+def _qwen3_coder() -> ToolParser:
+    from qwenrun.tokenizer.tool_parsers import qwen3_coder  # spec A2.6 XML calls
+
+    # Its streaming parser has the Hermes one's interface (feed/finish, same events).
+    return ToolParser("qwen3_coder", qwen3_coder.parse_tool_calls, qwen3_coder.StreamingToolCallParser)  # type: ignore[arg-type]
+
+
 def get_tool_parser(name: str) -> ToolParser:
     """The parser registered as `name`.
 
