@@ -71,6 +71,7 @@ def load_llm(args: argparse.Namespace, max_num_seqs: int) -> LLM:
             device=args.device,
             revision=args.revision,
             max_model_len=args.max_model_len,
+            quantization=args.quantization,
             max_num_seqs=max_num_seqs,
         )
     dtype = str(llm.dtype).removeprefix("torch.")

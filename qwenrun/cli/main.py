@@ -65,6 +65,11 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="context window in tokens (default: the model's)",
     )
+    g.add_argument(
+        "--quantization",
+        choices=("int8", "int4"),
+        help="weight-only quantization at load: int8 per channel, int4 group-wise (group 128)",
+    )
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

@@ -86,6 +86,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     help='"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...')
     rt.add_argument("--max-model-len", type=_positive, metavar="N",
                     help="context window in tokens (default: the model's)")
+    rt.add_argument("--quantization", choices=("int8", "int4"),
+                    help="weight-only quantization at load: int8 per channel, int4 group-wise (group 128)")
     rt.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE",
                     help="KV cache size, e.g. 4GiB (default: 90%% of free GPU memory; "
                          "on CPU a fifth of RAM, at most 4 GiB)")
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
                   max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser)
+                  enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
+                  quantization=args.quantization)
     names = args.served_model_name or [args.model]
     err.print(Text(f"loaded {args.model} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
                    f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens",
