@@ -63,3 +63,21 @@ def test_paged_attention_matches_reference_for_any_batch_mix(seed):
         ref = _reference(q_all[row : row + q], ks, vs, c, q, d**-0.5)
         torch.testing.assert_close(out[row : row + q], ref, atol=1e-5, rtol=1e-5)
         row += q
+
+
+@pytest.mark.skipif(not cpu_packing_available(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+def test_packed_moe_model_matches_unpacked(tmp_path):
+    """The bf16 fast path (packed dense and expert weights) gives the same logits as plain F.linear."""
+    from qwenrun import LLM
+    from tiny import make_checkpoint
+
+    folder, _ = make_checkpoint("moe-norm-topk", tmp_path)
+    llm = LLM(folder, dtype="bfloat16", kv_cache_memory=8 << 20)
+    assert any(type(m).__name__ == "PackedExperts" for m in llm.model.modules())
+    ids = list(range(1, 40))
+    packed = llm.logits(ids)
+    from qwenrun.loading.loader import load_model
+
+    plain = load_model(llm.checkpoint, torch.bfloat16, torch.device("cpu"))  # same weights, not packed
+    llm.engine.runner.model = plain
+    torch.testing.assert_close(llm.logits(ids), packed, atol=0, rtol=0)

@@ -14,6 +14,7 @@ from torch import nn
 
 from qwenrun.config import ModelConfig
 from qwenrun.layers.linear import WeightTarget
+from qwenrun.layers.moe import grouped_experts
 from qwenrun.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP
 
 
@@ -25,27 +26,10 @@ class Qwen3MoeExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; weights/experts [T, k] -> Σ_k weights · Expert_k(x), grouped by expert."""
-        T, k = experts.shape
-        flat = experts.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k  # [T*k] token row of each sorted assignment
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order[start : start + n]
-            rows = token_of[start : start + n]
-            gate, up = self.linear(x[rows], "w13", e).split(self.intermediate, dim=-1)
-            y = self.linear(F.silu(gate) * up, "w2", e)  # [n, H]
-            out.index_add_(0, rows, y * weights.reshape(-1)[idx, None])
-            start += n
-        return out
+        return grouped_experts(x, weights, experts, self.num_experts, self.intermediate, self.linear)
 
     def linear(self, x: torch.Tensor, which: str, e: int) -> torch.Tensor:
-        """x @ W_e^T for one expert; quantized experts override only this."""
+        """x @ W_e^T for one expert."""
         return F.linear(x, self.w13[e] if which == "w13" else self.w2[e])
 
     def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:

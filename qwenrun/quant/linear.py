@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenrun.models.qwen3_moe import Qwen3MoeExperts
+from qwenrun.layers.moe import grouped_experts
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +92,12 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-class QuantizedExperts(Qwen3MoeExperts):
-    """MoE experts with int8 per-channel weights; the token grouping is inherited, only the matmul differs."""
+class QuantizedExperts(nn.Module):
+    """MoE experts with int8 per-channel weights."""
 
     def __init__(self, num_experts: int, intermediate: int, w13: torch.Tensor, s13: torch.Tensor,
                  w2: torch.Tensor, s2: torch.Tensor) -> None:
-        nn.Module.__init__(self)  # buffers, not the full-precision parameters
+        super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate
         self.register_buffer("w13", w13)  # [E, 2I, H] int8
         self.register_buffer("s13", s13)  # [E, 2I]
@@ -114,6 +114,9 @@ class QuantizedExperts(Qwen3MoeExperts):
             torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs]).to(dtype),
             torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2]).to(dtype),
         )
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(x, weights, experts, self.num_experts, self.intermediate, self.linear)
 
     def linear(self, x: torch.Tensor, which: str, e: int) -> torch.Tensor:
         w, s = (self.w13, self.s13) if which == "w13" else (self.w2, self.s2)
