@@ -38,7 +38,8 @@ ENGINES = ("transformers-bf16", "qwenrun-bf16", "qwenrun-int8", "qwenrun-int4")
 
 
 def build_checkpoint(shape: str, layers: int | None, out: Path) -> Path:
-    """Random N(0, 0.02) bf16 weights with the exact real shapes, written by transformers."""
+    """Random N(0, 0.02) bf16 weights with the exact real shapes, written by transformers. MoE attention
+    output projections get std 0.002 so routing spreads over the experts (cpu-baselines.md, routing caveat)."""
     import torch
     import transformers
 
@@ -57,7 +58,8 @@ def build_checkpoint(shape: str, layers: int | None, out: Path) -> Path:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02, generator=gen)
+            std = 0.002 if ("o_proj" in name and "num_experts" in cfg_dict) else 0.02
+            p.fill_(1.0) if "norm" in name else p.normal_(0, std, generator=gen)
     model.save_pretrained(folder)
     return folder
 

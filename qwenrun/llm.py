@@ -11,7 +11,7 @@ import torch
 
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import CompletionOutput, Request, RequestOutput
-from qwenrun.errors import CheckpointError, InvalidRequestError
+from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError
 from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.sampling.params import SamplingParams
@@ -298,7 +298,8 @@ class LLM:
         ids = list(token_ids)
         if not ids:
             raise InvalidRequestError("token_ids is empty")
-        self.engine.max_new_tokens(len(ids), SamplingParams(max_tokens=None))
+        if len(ids) > self.engine.max_model_len:
+            raise ContextLengthError(f"{len(ids)} tokens exceed the context window of {self.engine.max_model_len}")
         pool, bs = self.engine.pool, self.engine.kv_cache.block_size
         blocks = pool.allocate(-(-len(ids) // bs))
         try:
