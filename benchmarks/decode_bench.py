@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwenrun.cli.bench import fmt
+
 SHAPES = {
     "qwen3-0.6b": dict(
         architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
@@ -71,26 +73,12 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 
 def run_qwenrun(model: str, quant: str | None, runs: int, prompt_len: int, new_tokens: int) -> dict:
-    from qwenrun import LLM, SamplingParams
+    from qwenrun import LLM
+    from qwenrun.cli.bench import measure  # the same loop as `qwenrun bench`
 
-    llm = LLM(model, dtype="bfloat16", device="cpu", quantization=quant, max_model_len=4096, max_num_seqs=1,
-              max_num_batched_tokens=prompt_len)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    prefill, decode = [], []
-    for i in range(runs + 1):
-        req = llm.engine.add_request(_prompt(i, prompt_len), params)
-        t0 = time.perf_counter()
-        t_first = None
-        while llm.engine.has_unfinished_requests():
-            for d in llm.engine.step():
-                if t_first is None:
-                    t_first = time.perf_counter()
-        t_end = time.perf_counter()
-        assert req.num_output_tokens == new_tokens
-        if i:  # the first run is the warm-up
-            prefill.append(prompt_len / (t_first - t0))
-            decode.append((new_tokens - 1) / (t_end - t_first))
-    return {"prefill": prefill, "decode": decode}
+    llm = LLM(model, dtype="bfloat16", device="cpu", quantization=quant, max_model_len=prompt_len + new_tokens + 16,
+              max_num_seqs=1, max_num_batched_tokens=prompt_len)
+    return measure(llm, runs, prompt_len, new_tokens)
 
 
 def run_transformers(model: str, runs: int, prompt_len: int, new_tokens: int) -> dict:
@@ -121,10 +109,6 @@ def child(args: argparse.Namespace) -> None:
         res = run_qwenrun(args.model, quant, args.runs, args.prompt_len, args.new_tokens)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res))
-
-
-def fmt(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.1f} ({min(xs):.1f} / {max(xs):.1f})"
 
 
 def main() -> None:

@@ -196,6 +196,14 @@ def test_chat_through_a_pipe(tiny: tuple[Path, int]) -> None:
     assert ">>> hello" in out and ">>> hi" in out
 
 
+def test_bench_reports_prefill_and_decode(tiny: tuple[Path, int]) -> None:
+    path, _ = tiny
+    proc = qwenrun("bench", path, "--runs", "2", "--prompt-len", "16", "--new-tokens", "4", "--quantization", "int8")
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "prefill" in out and "decode" in out and "int8" in out and "of 2 runs" in out
+
+
 def test_missing_folder_is_one_line(tmp_path: Path) -> None:
     line = one_error_line(qwenrun("chat", tmp_path / "nope", stdin="hi\n"))
     assert "does not exist" in line

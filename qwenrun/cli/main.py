@@ -159,17 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(agent, default=DEFAULT_MODEL)
     agent.add_argument("--mcp-config", metavar="FILE", help="MCP servers JSON file")
     agent.add_argument(
-        "--max-steps", type=_int_at_least(1), default=8, metavar="N", help="model turns per message (default 8)"
+        "--max-steps",
+        type=_int_at_least(1),
+        default=8,
+        metavar="N",
+        help="model turns per message (default 8)",
     )
     agent.add_argument(
-        "--tool-timeout", type=float, default=30.0, metavar="S", help="seconds per tool call (default 30)"
+        "--tool-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds per tool call (default 30)",
     )
     agent.add_argument(
-        "--max-output-bytes", type=_int_at_least(1), default=16384, metavar="N",
+        "--max-output-bytes",
+        type=_int_at_least(1),
+        default=16384,
+        metavar="N",
         help="tool output beyond this is cut, with a note (default 16384)",
     )
     agent.add_argument(
-        "--tool-parser", choices=("hermes", "qwen3_coder"), help="tool-call format (default: from the chat template)"
+        "--tool-parser",
+        choices=("hermes", "qwen3_coder"),
+        help="tool-call format (default: from the chat template)",
     )
     agent.add_argument("--server-logs", action="store_true", help="show the MCP servers' stderr")
     _add_runtime(agent)
@@ -221,12 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", default="qwen3-tiny-thinker", metavar="DIR", help="output folder")
     train.add_argument(
-        "--steps", type=_int_at_least(1), default=1150, metavar="N", help="optimizer steps"
+        "--steps", type=_int_at_least(1), default=1000, metavar="N", help="optimizer steps"
     )
     train.add_argument(
         "--batch-size", type=_int_at_least(1), default=24, metavar="N", help="chats per step"
     )
     train.add_argument("--lr", type=float, default=2e-3, metavar="LR", help="peak learning rate")
+    train.add_argument(
+        "--stage2-steps",
+        type=_int_at_least(0),
+        default=150,
+        metavar="N",
+        help="low-LR steps on a mix richer in subtraction and tool turns",
+    )
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     train.add_argument(
@@ -252,11 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     ev.set_defaults(module="qwenrun.demo.evaluate")
+    bench = sub.add_parser("bench", help="measure prefill and decode speed on this machine")
+    _add_model(bench)
+    _add_runtime(bench)
+    bench.add_argument("--runs", type=_int_at_least(1), default=5, metavar="N", help="timed runs (median)")
+    bench.add_argument("--prompt-len", type=_int_at_least(1), default=512, metavar="N")
+    bench.add_argument("--new-tokens", type=_int_at_least(2), default=128, metavar="N")
+
     from qwenrun.server.cli import add_serve_parser
 
     serve = add_serve_parser(sub)
     serve.set_defaults(module="qwenrun.server.cli")
-    for p in (chat, agent, gen, info, train, ev, serve):
+    for p in (chat, agent, gen, info, train, ev, serve, bench):
         p.set_defaults(parser=p)  # so later checks report usage errors against the subcommand
     return parser
 

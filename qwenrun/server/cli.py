@@ -98,6 +98,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     rt.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                     help="do not reuse the KV cache of repeated prompt prefixes")
     rt.add_argument("--tool-call-parser", default="hermes", help="tool-call format (default hermes)")
+    rt.add_argument("--mcp-config", metavar="FILE",
+                    help="also serve POST /v1/agent/chat/completions, which runs these MCP servers' tools "
+                         "server-side (off by default: /v1/chat/completions passes tool calls to the client)")
     p.set_defaults(parser=p)
     return p
 
@@ -124,12 +127,25 @@ def run(args: argparse.Namespace) -> int:
                    f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens",
                    style="grey50"), soft_wrap=True)
     app = create_app(llm, served_model_name=names, api_key=args.api_key, max_queue=args.max_queue)
+    tools = None
+    if args.mcp_config:
+        from qwenrun.agent.server import AGENT_PATH, add_agent_route
+        from qwenrun.agent.tools import ToolRegistry
+
+        tools = ToolRegistry()
+        tools.add_mcp_servers(args.mcp_config)
+        add_agent_route(app, tools)
+        err.print(Text(f"server-side tools at {AGENT_PATH}: {', '.join(tools.names())}", style="grey50"))
     host = f"[{args.host}]" if ":" in args.host else args.host
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
     err.print(Text(f"serving {names[0]!r} at http://{shown}:{args.port}/v1 "
                    f"(OpenAI + Anthropic APIs; /health, /metrics)"
                    + ("; API key required" if args.api_key else ""), style="bold"), soft_wrap=True)
     sys.stderr.flush()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        if tools is not None:
+            tools.close()  # stops the MCP child processes
     return 0
