@@ -1,0 +1,155 @@
+"""Trainer, tokenizer and data generators of the demo recipe (fast; no bundled model needed)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenrun.config import ModelConfig
+from qwenrun.demo.data import Problem, examples, is_heldout, make_example, sample_problem, trace
+from qwenrun.train.chat_template import QWEN3_CHAT_TEMPLATE
+from qwenrun.train.recipe import ModelSize, batch_fn, build_tokenizer, model_config, template
+from qwenrun.train.tokenizer import ADDED_TOKENS
+from qwenrun.train.trainer import TrainConfig, Trainer, export_hf, init_model
+
+QWEN3_TOKENIZER = Path("/work/shared/assets/qwen3-tokenizer")
+TINY = ModelSize(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    intermediate_size=128,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(seed=0)
+
+
+def test_traces_end_in_the_answer():
+    rng = random.Random(0)
+    for _ in range(2000):
+        p = sample_problem(rng, rng.choice(["add", "sub", "mul"]))
+        assert trace(p).split("\n")[-1] == f"={p.answer}", p
+    assert trace(Problem("mul", 347, 86)).split("\n")[-1] == "=29842"
+    assert "7*6+0=42" in trace(Problem("mul", 347, 86))
+    assert trace(Problem("sub", 35, 4821)).endswith("=-4786")
+
+
+def test_generators_are_seeded_and_skip_heldout():
+    a = [next(examples(7, template())) for _ in range(3)]
+    b = [next(examples(7, template())) for _ in range(3)]
+    assert [(e.prompt, e.completion) for e in a] == [(e.prompt, e.completion) for e in b]
+    gen = examples(3, template())
+    assert not any(is_heldout(next(gen).problem) for _ in range(300))
+    rng = random.Random(1)
+    assert all(is_heldout(sample_problem(rng, "mul", (3, 2), heldout=True)) for _ in range(50))
+
+
+@pytest.mark.parametrize("mode", ["think", "no_think", "budget", "tool_call", "tool_answer"])
+def test_examples_render_like_inference(mode):
+    ex = make_example(random.Random(0), template(), mode, Problem("mul", 347, 86))
+    assert ex.completion.endswith("<|im_end|>")
+    if mode == "no_think":
+        assert ex.prompt.endswith("<think>\n\n</think>\n\n") or ex.completion.startswith(
+            "<think>\n\n</think>\n\n"
+        )
+    if mode == "tool_call":
+        assert (
+            '<tool_call>\n{"name": "calculator", "arguments": {"expression": "347 * 86"}}\n</tool_call>'
+            in ex.completion
+        )
+        assert "# Tools" in ex.prompt
+    if mode == "tool_answer":
+        assert "<tool_response>\n29842\n</tool_response>" in ex.prompt
+        assert ex.completion.endswith("347 * 86 = 29842<|im_end|>")
+
+
+def test_chat_template_is_the_official_one():
+    if not (QWEN3_TOKENIZER / "tokenizer_config.json").is_file():
+        pytest.skip("official Qwen3 tokenizer not present")
+    official = json.loads((QWEN3_TOKENIZER / "tokenizer_config.json").read_text())["chat_template"]
+    assert QWEN3_CHAT_TEMPLATE == official
+
+
+def test_tokenizer_like_qwen3(tok):
+    for t, special in ADDED_TOKENS:
+        assert tok.encode(t).tokens == [t]
+    flags = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
+    assert (
+        flags["<|im_end|>"] is True and flags["<think>"] is False and flags["<tool_call>"] is False
+    )
+    text = "What is 12345 * 67?\n计算 347 × 86。<think>\n7*6+0=42\n</think>\n\n"
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+    if (QWEN3_TOKENIZER / "tokenizer.json").is_file():
+        import tokenizers
+
+        real = tokenizers.Tokenizer.from_file(str(QWEN3_TOKENIZER / "tokenizer.json"))
+        digits = lambda enc: [t for t in enc.tokens if any(c.isdigit() for c in t)]
+        assert digits(tok.encode(text)) == digits(
+            real.encode(text)
+        )  # one token per digit, as in Qwen3
+    assert all(len(t) == 1 for t in tok.encode("1234567890").tokens)
+
+
+def test_prompt_and_completion_tokenize_like_the_whole(tok):
+    gen = examples(11, template())
+    for _ in range(50):
+        ex = next(gen)
+        assert (
+            tok.encode(ex.prompt + ex.completion).ids
+            == tok.encode(ex.prompt).ids + tok.encode(ex.completion).ids
+        )
+
+
+def _trainer(tok, steps: int) -> Trainer:
+    cfg = model_config(tok, TINY)
+    model = init_model(ModelConfig.from_hf(cfg), seed=0)
+    tcfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup=5, save_every=1000, threads=None)
+    return Trainer(model, tcfg, functools.partial(batch_fn, tok, 0, 8))
+
+
+def test_loss_goes_down_and_resume_continues_identically(tok, tmp_path):
+    torch.manual_seed(0)
+    tr = _trainer(tok, steps=40)
+    for _ in range(30):
+        tr.train_step()
+    h = tr.history
+    assert sum(h[-5:]) / 5 < 0.6 * sum(h[:5]) / 5, h
+    tr.save(tmp_path / "ckpt")
+    expected, _ = tr.train_step()
+
+    resumed = _trainer(tok, steps=40)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.step == 30 and resumed.history == h[:30]
+    got, _ = resumed.train_step()
+    assert resumed.step == 31
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_export_loads_in_qwenrun_and_transformers(tok, tmp_path):
+    from qwenrun.train.tokenizer import save_tokenizer
+
+    tr = _trainer(tok, steps=3)
+    for _ in range(3):
+        tr.train_step()
+    cfg = model_config(tok, TINY)
+    export_hf(tr.model, cfg, tmp_path)
+    save_tokenizer(tok, QWEN3_CHAT_TEMPLATE, tmp_path)
+    transformers = pytest.importorskip("transformers")
+    from qwenrun.llm import LLM
+
+    llm = LLM(str(tmp_path), dtype="float32")
+    ids = tok.encode("<|im_start|>user\nWhat is 12 * 3?<|im_end|>\n<|im_start|>assistant\n").ids
+    ours = llm.logits(ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref[:, : ours.shape[1]], atol=1e-4, rtol=1e-4)
