@@ -194,36 +194,9 @@ def open_tools(args: argparse.Namespace) -> ToolRegistry:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenrun.cli.chat import _read_line
+    from qwenrun.cli.chat import line_editing, repl
 
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401
+    interactive = line_editing()
     with open_tools(args) as tools:
         llm = load_llm(args, max_num_seqs=1)
-        session = AgentSession(llm, tools, args)
-        console.print(
-            Text(
-                f"{args.model} · {session.settings()} · /help for commands, /exit or Ctrl-D to quit",
-                style=DIM,
-            ),
-            soft_wrap=True,
-        )
-        while True:
-            try:
-                line = _read_line(interactive).strip()
-            except EOFError:
-                if interactive:
-                    console.print()
-                return 0
-            except KeyboardInterrupt:
-                console.print(Text("^C (/exit or Ctrl-D to quit)", style=DIM))
-                continue
-            if not line:
-                continue
-            if line.startswith("/") and not line.startswith("//"):
-                if not session.command(line):
-                    return 0
-            else:
-                session.turn(line.removeprefix("/"))
+        return repl(AgentSession(llm, tools, args), args.model, interactive)

@@ -240,10 +240,7 @@ def run(args: argparse.Namespace) -> int:
         from qwenrun.agent.cli import run as run_agent
 
         return run_agent(args)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
-            import readline  # noqa: F401  (importing it gives input() line editing and history)
+    interactive = line_editing()
     llm = load_llm(args, max_num_seqs=1)
     session = ChatSession(
         llm,
@@ -253,11 +250,23 @@ def run(args: argparse.Namespace) -> int:
         system=args.system,
         show_thinking=args.show_thinking,
     )
+    return repl(session, args.model, interactive)
+
+
+def line_editing() -> bool:
+    """True when stdin is a terminal; then readline (where available) gives input() editing and history."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
+            import readline  # noqa: F401
+    return interactive
+
+
+def repl(session: Any, model: str, interactive: bool) -> int:
+    """The read-eval loop shared by `chat` and `agent`: slash commands go to `session.command`
+    (False ends the loop), other lines to `session.turn` (`//text` sends "/text")."""
     console.print(
-        Text(
-            f"{args.model} · {session.settings()} · /help for commands, /exit or Ctrl-D to quit",
-            style=DIM,
-        ),
+        Text(f"{model} · {session.settings()} · /help for commands, /exit or Ctrl-D to quit", style=DIM),
         soft_wrap=True,
     )
     while True:
