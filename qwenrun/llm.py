@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from qwenrun.engine.engine import LLMEngine
-from qwenrun.engine.request import CompletionOutput, Request, RequestOutput
+from qwenrun.engine.request import CompletionOutput, Request, RequestOutput, think_open_in_prompt
 from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError
 from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
@@ -229,9 +229,9 @@ class LLM:
         ]
         outputs = self.generate(prompts, params)
         for out in outputs:
-            opened = self._think_open(out.prompt_token_ids)
+            opened = self.think_open(out.prompt_token_ids)
             for comp in out.outputs:
-                self._parse_chat(comp, opened)
+                self.parse_chat_output(comp, opened)
         return outputs
 
     def chat_stream(
@@ -249,7 +249,7 @@ class LLM:
         prompt = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools,
                                   chat_template_kwargs=chat_template_kwargs)
         [(_, [req])] = self._submit([prompt], _with(params, n=1))
-        opened = self._think_open(req.prompt_token_ids)
+        opened = self.think_open(req.prompt_token_ids)
         parser = StreamingReasoningParser(think_open_in_prompt=opened)
         try:
             for delta in self._run():
@@ -259,7 +259,7 @@ class LLM:
                 if delta.finished:
                     r2, c2 = parser.finish()
                     comp = _completion(0, req)
-                    self._parse_chat(comp, opened)
+                    self.parse_chat_output(comp, opened)
                     yield ChatDelta(reasoning + r2, content + c2, True, comp)
                     return
                 if reasoning or content:
@@ -271,14 +271,14 @@ class LLM:
         params = params or self.get_default_sampling_params()
         return _with(params, thinking_budget=thinking_budget) if thinking_budget is not None else params
 
-    def _think_open(self, prompt_ids: list[int]) -> bool:
+    def think_open(self, prompt_ids: list[int]) -> bool:
+        """Whether generation starts inside reasoning (the prompt left <think> open)."""
         tok = self._need_tokenizer()
-        for t in reversed(prompt_ids):
-            if t in (tok.think_start_id, tok.think_end_id):
-                return t == tok.think_start_id
-        return False
+        return think_open_in_prompt(prompt_ids, tok.think_start_id, tok.think_end_id)
 
-    def _parse_chat(self, comp: CompletionOutput, think_open_in_prompt: bool) -> None:
+    def parse_chat_output(self, comp: CompletionOutput, think_open_in_prompt: bool) -> None:
+        """Fill `reasoning_content`, `content`, `tool_calls`, `tool_call_errors` and `reasoning_tokens` of a
+        chat completion from its text."""
         reasoning, content = split_reasoning(comp.text, think_open_in_prompt=think_open_in_prompt)
         comp.reasoning_content = reasoning
         parsed = self.tool_parser.parse(content or "")

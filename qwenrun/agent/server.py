@@ -84,7 +84,7 @@ class _EngineLLM:
 
         req = asyncio.run_coroutine_threadsafe(run(), self.loop).result()
         comp = _completion(0, req)
-        self.llm._parse_chat(comp, self.llm._think_open(ids))
+        self.llm.parse_chat_output(comp, self.llm.think_open(ids))
         yield ChatDelta(comp.reasoning_content or "", comp.content or "", True, comp)
 
 

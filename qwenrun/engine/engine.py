@@ -14,7 +14,7 @@ import os
 import torch
 
 from qwenrun.engine.kv_cache import BlockPool, KVCache
-from qwenrun.engine.request import EARLY_STOP_TEXT, Request, StepDelta, Thinking
+from qwenrun.engine.request import EARLY_STOP_TEXT, Request, StepDelta, Thinking, think_open_in_prompt
 from qwenrun.engine.runner import ModelRunner
 from qwenrun.engine.scheduler import Scheduler
 from qwenrun.errors import ContextLengthError, InvalidRequestError
@@ -107,11 +107,7 @@ class LLMEngine:
     def _thinking(self, prompt: list[int], params: SamplingParams, max_new: int) -> Thinking:
         tok = self.tokenizer
         start, end = (tok.think_start_id, tok.think_end_id) if tok else (None, None)
-        is_open = False
-        for t in reversed(prompt):  # a template that opens <think> itself (Thinking-2507) starts open
-            if t in (start, end):
-                is_open = t == start
-                break
+        is_open = think_open_in_prompt(prompt, start, end)
         stop_len = len(self.early_stop_ids)
         close_at = None
         if self.early_stop_ids and max_new > stop_len:

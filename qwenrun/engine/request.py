@@ -18,6 +18,14 @@ EARLY_STOP_TEXT = (
 )
 
 
+def think_open_in_prompt(prompt_ids: list[int], start_id: int | None, end_id: int | None) -> bool:
+    """True when the prompt ends inside an open <think> (templates like Thinking-2507 open it themselves)."""
+    for t in reversed(prompt_ids):
+        if t in (start_id, end_id):
+            return t == start_id
+    return False
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -193,7 +193,7 @@ def build_plan(state: ServerState, messages: list[dict[str, Any]], *,
     prompt = state.llm.render_chat(messages, tools=tools, chat_template_kwargs=kwargs)
     ids = tok.encode(prompt)
     return ChatPlan(prompt, ids, params, parse_tools, parallel_tool_calls,
-                    state.llm._think_open(ids), json_mode)
+                    state.llm.think_open(ids), json_mode)
 
 
 # ------------------------------------------------------------------------------------- output
