@@ -89,6 +89,11 @@ class AsyncEngine:
             prefix_hit_tokens=self.engine.scheduler.stats.prefix_hit_tokens,
         )
 
+    @property
+    def alive(self) -> bool:
+        """The engine loop is running and accepting work (what /health reports)."""
+        return self._thread.is_alive() and not self._stopped
+
     def shutdown(self) -> None:
         self._stopped = True
         self._inbox.put(("stop", None))

@@ -123,7 +123,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError("served_model_name needs at least one non-empty name")
     running = _SERVED.get(llm.engine)
-    if running is not None and not running._stopped:
+    if running is not None and running.alive:
         raise RuntimeError("this LLM's engine is already served by another app; shut that app down "
                            "first (one engine loop per engine)")
     if llm.tokenizer is not None and llm.tokenizer.chat_template is not None:
@@ -194,7 +194,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
 
     @app.get("/health")
     async def health() -> Response:
-        if engine._thread.is_alive() and not engine._stopped:
+        if engine.alive:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "engine stopped"}, status_code=503)
 
