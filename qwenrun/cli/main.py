@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--stage2-steps",
         type=_int_at_least(0),
-        default=150,
+        default=300,
         metavar="N",
         help="low-LR steps on a mix richer in subtraction and tool turns",
     )
