@@ -26,16 +26,21 @@ def make_steered_checkpoint(folder: Path, tokenizer_dir: Path, transitions: dict
         max_position_embeddings=4096, eos_token_id=151645,
     )
     model = transformers.Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-        for dim, (src, dst) in enumerate(transitions.items()):
-            model.model.embed_tokens.weight[src, dim] = 1.0
-            model.lm_head.weight[dst, dim] = 1.0
+    steer(model, transitions)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     add_tokenizer(folder, tokenizer_dir)
     return folder
+
+
+@torch.no_grad()
+def steer(model: transformers.Qwen3ForCausalLM, transitions: dict[int, int]) -> None:
+    """Zero every weight, norms to one, then embedding dim i carries token src_i and the LM head maps it to dst_i."""
+    for p in model.parameters():
+        p.zero_()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+    for dim, (src, dst) in enumerate(transitions.items()):
+        model.model.embed_tokens.weight[src, dim] = 1.0
+        model.lm_head.weight[dst, dim] = 1.0

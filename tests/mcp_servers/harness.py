@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from steered import steer  # tests/ is on sys.path for the test modules that import this harness
+from tiny import add_tokenizer
 
 SERVERS = Path(__file__).resolve().parent
 NL, NLNL, THINK, END_THINK, IM_END, HMM = 198, 271, 151667, 151668, 151645, 87501
@@ -65,15 +67,8 @@ def make_agent_checkpoint(
     )
     model = transformers.Qwen3ForCausalLM(cfg)
     attn = model.model.layers[0].self_attn
+    steer(model, table)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-        for dim, (src, dst) in enumerate(table.items()):
-            model.model.embed_tokens.weight[src, dim] = 1.0
-            model.lm_head.weight[dst, dim] = 1.0
         nlnl_dim = list(table).index(NLNL)
         model.model.embed_tokens.weight[TOOL_RESPONSE_END, TR_DIM] = 1.0
         attn.q_proj.weight[7, nlnl_dim] = 1.0  # head 0, dim 7: the query of "\n\n"
@@ -84,8 +79,7 @@ def make_agent_checkpoint(
         model.lm_head.weight[answer_ids[0], FLAG_DIM] = 3.0
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / f).write_bytes((tokenizer_dir / f).read_bytes())
+    add_tokenizer(folder, tokenizer_dir)
     return folder
 
 
