@@ -24,7 +24,7 @@ from qwenrun.agent.loop import (
     ToolResultEvent,
 )
 from qwenrun.agent.tools import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TIMEOUT, ToolRegistry
-from qwenrun.cli.common import DIM, ChatPrinter, console, err_console, load_llm, sampling_params
+from qwenrun.cli.common import DIM, ChatPrinter, console, err_console, note, parse_budget, load_llm, sampling_params
 from qwenrun.errors import QwenrunError
 from qwenrun.tokenizer.chat import soft_thinking_switch
 
@@ -147,12 +147,10 @@ class AgentSession:
             self.thinking = name == "/think"
             self._note(self.settings())
         elif name == "/budget":
-            if arg in ("off", "none"):
-                self.budget = None
-            elif arg.isdigit():
-                self.budget = int(arg)
-            elif arg:
-                self._note("usage: /budget N or /budget off", error=True)
+            try:
+                self.budget = parse_budget(arg, self.budget)
+            except ValueError as e:
+                self._note(str(e), error=True)
                 return True
             self._note(self.settings())
         elif name == "/system":
@@ -167,9 +165,7 @@ class AgentSession:
             self._note(f"unknown command {name}; /help lists them", error=True)
         return True
 
-    @staticmethod
-    def _note(text: str, error: bool = False) -> None:
-        console.print(Text(text, style="red" if error else DIM), soft_wrap=True)
+    _note = staticmethod(note)
 
 
 def open_tools(args: argparse.Namespace) -> ToolRegistry:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
-from qwenrun.cli.common import DIM, THINKING_STYLE, ChatPrinter, console, load_llm, sampling_params
+from qwenrun.cli.common import DIM, THINKING_STYLE, ChatPrinter, console, note, parse_budget, load_llm, sampling_params
 from qwenrun.errors import QwenrunError
 from qwenrun.tokenizer.chat import soft_thinking_switch
 
@@ -170,12 +170,10 @@ class ChatSession:
             else:
                 self._note(self.settings())
         elif name == "/budget":
-            if arg in ("off", "none"):
-                self.budget = None
-            elif arg.isdigit():
-                self.budget = int(arg)
-            elif arg:
-                self._note("usage: /budget N or /budget off", error=True)
+            try:
+                self.budget = parse_budget(arg, self.budget)
+            except ValueError as e:
+                self._note(str(e), error=True)
                 return True
             self._note(self.settings())
         elif name == "/system":
@@ -220,9 +218,7 @@ class ChatSession:
         if not self.history:
             self._note("(empty)")
 
-    @staticmethod
-    def _note(text: str, error: bool = False) -> None:
-        console.print(Text(text, style="red" if error else DIM), soft_wrap=True)
+    _note = staticmethod(note)
 
 
 def _read_line(interactive: bool) -> str:

@@ -21,6 +21,26 @@ err_console = Console(stderr=True, highlight=False)
 THINKING_STYLE = "italic grey50"
 DIM = "grey50"
 
+
+def note(text: str, error: bool = False) -> None:
+    """A dim status line (red for a mistake) between chat turns."""
+    console.print(Text(text, style="red" if error else DIM), soft_wrap=True)
+
+
+def parse_budget(arg: str, current: int | None) -> int | None:
+    """The thinking budget after `/budget ARG`: N, off/none (no budget), or unchanged when ARG is empty.
+
+    Raises:
+        ValueError: with the usage line, for anything else.
+    """
+    if arg in ("off", "none"):
+        return None
+    if arg.isdigit():
+        return int(arg)
+    if arg:
+        raise ValueError("usage: /budget N or /budget off")
+    return current
+
 # The argparse destinations that map one-to-one onto SamplingParams fields.
 SAMPLING_FLAGS = (
     "temperature",
