@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
@@ -64,27 +65,38 @@ def _parse_block(inner: str, raw: str) -> ToolCall | str:
     return ToolCall.new(name, arguments)
 
 
-def parse_tool_calls(text: str) -> ParsedToolCalls:
-    """Extract every `<tool_call>` block of a finished output.
+Block = tuple[int, int, int, int]  # (start, stop, inner start, inner end) of one call block
 
-    Returns:
-        content: the text outside accepted calls (rejected blocks stay in it verbatim), stripped,
-            None if empty; tool_calls in output order; errors, one per rejected block.
-    """
+
+def tag_blocks(text: str, start_tag: str, end_tag: str, inner_after_tag: bool = True) -> list[Block]:
+    """The call blocks of `text` in order; an unterminated last block runs to the end."""
+    out: list[Block] = []
+    pos = 0
+    while (start := text.find(start_tag, pos)) != -1:
+        inner = start + len(start_tag) if inner_after_tag else start
+        end = text.find(end_tag, inner)
+        if end == -1:  # unterminated last call
+            end = stop = len(text)
+        else:
+            stop = end + len(end_tag)
+        out.append((start, stop, inner, end))
+        pos = stop
+    return out
+
+
+def assemble(
+    text: str, blocks: list[Block], parse_block: Callable[[str, str], ToolCall | str]
+) -> ParsedToolCalls:
+    """Calls from the blocks that parse (`parse_block(inner, raw)` returns a ToolCall or an error);
+    rejected blocks stay verbatim in the content, which is everything outside accepted calls."""
     outside: list[str] = []
     calls: list[ToolCall] = []
     errors: list[str] = []
     pos = 0
-    while (start := text.find(TOOL_CALL_START, pos)) != -1:
+    for start, stop, inner, end in blocks:
         outside.append(text[pos:start])
-        body = start + len(TOOL_CALL_START)
-        end = text.find(TOOL_CALL_END, body)
-        if end == -1:  # unterminated last call
-            end = stop = len(text)
-        else:
-            stop = end + len(TOOL_CALL_END)
         raw = text[start:stop]
-        result = _parse_block(text[body:end], raw)
+        result = parse_block(text[inner:end], raw)
         if isinstance(result, ToolCall):
             calls.append(result)
         else:
@@ -93,6 +105,16 @@ def parse_tool_calls(text: str) -> ParsedToolCalls:
         pos = stop
     outside.append(text[pos:])
     return ParsedToolCalls("".join(outside).strip() or None, calls, errors)
+
+
+def parse_tool_calls(text: str) -> ParsedToolCalls:
+    """Extract every `<tool_call>` block of a finished output.
+
+    Returns:
+        content: the text outside accepted calls (rejected blocks stay in it verbatim), stripped,
+            None if empty; tool_calls in output order; errors, one per rejected block.
+    """
+    return assemble(text, tag_blocks(text, TOOL_CALL_START, TOOL_CALL_END), _parse_block)
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,15 @@ from typing import Any
 
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
 from qwenrun.tokenizer.tool_parsers.hermes import (
+    Block,
     ContentDelta,
     ParsedToolCalls,
     StreamEvent,
     ToolCall,
     ToolCallDelta,
     ToolCallError,
+    assemble,
+    tag_blocks,
 )
 
 FUNCTION_START = "<function="
@@ -132,24 +135,11 @@ def _parse_function(block: str, raw: str, tools: Tools) -> ToolCall | str:
     return ToolCall.new(name, arguments)
 
 
-def _blocks(text: str) -> list[tuple[int, int, int, int]]:
-    """(start, stop, inner start, inner end) of each call block, in order."""
-    out: list[tuple[int, int, int, int]] = []
+def _blocks(text: str) -> list[Block]:
+    """The call blocks: `<tool_call>` ones, or else (vLLM's fallback) bare `<function=...>` blocks."""
     if TOOL_CALL_START in text:
-        start_tag, end_tag = TOOL_CALL_START, TOOL_CALL_END
-    else:  # vLLM's fallback: bare <function=...> blocks
-        start_tag, end_tag = FUNCTION_START, FUNCTION_END
-    pos = 0
-    while (start := text.find(start_tag, pos)) != -1:
-        inner = start + len(start_tag) if start_tag == TOOL_CALL_START else start
-        end = text.find(end_tag, inner)
-        if end == -1:  # unterminated last call
-            end = stop = len(text)
-        else:
-            stop = end + len(end_tag)
-        out.append((start, stop, inner, end))
-        pos = stop
-    return out
+        return tag_blocks(text, TOOL_CALL_START, TOOL_CALL_END)
+    return tag_blocks(text, FUNCTION_START, FUNCTION_END, inner_after_tag=False)
 
 
 def parse_tool_calls(text: str, tools: Tools = None) -> ParsedToolCalls:
@@ -163,22 +153,7 @@ def parse_tool_calls(text: str, tools: Tools = None) -> ParsedToolCalls:
         content: text outside accepted calls (rejected blocks stay verbatim), stripped, None if
             empty; tool_calls in output order; errors, one per rejected block.
     """
-    outside: list[str] = []
-    calls: list[ToolCall] = []
-    errors: list[str] = []
-    pos = 0
-    for start, stop, inner, end in _blocks(text):
-        outside.append(text[pos:start])
-        raw = text[start:stop]
-        result = _parse_function(text[inner:end], raw, tools)
-        if isinstance(result, ToolCall):
-            calls.append(result)
-        else:
-            errors.append(result)
-            outside.append(raw)
-        pos = stop
-    outside.append(text[pos:])
-    return ParsedToolCalls("".join(outside).strip() or None, calls, errors)
+    return assemble(text, _blocks(text), lambda inner, raw: _parse_function(inner, raw, tools))
 
 
 class StreamingToolCallParser:
