@@ -9,7 +9,9 @@ import torch
 
 from qwenrun import LLM, SamplingParams
 from qwenrun.errors import InvalidRequestError
-from qwenrun.quant.linear import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8
+from qwenrun.quant.linear import (
+    Int4Linear, Int8Linear, dequantize_int4, pack_int4, quantize_int4, quantize_int8, unpack_int4,
+)
 from tiny import make_checkpoint
 
 torch.manual_seed(0)
@@ -25,11 +27,18 @@ def test_int8_reconstruction_within_half_a_step():
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_reconstruction_within_half_a_step(group):
     w = torch.randn(32, 256)
-    q, sz = quantize_int4(w, group)
+    q, scale, mins = quantize_int4(w, group)
     assert q.min() >= 0 and q.max() <= 15
-    err = (dequantize_int4(q, sz, group) - w).abs().reshape(32, 256 // group, group)
-    step = sz[..., 0].transpose(0, 1)  # [N, K/g]
-    assert (err <= step[..., None] / 2 + 1e-5).all()
+    err = (dequantize_int4(q, scale, mins, group) - w).abs().reshape(32, 256 // group, group)
+    assert (err <= scale[..., None] / 2 + 1e-5).all()
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(0, 16, (8, 192), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (8, 96)
+    assert torch.equal(unpack_int4(packed), q)
+    assert torch.equal(packed[0, :32] & 0xF, q[0, :32]) and torch.equal(packed[0, :32] >> 4, q[0, 32:64])
 
 
 def test_int8_kernel_equals_dequantized_matmul():
@@ -44,8 +53,8 @@ def test_int4_kernel_equals_dequantized_matmul():
     w = torch.randn(64, 128, dtype=torch.bfloat16)
     x = torch.randn(5, 128, dtype=torch.bfloat16)
     layer = Int4Linear.from_weight(w, None, 32)
-    q, sz = quantize_int4(w, 32)
-    ref = x.float() @ dequantize_int4(q, sz.bfloat16().float(), 32).T
+    q, scale, mins = quantize_int4(w, 32)
+    ref = x.float() @ dequantize_int4(q, scale, mins, 32).T
     assert (layer(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 

@@ -5,9 +5,10 @@ head of one sequence are contiguous rows: CPU matmuls over them run at memory sp
 token-major layout made bf16 kernels several times slower. A sequence owns whole blocks listed in its
 block table. Per step the engine builds one `AttentionMetadata` shared by all layers.
 
-Decode rows (one query each) take a path without SDPA: two batched matmuls and a softmax, reading a
-lone sequence's keys in place when its blocks are consecutive (SDPA costs ~2 ms per call on CPU for a
-single query). Prefill chunks run through SDPA, padded into a `[B, L]` grid per group.
+Decode rows (one query each) take a path without SDPA (which costs ~2 ms per call on CPU for a single
+query): on CPU the C++ kernel, which reads each cached key and value row once for all the query heads
+of its group; elsewhere two batched matmuls and a softmax, reading a lone sequence's keys in place
+when its blocks are consecutive. Prefill chunks run through SDPA, padded into a `[B, L]` grid per group.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qwenrun import kernels
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
 
 @dataclass
 class DecodeGroup:
     rows: torch.Tensor  # [B] rows of the flat batch that are decode queries
-    key_slots: torch.Tensor | None  # [B, L] cache slots of each context (None: `span` is used)
+    key_slots: torch.Tensor  # [B, L] cache slots of each context
+    context_lens: torch.Tensor  # [B]
     span: tuple[int, int] | None  # (first slot, length) of a lone sequence with consecutive blocks
     bias: torch.Tensor | None  # [B, 1, L] 0 / -inf for padded keys; None when all lengths are equal
 
@@ -100,17 +107,20 @@ def _key_slots(context_lens: list[int], block_tables: list[list[int]], block_siz
 
 def _decode_group(rows, context_lens, block_tables, block_size, device) -> DecodeGroup:
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    lens = torch.tensor(context_lens, dtype=torch.long)
     if len(rows) == 1:
         table, L = block_tables[0], context_lens[0]
         used = table[: -(-L // block_size)]
         if used[-1] - used[0] == len(used) - 1 and all(b - a == 1 for a, b in zip(used, used[1:])):
-            return DecodeGroup(rows_t, None, (used[0] * block_size, L), None)
+            start = used[0] * block_size
+            slots = torch.arange(start, start + L, device=device)[None]
+            return DecodeGroup(rows_t, slots, lens.to(device), (start, L), None)
     key_slots = _key_slots(context_lens, block_tables, block_size)
     bias = None
     if min(context_lens) != max(context_lens):
-        valid = torch.arange(key_slots.shape[1])[None, :] < torch.tensor(context_lens)[:, None]
+        valid = torch.arange(key_slots.shape[1])[None, :] < lens[:, None]
         bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, :].to(device)
-    return DecodeGroup(rows_t, key_slots.to(device), None, bias)
+    return DecodeGroup(rows_t, key_slots.to(device), lens.to(device), None, bias)
 
 
 def _prefill_group(query_lens, context_lens, block_tables, starts, block_size, device) -> PrefillGroup:
@@ -144,6 +154,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """q [B, nh, d] -> [B, nh*d]; softmax in fp32 like transformers' eager attention."""
     B, nh, d = q.shape
     nkv = k_cache.shape[0]
+    ops = kernels.cpu_ops() if q.device.type == "cpu" and d in KERNEL_HEAD_DIMS and q.dtype in KERNEL_DTYPES else None
+    if ops is not None:
+        return ops.decode_attention(q, k_cache, v_cache, g.key_slots, g.context_lens, scale)
     if g.span is not None:
         start, L = g.span
         keys = k_cache[:, start : start + L]  # [nkv, L, d], a view

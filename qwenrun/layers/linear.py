@@ -66,3 +66,15 @@ def plain_targets(module: nn.Module, parent: str, own: str) -> Iterator[WeightTa
     """Parameters whose checkpoint name equals the module path (the default)."""
     for pname, _ in module.named_parameters(recurse=False):
         yield WeightTarget(f"{own}.{pname}", f"{own}.{pname}", "", _whole)
+
+
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up of a [gate; up] projection's output."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gated_silu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up through a merged gate/up projection; layers with a fused kernel provide `silu_mul`."""
+    fused = getattr(proj, "silu_mul", None)
+    return fused(x) if fused is not None else silu_mul(proj(x))

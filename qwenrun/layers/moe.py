@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-# linear(x [n, in], which "w13" | "w2", expert e) -> [n, out]
-ExpertLinear = Callable[[torch.Tensor, str, int], torch.Tensor]
+# expert(x [n, H], e) -> expert e's MLP output [n, H]
+ExpertMLP = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def grouped_experts(
-    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, intermediate: int,
-    linear: ExpertLinear,
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, expert: ExpertMLP
 ) -> torch.Tensor:
     """x [T, H]; weights/experts [T, k] -> Σ_k weights · Expert_k(x).
 
@@ -31,8 +29,7 @@ def grouped_experts(
             continue
         idx = order[start : start + n]
         rows = token_of[start : start + n]
-        gate, up = linear(x[rows], "w13", e).split(intermediate, dim=-1)
-        y = linear(F.silu(gate) * up, "w2", e)  # [n, H]
+        y = expert(x[rows], e)  # [n, H]
         out.index_add_(0, rows, y * weights.reshape(-1)[idx, None])
         start += n
     return out

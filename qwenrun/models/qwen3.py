@@ -8,7 +8,7 @@ from torch import nn
 
 from qwenrun.config import ModelConfig
 from qwenrun.layers.attention import AttentionMetadata, paged_attention
-from qwenrun.layers.linear import MergedLinear
+from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -51,8 +51,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(gated_silu(self.gate_up_proj, x))
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.layers.linear import WeightTarget
+from qwenrun.layers.linear import WeightTarget, silu_mul
 from qwenrun.layers.moe import grouped_experts
 from qwenrun.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP
 
@@ -26,11 +26,10 @@ class Qwen3MoeExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, weights, experts, self.num_experts, self.intermediate, self.linear)
+        return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 
-    def linear(self, x: torch.Tensor, which: str, e: int) -> torch.Tensor:
-        """x @ W_e^T for one expert."""
-        return F.linear(x, self.w13[e] if which == "w13" else self.w2[e])
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(silu_mul(F.linear(x, self.w13[e])), self.w2[e])
 
     def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
         I = self.intermediate

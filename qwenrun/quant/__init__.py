@@ -1,9 +1,9 @@
 """Weight-only quantization applied at load time by swapping modules; model files stay quant-agnostic.
 
-Methods: `int8` (per output channel, PyTorch's `_weight_int8pack_mm`) and `int4` (group-wise
-asymmetric, `_weight_int4pack_mm_for_cpu`). Activations stay in the model dtype. Embeddings always
-stay in full precision (they are a lookup, not a matmul); the LM head is quantized unless
-`quantize_lm_head=False`.
+Methods: `int8` (per output channel) and `int4` (group-wise asymmetric; a matrix whose input size is
+not a multiple of 64 and of the group falls back to int8), for dense layers and MoE experts alike.
+Layer outputs stay in the model dtype. Embeddings always stay in full precision (they are a lookup,
+not a matmul); the LM head is quantized unless `quantize_lm_head=False`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, quantiz
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Qwen3MoeExperts):
-                setattr(parent, name, QuantizedExperts.from_experts(child))
+                setattr(parent, name, QuantizedExperts.from_experts(child, method, group_size))
             elif isinstance(child, (nn.Linear, MergedLinear)) and (quantize_lm_head or name != "lm_head"):
                 setattr(parent, name, _quantize_linear(child.weight.data, child.bias, method, group_size))
     if quantize_lm_head and getattr(model, "lm_head", None) is None:

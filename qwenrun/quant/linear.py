@@ -1,10 +1,20 @@
-"""Quantized linear layers over PyTorch's packed CPU kernels (also used by torchao and gpt-fast)."""
+"""Weight-only quantized linears: int8 per output channel, int4 group-wise.
+
+Decode-sized batches run the C++ kernels (`qwenrun.kernels`), which stream the packed weights and
+quantize the activations per block of 32 (as llama.cpp's Q8_0/Q4_0 do) to use VNNI integer dot
+products. Prefill-sized batches are compute-bound: the weight is expanded to the activation dtype
+and multiplied by oneDNN. Without the kernels, int8 uses PyTorch's `_weight_int8pack_mm` and int4 the
+expanded weight.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from qwenrun.kernels import gemv_ops
+from qwenrun.layers.linear import silu_mul
 from qwenrun.layers.moe import grouped_experts
 
 
@@ -16,108 +26,141 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric group-wise 4 bit: w ≈ (q - 8) * scale + zero per group of `group_size` inputs.
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4 bit: w ≈ q * scale + min per group of `group_size` inputs.
 
-    Returns (q int32 [N, K] in [0, 15], scales_and_zeros fp32 [K / group, N, 2]) in the layout the
-    CPU int4 kernel reads.
-    """
+    Returns (q uint8 [N, K] in [0, 15], scale fp32 [N, K/g], min fp32 [N, K/g])."""
     N, K = w.shape
     g = w.float().reshape(N, K // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
-    zero = lo + 8 * scale
-    return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    return q, scale, lo
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
     N, K = q.shape
-    sz = scales_and_zeros.float().transpose(0, 1)  # [N, K/g, 2]
     g = q.float().reshape(N, K // group_size, group_size)
-    return ((g - 8) * sz[..., 0:1] + sz[..., 1:2]).reshape(N, K)
+    return (g * scale[..., None] + mins[..., None]).reshape(N, K)
 
 
-class Int8Linear(nn.Module):
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes -> [N, K/2] bytes: in every 64 inputs, byte t holds input t (low nibble) and t + 32."""
+    N, K = q.shape
+    halves = q.reshape(N, K // 64, 2, 32)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    N, K2 = packed.shape
+    b = packed.reshape(N, K2 // 32, 1, 32)
+    return torch.cat((b & 0xF, b >> 4), dim=2).reshape(N, K2 * 2)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x Ŵᵀ + b for a quantized Ŵ; subclasses supply the kernel call and the expanded weight."""
+
+    bias: torch.Tensor | None
+    streams = True  # whether the C++ kernel takes this weight's shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(x, "none")
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) · up of a [gate; up] projection, fused into the kernel where it runs."""
+        return self._apply(x, "silu_mul")
+
+    def _apply(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ops = gemv_ops(x2) if self.streams else None
+        if ops is not None:
+            y = self._gemv(ops, x2, act)
+        else:
+            y = self._fallback(x2)
+            y = silu_mul(y) if act == "silu_mul" else y
+        return y.view(*x.shape[:-1], -1)
+
+    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
+
+    def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # [N, K] int8
-        self.register_buffer("scale", scale)  # [N] in the activation dtype, as the kernel requires
+        self.register_buffer("scale", scale)  # [N] fp32
         self.bias = bias
+        self.streams = qweight.shape[1] % 32 == 0
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        q, scale = quantize_int8(weight)
-        return cls(q, scale.to(weight.dtype), bias)
+        return cls(*quantize_int8(weight), bias)
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale.float()[:, None]
+        return self.qweight.float() * self.scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], -1)
+    def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
+        return ops.gemv_int8(x2, self.qweight, self.scale, self.bias, act)
+
+    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type != "cpu" or x2.dtype not in (torch.bfloat16, torch.float32) or x2.shape[0] > 8:
+            return super()._fallback(x2)  # prefill: expand once, then a oneDNN GEMM
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
+        return y + self.bias if self.bias is not None else y
 
 
-class Int4Linear(nn.Module):
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 group_size: int, out_features: int) -> None:
+class Int4Linear(QuantizedLinear):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int) -> None:
         super().__init__()
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/g, N, 2] bf16
-        self.bias, self.group_size, self.out_features = bias, group_size, out_features
+        self.register_buffer("packed", packed)  # [N, K/2] uint8, see pack_int4
+        self.register_buffer("scale", scale)  # [N, K/g] fp32
+        self.register_buffer("mins", mins)  # [N, K/g] fp32
+        self.bias, self.group_size = bias, group_size
 
     @staticmethod
     def supports(shape: torch.Size | tuple[int, ...], group_size: int) -> bool:
-        N, K = shape
-        return K % group_size == 0 and N % 16 == 0 and K % 16 == 0
+        return shape[1] % 64 == 0 and shape[1] % group_size == 0
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
-        q, sz = quantize_int4(weight, group_size)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return cls(packed, sz.to(torch.bfloat16), bias, group_size, weight.shape[0])
+        q, scale, mins = quantize_int4(weight, group_size)
+        return cls(pack_int4(q), scale, mins, bias, group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        # the kernel computes in bf16; fp32 models convert around it
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
-        ).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(self.packed), self.scale, self.mins, self.group_size)
+
+    def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
+        return ops.gemv_int4(x2, self.packed, self.scale, self.mins, self.group_size, self.bias, act)
 
 
 class QuantizedExperts(nn.Module):
-    """MoE experts with int8 per-channel weights."""
+    """MoE experts with each expert's gate/up and down matrices quantized (int8 or int4)."""
 
-    def __init__(self, num_experts: int, intermediate: int, w13: torch.Tensor, s13: torch.Tensor,
-                 w2: torch.Tensor, s2: torch.Tensor) -> None:
+    def __init__(self, num_experts: int, w13: list[QuantizedLinear], w2: list[QuantizedLinear]) -> None:
         super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
-        self.register_buffer("w13", w13)  # [E, 2I, H] int8
-        self.register_buffer("s13", s13)  # [E, 2I]
-        self.register_buffer("w2", w2)  # [E, H, I] int8
-        self.register_buffer("s2", s2)  # [E, H]
+        self.num_experts = num_experts
+        self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
 
     @classmethod
-    def from_experts(cls, experts: nn.Module) -> QuantizedExperts:
-        qs = [quantize_int8(experts.w13.data[e]) for e in range(experts.num_experts)]
-        q2 = [quantize_int8(experts.w2.data[e]) for e in range(experts.num_experts)]
-        dtype = experts.w13.dtype
-        return cls(
-            experts.num_experts, experts.intermediate,
-            torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs]).to(dtype),
-            torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2]).to(dtype),
-        )
+    def from_experts(cls, experts: nn.Module, method: str, group_size: int) -> QuantizedExperts:
+        def quantize(w: torch.Tensor) -> QuantizedLinear:
+            if method == "int4" and Int4Linear.supports(w.shape, group_size):
+                return Int4Linear.from_weight(w, None, group_size)
+            return Int8Linear.from_weight(w, None)
+
+        w13 = [quantize(experts.w13.data[e]) for e in range(experts.num_experts)]
+        w2 = [quantize(experts.w2.data[e]) for e in range(experts.num_experts)]
+        return cls(experts.num_experts, w13, w2)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, weights, experts, self.num_experts, self.intermediate, self.linear)
+        return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 
-    def linear(self, x: torch.Tensor, which: str, e: int) -> torch.Tensor:
-        w, s = (self.w13, self.s13) if which == "w13" else (self.w2, self.s2)
-        return torch.ops.aten._weight_int8pack_mm(x, w[e], s[e])
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.w2[e](self.w13[e].silu_mul(x))

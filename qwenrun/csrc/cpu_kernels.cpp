@@ -1,0 +1,564 @@
+// Decode-time CPU kernels: matrix-vector products over bf16 / int8 / int4 weights and single-query
+// paged attention, written for AVX-512 (with AVX512-BF16 for bf16 weights).
+//
+// Why by hand: a decode step multiplies one activation row by every weight once, so it is bound by
+// how fast the weights stream from memory. oneDNN, `_weight_int8pack_mm` and the int4 pack kernel
+// stream at 15-24 GB/s on this class of machine; these loops read the weights once, in order, with
+// every row block's dot products kept in registers. Prefill-sized batches do not come here: they
+// are compute-bound and go to oneDNN GEMMs.
+//
+// Threads come from ATen's pool (at::parallel_for), so the extension shares torch's OpenMP runtime.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+// ---------------------------------------------------------------------------------------------
+// loads and stores between fp32 registers and bf16 / fp32 memory
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(bf16* p, __m512 v, __mmask16 m) {
+  // round to nearest even, as c10::BFloat16 does
+  __m512i i = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(i, _mm512_set1_epi32(0x400000)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
+
+// exp for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2/2, relative error ~2e-7
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// weight formats. Each computes out[i][j] = x_i . W[rows[j]] for MB activation rows and NB weight
+// rows, keeping all MB*NB accumulators in registers so every weight byte is loaded once.
+
+// bf16 weights [N, K], bf16 activations: AVX512-BF16 pair dot products, fp32 accumulation
+struct Bf16Weights {
+  const uint16_t* w;
+  int64_t K;
+  const uint16_t* x;  // [M, K] bf16 activations
+  static constexpr int kMaxRows = 1;
+
+  template <int MB, int NB>
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
+    __m512 acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    const uint16_t* wr[NB];
+    for (int j = 0; j < NB; ++j) wr[j] = w + rows[j] * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m512bh wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+      for (int i = 0; i < MB; ++i) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+      }
+    }
+    if (k < K) {
+      __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1);
+      __m512bh wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, wr[j] + k);
+      for (int i = 0; i < MB; ++i) {
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (m0 + i) * K + k);
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+};
+
+// Integer formats use AVX512-VNNI (`vpdpbusd`, 64 multiply-adds of u8 x s8 per instruction), as
+// llama.cpp's Q8_0/Q4_0 do: the activations are quantized per token in blocks of 32 (fp32 scale per
+// block, round to nearest), which costs far less accuracy than the weights' own quantization and
+// turns ~12 convert-and-FMA instructions per 64 weights into one.
+struct QuantizedActivations {
+  at::Tensor q;     // [M, K] int8
+  at::Tensor s;     // [M, ceil(K/64), 16] fp32: per 64-wide chunk, lanes 0-7 the scale of its first
+                    // 32 inputs, lanes 8-15 of its second (the lanes their int32 dot products land in)
+  at::Tensor comp;  // [M] fp32: 128 * sum_b s_b * sum_{k in b} q_k (undoes the weights' +128 offset)
+};
+
+QuantizedActivations quantize_activations(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), nb = K / 32;
+  const int64_t nc = (K + 63) / 64;
+  QuantizedActivations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::zeros({M, nc, 16}, x.options()),
+                         at::empty({M}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = a.q.data_ptr<int8_t>();
+  float* sp = a.s.data_ptr<float>();
+  float* cp = a.comp.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float comp = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = xp + m * K + b * 32;
+      __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+      __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * 32), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+      std::fill_n(sp + (m * nc + b / 2) * 16 + (b % 2) * 8, 8, scale);
+      comp += 128.f * scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+    cp[m] = comp;
+  }
+  return a;
+}
+
+inline __mmask64 tail64(int64_t n) { return n >= 64 ? ~0ull : (1ull << n) - 1; }
+
+// int8 weights [N, K] with a per-row scale, read as u8 = w ^ 0x80 = w + 128
+struct Int8Weights {
+  const int8_t* w;
+  const float* scale;  // [N]
+  int64_t K;
+  const int8_t* xq;
+  const float* xs;  // [M, K/64, 16]
+  const float* comp;
+  static constexpr int kMaxRows = 1;
+
+  template <int MB, int NB>
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
+    const int64_t lds = (K + 63) / 64 * 16;
+    __m512 acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 m = tail64(K - k);
+      __m512i wv[NB];
+      // a 32-wide tail loads zero activations for the missing half, so it adds nothing
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + rows[j] * K + k), flip);
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_maskz_loadu_epi8(m, xq + (m0 + i) * K + k);
+        const __m512 sv = _mm512_loadu_ps(xs + (m0 + i) * lds + k / 4);
+        for (int j = 0; j < NB; ++j)
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)), sv, acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) out[i][j] = (_mm512_reduce_add_ps(acc[i][j]) - comp[m0 + i]) * scale[rows[j]];
+  }
+};
+
+// int4 weights, groups of G inputs: w = q * scale + min with q in [0, 15]. Each row is K/2 bytes;
+// within every 64 inputs, byte t holds input t in its low nibble and input t + 32 in its high one,
+// so the unpacked 64 bytes line up with contiguous activations.
+// Σ w x = Σ_g scale_g Σ_{k in g} q x + min_g Σ_{k in g} x.
+struct Int4Weights {
+  const uint8_t* w;
+  const float* scale;  // [N, K/G]
+  const float* mins;   // [N, K/G]
+  int64_t K, G, ng;  // ng = K / G, precomputed: an integer division per row costs as much as the row
+  const int8_t* xq;
+  const float* xs;    // [M, K/64, 16]
+  const float* xsum;  // [M, K/G] per-group sums of the unquantized x
+  static constexpr int kMaxRows = 1;
+
+  template <int MB, int NB>
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
+    const int64_t lds = K / 64 * 16, step = G < 64 ? 64 : G;  // inputs sharing one weight scale
+    __m512 acc[MB][NB];
+    float minpart[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps(), minpart[i][j] = 0.f;
+    const __m256i low = _mm256_set1_epi8(0xf);
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += step, g += step / G) {
+      __m512 g0[MB][NB], g1[MB][NB];  // even and odd chunks: two FMA chains instead of one
+      for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j) g0[i][j] = g1[i][j] = _mm512_setzero_ps();
+      auto chunk = [&](int64_t k, __m512 (&gacc)[MB][NB]) {
+        __m512i wv[NB];
+        for (int j = 0; j < NB; ++j) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + rows[j] * (K / 2) + k / 2));
+          wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                                     _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+        }
+        for (int i = 0; i < MB; ++i) {
+          const __m512i xv = _mm512_loadu_si512(xq + (m0 + i) * K + k);
+          const __m512 sv = _mm512_loadu_ps(xs + (m0 + i) * lds + k / 4);
+          for (int j = 0; j < NB; ++j)
+            gacc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)), sv, gacc[i][j]);
+        }
+      };
+      int64_t k = k0;
+      for (; k + 128 <= k0 + step; k += 128) chunk(k, g0), chunk(k + 64, g1);
+      if (k < k0 + step) chunk(k, g0);
+      for (int j = 0; j < NB; ++j) {
+        const float* sr = scale + rows[j] * ng;
+        // G = 32: lanes 0-7 of a chunk belong to group 2c, lanes 8-15 to group 2c + 1
+        const __m512 ws = G < 64 ? _mm512_insertf32x8(_mm512_set1_ps(sr[g]), _mm256_set1_ps(sr[g + 1]), 1)
+                                 : _mm512_set1_ps(sr[g]);
+        for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_fmadd_ps(_mm512_add_ps(g0[i][j], g1[i][j]), ws, acc[i][j]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const float* mr = mins + rows[j] * ng;
+      for (int i = 0; i < MB; ++i) {
+        const float* xr = xsum + (m0 + i) * ng;
+        for (int64_t g = 0; g < ng; ++g) minpart[i][j] += mr[g] * xr[g];
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]) + minpart[i][j];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// the GEMV driver: output rows split over threads in blocks; `epilogue` sees finished dot products
+
+enum class Epilogue { kPlain, kSiluMul };
+
+template <class W, int MB>
+inline void dot_dispatch(const W& wt, int64_t m0, const int64_t* rows, int nb, float (*out)[4]) {
+  if constexpr (W::kMaxRows >= 4) {
+    if (nb == 4) return wt.template dot<MB, 4>(m0, rows, out);
+  }
+  if (nb >= 2) {
+    wt.template dot<MB, 2>(m0, rows, out);
+    if (nb == 2) return;
+    float rest[MB][4];
+    dot_dispatch<W, MB>(wt, m0, rows + 2, nb - 2, rest);
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < nb - 2; ++j) out[i][2 + j] = rest[i][j];
+    return;
+  }
+  wt.template dot<MB, 1>(m0, rows, out);
+}
+
+template <class W>
+inline void dot_rows(const W& wt, int64_t m0, int mb, const int64_t* rows, int nb, float (*out)[4]) {
+  switch (mb) {
+    case 1: return dot_dispatch<W, 1>(wt, m0, rows, nb, out);
+    case 2: return dot_dispatch<W, 2>(wt, m0, rows, nb, out);
+    case 3: return dot_dispatch<W, 3>(wt, m0, rows, nb, out);
+    default: return dot_dispatch<W, 4>(wt, m0, rows, nb, out);
+  }
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// y [M, N_out] (T) = epilogue(x W^T + bias). kPlain: N_out = N. kSiluMul: W holds [gate; up] with
+// N = 2 * N_out, and y = silu(gate) * up, computed from the fp32 dot products.
+template <class W, class T>
+void gemv(const W& wt, int64_t M, int64_t N_out, Epilogue ep, const float* bias, T* y) {
+  constexpr int NB = W::kMaxRows;
+  const int64_t step = ep == Epilogue::kSiluMul ? std::max(1, NB / 2) : NB;  // output columns per block
+  const int64_t nblocks = (N_out + step - 1) / step;
+  at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * step;
+      const int nc = static_cast<int>(std::min<int64_t>(step, N_out - c0));
+      int64_t rows[4];
+      int nr = 0;
+      for (int c = 0; c < nc; ++c) rows[nr++] = c0 + c;
+      if (ep == Epilogue::kSiluMul)
+        for (int c = 0; c < nc; ++c) rows[nr++] = N_out + c0 + c;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
+        float out[4][4];
+        dot_rows(wt, m0, mb, rows, nr, out);
+        for (int i = 0; i < mb; ++i) {
+          T* yr = y + (m0 + i) * N_out + c0;
+          for (int c = 0; c < nc; ++c) {
+            float v = out[i][c] + (bias ? bias[rows[c]] : 0.f);
+            if (ep == Epilogue::kSiluMul) {
+              const float up = out[i][nc + c] + (bias ? bias[rows[nc + c]] : 0.f);
+              v = silu(v) * up;
+            }
+            yr[c] = static_cast<T>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
+Epilogue parse_epilogue(const std::string& act) {
+  if (act == "none") return Epilogue::kPlain;
+  TORCH_CHECK(act == "silu_mul", "unknown epilogue ", act);
+  return Epilogue::kSiluMul;
+}
+
+at::Tensor new_output(const at::Tensor& x, int64_t N, Epilogue ep) {
+  TORCH_CHECK(ep == Epilogue::kPlain || N % 2 == 0, "silu_mul needs an even number of weight rows");
+  return at::empty({x.size(0), ep == Epilogue::kSiluMul ? N / 2 : N}, x.options());
+}
+
+std::vector<float> bias_f32(const c10::optional<at::Tensor>& bias) {
+  if (!bias || !bias->defined()) return {};
+  at::Tensor b = bias->to(at::kFloat).contiguous();
+  return std::vector<float>(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+}
+
+template <class W>
+void run(const W& wt, const at::Tensor& x, Epilogue ep, const std::vector<float>& bias, at::Tensor& y) {
+  const float* b = bias.empty() ? nullptr : bias.data();
+  if (y.scalar_type() == at::kBFloat16)
+    gemv(wt, x.size(0), y.size(1), ep, b, y.data_ptr<bf16>());
+  else
+    gemv(wt, x.size(0), y.size(1), ep, b, y.data_ptr<float>());
+}
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "activations must be [M, ", K, "]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "activations must be bf16 or fp32");
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points
+
+at::Tensor gemv_bf16(const at::Tensor& x_, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                     const std::string& act) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous bf16 [N, K]");
+  check_x(x_, w.size(1));
+  at::Tensor x = x_.to(at::kBFloat16).contiguous();
+  Epilogue ep = parse_epilogue(act);
+  at::Tensor y = new_output(x_, w.size(0), ep);
+  Bf16Weights wt{reinterpret_cast<const uint16_t*>(w.data_ptr()), w.size(1), reinterpret_cast<const uint16_t*>(x.data_ptr())};
+  run(wt, x, ep, bias_f32(bias), y);
+  return y;
+}
+
+at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias, const std::string& act) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous int8 [N, K]");
+  TORCH_CHECK(w.size(1) % 32 == 0, "int8 kernel needs K divisible by 32");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == w.size(0) && scale.is_contiguous(), "scale must be fp32 [N]");
+  check_x(x_, w.size(1));
+  at::Tensor x = x_.to(at::kFloat).contiguous();
+  QuantizedActivations a = quantize_activations(x);
+  Epilogue ep = parse_epilogue(act);
+  at::Tensor y = new_output(x_, w.size(0), ep);
+  Int8Weights wt{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(),
+                 a.s.data_ptr<float>(), a.comp.data_ptr<float>()};
+  run(wt, x, ep, bias_f32(bias), y);
+  return y;
+}
+
+at::Tensor gemv_int4(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mins,
+                     int64_t group_size, const c10::optional<at::Tensor>& bias, const std::string& act) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0 && K % 64 == 0,
+              "int4 needs K divisible by 64 and by the group, a multiple of 32");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  mins.is_contiguous() && scale.numel() == N * (K / group_size) && mins.numel() == scale.numel(),
+              "scales and mins must be fp32 [N, K/group]");
+  check_x(x_, K);
+  at::Tensor x = x_.to(at::kFloat).contiguous();
+  at::Tensor xsum = x.view({x.size(0), K / group_size, group_size}).sum(-1).contiguous();
+  QuantizedActivations a = quantize_activations(x);
+  Epilogue ep = parse_epilogue(act);
+  at::Tensor y = new_output(x_, N, ep);
+  Int4Weights wt{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), mins.data_ptr<float>(), K, group_size, K / group_size,
+                 a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), xsum.data_ptr<float>()};
+  run(wt, x, ep, bias_f32(bias), y);
+  return y;
+}
+
+// Weights back to a dense matrix for prefill GEMMs (compute-bound, so one conversion per call pays).
+at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::ScalarType dtype) {
+  return (w.to(at::kFloat) * scale.unsqueeze(1)).to(dtype);
+}
+
+at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mins, int64_t group_size,
+                           at::ScalarType dtype) {
+  const int64_t N = w.size(0), K = w.size(1) * 2, ng = K / group_size;
+  at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
+  const uint8_t* q = w.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* mn = mins.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t k = 0; k < K; k += 64) {
+        for (int t = 0; t < 32; ++t) {
+          const uint8_t b = q[n * (K / 2) + k / 2 + t];
+          const int64_t g0 = (k + t) / group_size, g1 = (k + 32 + t) / group_size;
+          row[k + t] = (b & 0xf) * s[n * ng + g0] + mn[n * ng + g0];
+          row[k + 32 + t] = (b >> 4) * s[n * ng + g1] + mn[n * ng + g1];
+        }
+      }
+      if (dtype == at::kBFloat16) {
+        bf16* o = out.data_ptr<bf16>() + n * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<bf16>(row[k]);
+      } else {
+        std::copy(row.begin(), row.end(), out.data_ptr<float>() + n * K);
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// single-query attention over a paged, head-major cache
+
+template <class T, int ND>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
+                           const at::Tensor& lens, double scale, at::Tensor& out) {
+  constexpr int64_t d = ND * 16;
+  const int64_t B = q.size(0), nh = q.size(1), nkv = kc.size(0), S = kc.size(1);
+  const int64_t G = nh / nkv, L = slots.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = kc.data_ptr<T>();
+  const T* vp = vc.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(G * d), scores(G * L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nkv, h = t % nkv, n = lp[b];
+      const int64_t* srow = sp + b * L;
+      const T* kh = kp + h * S * d;
+      const T* vh = vp + h * S * d;
+      for (int64_t g = 0; g < G; ++g)
+        for (int c = 0; c < ND; ++c)
+          _mm512_storeu_ps(&qf[g * d + c * 16],
+                           _mm512_mul_ps(load16(qp + (b * nh + h * G + g) * d + c * 16), _mm512_set1_ps(float(scale))));
+      // scores: each key row is loaded once into registers and serves all G query heads
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* kr = kh + srow[pos] * d;
+        __m512 kv[ND];
+        for (int c = 0; c < ND; ++c) kv[c] = load16(kr + c * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = &qf[g * d];
+          __m512 s0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qg));
+          __m512 s1 = _mm512_setzero_ps();
+          for (int c = 1; c < ND; ++c) {
+            if (c & 1) s1 = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qg + c * 16), s1);
+            else s0 = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qg + c * 16), s0);
+          }
+          scores[g * L + pos] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        }
+      }
+      // softmax in fp32
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = &scores[g * L];
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t p = 0; p < n; p += 16) mx = _mm512_mask_max_ps(mx, tail16(n - p), mx, _mm512_maskz_loadu_ps(tail16(n - p), sc + p));
+        const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; p += 16) {
+          __mmask16 m = tail16(n - p);
+          __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + p), mxv));
+          sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+          _mm512_mask_storeu_ps(sc + p, m, e);
+        }
+        const float inv = 1.f / _mm512_reduce_add_ps(sum);
+        for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
+      }
+      // weighted values, two query heads at a time with their accumulators in registers
+      for (int64_t g0 = 0; g0 < G; g0 += 2) {
+        const bool two = g0 + 1 < G;
+        const float* p0 = &scores[g0 * L];
+        const float* p1 = two ? &scores[(g0 + 1) * L] : p0;
+        __m512 a0[ND], a1[ND];
+        for (int c = 0; c < ND; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
+        for (int64_t pos = 0; pos < n; ++pos) {
+          const T* vr = vh + srow[pos] * d;
+          const __m512 w0 = _mm512_set1_ps(p0[pos]), w1 = _mm512_set1_ps(p1[pos]);
+          for (int c = 0; c < ND; ++c) {
+            const __m512 vv = load16(vr + c * 16);
+            a0[c] = _mm512_fmadd_ps(w0, vv, a0[c]);
+            a1[c] = _mm512_fmadd_ps(w1, vv, a1[c]);
+          }
+        }
+        for (int c = 0; c < ND; ++c) {
+          store16(op + (b * nh + h * G + g0) * d + c * 16, a0[c], 0xffff);
+          if (two) store16(op + (b * nh + h * G + g0 + 1) * d + c * 16, a1[c], 0xffff);
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void decode_attention_dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
+                               const at::Tensor& lens, double scale, at::Tensor& out) {
+  switch (q.size(2)) {
+    case 16: return decode_attention_impl<T, 1>(q, kc, vc, slots, lens, scale, out);
+    case 32: return decode_attention_impl<T, 2>(q, kc, vc, slots, lens, scale, out);
+    case 64: return decode_attention_impl<T, 4>(q, kc, vc, slots, lens, scale, out);
+    case 128: return decode_attention_impl<T, 8>(q, kc, vc, slots, lens, scale, out);
+    case 256: return decode_attention_impl<T, 16>(q, kc, vc, slots, lens, scale, out);
+    default: TORCH_CHECK(false, "decode attention supports head_dim 16, 32, 64, 128 or 256");
+  }
+}
+
+// q [B, nh, d]; caches [nkv, S, d]; slots [B, L] int64 cache slot of each context position; lens [B]
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad attention shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0 && q.size(2) == k_cache.size(2), "heads do not match the cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
+                  slots.size(0) == q.size(0) && lens.numel() == q.size(0), "slots [B, L] and lens [B] must be int64");
+  at::Tensor qc = q.contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
+  for (int64_t b = 0; b < lc.numel(); ++b) {
+    const int64_t n = lc.data_ptr<int64_t>()[b];
+    TORCH_CHECK(n > 0 && n <= slots.size(1), "context length ", n, " out of range");
+  }
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (q.scalar_type() == at::kBFloat16)
+    decode_attention_dispatch<bf16>(qc, k_cache, v_cache, sc, lc, scale, out);
+  else if (q.scalar_type() == at::kFloat)
+    decode_attention_dispatch<float>(qc, k_cache, v_cache, sc, lc, scale, out);
+  else
+    TORCH_CHECK(false, "decode attention supports bf16 and fp32");
+  return out.view({q.size(0), q.size(1) * q.size(2)});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "y = act(x W^T + b), bf16 W", py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("act"));
+  m.def("gemv_int8", &gemv_int8, "y = act(x (W*s)^T + b), int8 W", py::arg("x"), py::arg("w"), py::arg("scale"),
+        py::arg("bias"), py::arg("act"));
+  m.def("gemv_int4", &gemv_int4, "y = act(x W^T + b), group-wise int4 W", py::arg("x"), py::arg("w"), py::arg("scale"),
+        py::arg("mins"), py::arg("group_size"), py::arg("bias"), py::arg("act"));
+  m.def("dequantize_int8", &dequantize_int8);
+  m.def("dequantize_int4", &dequantize_int4);
+  m.def("decode_attention", &decode_attention);
+}
