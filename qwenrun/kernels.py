@@ -74,3 +74,10 @@ def gemv_ops(x: torch.Tensor) -> ModuleType | None:
     if x.device.type != "cpu" or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
         return None
     return cpu_ops()
+
+
+def fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """The kernels for an inference-time element-wise op on `x` (they record no autograd graph)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return cpu_ops()

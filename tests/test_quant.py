@@ -34,11 +34,11 @@ def test_int4_reconstruction_within_half_a_step(group):
 
 
 def test_int4_packing_round_trips():
-    q = torch.randint(0, 16, (8, 192), dtype=torch.uint8)
+    q = torch.randint(0, 16, (8, 384), dtype=torch.uint8)
     packed = pack_int4(q)
-    assert packed.shape == (8, 96)
+    assert packed.shape == (8, 192)
     assert torch.equal(unpack_int4(packed), q)
-    assert torch.equal(packed[0, :32] & 0xF, q[0, :32]) and torch.equal(packed[0, :32] >> 4, q[0, 32:64])
+    assert torch.equal(packed[0, :64] & 0xF, q[0, :64]) and torch.equal(packed[0, :64] >> 4, q[0, 64:128])
 
 
 def test_int8_kernel_equals_dequantized_matmul():

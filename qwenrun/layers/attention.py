@@ -205,6 +205,12 @@ def paged_attention(
         return _prefill_attention(q, k_cache, v_cache, meta.prefill, scale)
     k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    return attend(q, k_cache, v_cache, meta, scale)
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+           scale: float) -> torch.Tensor:
+    """q [T, nh, d] over caches that already hold this step's K/V -> [T, nh*d]."""
     T, nh, d = q.shape
     if meta.prefill is None:
         assert meta.decode is not None

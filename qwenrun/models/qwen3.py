@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.layers.attention import AttentionMetadata, paged_attention
+from qwenrun.kernels import fused_ops
+from qwenrun.layers.attention import AttentionMetadata, attend, paged_attention
 from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding, apply_rotary
@@ -33,6 +34,11 @@ class Qwen3Attention(nn.Module):
     ) -> torch.Tensor:
         T, nh, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) d]
+        ops = fused_ops(qkv) if kv[0] is not None and rope[0].shape[-1] == d else None
+        if ops is not None:  # norms, rotation and cache writes in one kernel
+            q = ops.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps, nh, nkv,
+                                 kv[0], kv[1], meta.slot_mapping)
+            return self.o_proj(attend(q, kv[0], kv[1], meta, self.scale))
         # q and k heads are adjacent: one norm and one rotation serve both (half the decode kernels);
         # normalise, round, then scale by the weight, in transformers' order
         qk = F.rms_norm(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), (d,), None, self.q_norm.eps)
@@ -62,9 +68,15 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, rope, meta, kv) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, meta, kv)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, rope, meta, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (h, residual): each residual add is fused into the norm after it."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, rope, meta, kv)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen3Model(nn.Module):
@@ -78,9 +90,10 @@ class Qwen3Model(nn.Module):
     def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [T, H]
         rope = self.rotary_emb(positions, h.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, meta, kv_caches[i] if kv_caches is not None else (None, None))
-        return self.norm(h)
+            h, residual = layer(h, residual, rope, meta, kv_caches[i] if kv_caches is not None else (None, None))
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -1,7 +1,7 @@
 """Weight-only quantization applied at load time by swapping modules; model files stay quant-agnostic.
 
 Methods: `int8` (per output channel) and `int4` (group-wise asymmetric; a matrix whose input size is
-not a multiple of 64 and of the group falls back to int8), for dense layers and MoE experts alike.
+not a multiple of 128 and of the group falls back to int8), for dense layers and MoE experts alike.
 Layer outputs stay in the model dtype. Embeddings always stay in full precision (they are a lookup,
 not a matmul); the LM head is quantized unless `quantize_lm_head=False`.
 """

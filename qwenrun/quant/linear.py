@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenrun import kernels
 from qwenrun.kernels import gemv_ops
 from qwenrun.layers.linear import silu_mul
 from qwenrun.layers.moe import grouped_experts
@@ -45,15 +46,15 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, gr
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes -> [N, K/2] bytes: in every 64 inputs, byte t holds input t (low nibble) and t + 32."""
+    """[N, K] codes -> [N, K/2] bytes: in every 128 inputs, byte t holds input t (low nibble) and t + 64."""
     N, K = q.shape
-    halves = q.reshape(N, K // 64, 2, 32)
+    halves = q.reshape(N, K // 128, 2, 64)
     return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     N, K2 = packed.shape
-    b = packed.reshape(N, K2 // 32, 1, 32)
+    b = packed.reshape(N, K2 // 64, 1, 64)
     return torch.cat((b & 0xF, b >> 4), dim=2).reshape(N, K2 * 2)
 
 
@@ -81,7 +82,12 @@ class QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        return F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
+        ops = kernels.cpu_ops() if x2.device.type == "cpu" and self.streams else None
+        w = self._expand(ops, x2.dtype) if ops is not None else self.dequantized().to(x2.dtype)
+        return F.linear(x2, w, self.bias)
+
+    def _expand(self, ops, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
 
     def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
         raise NotImplementedError
@@ -108,6 +114,9 @@ class Int8Linear(QuantizedLinear):
     def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
         return ops.gemv_int8(x2, self.qweight, self.scale, self.bias, act)
 
+    def _expand(self, ops, dtype: torch.dtype) -> torch.Tensor:
+        return ops.dequantize_int8(self.qweight, self.scale, dtype)
+
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type != "cpu" or x2.dtype not in (torch.bfloat16, torch.float32) or x2.shape[0] > 8:
             return super()._fallback(x2)  # prefill: expand once, then a oneDNN GEMM
@@ -126,7 +135,7 @@ class Int4Linear(QuantizedLinear):
 
     @staticmethod
     def supports(shape: torch.Size | tuple[int, ...], group_size: int) -> bool:
-        return shape[1] % 64 == 0 and shape[1] % group_size == 0
+        return shape[1] % 128 == 0 and shape[1] % group_size == 0
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
@@ -138,6 +147,9 @@ class Int4Linear(QuantizedLinear):
 
     def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
         return ops.gemv_int4(x2, self.packed, self.scale, self.mins, self.group_size, self.bias, act)
+
+    def _expand(self, ops, dtype: torch.dtype) -> torch.Tensor:
+        return ops.dequantize_int4(self.packed, self.scale, self.mins, self.group_size, dtype)
 
 
 class QuantizedExperts(nn.Module):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenrun.kernels import fused_ops
+
 from qwenrun.sampling.params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -299,6 +301,11 @@ def _draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs.div_(q).argmax(dim=-1)
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    ops = fused_ops(x)  # torch's CPU argmax over a 152k vocabulary costs ~0.5 ms a step
+    return ops.argmax(x) if ops is not None else x.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Next token per row.
 
@@ -312,10 +319,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         for the others.
     """
     if batch.all_greedy and batch.penalties is None and batch.banned is None:
-        return logits.argmax(dim=-1)
+        return _argmax(logits)
     x = process_logits(logits, batch)  # [B, V] fp32
     if batch.all_greedy:
-        return x.argmax(dim=-1)
+        return _argmax(x)
     sampled = _draw(x.softmax(dim=-1), batch)
     if batch.greedy_mask is None:
         return sampled
