@@ -114,7 +114,7 @@ struct QuantizedActivations {
   at::Tensor s;     // [M, ceil(K/64), 16] fp32: per 64-wide chunk, lanes 0-7 the scale of its first
                     // 32 inputs, lanes 8-15 of its second (the lanes their int32 dot products land in)
   at::Tensor comp;  // [M] fp32: 128 * sum_b s_b * sum_{k in b} q_k (undoes the int8 weights' +128 offset)
-  at::Tensor gsum;  // [M, K/G] fp32 sums of the unquantized x per weight group (int4's minimums); G = 0: none
+  at::Tensor gsum;  // [M, K/G] fp32 sums of the quantized x per weight group (int4's minimums); G = 0: none
 };
 
 template <class T>
@@ -141,13 +141,15 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t G, int64_
       for (int64_t b = b0; b < b0 + per; ++b) {
         const T* xb = xp + m * K + b * 32;
         __m512 v0 = load16(xb), v1 = load16(xb + 16);
-        if (G) gp[m * (K / G) + b * 32 / G] += _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
         __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        const float qsum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+        // sums of the quantized x: then the rounding error meets the zero-mean w, not the all-positive codes
+        if (G) gp[m * (K / G) + b * 32 / G] += scale * qsum;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * 32), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * 32 + 16), _mm512_cvtsepi32_epi8(q1));
         std::fill_n(sp + (m * nc + b / 2) * 16 + (b % 2) * 8, 8, scale);
-        comp += 128.f * scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+        comp += 128.f * scale * qsum;
       }
     }
     cp[m] = comp;
@@ -207,7 +209,7 @@ struct Int4Weights {
   int64_t K, G, ng;  // ng = K / G, precomputed: an integer division per row costs as much as the row
   const int8_t* xq;
   const float* xs;    // [M, K/64, 16]
-  const float* xsum;  // [M, K/G] per-group sums of the unquantized x
+  const float* xsum;  // [M, K/G] per-group sums of the quantized x
   static constexpr int kMaxRows = 1;
 
   template <int MB, int NB>
