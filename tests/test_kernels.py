@@ -264,3 +264,32 @@ def test_model_without_kernels_matches_model_with_them(tmp_path, monkeypatch):
     without = LLM(folder, dtype="float32", kv_cache_memory=8 << 20)
     torch.testing.assert_close(without.logits(list(range(1, 30))), fast_logits, rtol=1e-4, atol=1e-4)
     assert without.generate([[1, 2, 3]], params)[0].outputs[0].token_ids == fast_tokens[0].outputs[0].token_ids
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_fused_moe_decode_matches_grouped_experts(fmt):
+    """The one-call decode path over stacked experts against the token-grouping path, per format."""
+    from qwenrun.layers.moe import grouped_experts
+    from qwenrun.layers.packed import StreamingExperts
+    from qwenrun.models.qwen3_moe import Qwen3MoeExperts
+    from qwenrun.quant.linear import QuantizedExperts
+
+    E, H, I = 6, 256, 128
+    experts = Qwen3MoeExperts(E, H, I)
+    experts.w13.data, experts.w2.data = randn(E, 2 * I, H) * 0.1, randn(E, H, I) * 0.1
+    if fmt == "bf16":
+        module = StreamingExperts(E, I, experts.w13.data.bfloat16(), experts.w2.data.bfloat16())
+    else:
+        module = QuantizedExperts.from_experts(experts, fmt, 64)
+        assert module.format == fmt
+    x = randn(3, H, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 5], [2, 0], [4, 3]])
+    w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fused = module(x, w, ids)
+        grouped = grouped_experts(x, w, ids, E, module.expert)
+        exact = grouped_experts(x.float(), w.float(), ids, E, experts.expert)
+    assert rel_err(fused, grouped) < 0.02
+    # the quantizers' own error on Gaussian weights, through two matrices (4 bits: a step of ~σ/3)
+    assert rel_err(fused, exact) < {"bf16": 0.02, "int8": 0.05, "int4": 0.25}[fmt]

@@ -9,6 +9,8 @@ expanded weight.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,8 @@ from qwenrun import kernels
 from qwenrun.kernels import gemv_ops
 from qwenrun.layers.linear import silu_mul
 from qwenrun.layers.moe import grouped_experts
+
+logger = logging.getLogger(__name__)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,26 +157,48 @@ class Int4Linear(QuantizedLinear):
 
 
 class QuantizedExperts(nn.Module):
-    """MoE experts with each expert's gate/up and down matrices quantized (int8 or int4)."""
+    """MoE experts quantized as stacked tensors (int4 when both matrices' input sizes allow it, else
+    int8). Decode-sized batches run every chosen expert in one C++ call; larger ones group tokens by
+    expert (`grouped_experts`) over each expert's slice."""
 
     def __init__(self, num_experts: int, w13: list[QuantizedLinear], w2: list[QuantizedLinear]) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
+        self.format = "int4" if isinstance(w13[0], Int4Linear) else "int8"
+        self.group_size = getattr(w13[0], "group_size", 0)
+        names = ("packed", "scale", "mins") if self.format == "int4" else ("qweight", "scale")
+        for which, layers in (("w13", w13), ("w2", w2)):
+            for name in names:
+                self.register_buffer(f"{which}_{name}", torch.stack([getattr(m, name) for m in layers]))
+        self._names = names
 
     @classmethod
     def from_experts(cls, experts: nn.Module, method: str, group_size: int) -> QuantizedExperts:
+        int4 = method == "int4" and all(Int4Linear.supports(w.shape[1:], group_size) for w in (experts.w13, experts.w2))
+        if method == "int4" and not int4:
+            logger.info("expert shapes do not fit int4 group %d; experts use int8", group_size)
+
         def quantize(w: torch.Tensor) -> QuantizedLinear:
-            if method == "int4" and Int4Linear.supports(w.shape, group_size):
-                return Int4Linear.from_weight(w, None, group_size)
-            return Int8Linear.from_weight(w, None)
+            return Int4Linear.from_weight(w, None, group_size) if int4 else Int8Linear.from_weight(w, None)
 
         w13 = [quantize(experts.w13.data[e]) for e in range(experts.num_experts)]
         w2 = [quantize(experts.w2.data[e]) for e in range(experts.num_experts)]
         return cls(experts.num_experts, w13, w2)
 
+    def parts(self, which: str) -> list[torch.Tensor]:
+        return [getattr(self, f"{which}_{name}") for name in self._names]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        ops = gemv_ops(x)
+        if ops is not None:
+            return ops.moe_gemv(x, experts, weights, self.format, self.parts("w13"), self.parts("w2"), self.group_size)
         return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return self.w2[e](self.w13[e].silu_mul(x))
+        w13, w2 = (self._layer([p[e] for p in self.parts(which)]) for which in ("w13", "w2"))
+        return w2(w13.silu_mul(x))
+
+    def _layer(self, parts: list[torch.Tensor]) -> QuantizedLinear:
+        if self.format == "int4":
+            return Int4Linear(*parts, None, self.group_size)
+        return Int8Linear(*parts, None)
