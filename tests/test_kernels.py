@@ -130,8 +130,9 @@ def test_rms_norm_kernel_rounds_like_transformers(dtype, with_residual):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qk_norm_rope_kernel_matches_torch_path(dtype):
-    T, nh, nkv, d, S = 3, 4, 2, 32, 16
+@pytest.mark.parametrize("d", [16, 32, 128])
+def test_qk_norm_rope_kernel_matches_torch_path(dtype, d):
+    T, nh, nkv, S = 3, 4, 2, 16
     qkv = randn(T, (nh + 2 * nkv) * d, dtype=dtype)
     qw, kw = randn(d, dtype=dtype), randn(d, dtype=dtype)
     ang = torch.arange(T)[:, None] * torch.rand(d // 2, generator=gen)[None]
