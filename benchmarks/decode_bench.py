@@ -7,6 +7,12 @@ after one warm-up. Each engine runs in its own subprocess, which also gives a cl
     python benchmarks/decode_bench.py                        # Qwen3-0.6B shape, random bf16 weights
     python benchmarks/decode_bench.py --shape qwen3-30b-a3b --layers 4
     python benchmarks/decode_bench.py --model /path/to/checkpoint --engines qwenrun-bf16,qwenrun-int8
+
+llama.cpp joins the same run when llama-cpp-python is installed and GGUF files of the checkpoint are
+given (`--gguf-dir` holding model-bf16.gguf / model-q8_0.gguf / model-q4_0.gguf): engines
+llamacpp-bf16, llamacpp-q8_0, llamacpp-q4_0. benchmarks/RESULTS.md says how to build and convert.
+The machine's 2-thread read bandwidth is sampled before and after, since it moves by ±30% over minutes
+on a shared host and every decode figure here is bounded by it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ SHAPES = {
     ),
 }
 ENGINES = ("transformers-bf16", "qwenrun-bf16", "qwenrun-int8", "qwenrun-int4")
+LLAMACPP_TYPES = ("bf16", "q8_0", "q4_0")
 
 
 def build_checkpoint(shape: str, layers: int | None, out: Path) -> Path:
@@ -101,9 +108,49 @@ def run_transformers(model: str, runs: int, prompt_len: int, new_tokens: int) ->
     return {"prefill": prefill, "decode": decode}
 
 
+def run_llamacpp(gguf: str, runs: int, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    """llama.cpp through llama-cpp-python: prompt evaluated in one batch, then greedy tokens one by one."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(gguf, n_ctx=prompt_len + new_tokens + 16, n_batch=prompt_len, n_threads=threads or 2,
+                          n_threads_batch=threads or 2, verbose=False)
+    vocab = llm.n_vocab()
+    prefill, decode = [], []
+    for i in range(runs + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(_prompt(i, prompt_len))
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):  # greedy: argmax of the last position's logits
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            llm.eval([int(logits.argmax())])
+        t2 = time.perf_counter()
+        if i:
+            prefill.append(prompt_len / (t1 - t0))
+            decode.append((new_tokens - 1) / (t2 - t1))
+    return {"prefill": prefill, "decode": decode}
+
+
+def read_bandwidth() -> float:
+    """2-thread read bandwidth now, GB/s: median of 5 sums over 1 GiB of fp32."""
+    import torch
+
+    x = torch.ones(2**28)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
 def child(args: argparse.Namespace) -> None:
     if args.engine == "transformers-bf16":
         res = run_transformers(args.model, args.runs, args.prompt_len, args.new_tokens)
+    elif args.engine.startswith("llamacpp-"):
+        gguf = Path(args.gguf_dir) / f"model-{args.engine.removeprefix('llamacpp-')}.gguf"
+        res = run_llamacpp(str(gguf), args.runs, args.prompt_len, args.new_tokens, args.threads)
     else:
         quant = {"qwenrun-bf16": None, "qwenrun-int8": "int8", "qwenrun-int4": "int4"}[args.engine]
         res = run_qwenrun(args.model, quant, args.runs, args.prompt_len, args.new_tokens)
@@ -122,6 +169,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--gguf-dir", help="folder with model-{bf16,q8_0,q4_0}.gguf: adds the llama.cpp engines")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,10 +180,17 @@ def main() -> None:
     if args.engine:
         return child(args)
     model = args.model or str(build_checkpoint(args.shape, args.layers, Path(args.cache_dir)))
+    engines = args.engines.split(",")
+    if args.gguf_dir:
+        engines += [f"llamacpp-{t}" for t in LLAMACPP_TYPES if (Path(args.gguf_dir) / f"model-{t}.gguf").is_file()]
+    bandwidth = [read_bandwidth()]
+    print(f"read bandwidth (2 threads) before: {bandwidth[0]:.1f} GB/s", flush=True)
     results = {}
-    for engine in args.engines.split(","):
+    for engine in engines:
         cmd = [sys.executable, __file__, "--engine", engine, "--model", model, "--runs", str(args.runs),
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        if args.gguf_dir:
+            cmd += ["--gguf-dir", args.gguf_dir]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -145,14 +200,22 @@ def main() -> None:
         r = results[engine]
         print(f"{engine:18s} prefill {fmt(r['prefill'])} tok/s   decode {fmt(r['decode'])} tok/s   "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    bandwidth.append(read_bandwidth())
+    print(f"read bandwidth (2 threads) after: {bandwidth[1]:.1f} GB/s")
     base = results.get("transformers-bf16")
     if base:
         for name, r in results.items():
             if name != "transformers-bf16":
                 print(f"{name}: decode {statistics.median(r['decode']) / statistics.median(base['decode']):.2f}x, "
                       f"prefill {statistics.median(r['prefill']) / statistics.median(base['prefill']):.2f}x transformers bf16")
+    for ours, theirs in (("qwenrun-bf16", "llamacpp-bf16"), ("qwenrun-int8", "llamacpp-q8_0"), ("qwenrun-int4", "llamacpp-q4_0")):
+        if ours in results and theirs in results:
+            a, b = results[ours], results[theirs]
+            print(f"{ours}: decode {statistics.median(a['decode']) / statistics.median(b['decode']):.2f}x, "
+                  f"prefill {statistics.median(a['prefill']) / statistics.median(b['prefill']):.2f}x {theirs}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "args": vars(args), "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": model, "args": vars(args), "read_bandwidth_gbs": bandwidth,
+                                               "results": results}, indent=1))
 
 
 if __name__ == "__main__":

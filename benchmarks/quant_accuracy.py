@@ -1,7 +1,9 @@
 """Accuracy cost of weight-only quantization on a real (trained) model: the bundled qwen3-tiny-thinker.
 
 Perplexity of the reference completions of held-out demo problems (teacher-forced, completion tokens
-only) and greedy next-token agreement with bf16, for int8 and int4 at several group sizes.
+only) and greedy next-token agreement with bf16, for int8 and int4 at several group sizes, through both
+paths a quantized matmul can take: the prefill path (weights expanded, activations exact) and the C++
+decode kernels, which also quantize activations per block (run here at every position).
 
     python benchmarks/quant_accuracy.py [--n 60]
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qwenrun import LLM
+from qwenrun import LLM, kernels
 from qwenrun.demo.data import make_example, sample_problem
 from qwenrun.tokenizer.chat import ChatTemplate
 
@@ -57,13 +59,18 @@ def main() -> None:
     base = LLM(args.model, dtype="bfloat16", kv_cache_memory=64 << 20)
     texts = held_out_texts(base, args.n)
     ref_ppl, ref_arg = evaluate(base, texts)
-    print(f"{'variant':10s} {'perplexity':>10s} {'delta':>8s} {'argmax agreement':>17s}")
+    default = dict(kernels.GEMV_MAX_ROWS)
+    paths = [("prefill", default)] + ([("decode", {k: 1 << 30 for k in default})] if kernels.cpu_ops() else [])
+    print(f"{'variant':10s} {'path':8s} {'perplexity':>10s} {'delta':>8s} {'argmax agreement':>17s}")
     for name, method, group in VARIANTS:
         llm = base if method is None else LLM(args.model, dtype="bfloat16", kv_cache_memory=64 << 20,
                                               quantization=method, quant_group_size=group)
-        ppl, arg = evaluate(llm, texts)
-        agree = sum((a == b).sum().item() for a, b in zip(arg, ref_arg)) / sum(len(a) for a in arg)
-        print(f"{name:10s} {ppl:10.4f} {100 * (ppl / ref_ppl - 1):+7.2f}% {100 * agree:16.1f}%")
+        for path, max_rows in paths:
+            kernels.GEMV_MAX_ROWS = max_rows  # every matmul through the decode kernels, or the usual split
+            ppl, arg = evaluate(llm, texts)
+            agree = sum((a == b).sum().item() for a, b in zip(arg, ref_arg)) / sum(len(a) for a in arg)
+            print(f"{name:10s} {path:8s} {ppl:10.4f} {100 * (ppl / ref_ppl - 1):+7.2f}% {100 * agree:16.1f}%")
+        kernels.GEMV_MAX_ROWS = default
 
 
 if __name__ == "__main__":

@@ -11,3 +11,6 @@ fi
 spec="."
 [ -n "${1:-}" ] && spec=".[$1]"
 "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"
+if ! command -v "${CXX:-g++}" >/dev/null; then
+    echo "note: no C++ compiler (g++): qwenrun will run on torch ops without its faster C++ decode kernels" >&2
+fi

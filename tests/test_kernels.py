@@ -270,7 +270,7 @@ def test_model_without_kernels_matches_model_with_them(tmp_path, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_fused_moe_decode_matches_grouped_experts(fmt):
-    """The one-call decode path over stacked experts against the token-grouping path, per format."""
+    """The one-call path of a lone token over stacked experts against the token-grouping path, per format."""
     from qwenrun.layers.moe import grouped_experts
     from qwenrun.layers.packed import StreamingExperts
     from qwenrun.models.qwen3_moe import Qwen3MoeExperts
@@ -288,8 +288,9 @@ def test_fused_moe_decode_matches_grouped_experts(fmt):
     ids = torch.tensor([[0, 5], [2, 0], [4, 3]])
     w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=torch.bfloat16)
     with torch.inference_mode():
-        fused = module(x, w, ids)
-        grouped = grouped_experts(x, w, ids, E, module.expert)
+        fused = torch.cat([module(x[t : t + 1], w[t : t + 1], ids[t : t + 1]) for t in range(3)])  # one call each
+        grouped = module(x, w, ids)  # three tokens: grouped by expert
+        assert torch.equal(grouped, grouped_experts(x, w, ids, E, module.expert))
         exact = grouped_experts(x.float(), w.float(), ids, E, experts.expert)
     assert rel_err(fused, grouped) < 0.02
     # the quantizers' own error on Gaussian weights, through two matrices (4 bits: a step of ~σ/3)

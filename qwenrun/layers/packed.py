@@ -71,8 +71,8 @@ class StreamingExperts(nn.Module):
         self.register_buffer("w2", w2)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        ops = gemv_ops(x)
-        if ops is not None:  # every chosen expert of a decode-sized batch in one call
+        ops = gemv_ops(x) if x.shape[0] == 1 else None
+        if ops is not None:  # a lone token shares no expert: all its chosen experts in one call
             return ops.moe_gemv(x, experts, weights, "bf16", [self.w13], [self.w2], 0)
         return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 

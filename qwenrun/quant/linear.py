@@ -67,6 +67,7 @@ class QuantizedLinear(nn.Module):
 
     bias: torch.Tensor | None
     streams = True  # whether the C++ kernel takes this weight's shape
+    weight_format = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply(x, "none")
@@ -77,7 +78,7 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, x: torch.Tensor, act: str) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        ops = gemv_ops(x2) if self.streams else None
+        ops = gemv_ops(x2, self.weight_format) if self.streams else None
         if ops is not None:
             y = self._gemv(ops, x2, act)
         else:
@@ -101,6 +102,7 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
+    weight_format = "int8"
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # [N, K] int8
@@ -122,13 +124,14 @@ class Int8Linear(QuantizedLinear):
         return ops.dequantize_int8(self.qweight, self.scale, dtype)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type != "cpu" or x2.dtype not in (torch.bfloat16, torch.float32) or x2.shape[0] > 8:
+        if x2.device.type != "cpu" or x2.dtype not in (torch.bfloat16, torch.float32) or x2.shape[0] > 32:
             return super()._fallback(x2)  # prefill: expand once, then a oneDNN GEMM
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
         return y + self.bias if self.bias is not None else y
 
 
 class Int4Linear(QuantizedLinear):
+    weight_format = "int4"
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None,
                  group_size: int) -> None:
         super().__init__()
@@ -158,7 +161,7 @@ class Int4Linear(QuantizedLinear):
 
 class QuantizedExperts(nn.Module):
     """MoE experts quantized as stacked tensors (int4 when both matrices' input sizes allow it, else
-    int8). Decode-sized batches run every chosen expert in one C++ call; larger ones group tokens by
+    int8). A single token runs all its chosen experts in one C++ call; more tokens are grouped by
     expert (`grouped_experts`) over each expert's slice."""
 
     def __init__(self, num_experts: int, w13: list[QuantizedLinear], w2: list[QuantizedLinear]) -> None:
@@ -189,7 +192,8 @@ class QuantizedExperts(nn.Module):
         return [getattr(self, f"{which}_{name}") for name in self._names]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        ops = gemv_ops(x)
+        # one token shares no expert with another, so grouping by expert saves nothing: one call does all
+        ops = gemv_ops(x, self.format) if x.shape[0] == 1 else None
         if ops is not None:
             return ops.moe_gemv(x, experts, weights, self.format, self.parts("w13"), self.parts("w2"), self.group_size)
         return grouped_experts(x, weights, experts, self.num_experts, self.expert)
