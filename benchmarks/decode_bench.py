@@ -146,6 +146,7 @@ def read_bandwidth() -> float:
 
 
 def child(args: argparse.Namespace) -> None:
+    bandwidth = read_bandwidth()
     if args.engine == "transformers-bf16":
         res = run_transformers(args.model, args.runs, args.prompt_len, args.new_tokens)
     elif args.engine.startswith("llamacpp-"):
@@ -154,6 +155,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         quant = {"qwenrun-bf16": None, "qwenrun-int8": "int8", "qwenrun-int4": "int4"}[args.engine]
         res = run_qwenrun(args.model, quant, args.runs, args.prompt_len, args.new_tokens)
+    res["read_bandwidth_gbs"] = [bandwidth, read_bandwidth()]  # around this engine's runs
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res))
 
@@ -199,7 +201,8 @@ def main() -> None:
         results[engine] = json.loads(line[7:])
         r = results[engine]
         print(f"{engine:18s} prefill {fmt(r['prefill'])} tok/s   decode {fmt(r['decode'])} tok/s   "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB   read bandwidth {r['read_bandwidth_gbs'][0]:.0f}"
+              f"→{r['read_bandwidth_gbs'][1]:.0f} GB/s", flush=True)
     bandwidth.append(read_bandwidth())
     print(f"read bandwidth (2 threads) after: {bandwidth[1]:.1f} GB/s")
     base = results.get("transformers-bf16")
