@@ -1,5 +1,6 @@
 """Where a single-stream decode step goes: the model's linear layers alone (each weight streamed once with
-a random one-row activation, as decode does) against whole engine steps at a 512..640-token context.
+a random one-row activation, as decode does) against whole engine steps at a 512..640-token context
+(measured as `qwenrun bench` does).
 
     python benchmarks/decode_breakdown.py [--quantization int8|int4] [--model DIR]
 
@@ -14,7 +15,8 @@ import time
 
 import torch
 
-from qwenrun import LLM, SamplingParams
+from qwenrun import LLM
+from qwenrun.cli.bench import measure
 from qwenrun.layers.packed import StreamingLinear
 from qwenrun.quant.linear import Int4Linear, QuantizedLinear
 
@@ -45,18 +47,7 @@ def main() -> None:
 
     stream()
     t_lin = statistics.median(stream() for _ in range(args.runs))
-    steps = []
-    for i in range(args.runs + 1):
-        ids = torch.randint(0, 150000, (512,), generator=torch.Generator().manual_seed(i)).tolist()
-        t0 = time.perf_counter()
-        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0))
-        t1 = time.perf_counter()
-        ids = torch.randint(0, 150000, (512,), generator=torch.Generator().manual_seed(100 + i)).tolist()
-        t2 = time.perf_counter()
-        llm.generate([ids], SamplingParams(max_tokens=129, temperature=0, ignore_eos=True))
-        if i:
-            steps.append(((time.perf_counter() - t2) - (t1 - t0)) / 128)
-    step = statistics.median(steps)
+    step = 1 / statistics.median(measure(llm, args.runs, 512, 128)["decode"])  # `qwenrun bench`'s protocol
     print(f"linear layers: {nbytes / 1e6:.0f} MB per token in {t_lin * 1e3:.1f} ms ({nbytes / t_lin / 1e9:.1f} GB/s)")
     print(f"decode step:   {step * 1e3:.1f} ms ({1 / step:.1f} tok/s); everything else {1e3 * (step - t_lin):.1f} ms")
 

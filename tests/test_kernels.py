@@ -280,7 +280,7 @@ def test_fused_moe_decode_matches_grouped_experts(fmt):
     experts = Qwen3MoeExperts(E, H, I)
     experts.w13.data, experts.w2.data = randn(E, 2 * I, H) * 0.1, randn(E, H, I) * 0.1
     if fmt == "bf16":
-        module = StreamingExperts(E, I, experts.w13.data.bfloat16(), experts.w2.data.bfloat16())
+        module = StreamingExperts(E, experts.w13.data.bfloat16(), experts.w2.data.bfloat16())
     else:
         module = QuantizedExperts.from_experts(experts, fmt, 64)
         assert module.format == fmt

@@ -180,6 +180,13 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t G, int64_
 
 inline __mmask64 tail64(int64_t n) { return n >= 64 ? ~0ull : (1ull << n) - 1; }
 
+// the 128 4-bit codes of one packed block (64 bytes, see Int4Weights): inputs 0-63 and 64-127 as bytes
+inline void unpack_int4_block(const uint8_t* p, __m512i& lo, __m512i& hi) {
+  const __m512i low = _mm512_set1_epi8(0xf), b = _mm512_loadu_si512(p);
+  lo = _mm512_and_si512(b, low);
+  hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+}
+
 // int8 weights [N, K] with a per-row scale, read as u8 = w ^ 0x80 = w + 128
 struct Int8Weights {
   const int8_t* w;
@@ -232,7 +239,6 @@ struct Int4Weights {
   template <int MB, int NB>
   void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
     const int64_t lds = K / 64 * 16;
-    const __m512i low = _mm512_set1_epi8(0xf);
     __m512 acc[MB][NB];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -245,9 +251,7 @@ struct Int4Weights {
         for (int j = 0; j < NB; ++j) {
           const uint8_t* wp = w + rows[j] * (K / 2) + k0 / 2;
           _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch, _MM_HINT_T0);
-          const __m512i b = _mm512_loadu_si512(wp);
-          lo[j] = _mm512_and_si512(b, low);
-          hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+          unpack_int4_block(wp, lo[j], hi[j]);
         }
         for (int i = 0; i < MB; ++i) {
           const int8_t* xr = xq + (m0 + i) * K + k0;
@@ -266,9 +270,7 @@ struct Int4Weights {
       __m512i lo[NB], hi[NB];
       __m512 ws0[NB], ws1[NB];
       for (int j = 0; j < NB; ++j) {
-        const __m512i b = _mm512_loadu_si512(w + rows[j] * (K / 2) + k0 / 2);
-        lo[j] = _mm512_and_si512(b, low);
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        unpack_int4_block(w + rows[j] * (K / 2) + k0 / 2, lo[j], hi[j]);
         const float* sr = scale + rows[j] * ng + (G == 64 ? k0 / 64 : k0 / 32);
         ws0[j] = G == 64 ? _mm512_set1_ps(sr[0]) : _mm512_insertf32x8(_mm512_set1_ps(sr[0]), _mm256_set1_ps(sr[1]), 1);
         ws1[j] = G == 64 ? _mm512_set1_ps(sr[1]) : _mm512_insertf32x8(_mm512_set1_ps(sr[2]), _mm256_set1_ps(sr[3]), 1);
@@ -462,29 +464,23 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
   const uint8_t* q = w.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
   const float* mn = mins.data_ptr<float>();
-  const __m512i low = _mm512_set1_epi8(0xf);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    alignas(64) uint8_t codes[128];
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k0 = 0; k0 < K; k0 += 128) {
-        const __m512i b = _mm512_loadu_si512(q + n * (K / 2) + k0 / 2);
-        const __m512i halves[2] = {_mm512_and_si512(b, low), _mm512_and_si512(_mm512_srli_epi16(b, 4), low)};
-        for (int h = 0; h < 2; ++h)
-          for (int p = 0; p < 4; ++p) {  // 16 inputs at k, all in one group (groups are >= 32)
-            const int64_t k = k0 + h * 64 + p * 16, g = n * ng + k / group_size;
-            __m128i piece;
-            switch (p) {
-              case 0: piece = _mm512_extracti32x4_epi32(halves[h], 0); break;
-              case 1: piece = _mm512_extracti32x4_epi32(halves[h], 1); break;
-              case 2: piece = _mm512_extracti32x4_epi32(halves[h], 2); break;
-              default: piece = _mm512_extracti32x4_epi32(halves[h], 3); break;
-            }
-            const __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(piece)), _mm512_set1_ps(s[g]),
-                                             _mm512_set1_ps(mn[g]));
-            if (dtype == at::kBFloat16)
-              store16(out.data_ptr<bf16>() + n * K + k, r, 0xffff);
-            else
-              store16(out.data_ptr<float>() + n * K + k, r, 0xffff);
-          }
+        __m512i lo, hi;
+        unpack_int4_block(q + n * (K / 2) + k0 / 2, lo, hi);
+        _mm512_store_si512(codes, lo);
+        _mm512_store_si512(codes + 64, hi);
+        for (int64_t t = 0; t < 128; t += 16) {  // 16 inputs, all in one group (groups are >= 32)
+          const int64_t g = n * ng + (k0 + t) / group_size;
+          const __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(codes + t)))),
+                                           _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]));
+          if (dtype == at::kBFloat16)
+            store16(out.data_ptr<bf16>() + n * K + k0 + t, r, 0xffff);
+          else
+            store16(out.data_ptr<float>() + n * K + k0 + t, r, 0xffff);
+        }
       }
     }
   });

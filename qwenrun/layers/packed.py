@@ -24,6 +24,16 @@ def cpu_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    """act(x wᵀ + b) for a plain bf16 weight; act "silu_mul" treats w as [gate; up]. Shared by the
+    linears and by each expert's slice of the stacked expert weights."""
+    ops = gemv_ops(x)
+    if ops is None:
+        y = F.linear(x, w, bias)
+        return silu_mul(y) if act == "silu_mul" else y
+    return ops.gemv_bf16(x.reshape(-1, x.shape[-1]), w, bias, act).view(*x.shape[:-1], -1)
+
+
 class StreamingLinear(nn.Module):
     """A bf16 weight [N, K] kept plain; few rows go through the C++ GEMV, many through oneDNN."""
 
@@ -33,17 +43,11 @@ class StreamingLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = gemv_ops(x)
-        if ops is None:
-            return F.linear(x, self.weight, self.bias)
-        return ops.gemv_bf16(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none").view(*x.shape[:-1], -1)
+        return bf16_matmul(x, self.weight, self.bias)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) · up of a [gate; up] projection, fused into the GEMV where it runs."""
-        ops = gemv_ops(x)
-        if ops is None:
-            return silu_mul(self(x))
-        return ops.gemv_bf16(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "silu_mul").view(*x.shape[:-1], -1)
+        return bf16_matmul(x, self.weight, self.bias, "silu_mul")
 
 
 class PackedLinear(nn.Module):
@@ -64,9 +68,9 @@ class PackedLinear(nn.Module):
 class StreamingExperts(nn.Module):
     """bf16 MoE experts, stacked as loaded (`w13 [E, 2I, H]`, `w2 [E, H, I]`)."""
 
-    def __init__(self, num_experts: int, intermediate: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def __init__(self, num_experts: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
+        self.num_experts = num_experts
         self.register_buffer("w13", w13)
         self.register_buffer("w2", w2)
 
@@ -77,10 +81,7 @@ class StreamingExperts(nn.Module):
         return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        ops = gemv_ops(x)
-        if ops is None:
-            return F.linear(silu_mul(F.linear(x, self.w13[e])), self.w2[e])
-        return ops.gemv_bf16(ops.gemv_bf16(x, self.w13[e], None, "silu_mul"), self.w2[e], None, "none")
+        return bf16_matmul(bf16_matmul(x, self.w13[e], None, "silu_mul"), self.w2[e], None)
 
 
 class PackedExperts(nn.Module):
@@ -110,7 +111,7 @@ def pack_linears(model: nn.Module) -> nn.Module:
             if isinstance(child, (nn.Linear, MergedLinear)):
                 setattr(parent, name, linear(child.weight.data, child.bias))
             elif isinstance(child, Qwen3MoeExperts) and streaming:
-                setattr(parent, name, StreamingExperts(child.num_experts, child.intermediate, child.w13.data, child.w2.data))
+                setattr(parent, name, StreamingExperts(child.num_experts, child.w13.data, child.w2.data))
             elif isinstance(child, Qwen3MoeExperts):
                 packed = [[PackedLinear(w, None) for w in ws] for ws in (child.w13.data, child.w2.data)]
                 setattr(parent, name, PackedExperts(child.num_experts, *packed))

@@ -10,6 +10,7 @@ expanded weight.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,76 +63,83 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((b & 0xF, b >> 4), dim=2).reshape(N, K2 * 2)
 
 
-class QuantizedLinear(nn.Module):
-    """y = x Ŵᵀ + b for a quantized Ŵ; subclasses supply the kernel call and the expanded weight."""
+# the tensors that hold a quantized matrix, per format (module buffer names; kernel argument order)
+PART_NAMES = {"int8": ("qweight", "scale"), "int4": ("packed", "scale", "mins")}
 
+
+def expand(fmt: str, parts: Sequence[torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] of quantized `parts` (int8: qweight, scale; int4: packed, scale, mins)."""
+    ops = kernels.cpu_ops() if parts[0].device.type == "cpu" else None
+    if fmt == "int8":
+        q, scale = parts
+        return ops.dequantize_int8(q, scale, dtype) if ops else (q.float() * scale[:, None]).to(dtype)
+    packed, scale, mins = parts
+    if ops:
+        return ops.dequantize_int4(packed, scale, mins, group_size, dtype)
+    return dequantize_int4(unpack_int4(packed), scale, mins, group_size).to(dtype)
+
+
+def quantized_matmul(x: torch.Tensor, fmt: str, parts: Sequence[torch.Tensor], group_size: int,
+                     bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    """act(x Ŵᵀ + b) for quantized `parts`; act "silu_mul" treats Ŵ as [gate; up]. Shared by the
+    linears and by each expert's slice of the stacked expert weights."""
+    x2 = x.reshape(-1, x.shape[-1])
+    streams = fmt == "int4" or x2.shape[1] % 32 == 0  # the int8 kernel reads 32-input blocks
+    ops = gemv_ops(x2, fmt) if streams else None
+    if ops is not None:
+        if fmt == "int8":
+            y = ops.gemv_int8(x2, *parts, bias, act)
+        else:
+            y = ops.gemv_int4(x2, *parts, group_size, bias, act)
+        return y.view(*x.shape[:-1], -1)
+    small = x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] <= 32
+    if fmt == "int8" and small:  # no kernels, or an input size they do not take
+        y = torch.ops.aten._weight_int8pack_mm(x2, parts[0], parts[1].to(x2.dtype))
+        y = y + bias if bias is not None else y
+    else:  # prefill: expand once, then a oneDNN GEMM
+        y = F.linear(x2, expand(fmt, parts, group_size, x2.dtype), bias)
+    return (silu_mul(y) if act == "silu_mul" else y).view(*x.shape[:-1], -1)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x Ŵᵀ + b for a quantized Ŵ held as `parts` in `format`."""
+
+    format: str
+    group_size = 0
     bias: torch.Tensor | None
-    streams = True  # whether the C++ kernel takes this weight's shape
-    weight_format = ""
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in PART_NAMES[self.format])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(x, "none")
+        return quantized_matmul(x, self.format, self.parts, self.group_size, self.bias)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) · up of a [gate; up] projection, fused into the kernel where it runs."""
-        return self._apply(x, "silu_mul")
-
-    def _apply(self, x: torch.Tensor, act: str) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        ops = gemv_ops(x2, self.weight_format) if self.streams else None
-        if ops is not None:
-            y = self._gemv(ops, x2, act)
-        else:
-            y = self._fallback(x2)
-            y = silu_mul(y) if act == "silu_mul" else y
-        return y.view(*x.shape[:-1], -1)
-
-    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        ops = kernels.cpu_ops() if x2.device.type == "cpu" and self.streams else None
-        w = self._expand(ops, x2.dtype) if ops is not None else self.dequantized().to(x2.dtype)
-        return F.linear(x2, w, self.bias)
-
-    def _expand(self, ops, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
-        raise NotImplementedError
+        return quantized_matmul(x, self.format, self.parts, self.group_size, self.bias, "silu_mul")
 
     def dequantized(self) -> torch.Tensor:
-        raise NotImplementedError
+        return expand(self.format, self.parts, self.group_size, torch.float32)
 
 
 class Int8Linear(QuantizedLinear):
-    weight_format = "int8"
+    format = "int8"
+
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)  # [N, K] int8
         self.register_buffer("scale", scale)  # [N] fp32
         self.bias = bias
-        self.streams = qweight.shape[1] % 32 == 0
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         return cls(*quantize_int8(weight), bias)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
-
-    def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
-        return ops.gemv_int8(x2, self.qweight, self.scale, self.bias, act)
-
-    def _expand(self, ops, dtype: torch.dtype) -> torch.Tensor:
-        return ops.dequantize_int8(self.qweight, self.scale, dtype)
-
-    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type != "cpu" or x2.dtype not in (torch.bfloat16, torch.float32) or x2.shape[0] > 32:
-            return super()._fallback(x2)  # prefill: expand once, then a oneDNN GEMM
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
-        return y + self.bias if self.bias is not None else y
-
 
 class Int4Linear(QuantizedLinear):
-    weight_format = "int4"
+    format = "int4"
+
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None,
                  group_size: int) -> None:
         super().__init__()
@@ -149,15 +157,6 @@ class Int4Linear(QuantizedLinear):
         q, scale, mins = quantize_int4(weight, group_size)
         return cls(pack_int4(q), scale, mins, bias, group_size)
 
-    def dequantized(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.packed), self.scale, self.mins, self.group_size)
-
-    def _gemv(self, ops, x2: torch.Tensor, act: str) -> torch.Tensor:
-        return ops.gemv_int4(x2, self.packed, self.scale, self.mins, self.group_size, self.bias, act)
-
-    def _expand(self, ops, dtype: torch.dtype) -> torch.Tensor:
-        return ops.dequantize_int4(self.packed, self.scale, self.mins, self.group_size, dtype)
-
 
 class QuantizedExperts(nn.Module):
     """MoE experts quantized as stacked tensors (int4 when both matrices' input sizes allow it, else
@@ -166,14 +165,10 @@ class QuantizedExperts(nn.Module):
 
     def __init__(self, num_experts: int, w13: list[QuantizedLinear], w2: list[QuantizedLinear]) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.format = "int4" if isinstance(w13[0], Int4Linear) else "int8"
-        self.group_size = getattr(w13[0], "group_size", 0)
-        names = ("packed", "scale", "mins") if self.format == "int4" else ("qweight", "scale")
+        self.num_experts, self.format, self.group_size = num_experts, w13[0].format, w13[0].group_size
         for which, layers in (("w13", w13), ("w2", w2)):
-            for name in names:
+            for name in PART_NAMES[self.format]:
                 self.register_buffer(f"{which}_{name}", torch.stack([getattr(m, name) for m in layers]))
-        self._names = names
 
     @classmethod
     def from_experts(cls, experts: nn.Module, method: str, group_size: int) -> QuantizedExperts:
@@ -189,7 +184,7 @@ class QuantizedExperts(nn.Module):
         return cls(experts.num_experts, w13, w2)
 
     def parts(self, which: str) -> list[torch.Tensor]:
-        return [getattr(self, f"{which}_{name}") for name in self._names]
+        return [getattr(self, f"{which}_{name}") for name in PART_NAMES[self.format]]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         # one token shares no expert with another, so grouping by expert saves nothing: one call does all
@@ -199,10 +194,6 @@ class QuantizedExperts(nn.Module):
         return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        w13, w2 = (self._layer([p[e] for p in self.parts(which)]) for which in ("w13", "w2"))
-        return w2(w13.silu_mul(x))
-
-    def _layer(self, parts: list[torch.Tensor]) -> QuantizedLinear:
-        if self.format == "int4":
-            return Int4Linear(*parts, None, self.group_size)
-        return Int8Linear(*parts, None)
+        w13, w2 = ([p[e] for p in self.parts(which)] for which in ("w13", "w2"))
+        h = quantized_matmul(x, self.format, w13, self.group_size, None, "silu_mul")
+        return quantized_matmul(h, self.format, w2, self.group_size, None)
