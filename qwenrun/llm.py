@@ -207,7 +207,8 @@ class LLM:
             enable_thinking = soft_thinking_switch(messages)
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
-        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         chat_template_kwargs=kwargs)
 
     def chat(
         self,

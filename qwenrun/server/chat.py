@@ -186,11 +186,10 @@ def build_plan(state: ServerState, messages: list[dict[str, Any]], *,
                chat_template_kwargs: Mapping[str, Any] | None, enable_thinking: bool | None,
                parallel_tool_calls: bool = True, json_mode: bool = False) -> ChatPlan:
     """Render and tokenize (runs in a worker thread: templates and long prompts take time)."""
-    kwargs = dict(chat_template_kwargs or {})
-    if "enable_thinking" not in kwargs and enable_thinking is not None:
-        kwargs["enable_thinking"] = enable_thinking
     tok = state.tokenizer()
-    prompt = state.llm.render_chat(messages, tools=tools, chat_template_kwargs=kwargs)
+    # The explicit field (top-level `enable_thinking`, Anthropic `thinking`) wins over the kwargs.
+    prompt = state.llm.render_chat(messages, tools=tools, enable_thinking=enable_thinking,
+                                   chat_template_kwargs=chat_template_kwargs)
     ids = tok.encode(prompt)
     return ChatPlan(prompt, ids, params, parse_tools, parallel_tool_calls,
                     state.llm.think_open(ids), json_mode)

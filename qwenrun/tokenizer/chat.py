@@ -5,6 +5,16 @@ the environment HF builds (`transformers/utils/chat_template_utils.py`): trim/ls
 loop controls, a `tojson` without HTML escaping, `raise_exception` and `strftime_now`. Messages get
 HF's normalisation first (None-valued keys dropped, reasoning aliases filled), because templates
 branch on `is defined`.
+
+A request's `chat_template_kwargs` are untrusted extra variables. The variables `render` sets from
+its own arguments (`messages`, `tools`, `documents`, `add_generation_prompt`, and whatever the
+caller passes explicitly, such as the request's top-level `enable_thinking`) win over a
+same-named entry, which is ignored: the request's own fields already say what they mean, and a
+second copy must not change the prompt behind them (nor crash the call, as it used to). vLLM merges
+the other way round (kwargs over fields); both reject `chat_template` and `tokenize`, which are
+options of HF's `apply_chat_template`, not variables. The rendered prompt has its surrogate code
+points repaired (`replace_surrogates`), so tools and messages holding a lone `"\\ud800"` still
+give a prompt that tokenizes.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwenrun.errors import CheckpointError, InvalidRequestError
+from qwenrun.tokenizer.tokenizer import replace_surrogates
 
 if TYPE_CHECKING:
     from qwenrun.tokenizer.tokenizer import Tokenizer
@@ -33,6 +44,12 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 # `/think` or `/no_think` as a word of its own (not `/thinking`, not part of a path like `a/think`).
 _SOFT_SWITCH = re.compile(r"(?<![\w/])/(no_)?think\b")
+
+# Variables `render` always sets from its arguments; a `chat_template_kwargs` entry cannot replace them.
+RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+# `apply_chat_template` options that are not template variables; as kwargs they would do nothing.
+_NOT_VARIABLES = frozenset({"chat_template", "tokenize"})
 
 
 def _tojson(
@@ -174,6 +191,7 @@ class ChatTemplate:
         *,
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> str:
         """Render `messages` (OpenAI-shaped dicts) to the prompt string.
@@ -184,11 +202,16 @@ class ChatTemplate:
                 JSON string or a dict; `reasoning_content`/`reasoning` is forwarded to the template.
             tools: OpenAI tool objects, rendered in the system turn.
             add_generation_prompt: end with the assistant header the model continues from.
-            template_kwargs: extra template variables, e.g. `enable_thinking=False`. Only what is
-                given is defined, since templates test `enable_thinking is defined`.
+            chat_template_kwargs: a request's extra template variables (any JSON values). Entries
+                named like a `RESERVED_VARIABLES` member or like a `template_kwargs` key are
+                ignored (the explicit argument wins); they may override the special tokens.
+            template_kwargs: extra template variables from the caller, e.g.
+                `enable_thinking=False`. Only what is given is defined, since templates test
+                `enable_thinking is defined`.
 
         Raises:
-            InvalidRequestError: malformed messages, or the template rejects/fails on them.
+            InvalidRequestError: malformed messages or kwargs, or the template rejects/fails on
+                them (whatever the values, never another exception type).
         """
         if tools is not None and (
             not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)
@@ -196,6 +219,7 @@ class ChatTemplate:
             raise InvalidRequestError("tools must be a list of tool objects")
         context = {
             **self._special_tokens,
+            **_request_variables(chat_template_kwargs),
             **template_kwargs,
             "messages": _normalise(messages),
             "tools": tools,
@@ -203,12 +227,42 @@ class ChatTemplate:
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return self._template.render(**context)
+            # One positional dict: a variable named `self` cannot collide with render's signature.
+            text = self._template.render(context)
         except InvalidRequestError:
             raise  # from `raise_exception`: already says what is wrong
-        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
-            # e.g. list content where the template concatenates strings
+        except (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            LookupError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
+            # e.g. list content where the template concatenates strings, or a kwarg of a type the
+            # template does not expect; RecursionError from tojson on deeply nested values
             raise InvalidRequestError(f"chat template failed on these messages: {exc}") from exc
+        return replace_surrogates(text)
+
+
+def _request_variables(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A request's `chat_template_kwargs` as template variables, reserved names dropped."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise InvalidRequestError(
+            f"chat_template_kwargs must be an object, got {type(kwargs).__name__}"
+        )
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise InvalidRequestError(f"chat_template_kwargs keys must be strings, got {key!r}")
+        if key in _NOT_VARIABLES:
+            raise InvalidRequestError(
+                f"chat_template_kwargs.{key} is not supported: the server renders with its "
+                "model's own template, to text; remove the key"
+            )
+    return {k: v for k, v in kwargs.items() if k not in RESERVED_VARIABLES}
 
 
 def _text_of(content: Any) -> str:

@@ -9,6 +9,7 @@ supplies what the Rust file lacks: the chat template, the eos/pad tokens and the
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,22 @@ _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _PROMPT_CONTEXT = 5
 
 _REPLACEMENT_CHAR = "\ufffd"
+
+# A UTF-16 surrogate code point: legal in a Python str, never in UTF-8 (nor in Rust's String).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` as valid Unicode: surrogate pairs joined into their character, lone ones -> U+FFFD.
+
+    JSON allows `"\\ud800"` and `json.loads` keeps it as a lone surrogate; `surrogateescape`
+    decoding and CESU-8 text give them too. The Rust tokenizer cannot take such a str, so every
+    text entry point repairs it the way browsers do (WHATWG's USVString conversion), instead of
+    failing the request. Text without surrogates is returned as it is, after one regex scan.
+    """
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _token_text(value: Any) -> str | None:
@@ -156,14 +173,20 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings inside it become their single ids."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special-token strings inside it become their single ids.
+
+        Surrogate code points are repaired first (`replace_surrogates`), so any str encodes.
+        """
+        return self._backend.encode(replace_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; partial UTF-8 decodes to U+FFFD, ids past the vocab are dropped."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of the vocabulary entry `token`, None if there is none (no token has a surrogate)."""
+        if _SURROGATE.search(token) is not None:
+            return None
         return self._backend.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
