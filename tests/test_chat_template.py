@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qwenrun.errors import InvalidRequestError
-from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
+from qwenrun.tokenizer.chat import RESERVED_VARIABLES, ChatTemplate, soft_thinking_switch
 from qwenrun.tokenizer.tokenizer import Tokenizer
 
 WEATHER = {
@@ -461,3 +463,144 @@ def test_sandbox_blocks_underscore_namespace_and_bad_syntax() -> None:
 )
 def test_soft_thinking_switch(messages: list[dict[str, Any]], expected: bool | None) -> None:
     assert soft_thinking_switch(messages) is expected
+
+
+# ------------------------------------------------------------ hostile text and template kwargs
+
+BUNDLED = Path(__file__).resolve().parents[1] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
+
+
+def test_surrogates_in_messages_and_tools_give_a_prompt_that_tokenizes(
+    template: ChatTemplate, qwen3_tokenizer_dir: Path
+) -> None:
+    lone_high, lone_low = json.loads('"\\ud800"'), json.loads('"\\udfff"')
+    weather = json.loads(json.dumps(WEATHER))
+    weather["function"]["description"] = f"City {lone_low} weather"
+    messages = [
+        user(f"Hi {lone_high}!"),
+        assistant("", tool_calls=[call("get_weather", {"city": "\ud83d\ude00 town"})]),
+        tool("25C"),
+    ]
+    clean = [
+        user("Hi \ufffd!"),
+        assistant("", tool_calls=[call("get_weather", {"city": "\U0001f600 town"})]),
+        tool("25C"),
+    ]
+    clean_weather = json.loads(json.dumps(WEATHER))
+    clean_weather["function"]["description"] = "City \ufffd weather"
+    prompt = template.render(messages, tools=[weather, SEARCH])
+    assert prompt == template.render(clean, tools=[clean_weather, SEARCH])
+    prompt.encode("utf-8")  # no surrogate left
+    assert Tokenizer.from_dir(qwen3_tokenizer_dir).encode(prompt)
+
+
+REQUEST = [SYSTEM, user("Weather in Paris?")]
+# Hostile values for every variable `render` sets itself; none may change the prompt.
+RESERVED_VALUES = {
+    "messages": ["x", None, [{"role": "robot"}], {"a": 1}],
+    "tools": [[{"bogus": 1}], "tools", None, [WEATHER]],
+    "documents": [[{"title": "t", "text": "d"}], 7],
+    "add_generation_prompt": [False, "no", None],
+}
+
+
+def test_every_reserved_name_is_covered() -> None:
+    assert set(RESERVED_VALUES) == RESERVED_VARIABLES
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(k, v) for k, vs in RESERVED_VALUES.items() for v in vs], ids=repr
+)
+def test_request_kwargs_cannot_replace_reserved_variables(
+    template: ChatTemplate, name: str, value: Any
+) -> None:
+    for tools in (None, TOOLS):
+        got = template.render(REQUEST, tools=tools, chat_template_kwargs={name: value})
+        assert got == template.render(REQUEST, tools=tools)
+
+
+def test_explicit_kwargs_win_and_others_pass_through(template: ChatTemplate) -> None:
+    no_think = template.render([user("Hi")], enable_thinking=False)
+    assert no_think.endswith("<think>\n\n</think>\n\n")
+    kwargs = {"enable_thinking": True}
+    assert template.render([user("Hi")], chat_template_kwargs=kwargs, enable_thinking=False) == no_think
+    assert template.render([user("Hi")], chat_template_kwargs={"enable_thinking": False}) == no_think
+    tpl = ChatTemplate("{{ eos_token }}|{{ x }}", {"eos_token": "<|im_end|>"})
+    got = tpl.render([user("a")], chat_template_kwargs={"x": [1], "self": "s", "eos_token": "E"})
+    assert got == "E|[1]"  # `self` no longer collides with Template.render's own argument
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"chat_template": "{{ 'pwned' }}"}, "chat_template_kwargs.chat_template is not supported"),
+        ({"tokenize": True}, "chat_template_kwargs.tokenize is not supported"),
+        ({1: True}, "keys must be strings"),
+        (["enable_thinking"], "chat_template_kwargs must be an object"),
+    ],
+)
+def test_refused_request_kwargs(template: ChatTemplate, kwargs: Any, needle: str) -> None:
+    with pytest.raises(InvalidRequestError, match=needle):
+        template.render(REQUEST, chat_template_kwargs=kwargs)
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# A template that uses a request variable every way a checkpoint template might.
+PROBE = ChatTemplate(
+    "{% for m in messages %}{{ m.content }}{% endfor %}"
+    "{{ v | tojson }}{{ v | length }}{{ v + 1 }}{{ v.key }}{{ v[0] }}{{ 10 / v }}"
+    "{{ v.startswith('a') }}{% for i in v %}{{ i }}{% endfor %}{{ namespace(x=v).x }}"
+    "{{ raise_exception(v) if v == 'boom' else '' }}"
+)
+VARIABLE_NAMES = ["v", "enable_thinking", "namespace", "raise_exception", "range", "loop",
+                  "self", "eos_token", "bos_token", "tools", "messages", "strftime_now", "__class__"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kwargs=st.dictionaries(st.sampled_from(VARIABLE_NAMES) | st.text(max_size=8), JSON_VALUES, max_size=4))
+def test_any_request_kwargs_render_or_raise_invalid_request(
+    template: ChatTemplate, kwargs: dict[str, Any]
+) -> None:
+    """Whatever JSON a client sends as chat_template_kwargs: a prompt, or InvalidRequestError (a 400)."""
+    for tpl in (template, PROBE):
+        try:
+            prompt = tpl.render(REQUEST, tools=TOOLS, chat_template_kwargs=kwargs)
+        except InvalidRequestError:
+            continue
+        assert isinstance(prompt, str)
+        prompt.encode("utf-8")
+
+
+def test_deeply_nested_kwarg_is_an_invalid_request() -> None:
+    with pytest.raises(InvalidRequestError, match="recursion"):
+        PROBE.render([user("a")], chat_template_kwargs={"v": _nested(100_000)})
+
+
+@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled demo model not present")
+def test_llm_render_chat_with_colliding_kwargs() -> None:
+    """LLM.render_chat (the server's and the Python API's path) used to raise TypeError
+    `got multiple values for keyword argument 'tools'` for these."""
+    from qwenrun import LLM
+
+    llm = LLM(BUNDLED, dtype="float32", kv_cache_memory=8 << 20)
+    plain = llm.render_chat(REQUEST)
+    for name, values in RESERVED_VALUES.items():
+        for value in values:
+            assert llm.render_chat(REQUEST, chat_template_kwargs={name: value}) == plain
+    off = llm.render_chat(REQUEST, enable_thinking=False, chat_template_kwargs={"enable_thinking": True})
+    assert off.endswith("<think>\n\n</think>\n\n")  # the explicit argument wins
+    assert llm.render_chat(REQUEST, chat_template_kwargs={"enable_thinking": False}) == off
+    with pytest.raises(InvalidRequestError, match="tokenize"):
+        llm.render_chat(REQUEST, chat_template_kwargs={"tokenize": True})
+    assert llm.tokenizer.encode(llm.render_chat([user("\udfff \ud83d\ude00")]))

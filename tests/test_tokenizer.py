@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qwenrun.errors import CheckpointError
-from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer, replace_surrogates
 
 TEXTS = {
     "latin": "The quick brown fox jumps over the lazy dog. Ça déjà vu, naïve façade — Straße!",
@@ -177,3 +177,31 @@ def test_chat_template_jinja_file_wins(tmp_path: Path, qwen3_tokenizer_dir: Path
     no_template = Tokenizer.from_dir(tmp_path)
     assert no_template.chat_template is None
     assert no_template.eos_token_id == 151645  # the rest of the config is still read
+
+
+@pytest.mark.parametrize(
+    ("text", "repaired"),
+    [
+        (json.loads('"a\\ud800b"'), "a\ufffdb"),  # JSON's lone high surrogate
+        (json.loads('"lone low \\udfff"'), "lone low \ufffd"),
+        ("\ud83d\ude00", "\U0001f600"),  # a pair as two code points becomes its character
+        ("x\ud83d", "x\ufffd"),  # high surrogate at the end
+        ("\ude00\ud83d", "\ufffd\ufffd"),  # the two halves in the wrong order
+        ("\ud800\ud800\ude00", "\ufffd\U00010200"),  # a lone one, then a pair
+        (b"caf\xe9".decode("utf-8", "surrogateescape"), "caf\ufffd"),  # os.fsdecode of latin-1
+        (b"\xed\xa0\xbd\xed\xb8\x80".decode("utf-8", "surrogatepass"), "\U0001f600"),  # CESU-8
+        ("plain ascii", "plain ascii"),
+        (TEXTS["emoji"], TEXTS["emoji"]),
+    ],
+)
+def test_replace_surrogates(text: str, repaired: str) -> None:
+    assert replace_surrogates(text) == repaired
+
+
+def test_encode_accepts_surrogates(tok: Tokenizer) -> None:
+    """The Rust tokenizer raised TypeError on these; now they encode as their repaired text."""
+    assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
+    assert tok.encode("smile \ud83d\ude00!") == tok.encode("smile \U0001f600!")
+    assert tok.decode(tok.encode("\udc80<think>\udfff")) == "\ufffd<think>\ufffd"
+    assert tok.token_to_id("\ud800") is None
+    assert tok.token_to_id("<think>") == tok.think_start_id
