@@ -29,8 +29,13 @@ from qwenrun.engine.request import Request
 from qwenrun.server.chat import ChatPlan, build_plan, parse_output, select_tools, template_messages
 from qwenrun.server.protocol import (
     AnthropicBlock,
+    AnthropicContentBlock,
     AnthropicMessagesRequest,
     AnthropicResponse,
+    AnthropicTextBlock,
+    AnthropicThinkingBlock,
+    AnthropicTokenCount,
+    AnthropicToolUseBlock,
     AnthropicUsage,
 )
 from qwenrun.server.serving import (
@@ -166,7 +171,7 @@ async def _plan(state: ServerState,
 
 async def count_tokens(state: ServerState, request: HTTPRequest) -> Response:
     _, _, plan = await _plan(state, request)
-    return JSONResponse({"input_tokens": len(plan.prompt_ids)})
+    return JSONResponse(AnthropicTokenCount(input_tokens=len(plan.prompt_ids)).model_dump(mode="json"))
 
 
 def _stop(req: Request, tool_use: bool) -> tuple[str, str | None]:
@@ -195,14 +200,14 @@ async def _response(state: ServerState, plan: ChatPlan, req: Request, arrival: f
     async for _ in iterate_requests(state, [req], arrival):
         pass
     parsed = parse_output(state, plan, req.text)
-    content: list[dict[str, Any]] = []
+    content: list[AnthropicContentBlock] = []
     if parsed.reasoning:
-        content.append({"type": "thinking", "thinking": parsed.reasoning, "signature": ""})
+        content.append(AnthropicThinkingBlock(thinking=parsed.reasoning))
     if parsed.content:
-        content.append({"type": "text", "text": parsed.content})
-    for call in parsed.tool_calls:
-        content.append({"type": "tool_use", "id": _tool_id(), "name": call.name,
-                        "input": json.loads(call.arguments)})
+        content.append(AnthropicTextBlock(text=parsed.content))
+    for call in parsed.tool_calls:  # arguments: a JSON object (the tool parsers' contract)
+        content.append(AnthropicToolUseBlock(id=_tool_id(), name=call.name,
+                                             input=json.loads(call.arguments)))
     stop_reason, stop_sequence = _stop(req, bool(parsed.tool_calls))
     return AnthropicResponse(
         id=msg_id, model=model, content=content, stop_reason=stop_reason, stop_sequence=stop_sequence,
@@ -216,13 +221,13 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
     index = -1
     open_type: str | None = None
 
-    def start(kind: str, block: dict[str, Any]) -> list[str]:
+    def start(block: AnthropicContentBlock) -> list[str]:
         nonlocal index, open_type
         out = stop()
         index += 1
-        open_type = kind
-        out.append(sse({"type": "content_block_start", "index": index, "content_block": block},
-                       "content_block_start"))
+        open_type = block.type
+        out.append(sse({"type": "content_block_start", "index": index,
+                        "content_block": block.model_dump(mode="json")}, "content_block_start"))
         return out
 
     def stop() -> list[str]:
@@ -235,12 +240,11 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
     def delta(d: dict[str, Any]) -> str:
         return sse({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
 
-    message: dict[str, Any] = {
-        "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": len(plan.prompt_ids), "output_tokens": 0}}
+    message = AnthropicResponse(id=msg_id, model=model, content=[], usage=AnthropicUsage(
+        input_tokens=len(plan.prompt_ids), output_tokens=0))
     try:
-        yield sse({"type": "message_start", "message": message}, "message_start")
+        yield sse({"type": "message_start", "message": message.model_dump(mode="json")},
+                  "message_start")
         async for _, d in iterate_requests(state, [req], arrival):
             events = parser.feed(d.text_delta)
             if d.finished:
@@ -248,19 +252,17 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
             for event in events:
                 if event[0] == "reasoning":
                     if open_type != "thinking":
-                        block = {"type": "thinking", "thinking": "", "signature": ""}
-                        for s in start("thinking", block):
+                        for s in start(AnthropicThinkingBlock(thinking="")):
                             yield s
                     yield delta({"type": "thinking_delta", "thinking": event[1]})
                 elif event[0] == "content":
                     if open_type != "text":
-                        for s in start("text", {"type": "text", "text": ""}):
+                        for s in start(AnthropicTextBlock(text="")):
                             yield s
                     yield delta({"type": "text_delta", "text": event[1]})
                 else:
                     call = event[2]
-                    for s in start("tool_use", {"type": "tool_use", "id": _tool_id(),
-                                                "name": call.name, "input": {}}):
+                    for s in start(AnthropicToolUseBlock(id=_tool_id(), name=call.name, input={})):
                         yield s
                     yield delta({"type": "input_json_delta", "partial_json": call.arguments})
                     for s in stop():

@@ -79,9 +79,11 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 def _usage(prompt_tokens: int, reqs: Sequence[Request], reasoning: int | None = None) -> Usage:
     completion = sum(r.num_output_tokens for r in reqs)
-    details = CompletionTokensDetails(reasoning_tokens=reasoning) if reasoning is not None else None
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                 total_tokens=prompt_tokens + completion, completion_tokens_details=details)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                  total_tokens=prompt_tokens + completion)
+    if reasoning is not None:
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=reasoning)
+    return usage
 
 
 def _chat_logprobs(texts: TokenTexts, ids: Sequence[int], entries: Sequence[dict[int, float]],
@@ -172,8 +174,10 @@ async def _chat_response(state: ServerState, plan: ChatPlan, reqs: list[Request]
         n_reasoning += reasoning_tokens(state, ids, parsed.reasoning, parsed.content)
         calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
                  for c in parsed.tool_calls]
-        message = ChatMessageOut(content=parsed.content, tool_calls=calls or None,
+        message = ChatMessageOut(content=parsed.content,
                                  reasoning_content=parsed.reasoning if include_reasoning else None)
+        if calls:
+            message.tool_calls = calls
         logprobs = None
         if k is not None:
             entries = (req.logprobs or [])[: len(ids)]
@@ -182,7 +186,7 @@ async def _chat_response(state: ServerState, plan: ChatPlan, reqs: list[Request]
                             finish_reason="tool_calls" if calls else req.finish_reason)
         error = json_error(plan, parsed.content)
         if error:
-            choice.response_format_error = error  # type: ignore[attr-defined]
+            choice.response_format_error = error
         choices.append(choice)
     response = ChatCompletionResponse(id=resp_id, model=model, choices=choices,
                                       usage=_usage(len(plan.prompt_ids), reqs, n_reasoning))
@@ -198,13 +202,16 @@ async def _stream_chat(state: ServerState, plan: ChatPlan, reqs: list[Request], 
     cursors = [_LogprobCursor() for _ in reqs]
     pending: list[list[TokenLogprob]] = [[] for _ in reqs]
     n_reasoning = 0
+    # OpenAI: with include_usage every chunk carries `usage`, null but on the last one.
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(i: int, delta: DeltaMessage, finish_reason: str | None = None, **extra: Any) -> str:
         lp = None
         if k is not None:
             lp, pending[i] = ChoiceLogprobs(content=pending[i]), []
         choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish_reason, logprobs=lp, **extra)
-        return sse(ChatCompletionChunk(id=resp_id, created=created, model=model, choices=[choice]))
+        return sse(ChatCompletionChunk(id=resp_id, created=created, model=model, choices=[choice],
+                                       **usage_field))
 
     try:
         for i in range(len(reqs)):
@@ -355,11 +362,13 @@ async def _stream_completions(state: ServerState, reqs: list[Request], echoes: l
     texts = state.token_texts
     cursors = [_LogprobCursor() for _ in reqs]
     offsets = [0] * len(reqs)
+    usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(i: int, text: str, finish_reason: str | None = None,
               logprobs: CompletionLogprobs | None = None) -> str:
         choice = CompletionChoice(index=i, text=text, finish_reason=finish_reason, logprobs=logprobs)
-        return sse(CompletionResponse(id=resp_id, created=created, model=model, choices=[choice]))
+        return sse(CompletionResponse(id=resp_id, created=created, model=model, choices=[choice],
+                                      **usage_field))
 
     try:
         for i, echo in enumerate(echoes):

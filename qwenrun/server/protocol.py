@@ -15,9 +15,19 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 # ----------------------------------------------------------------------------------- requests
 
@@ -249,7 +259,35 @@ def _is_union_tag(part: object) -> bool:
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """A response body: every field is always sent (null when empty), as OpenAI's and Anthropic's
+    schemas require, except the fields a class lists in `_omit_unset`, which are sent only when set.
+
+    The exception exists for deltas (a chunk carries only what changed) and for fields that are
+    present only on request, such as a chunk's `usage` with `stream_options.include_usage` (then
+    null on every chunk but the last). Setting such a field, even to None, sends it. The JSON schema
+    (`mode="serialization"`) says the same: every field required except those in `_omit_unset`.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+    _omit_unset: ClassVar[frozenset[str]] = frozenset()
+
+    # No return annotation: pydantic would take it as the serialized schema and lose the fields.
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        for name in self._omit_unset:
+            if name not in self.model_fields_set:
+                data.pop(name, None)
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        resolved = handler.resolve_ref_schema(schema)
+        if "required" in resolved:
+            resolved["required"] = [f for f in resolved["required"] if f not in cls._omit_unset]
+        return schema
 
 
 def _now() -> int:
@@ -264,7 +302,20 @@ class ErrorInfo(_Out):
 
 
 class ErrorResponse(_Out):
+    """OpenAI's error body, on every error of every route but `/v1/messages...`."""
+
     error: ErrorInfo
+
+
+class AnthropicErrorResponse(_Out):
+    """Anthropic's error body, on every error under `/v1/messages`."""
+
+    type: Literal["error"] = "error"
+    error: ErrorInfo
+
+
+class HealthStatus(_Out):
+    status: str
 
 
 class ModelCard(_Out):
@@ -293,6 +344,7 @@ class TokenLogprob(TopLogprob):
 
 class ChoiceLogprobs(_Out):
     content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
 
 
 class FunctionCallOut(_Out):
@@ -307,8 +359,11 @@ class ToolCallOut(_Out):
 
 
 class ChatMessageOut(_Out):
+    _omit_unset = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # required by OpenAI's schema; this server never refuses
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
@@ -318,6 +373,8 @@ class CompletionTokensDetails(_Out):
 
 
 class Usage(_Out):
+    _omit_unset = frozenset({"completion_tokens_details"})
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -325,10 +382,13 @@ class Usage(_Out):
 
 
 class ChatChoice(_Out):
+    _omit_unset = frozenset({"response_format_error"})
+
     index: int
     message: ChatMessageOut
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
+    response_format_error: str | None = None  # see server/chat.py
 
 
 class ChatCompletionResponse(_Out):
@@ -342,11 +402,15 @@ class ChatCompletionResponse(_Out):
 
 
 class DeltaFunction(_Out):
+    _omit_unset = frozenset({"name", "arguments"})
+
     name: str | None = None
     arguments: str | None = None
 
 
 class DeltaToolCall(_Out):
+    _omit_unset = frozenset({"id", "type"})
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
@@ -354,6 +418,8 @@ class DeltaToolCall(_Out):
 
 
 class DeltaMessage(_Out):
+    _omit_unset = frozenset({"role", "content", "reasoning_content", "tool_calls"})
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
@@ -361,19 +427,25 @@ class DeltaMessage(_Out):
 
 
 class ChatChunkChoice(_Out):
+    _omit_unset = frozenset({"response_format_error"})
+
     index: int
     delta: DeltaMessage
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
+    response_format_error: str | None = None
 
 
 class ChatCompletionChunk(_Out):
-    """Serialised with `exclude_unset`: deltas carry only what changed (as OpenAI's do)."""
+    """One `data:` event of a chat stream; `usage` is sent only with `include_usage`."""
+
+    _omit_unset = frozenset({"usage"})
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -393,13 +465,17 @@ class CompletionChoice(_Out):
 
 
 class CompletionResponse(_Out):
+    """A completion, and each `data:` event of a streamed one (`usage` as in chat chunks)."""
+
+    _omit_unset = frozenset({"usage"})
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class AnthropicUsage(_Out):
@@ -407,12 +483,40 @@ class AnthropicUsage(_Out):
     output_tokens: int
 
 
+class AnthropicTextBlock(_Out):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class AnthropicThinkingBlock(_Out):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""  # nothing to sign here
+
+
+class AnthropicToolUseBlock(_Out):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+AnthropicContentBlock = Annotated[AnthropicTextBlock | AnthropicThinkingBlock | AnthropicToolUseBlock,
+                                  Field(discriminator="type")]
+
+
 class AnthropicResponse(_Out):
+    """A message, and the `message` of a stream's `message_start` (content empty, no stop yet)."""
+
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[dict[str, Any]]
+    content: list[AnthropicContentBlock]
     stop_reason: str | None = None
     stop_sequence: str | None = None
     usage: AnthropicUsage
+
+
+class AnthropicTokenCount(_Out):
+    input_tokens: int

@@ -321,7 +321,7 @@ class SSEResponse(StreamingResponse):
 
 def sse(data: BaseModel | dict[str, Any] | str, event: str | None = None) -> str:
     if isinstance(data, BaseModel):
-        text = data.model_dump_json(exclude_unset=True)
+        text = data.model_dump_json()  # the models decide what is omitted (protocol._Out)
     elif isinstance(data, dict):
         text = json.dumps(data, ensure_ascii=False)
     else:
