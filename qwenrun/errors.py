@@ -20,4 +20,18 @@ class ContextLengthError(QwenrunError):
 
 
 class InvalidRequestError(QwenrunError, ValueError):
-    """Bad sampling parameters, messages or tool schemas."""
+    """Bad sampling parameters, messages or tool schemas.
+
+    `param` names the offending field (OpenAI's `error.param`) when one field is to blame.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RequestFailedError(QwenrunError):
+    """The engine failed while serving this one request (a bug, logged with its traceback).
+
+    Only this request is failed; the engine and every other request carry on.
+    """

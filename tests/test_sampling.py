@@ -49,30 +49,58 @@ def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> t
 # --- SamplingParams ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -1}, "temperature must be >= 0, got -1"),
+    ({"temperature": -1}, "temperature must be in [0, 2], got -1"),
+    ({"temperature": 2.5}, "temperature must be in [0, 2], got 2.5"),
+    ({"temperature": 1e39}, "temperature must be in [0, 2], got 1e+39"),  # inf in float32
     ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+    ({"temperature": 10**400}, "temperature must be a finite number, got an integer of 1329 bits"),
+    ({"temperature": "1"}, "temperature must be a finite number, got '1'"),
+    ({"temperature": True}, "temperature must be a finite number, got True"),
     ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
     ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ({"top_p": float("inf")}, "top_p must be a finite number, got inf"),
     ({"top_k": -2}, "top_k must be -1 or 0 (off) or an integer >= 1, got -2"),
     ({"top_k": 2.5}, "top_k must be -1 or 0 (off) or an integer >= 1, got 2.5"),
     ({"min_p": 1.1}, "min_p must be in [0, 1], got 1.1"),
+    ({"min_p": -5e-324}, "min_p must be in [0, 1], got -5e-324"),
     ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
     ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be > 0, got 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be in [0.01, 2], got 0"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty must be in [0.01, 2], got 5e-324"),
+    ({"repetition_penalty": 2.01}, "repetition_penalty must be in [0.01, 2], got 2.01"),
     ({"n": 0}, "n must be an integer >= 1, got 0"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1 or None, got 0"),
+    ({"max_tokens": 1.0}, "max_tokens must be an integer >= 1 or None, got 1.0"),
     ({"min_tokens": -1}, "min_tokens must be an integer >= 0, got -1"),
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens must be <= max_tokens, got min_tokens=5"),
     ({"logprobs": -1}, "logprobs must be an integer >= 0 or None, got -1"),
     ({"thinking_budget": -1}, "thinking_budget must be an integer >= 0 or None, got -1"),
     ({"seed": "7"}, "seed must be an integer in [-2**63, 2**64) or None, got '7'"),
+    ({"seed": 2**64}, "seed must be an integer in [-2**63, 2**64) or None, got 18446744073709551616"),
     ({"stop": ["ok", ""]}, "stop must be a non-empty string or a list of non-empty strings"),
-    ({"stop_token_ids": [1, -2]}, "stop_token_ids must be a list of integers >= 0"),
+    ({"stop": [1]}, "stop must be a non-empty string or a list of non-empty strings, got [1]"),
+    ({"stop": ["s"] * 65}, "stop takes at most 64 strings, got 65"),
+    ({"stop": "x" * 1025}, "stop strings must be at most 1024 characters, got 1025"),
+    ({"stop_token_ids": [1, -2]}, "stop_token_ids must be a list of integers in [0, 2**31)"),
+    ({"stop_token_ids": [2**31]}, "stop_token_ids must be a list of integers in [0, 2**31)"),
+    ({"stop_token_ids": 5}, "stop_token_ids must be a list of integers in [0, 2**31), got 5"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids takes at most 1024 ids, got 1025"),
     ({"ignore_eos": 1}, "ignore_eos must be a bool, got 1"),
+    ({"skip_special_tokens": None}, "skip_special_tokens must be a bool, got None"),
 ])
-def test_validation_messages(kwargs: dict, message: str) -> None:
-    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+def test_validation_messages_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(message)) as info:
         SamplingParams(**kwargs)
+    assert info.value.param == message.split()[0]  # the field the message starts with
+    assert len(str(info.value)) < 200  # a megabyte sent in a field is not echoed back
+
+
+def test_values_at_the_edges_of_each_range_are_accepted() -> None:
+    edges = SamplingParams(temperature=2, top_p=5e-324, min_p=1, presence_penalty=-2,
+                           frequency_penalty=2, repetition_penalty=0.01, top_k=10**30,
+                           seed=-(2**63), stop_token_ids=[2**31 - 1], stop=["x" * 1024] * 64)
+    assert edges.temperature == 2.0 and isinstance(edges.temperature, float)
+    assert SamplingParams(temperature=9e-6).greedy and not SamplingParams(temperature=1e-5).greedy
 
 
 def test_defaults_normalisation_and_greedy() -> None:
@@ -104,8 +132,9 @@ def test_from_generation_config_qwen3() -> None:
 
 
 def test_from_generation_config_rejects_bad_input() -> None:
-    with pytest.raises(InvalidRequestError, match="unknown sampling parameter\\(s\\): best_of"):
+    with pytest.raises(InvalidRequestError, match="unknown sampling parameter\\(s\\): best_of") as info:
         SamplingParams.from_generation_config(QWEN3_GEN_CONFIG, best_of=2)
+    assert info.value.param == "best_of"
     with pytest.raises(InvalidRequestError, match="top_p must be in"):
         SamplingParams.from_generation_config({"top_p": 0})
 

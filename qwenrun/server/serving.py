@@ -75,7 +75,7 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, (InvalidRequestError, CheckpointError)):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, QwenrunError):
         return APIError(500, str(exc), "server_error")
     logger.error("unexpected error while serving a request", exc_info=exc)
