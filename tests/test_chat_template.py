@@ -522,9 +522,9 @@ def test_request_kwargs_cannot_replace_reserved_variables(
 def test_explicit_kwargs_win_and_others_pass_through(template: ChatTemplate) -> None:
     no_think = template.render([user("Hi")], enable_thinking=False)
     assert no_think.endswith("<think>\n\n</think>\n\n")
-    kwargs = {"enable_thinking": True}
-    assert template.render([user("Hi")], chat_template_kwargs=kwargs, enable_thinking=False) == no_think
-    assert template.render([user("Hi")], chat_template_kwargs={"enable_thinking": False}) == no_think
+    on, off = {"enable_thinking": True}, {"enable_thinking": False}
+    assert template.render([user("Hi")], chat_template_kwargs=on, enable_thinking=False) == no_think
+    assert template.render([user("Hi")], chat_template_kwargs=off) == no_think
     tpl = ChatTemplate("{{ eos_token }}|{{ x }}", {"eos_token": "<|im_end|>"})
     got = tpl.render([user("a")], chat_template_kwargs={"x": [1], "self": "s", "eos_token": "E"})
     assert got == "E|[1]"  # `self` no longer collides with Template.render's own argument
@@ -558,21 +558,25 @@ PROBE = ChatTemplate(
     "{{ v.startswith('a') }}{% for i in v %}{{ i }}{% endfor %}{{ namespace(x=v).x }}"
     "{{ raise_exception(v) if v == 'boom' else '' }}"
 )
-VARIABLE_NAMES = ["v", "enable_thinking", "namespace", "raise_exception", "range", "loop",
-                  "self", "eos_token", "bos_token", "tools", "messages", "strftime_now", "__class__"]
+VARIABLE_NAMES = ["v", "enable_thinking", "namespace", "raise_exception", "range", "loop", "self",
+                  "eos_token", "bos_token", "tools", "messages", "strftime_now", "__class__"]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=12,
 )
+KWARGS = st.dictionaries(st.sampled_from(VARIABLE_NAMES) | st.text(max_size=8), JSON_VALUES, max_size=4)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kwargs=st.dictionaries(st.sampled_from(VARIABLE_NAMES) | st.text(max_size=8), JSON_VALUES, max_size=4))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(kwargs=KWARGS)
 def test_any_request_kwargs_render_or_raise_invalid_request(
     template: ChatTemplate, kwargs: dict[str, Any]
 ) -> None:
-    """Whatever JSON a client sends as chat_template_kwargs: a prompt, or InvalidRequestError (a 400)."""
+    """Whatever JSON a client sends as chat_template_kwargs: a prompt, or InvalidRequestError."""
     for tpl in (template, PROBE):
         try:
             prompt = tpl.render(REQUEST, tools=TOOLS, chat_template_kwargs=kwargs)
@@ -587,7 +591,9 @@ def test_deeply_nested_kwarg_is_an_invalid_request() -> None:
         PROBE.render([user("a")], chat_template_kwargs={"v": _nested(100_000)})
 
 
-@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled demo model not present")
+@pytest.mark.skipif(
+    not (BUNDLED / "model.safetensors").is_file(), reason="bundled demo model not present"
+)
 def test_llm_render_chat_with_colliding_kwargs() -> None:
     """LLM.render_chat (the server's and the Python API's path) used to raise TypeError
     `got multiple values for keyword argument 'tools'` for these."""
@@ -598,7 +604,8 @@ def test_llm_render_chat_with_colliding_kwargs() -> None:
     for name, values in RESERVED_VALUES.items():
         for value in values:
             assert llm.render_chat(REQUEST, chat_template_kwargs={name: value}) == plain
-    off = llm.render_chat(REQUEST, enable_thinking=False, chat_template_kwargs={"enable_thinking": True})
+    on = {"enable_thinking": True}
+    off = llm.render_chat(REQUEST, enable_thinking=False, chat_template_kwargs=on)
     assert off.endswith("<think>\n\n</think>\n\n")  # the explicit argument wins
     assert llm.render_chat(REQUEST, chat_template_kwargs={"enable_thinking": False}) == off
     with pytest.raises(InvalidRequestError, match="tokenize"):

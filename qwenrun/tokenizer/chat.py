@@ -45,7 +45,8 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # `/think` or `/no_think` as a word of its own (not `/thinking`, not part of a path like `a/think`).
 _SOFT_SWITCH = re.compile(r"(?<![\w/])/(no_)?think\b")
 
-# Variables `render` always sets from its arguments; a `chat_template_kwargs` entry cannot replace them.
+# Variables `render` always sets from its arguments; a `chat_template_kwargs` entry cannot
+# replace them.
 RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 # `apply_chat_template` options that are not template variables; as kwargs they would do nothing.

@@ -184,7 +184,7 @@ class Tokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
-        """The id of the vocabulary entry `token`, None if there is none (no token has a surrogate)."""
+        """The id of the vocabulary entry `token`; None if there is none (none has a surrogate)."""
         if _SURROGATE.search(token) is not None:
             return None
         return self._backend.token_to_id(token)
