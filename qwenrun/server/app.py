@@ -104,7 +104,7 @@ class _HTTPMiddleware:
 
 
 def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str | None = None,
-               max_queue: int = 256) -> FastAPI:
+               max_queue: int = 256, accepted_model_names: Sequence[str] = ()) -> FastAPI:
     """The HTTP app for `llm`.
 
     Args:
@@ -112,6 +112,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         served_model_name: the name(s) clients put in `model`; the first is reported back.
         api_key: when set, `/v1/...` requires it as a Bearer token (or `x-api-key`).
         max_queue: waiting requests accepted before answering 429.
+        accepted_model_names: further names accepted in `model` but not listed by `/v1/models`.
 
     The AsyncEngine (engine loop thread) starts here and stops when the app's lifespan ends; its
     state is `app.state.qwenrun` (a `ServerState`), the engine `app.state.engine`.
@@ -131,7 +132,8 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     engine = AsyncEngine(llm.engine, max_waiting=max_queue)
     _SERVED[llm.engine] = engine
     state = ServerState(llm=llm, engine=engine, model_names=names, api_key=api_key,
-                        metrics=Metrics(engine))
+                        metrics=Metrics(engine),
+                        accepted_model_names=frozenset(accepted_model_names))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -74,7 +78,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                      help="require this Bearer token on /v1 routes "
                           "(default: $QWENRUN_API_KEY, else none)")
     net.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                     help="model name(s) clients send (default: MODEL as given)")
+                     help="model name(s) clients send, the first one reported back (default: a hub "
+                          "id as given, a local folder by its folder name; its path is accepted too)")
     net.add_argument("--max-queue", type=_non_negative, default=256, metavar="N",
                      help="waiting requests accepted before answering 429 (default 256)")
     net.add_argument("--log-level", default="info",
@@ -105,8 +110,36 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
+def model_names(model: str, served_model_name: Sequence[str] | None = None
+                ) -> tuple[list[str], list[str]]:
+    """(names `/v1/models` lists, first one primary; further names accepted in requests' `model`).
+
+    `--served-model-name` gives exactly the names (vLLM's rule). Otherwise a hub id is served as
+    itself and a local folder by its folder name (a hub-cache snapshot by its hub id): the bundled
+    model is `qwen3-tiny-thinker`, not its install path. The folder as typed and its absolute path
+    stay accepted, so clients that send the path (the only name before) keep working.
+    """
+    if served_model_name:
+        return list(dict.fromkeys(served_model_name)), []
+    path = Path(model).expanduser()
+    if not path.exists():
+        return [model], []
+    path = Path(os.path.abspath(path))
+    snapshots = path.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        name = snapshots.parent.name.removeprefix("models--").replace("--", "/", 1)
+    else:
+        name = path.name or str(path)
+    accepted = [n for n in dict.fromkeys([model, str(path), str(path.resolve())]) if n != name]
+    return [name], accepted
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the model behind a spinner, print the URL, serve until Ctrl-C; returns the exit status."""
+    """Load the model behind a spinner, print the URL, serve until Ctrl-C; returns the exit status.
+
+    With `--mcp-config`, the MCP servers start after the model loads and are stopped (child
+    processes included) however the command ends: a failed start, Ctrl-C, SIGTERM or an error.
+    """
     import uvicorn
     from rich.console import Console
     from rich.text import Text
@@ -122,30 +155,53 @@ def run(args: argparse.Namespace) -> int:
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
                   quantization=args.quantization)
-    names = args.served_model_name or [args.model]
+    names, accepted = model_names(args.model, args.served_model_name)
     err.print(Text(f"loaded {args.model} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
                    f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens",
                    style="grey50"), soft_wrap=True)
-    app = create_app(llm, served_model_name=names, api_key=args.api_key, max_queue=args.max_queue)
     tools = None
-    if args.mcp_config:
-        from qwenrun.agent.server import AGENT_PATH, add_agent_route
-        from qwenrun.agent.tools import ToolRegistry
-
-        tools = ToolRegistry()
-        tools.add_mcp_servers(args.mcp_config)
-        add_agent_route(app, tools)
-        err.print(Text(f"server-side tools at {AGENT_PATH}: {', '.join(tools.names())}", style="grey50"))
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
-    err.print(Text(f"serving {names[0]!r} at http://{shown}:{args.port}/v1 "
-                   f"(OpenAI + Anthropic APIs; /health, /metrics)"
-                   + ("; API key required" if args.api_key else ""), style="bold"), soft_wrap=True)
-    sys.stderr.flush()
+    restore = _sigterm_as_interrupt()
     try:
+        if args.mcp_config:
+            from qwenrun.agent.tools import ToolRegistry
+
+            tools = ToolRegistry()
+            added = tools.add_mcp_servers(args.mcp_config)
+        app = create_app(llm, served_model_name=names, accepted_model_names=accepted,
+                         api_key=args.api_key, max_queue=args.max_queue)
+        if tools is not None:
+            from qwenrun.agent.server import AGENT_PATH, add_agent_route
+
+            add_agent_route(app, tools)
+            err.print(Text(f"server-side tools at {AGENT_PATH}: {', '.join(added) or 'none'}",
+                           style="grey50"), soft_wrap=True)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
+        err.print(Text(f"serving {names[0]!r} at http://{shown}:{args.port}/v1 "
+                       f"(OpenAI + Anthropic APIs; /health, /metrics)"
+                       + ("; API key required" if args.api_key else ""), style="bold"), soft_wrap=True)
+        sys.stderr.flush()
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)
     finally:
+        restore()
         if tools is not None:
             tools.close()  # stops the MCP child processes
     return 0
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM stop `serve` as Ctrl-C does; returns the function that restores the handler.
+
+    uvicorn shuts down gracefully on SIGTERM, then re-raises it under the handler it found: with
+    Python's default one the process died right there, before the `finally` that stops the MCP
+    servers, whose children were left behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)

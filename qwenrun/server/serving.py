@@ -108,6 +108,8 @@ class ServerState:
     model_names: tuple[str, ...]
     metrics: Metrics
     api_key: str | None = None
+    # Also accepted in `model`, never listed (the checkpoint's path, as `qwenrun serve` once named it).
+    accepted_model_names: frozenset[str] = frozenset()
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)
 
@@ -122,7 +124,7 @@ class ServerState:
         """The model name to answer with; 404 for a name this server does not serve."""
         if name is None or name == "":
             return self.model_names[0]
-        if name not in self.model_names:
+        if name not in self.model_names and name not in self.accepted_model_names:
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                            f"{', '.join(repr(n) for n in self.model_names)}",
                            "not_found_error", param="model", code="model_not_found")
