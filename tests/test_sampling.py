@@ -5,10 +5,13 @@ Every random draw is seeded, so the statistical tests cannot flake.
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -76,7 +79,7 @@ def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> t
     ({"logprobs": -1}, "logprobs must be an integer >= 0 or None, got -1"),
     ({"thinking_budget": -1}, "thinking_budget must be an integer >= 0 or None, got -1"),
     ({"seed": "7"}, "seed must be an integer in [-2**63, 2**64) or None, got '7'"),
-    ({"seed": 2**64}, "seed must be an integer in [-2**63, 2**64) or None, got 18446744073709551616"),
+    ({"seed": 2**64}, "seed must be an integer in [-2**63, 2**64) or None, got 1844674407370955"),
     ({"stop": ["ok", ""]}, "stop must be a non-empty string or a list of non-empty strings"),
     ({"stop": [1]}, "stop must be a non-empty string or a list of non-empty strings, got [1]"),
     ({"stop": ["s"] * 65}, "stop takes at most 64 strings, got 65"),
@@ -132,7 +135,8 @@ def test_from_generation_config_qwen3() -> None:
 
 
 def test_from_generation_config_rejects_bad_input() -> None:
-    with pytest.raises(InvalidRequestError, match="unknown sampling parameter\\(s\\): best_of") as info:
+    unknown = r"unknown sampling parameter\(s\): best_of"
+    with pytest.raises(InvalidRequestError, match=unknown) as info:
         SamplingParams.from_generation_config(QWEN3_GEN_CONFIG, best_of=2)
     assert info.value.param == "best_of"
     with pytest.raises(InvalidRequestError, match="top_p must be in"):
@@ -172,7 +176,9 @@ def test_top_k_1_and_tiny_temperature_equal_greedy() -> None:
 
 def test_tiny_top_p_keeps_exactly_the_most_likely_token() -> None:
     logits = random_logits(4, 500)
-    for params in (SamplingParams(top_p=1e-9), SamplingParams(top_p=1e-9, top_k=30)):  # both paths
+    # 1e-300 is 0 in float32; the partial (top-k) path once indexed column -1 for it and raised.
+    for params in (SamplingParams(top_p=1e-9), SamplingParams(top_p=1e-9, top_k=30),
+                   SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-300, top_k=30)):
         kept = ~torch.isinf(process_logits(logits, build([params] * 4, 500)))
         assert kept.sum(-1).tolist() == [1, 1, 1, 1]
         assert torch.equal(kept.int().argmax(-1), logits.argmax(-1))
@@ -226,6 +232,19 @@ def test_top_k_batches_take_the_partial_path_with_the_same_sets() -> None:
         theirs = hf_filtered(logits[row], *case)
         assert torch.equal(torch.isinf(ours[row]), torch.isinf(theirs)), case
     assert ours[-1].argmax() == logits[-1].argmax()
+
+
+def test_a_row_without_top_p_keeps_its_top_k_beside_a_row_with_it() -> None:
+    """One row's top_p must not cut another's set: in float32 the mass before a tail token of a
+    confident row rounds to exactly 1, which `< top_p` = 1 would drop."""
+    logits = -torch.arange(100.0).expand(2, 100) / 100  # distinct: no ties at the k-th value
+    logits[:, 0] = 30.0  # p rounds to 1: the other 19 kept tokens hold ~1e-13 each
+    batch = build([SamplingParams(top_k=20), SamplingParams(top_k=20, top_p=0.5)], 100)
+    assert batch.top_p is not None and batch.max_top_k == 20  # the partial path
+    kept = (~torch.isinf(process_logits(logits, batch))).sum(-1)
+    alone = process_logits(logits[:1], build([SamplingParams(top_k=20)], 100))
+    assert (~torch.isinf(alone)).sum().item() == 20
+    assert kept.tolist() == [20, 1]
 
 
 def test_top_k_keeps_ties_like_transformers_on_bf16_logits() -> None:
@@ -422,3 +441,149 @@ def test_sample_does_not_sync_on_cuda() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert tokens.shape == (4,)
+
+
+# --- float extremes: validated values never make the sampler raise ----------------------------
+
+VOCAB, VALID = 64, 60  # the last 4 columns are padding, masked as the runner masks them
+_EDGE_FLOATS = [
+    0.0, -0.0, 5e-324, -5e-324, 1e-300, 1e-45, 1.4e-45, 1.1754943508222875e-38, 1e-30, 9.99e-6,
+    1e-5, 1.00001e-5, 0.00999, 0.01, 0.5, 1 - 2**-53, 1.0, 1 + 2**-52, -2.0, 2.0,
+    2.0000000000000004, 3.4028234663852886e38, 3.5e38, 1e39, 1e308, math.inf, -math.inf, math.nan,
+]
+_EDGE_INTS = [
+    -(2**63) - 1, -(2**63), -2, -1, 0, 1, 2, 5, 59, 60, 63, 64, 65, 2**31 - 1, 2**31, 2**63 - 1,
+    2**63, 2**64 - 1, 2**64, 10**30,
+]
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
+_INT_FIELDS = ("top_k", "seed", "max_tokens", "min_tokens", "logprobs", "thinking_budget")
+
+_ANY_FLOAT = st.one_of(st.sampled_from(_EDGE_FLOATS), st.floats(), st.floats(-3, 3),
+                       st.integers(-3, 3), st.sampled_from([10**400, True, "1", None]))
+_ANY_INT = st.one_of(st.sampled_from(_EDGE_INTS), st.integers(-3, 70), st.integers(),
+                     st.sampled_from([1.0, 2.5, math.nan, True, "3"]))
+_ANY_VALUE = {
+    **{name: _ANY_FLOAT for name in _FLOAT_FIELDS},
+    **{name: _ANY_INT | st.none() for name in _INT_FIELDS},
+    "stop_token_ids": st.none() | st.lists(_ANY_INT, max_size=4),
+    "ignore_eos": st.booleans() | st.integers(0, 1),
+}
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(kwargs=st.fixed_dictionaries({}, optional=_ANY_VALUE))
+def test_any_value_is_accepted_in_float32_range_or_rejected_naming_its_field(kwargs: dict) -> None:
+    try:
+        params = SamplingParams(**kwargs)
+    except InvalidRequestError as e:
+        assert e.param in kwargs, (e.param, str(e))
+        return
+    for name in _FLOAT_FIELDS:
+        value = getattr(params, name)
+        assert type(value) is float and math.isfinite(value)
+        assert math.isfinite(torch.tensor(value, dtype=torch.float32).item())  # the sampler's
+    assert -2 <= params.presence_penalty <= 2 and 0.01 <= params.repetition_penalty <= 2
+    assert 0 <= params.temperature <= 2 and 0 < params.top_p <= 1 and 0 <= params.min_p <= 1
+
+
+# Accepted values: each range's edges (and float32's: subnormals, values that round to 0), plus
+# anything inside it.
+_ACCEPTED = {
+    "temperature": st.sampled_from([0.0, 5e-324, 9.99e-6, 1e-5, 1.00001e-5, 1e-3, 2.0])
+    | st.floats(0, 2),
+    "top_p": st.sampled_from([5e-324, 1e-300, 1e-45, 1e-38, 1e-9, 0.5, 1 - 2**-53, 1.0])
+    | st.floats(0, 1, exclude_min=True),
+    "min_p": st.sampled_from([0.0, 5e-324, 1e-45, 1e-9, 0.5, 1 - 2**-53, 1.0]) | st.floats(0, 1),
+    "presence_penalty": st.sampled_from([-2.0, -5e-324, 0.0, 5e-324, 2.0]) | st.floats(-2, 2),
+    "frequency_penalty": st.sampled_from([-2.0, -5e-324, 0.0, 5e-324, 2.0]) | st.floats(-2, 2),
+    "repetition_penalty": st.sampled_from([0.01, 0.0100001, 0.5, 1.0, 1 + 2**-52, 2.0])
+    | st.floats(0.01, 2),
+    "top_k": st.sampled_from([-1, 0, 1, 2, VALID - 1, VALID, VOCAB, 2**31, 10**30])
+    | st.integers(1, 100),
+    "seed": st.sampled_from([None, 0, -(2**63), 2**64 - 1]) | st.integers(-(2**63), 2**64 - 1),
+    "min_tokens": st.sampled_from([0, 1, 3, 10**9]),
+    "stop_token_ids": st.lists(st.sampled_from([0, 1, VALID - 2, VALID, VOCAB, 2**31 - 1]),
+                               max_size=4),
+    "ignore_eos": st.booleans(),
+}
+_LOGIT_KINDS = ["normal", "tiny", "huge", "some +inf", "some nan", "all -inf", "all nan", "mixed"]
+
+
+def _poisoned_row(kind: str, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    row = torch.randn(VOCAB, generator=gen) * 3
+    pick = torch.randint(0, VOCAB, (5,), generator=gen)
+    if kind == "tiny":
+        row *= 1e-30
+    elif kind == "huge":
+        row = row.sign() * 3.4e38
+    elif kind == "some +inf":
+        row[pick] = math.inf
+    elif kind == "some nan":
+        row[pick] = math.nan
+    elif kind == "all -inf":
+        row[:] = -math.inf
+    elif kind == "all nan":
+        row[:] = math.nan
+    elif kind == "mixed":
+        row[pick] = torch.tensor([math.inf, -math.inf, math.nan, 3.4e38, -3.4e38])
+    return row
+
+
+def _sample_rows(params: list[SamplingParams], logits: torch.Tensor, histories: list[list[int]],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One engine-like step: padded vocab masked, fresh generators, inference mode (the CPU
+    kernels' argmax), as ModelRunner samples."""
+    with torch.inference_mode():
+        x = mask_vocab(logits.to(dtype), VALID)
+        batch = build(params, VOCAB, outputs=histories, prompts=histories,
+                      generators=[make_generator(p.seed, "cpu") for p in params],
+                      eos_token_ids=(VALID - 1,))
+        return sample(x, batch)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(kwargs=st.fixed_dictionaries({}, optional=_ACCEPTED),
+       kinds=st.lists(st.sampled_from(_LOGIT_KINDS), min_size=1, max_size=3),
+       sampled_neighbour=st.booleans(), bf16=st.booleans(), seed=st.integers(0, 2**16))
+@example(kwargs={"top_p": 1e-300, "top_k": 20}, kinds=["normal"], sampled_neighbour=False,
+         bf16=False, seed=0)  # the reported crash: index -1 on the top-k path
+@example(kwargs={"temperature": 1e-5, "repetition_penalty": 0.01}, kinds=["huge"],
+         sampled_neighbour=True, bf16=False, seed=0)
+def test_validated_params_never_make_the_sampler_raise_nor_touch_other_rows(
+        kwargs: dict, kinds: list[str], sampled_neighbour: bool, bf16: bool, seed: int) -> None:
+    """Poisoned rows (extreme accepted values, NaN/inf/huge logits) mixed with healthy ones: the
+    sampler returns an id in range for every row, and the healthy rows (one greedy, maybe one
+    seeded sampled row) get the tokens they get alone."""
+    poisoned = SamplingParams(**kwargs)
+    healthy = [SamplingParams(temperature=0)]
+    if sampled_neighbour:
+        healthy.append(SamplingParams(temperature=0.7, seed=11))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    healthy_logits = torch.randn(len(healthy), VOCAB, generator=gen) * 3
+    healthy_hist = [torch.randint(0, VOCAB, (6,), generator=gen).tolist() for _ in healthy]
+    alone = _sample_rows(healthy, healthy_logits, healthy_hist, dtype)
+
+    rows = [("healthy", i) for i in range(len(healthy))]
+    rows += [("poisoned", i) for i in range(len(kinds))]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+    params, logits, hist = [], [], []
+    for what, i in rows:
+        if what == "healthy":
+            params.append(healthy[i])
+            logits.append(healthy_logits[i])
+            hist.append(healthy_hist[i])
+        else:
+            params.append(poisoned)
+            logits.append(_poisoned_row(kinds[i], seed + i))
+            hist.append(torch.randint(0, VOCAB, (i * 3,), generator=gen).tolist())
+    tokens = _sample_rows(params, torch.stack(logits), hist, dtype)
+
+    assert tokens.shape == (len(rows),) and tokens.dtype == torch.int64
+    assert ((tokens >= 0) & (tokens < VOCAB)).all(), tokens
+    together = [int(t) for (what, _), t in zip(rows, tokens) if what == "healthy"]
+    order = [i for what, i in rows if what == "healthy"]
+    assert together == [int(alone[i]) for i in order]
+    assert all(t < VALID for t in together)

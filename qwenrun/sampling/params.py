@@ -84,9 +84,9 @@ class SamplingParams:
 
     - temperature in [0, 2] (OpenAI's range, enforced by vLLM's SamplingParams too); below 1e-5
       it means greedy, so the logits are never divided by less than 1e-5.
-    - top_p in (0, 1]. A value below float32's smallest positive number (~1.4e-45, e.g. 1e-300)
-      rounds to 0 in the sampler's tensors; the sampler then keeps the one most likely token, which is the limit
-      of top_p -> 0, rather than rejecting a value OpenAI accepts.
+    - top_p in (0, 1]. A value below float32's smallest positive number (~1.4e-45, e.g.
+      1e-300) rounds to 0 in the sampler's tensors; the sampler then keeps the one most likely
+      token, the limit of top_p -> 0, rather than rejecting a value OpenAI accepts.
     - min_p in [0, 1]; presence_penalty and frequency_penalty in [-2, 2] (OpenAI's).
     - repetition_penalty in [0.01, 2]: above 2 is rejected as by SGLang; below 0.01 the seen
       tokens' logits already grow a hundredfold, and values near 0 (5e-324 is 0 in float32)

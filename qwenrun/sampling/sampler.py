@@ -239,8 +239,12 @@ def _top_k_top_p_partial(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
     top = top.masked_fill(top < kth, _NEG_INF)
     # Normalise over the whole kept set: ties with the k-th value may lie beyond the K columns.
     probs = (top - logits.logsumexp(dim=-1, keepdim=True)).exp()  # [B, K]
-    mass_before = probs.cumsum(dim=-1) - probs  # exactly 0 in column 0, so >= 1 token survives
-    kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)  # [B, 1]
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, K]
+    # A row with top-p off (1) keeps all K, even where float32 rounding puts mass_before at 1.
+    below = (mass_before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)  # [B, K]
+    # >= 1 even where nothing passes: top_p below float32's range is 0 here (1e-300), and NaN
+    # probabilities (inf/NaN logits) compare false; index -1 would raise for the whole batch.
+    kept = below.sum(dim=-1, keepdim=True).clamp_(min=1)  # [B, 1]
     cutoff = top.gather(1, kept - 1)  # [B, 1] smallest kept logit
     return logits.masked_fill(logits < cutoff, _NEG_INF)
 
@@ -317,6 +321,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     Returns:
         [B] int64 token ids: argmax for greedy rows, a draw from the processed distribution
         for the others.
+
+    Never raises for parameters SamplingParams accepted, whatever the logits: every id is in
+    [0, V). Rows do not mix: one row's extreme values or NaN/inf logits leave another row's
+    distribution, and a greedy or seeded row's token, as they are alone. A row without a
+    finite logit gets an arbitrary id (possibly a padded column): the caller decides what
+    such a row means.
     """
     if batch.all_greedy and batch.penalties is None and batch.banned is None:
         return _argmax(logits)
