@@ -300,3 +300,40 @@ def test_server_runs_tools_only_on_the_extension_route(calc_llm, no_leaked_child
             assert bad.status_code == 400 and "max_steps" in bad.json()["error"]["message"]
             bad = client.post(AGENT_PATH, json={"messages": question, "tools": tools.specs()})
             assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages": [{"role": "user", "content": "6*7?"}], "chat_template_kwargs": "x"}',
+         "chat_template_kwargs"),
+        (b'{"messages": [1]}', "messages[0]"),
+        (b'{"messages": [{"role": "user", "content": "6*7?"}], "model": ["x"]}', "model"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    ],
+    ids=["kwargs-not-object", "message-not-object", "model-not-string", "deep-nesting"],
+)
+def test_extension_route_answers_malformed_bodies_with_400(calc_llm, body, param):
+    """Bodies that reached the agent loop and ended as 500s (AttributeError, TypeError,
+    RecursionError) before `qwenrun serve --mcp-config` made the route reachable from the CLI."""
+    testclient = pytest.importorskip("fastapi.testclient")
+    from qwenrun.agent.server import AGENT_PATH, add_agent_route
+    from qwenrun.server.app import create_app
+
+    @tool
+    def calc(expression: str) -> str:
+        """Evaluate.
+
+        Args:
+            expression: the expression.
+        """
+        return "42"
+
+    llm = LLM(calc_llm.checkpoint.path, dtype="float32", device="cpu", kv_cache_memory=8 << 20)
+    with ToolRegistry([calc]) as tools:
+        app = create_app(llm, served_model_name="qwen-test")
+        add_agent_route(app, tools)
+        with testclient.TestClient(app, raise_server_exceptions=False) as client:
+            r = client.post(AGENT_PATH, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

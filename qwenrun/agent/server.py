@@ -107,14 +107,24 @@ def add_agent_route(
     async def agent_chat(request: HTTPRequest) -> JSONResponse:
         try:
             body = await request.json()
-        except ValueError:
-            raise APIError(400, "the body is not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise APIError(400, "the body is not valid JSON (or is nested too deeply)") from None
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("messages"), list)
             or not body["messages"]
         ):
             raise APIError(400, "messages must be a non-empty list", param="messages")
+        # The loop trusts these types; a wrong one would be a 500 inside it.
+        for i, message in enumerate(body["messages"]):
+            if not isinstance(message, dict):
+                raise APIError(400, f"messages[{i}] must be an object with a role",
+                               param=f"messages[{i}]")
+        for key in ("model", "chat_template_kwargs"):
+            kind = str if key == "model" else dict
+            if body.get(key) is not None and not isinstance(body[key], kind):
+                raise APIError(400, f"{key} must be {'a string' if kind is str else 'an object'}",
+                               param=key)
         if body.get("tools"):
             raise APIError(
                 400,

@@ -133,7 +133,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     _SERVED[llm.engine] = engine
     state = ServerState(llm=llm, engine=engine, model_names=names, api_key=api_key,
                         metrics=Metrics(engine),
-                        accepted_model_names=frozenset(accepted_model_names))
+                        accepted_model_names=tuple(accepted_model_names))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

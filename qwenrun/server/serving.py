@@ -109,7 +109,7 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     # Also accepted in `model`, never listed (the checkpoint's path, as `qwenrun serve` once named it).
-    accepted_model_names: frozenset[str] = frozenset()
+    accepted_model_names: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)
 
