@@ -566,7 +566,8 @@ JSON_VALUES = st.recursive(
     | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=12,
 )
-KWARGS = st.dictionaries(st.sampled_from(VARIABLE_NAMES) | st.text(max_size=8), JSON_VALUES, max_size=4)
+NAMES = st.sampled_from(VARIABLE_NAMES) | st.text(max_size=8)
+KWARGS = st.dictionaries(NAMES, JSON_VALUES, max_size=4)
 
 
 @settings(
