@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import Request, StepDelta
-from qwenrun.errors import QwenrunError
+from qwenrun.errors import QwenrunError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -125,25 +125,46 @@ class AsyncEngine:
             self.engine.add(req)
         except QwenrunError as e:
             self._send(req.request_id, e)
+        except Exception as e:  # a bug, but this request's alone
+            logger.exception("adding request %s failed", req.request_id)
+            self._send(req.request_id, RequestFailedError(f"the engine could not start this request: "
+                                                          f"{type(e).__name__}: {e}"))
 
     def _send(self, request_id: str, item: StepDelta | BaseException) -> None:
         stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, q = stream
+        if stream is None:
+            return
+        loop, q = stream
+        try:
             loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is left to read it
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def _deliver(self, delta: StepDelta) -> None:
+        req = delta.request
+        if req.finish_reason == "error":
+            self._send(req.request_id, RequestFailedError(
+                f"the engine failed while serving this request ({req.error}); "
+                "other requests are unaffected"))
+        else:
+            self._send(req.request_id, delta)
 
     def _loop(self) -> None:
+        """Never exits but on shutdown: `LLMEngine.step` fails a failing request alone, and any
+        other exception (a bug outside the step's per-request guards) fails only the requests
+        the engine holds, which it then drops."""
         while not self._stopped:
-            self._drain(block=not self.engine.has_unfinished_requests())
-            if not self.engine.has_unfinished_requests():
-                continue
             try:
-                deltas = self.engine.step()
-            except Exception as e:  # a failed step must not hang every client: fail them, keep serving
-                logger.exception("engine step failed; aborting the running requests")
-                for request_id in list(self._streams):
-                    self.engine.abort(request_id)
-                    self._send(request_id, QwenrunError(f"engine error: {e}"))
-                continue
-            for d in deltas:
-                self._send(d.request.request_id, d)
+                self._drain(block=not self.engine.has_unfinished_requests())
+                if not self.engine.has_unfinished_requests():
+                    continue
+                for d in self.engine.step():
+                    self._deliver(d)
+            except Exception as e:
+                logger.exception("the engine loop failed; failing the requests it holds")
+                for req in self.engine.unfinished_requests():
+                    try:
+                        self._deliver(self.engine.fail(req, e))
+                    except Exception:
+                        logger.exception("could not fail request %s", req.request_id)

@@ -2,7 +2,8 @@
 
 The loop is explicit data: `Scheduler.schedule()` returns a `ScheduledBatch`, `ModelRunner.run()`
 returns sampled ids, and `_apply` turns each id into output (forced thinking-budget tokens replace
-sampled ones), checks stop conditions and frees finished requests' blocks at once.
+sampled ones), checks stop conditions and frees finished requests' blocks at once. An exception
+while serving one request fails that request alone (`step`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import os
 import torch
 
 from qwenrun.engine.kv_cache import BlockPool, KVCache
-from qwenrun.engine.request import EARLY_STOP_TEXT, Request, StepDelta, Thinking, think_open_in_prompt
+from qwenrun.engine.request import (
+    EARLY_STOP_TEXT,
+    Request,
+    ScheduledBatch,
+    StepDelta,
+    Thinking,
+    think_open_in_prompt,
+)
 from qwenrun.engine.runner import ModelRunner
 from qwenrun.engine.scheduler import Scheduler
-from qwenrun.errors import ContextLengthError, InvalidRequestError
+from qwenrun.errors import ContextLengthError, InvalidRequestError, RequestFailedError
 from qwenrun.loading.loader import Checkpoint
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.sampling.sampler import make_generator
@@ -27,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 # Room left for the answer when max_tokens forces reasoning to close: a quarter, at most 1024.
 ANSWER_RESERVE_FRACTION, ANSWER_RESERVE_MAX = 4, 1024
+
+# What one step gives a request: (token or None while prefilling, logprobs), or its failure.
+_Outcome = tuple[int | None, dict[int, float] | None] | Exception
 
 
 def default_kv_cache_memory(device: torch.device) -> int:
@@ -165,20 +176,83 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def unfinished_requests(self) -> list[Request]:
+        """Every request added and not yet finished or aborted."""
+        return list(self._requests.values())
+
     def step(self) -> list[StepDelta]:
-        batch = self.scheduler.schedule()
+        """Run one scheduled batch and apply its tokens; one delta per request that produced one.
+
+        A failure while serving one request fails that request alone (`fail`); the others carry
+        on. Per-request work (applying the token, detokenizing, stop checks) is guarded request
+        by request. When the batched forward or sampling raises, the batch's requests are run
+        again one at a time, so only a request that fails on its own is failed. Should scheduling
+        itself raise, no request's state can be trusted, and every unfinished request is failed.
+        """
+        try:
+            batch = self.scheduler.schedule()
+        except Exception as e:
+            logger.exception("scheduling failed; failing every unfinished request")
+            return [self.fail(req, e) for req in self.unfinished_requests()]
         if batch is None:
             return []
-        result = self.runner.run(batch)
-        self.scheduler.after_step(batch)
-        return [
-            self._apply(req, tok, lp)
-            for req, tok, lp in zip(batch.requests, result.token_ids, result.logprobs)
-            if tok is not None
-        ]
+        deltas: list[StepDelta] = []
+        for req, n, outcome in zip(batch.requests, batch.num_tokens, self._run(batch)):
+            if isinstance(outcome, Exception):
+                deltas.append(self.fail(req, outcome))
+                continue
+            token, logprob = outcome
+            try:
+                self.scheduler.advance(req, n)
+                if token is not None:
+                    deltas.append(self._apply(req, token, logprob))
+            except Exception as e:
+                deltas.append(self.fail(req, e))
+        return deltas
+
+    def _run(self, batch: ScheduledBatch) -> list[_Outcome]:
+        """The runner's (token, logprobs) per request, or the exception that request fails with.
+
+        Rerunning one request at a time (not bisecting) keeps this simple; it costs a forward
+        per request, only in the step that failed.
+        """
+        try:
+            result = self.runner.run(batch)
+        except Exception as e:
+            if len(batch.requests) == 1:
+                return [e]
+            logger.warning("a step of %d requests failed (%s: %s); running them one at a time to "
+                           "find the failing one", len(batch.requests), type(e).__name__, e)
+            return [self._run_alone(req, n) for req, n in zip(batch.requests, batch.num_tokens)]
+        return list(zip(result.token_ids, result.logprobs))
+
+    def _run_alone(self, req: Request, num_tokens: int) -> _Outcome:
+        try:
+            result = self.runner.run(ScheduledBatch([req], [num_tokens]))
+        except Exception as e:
+            return e
+        return result.token_ids[0], result.logprobs[0]
+
+    def fail(self, req: Request, exc: BaseException) -> StepDelta:
+        """End `req` with finish_reason "error" and `error` set, freeing its blocks at once.
+
+        The exception is a bug (validated input never raises) and is logged with its traceback;
+        the returned delta tells the request's consumer.
+        """
+        logger.error("request %s failed; the other requests carry on", req.request_id, exc_info=exc)
+        req.finish_reason = "error"
+        req.error = f"{type(exc).__name__}: {exc}"
+        if not req.finished:
+            self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        return StepDelta(req, [], "", True)
 
     def _apply(self, req: Request, sampled: int, logprob: dict[int, float] | None) -> StepDelta:
         forced = bool(req.thinking.forced)
+        if not forced and not 0 <= sampled < self.runner.valid_vocab_size:
+            # Only a row with no finite logit yields a padded column (see `sample`).
+            raise RequestFailedError(f"the model produced no valid token (id {sampled}): its "
+                                     "logits for this request are NaN or infinite")
         token = req.thinking.forced.popleft() if forced else sampled
         req.token_ids.append(token)
         if req.logprobs is not None:

@@ -90,6 +90,7 @@ class Request:
     sent_text_len: int = field(default=0, init=False)
     finish_reason: str | None = field(default=None, init=False)
     stop_reason: str | int | None = field(default=None, init=False)
+    error: str | None = field(default=None, init=False)  # why, when finish_reason is "error"
     logprobs: list[dict[int, float]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:

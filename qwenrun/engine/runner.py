@@ -9,7 +9,7 @@ from torch import nn
 
 from qwenrun.config import ModelConfig
 from qwenrun.engine.kv_cache import KVCache
-from qwenrun.engine.request import ScheduledBatch
+from qwenrun.engine.request import Request, ScheduledBatch
 from qwenrun.layers.attention import AttentionMetadata
 from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab, sample
 
@@ -54,18 +54,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
-        """One forward; a token for each request whose chunk reached its end (None for the others)."""
+        """One forward; a token for each request whose chunk reached its end (None for the others).
+
+        Changes no request: the scheduler advances `num_computed_tokens` when the engine applies
+        the result. When it raises, seeded generators are back where they were and the K/V it
+        wrote lie past every request's computed tokens, so the engine can rerun the batch's
+        requests one at a time to find the one that failed.
+        """
         samples = batch.samples
         ids, positions, meta = self._inputs(batch)
         hidden = self.model(ids, positions, meta, self.kv.layers)  # [T, H]
-        for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
         reqs = [r for r, s in zip(batch.requests, samples) if s]
         if not reqs:
             return StepResult([None] * len(samples), [None] * len(samples))
         ends = torch.tensor(batch.num_tokens).cumsum(0).sub_(1)
         last = ends[torch.tensor(samples)].to(self.device)
         logits = mask_vocab(self.model.compute_logits(hidden[last]), self.valid_vocab_size)  # [B, V]
+        generators = [r.generator for r in reqs if r.generator is not None]
+        states = [g.get_state() for g in generators]
+        try:
+            tokens, logprobs = self._sample(reqs, logits)
+        except Exception:
+            for g, state in zip(generators, states):
+                g.set_state(state)
+            raise
+        sampled = iter(zip(tokens, logprobs))
+        per_req = [next(sampled) if s else (None, None) for s in samples]
+        return StepResult([t for t, _ in per_req], [lp for _, lp in per_req])
+
+    def _sample(self, reqs: list[Request],
+                logits: torch.Tensor) -> tuple[list[int], list[dict[int, float] | None]]:
         sbatch = SamplingBatch.build(
             [r.params for r in reqs],
             [r.output_token_ids for r in reqs],
@@ -79,6 +97,8 @@ class ModelRunner:
         logprobs: list[dict[int, float] | None] = [None] * len(reqs)
         k = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
         if k is not None:
+            # SamplingParams cannot know the vocabulary: asking for more returns all of it.
+            k = min(k, self.valid_vocab_size)
             chosen, top_ids, top_lp = compute_logprobs(logits, tokens, k)
             for i, r in enumerate(reqs):
                 if r.params.logprobs is not None:
@@ -86,9 +106,7 @@ class ModelRunner:
                     entry = dict(zip(top_ids[i, :kk].tolist(), top_lp[i, :kk].tolist()))
                     entry[int(tokens[i])] = float(chosen[i])
                     logprobs[i] = entry
-        sampled = iter(zip(tokens.tolist(), logprobs))
-        per_req = [next(sampled) if s else (None, None) for s in samples]
-        return StepResult([t for t, _ in per_req], [lp for _, lp in per_req])
+        return tokens.tolist(), logprobs
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:

@@ -97,14 +97,19 @@ class Scheduler:
         self.stats.prefix_hit_tokens += cached
         return n
 
-    def after_step(self, batch: ScheduledBatch) -> None:
-        """Name the blocks that became full, so later prompts can reuse them."""
-        for req in batch.requests:
-            full = req.num_computed_tokens // self.block_size
-            self._name_blocks(req, full)
-            for i in range(req.num_registered_blocks, full):
-                self.pool.register(req.block_table[i], req.block_hashes[i])
-            req.num_registered_blocks = max(req.num_registered_blocks, full)
+    def advance(self, req: Request, num_tokens: int) -> None:
+        """Count a scheduled chunk as computed once its step succeeded, and name the blocks that
+        became full so later prompts can reuse them.
+
+        Per request, after the runner returned: a failed step advances nobody, so its requests
+        can be run again (or one of them failed) from the state they were scheduled in.
+        """
+        req.num_computed_tokens += num_tokens
+        full = req.num_computed_tokens // self.block_size
+        self._name_blocks(req, full)
+        for i in range(req.num_registered_blocks, full):
+            self.pool.register(req.block_table[i], req.block_hashes[i])
+        req.num_registered_blocks = max(req.num_registered_blocks, full)
 
     def _name_blocks(self, req: Request, full: int) -> None:
         """Extend the request's hash chain over its first `full` blocks of tokens."""
