@@ -1,19 +1,24 @@
 """Parity with transformers (the definition of correct) on tiny random checkpoints, fp32.
 
 For every config: teacher-forced logits, 64 greedy tokens one prompt at a time and as a mixed-length
-batch, and cached decode against a full forward at every step.
+batch, and cached decode against a full forward at every step. A last test checks the check: checkpoints
+with two weights swapped (what a model reading the wrong one would compute) fail it by far.
 """
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from qwenrun import LLM, SamplingParams
 from tiny import CONFIGS, make_checkpoint
 
 PROMPT_LENS = (3, 11, 29, 7)
 NEW_TOKENS = 64
+LOGITS_TOL = 1e-4  # of the largest reference logit
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -40,8 +45,7 @@ def test_logits_match_transformers(pair):
         with torch.no_grad():
             theirs = ref(torch.tensor([prompt])).logits[0]
         assert ours.shape == theirs.shape
-        tol = 1e-4 * theirs.abs().max().item()
-        assert (ours - theirs).abs().max().item() <= tol, name
+        assert (ours - theirs).abs().max().item() <= LOGITS_TOL * theirs.abs().max().item(), name
 
 
 def test_greedy_tokens_match_one_at_a_time_and_batched(pair):
@@ -71,3 +75,24 @@ def test_cached_decode_equals_full_forward(pair):
             for token, lp in entry.items():
                 assert abs(row[token].item() - lp) < 1e-4, f"{name}: step {step} token {token}"
             assert comp.token_ids[step] == int(row.argmax())
+
+
+@pytest.mark.parametrize("a, b", [("q_norm", "k_norm"), ("input_layernorm", "post_attention_layernorm"),
+                                  ("gate_proj", "up_proj")])
+def test_swapped_weights_fail_parity(tmp_path, a, b):
+    """Each of these pairs has one shape, so a model that loads or applies one in place of the other runs
+    without error; on transformers' own init (all norms 1.0) the norm swaps changed no logit at all."""
+    folder, ref = make_checkpoint("dense-untied-gqa2", tmp_path / "good")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if f".{a}." in n]:
+        other = name.replace(f".{a}.", f".{b}.")
+        tensors[name], tensors[other] = tensors[other], tensors[name]
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    shutil.copy(folder / "config.json", swapped / "config.json")
+    save_file(tensors, swapped / "model.safetensors", metadata={"format": "pt"})
+    prompt = list(range(1, 30))
+    with torch.no_grad():
+        theirs = ref(torch.tensor([prompt])).logits[0]
+    ours = LLM(swapped, dtype="float32", device="cpu", kv_cache_memory=8 << 20).logits(prompt)
+    assert (ours - theirs).abs().max().item() > 100 * LOGITS_TOL * theirs.abs().max().item()

@@ -1,4 +1,9 @@
-"""Tiny random checkpoints written by transformers (the reference), shared by the parity tests."""
+"""Tiny random checkpoints written by transformers (the reference), shared by the parity tests.
+
+Every parameter is perturbed away from its initial value before saving: `_from_config` leaves RMSNorm
+weights at exactly 1.0 and biases at 0.0, and a model that reads the wrong norm (q_norm for k_norm), or
+none, computes the same logits on such a checkpoint, so parity against it could not catch the mistake.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
             num_key_value_heads=2,
             head_dim=16,
             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+            attention_bias=True,  # q/k/v/o biases: exercised by one config
         ),
         {},
     ),
@@ -71,12 +77,24 @@ def make_checkpoint(
     cfg = cfg_cls(**{**BASE, **overrides, **extra})
     torch.manual_seed(seed)
     # eager attention / experts: the bit-reproducible reference paths (spec §6 item 12)
-    ref = model_cls._from_config(cfg, attn_implementation="eager", torch_dtype=torch.float32).eval()
+    ref = model_cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
     if kind == "Qwen3Moe":
         ref.set_experts_implementation("eager")
+    perturb(ref, seed)
     folder.mkdir(parents=True, exist_ok=True)
     ref.save_pretrained(folder, **save_kwargs)
     return folder, ref
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Add seeded Gaussian noise to every parameter: norm weights become 1 ± 0.3, biases ± 0.3, matrices
+    gain half their init spread; none is left constant (checked)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    spread = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else spread / 2))
+            assert p.std() > 0, f"{name} is constant after perturbation"
 
 
 def add_tokenizer(folder: Path, tokenizer_dir: Path) -> None:
