@@ -267,31 +267,54 @@ def test_model_without_kernels_matches_model_with_them(tmp_path, monkeypatch):
     assert without.generate([[1, 2, 3]], params)[0].outputs[0].token_ids == fast_tokens[0].outputs[0].token_ids
 
 
+def _moe_reference(x, weights, ids, w13, w2):
+    """Σ_k weights[t, k] · down(SiLU(gate) · up)(x[t]), token by token and expert by expert, in fp32."""
+    out = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            gate, up = (w13[e].float() @ x[t].float()).chunk(2)
+            out[t] += weights[t, k].float() * (w2[e].float() @ (F.silu(gate) * up))
+    return out
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-def test_fused_moe_decode_matches_grouped_experts(fmt):
-    """The one-call path of a lone token over stacked experts against the token-grouping path, per format."""
-    from qwenrun.layers.moe import grouped_experts
+def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
+    """A lone token (one C++ call over its chosen experts) and several tokens (grouped by expert) against
+    a plain per-token, per-expert loop over the same weights, dequantized for int8/int4."""
     from qwenrun.layers.packed import StreamingExperts
-    from qwenrun.models.qwen3_moe import Qwen3MoeExperts
     from qwenrun.quant.linear import QuantizedExperts
 
     E, H, I = 6, 256, 128
-    experts = Qwen3MoeExperts(E, H, I)
-    experts.w13.data, experts.w2.data = randn(E, 2 * I, H) * 0.1, randn(E, H, I) * 0.1
+    w13, w2 = randn(E, 2 * I, H) * 0.1, randn(E, H, I) * 0.1
     if fmt == "bf16":
-        module = StreamingExperts(E, experts.w13.data.bfloat16(), experts.w2.data.bfloat16())
+        module = StreamingExperts(E, w13.bfloat16(), w2.bfloat16())
+        seen = [w13.bfloat16(), w2.bfloat16()]
     else:
+        experts = torch.nn.Module()
+        experts.num_experts, experts.w13, experts.w2 = E, torch.nn.Parameter(w13), torch.nn.Parameter(w2)
         module = QuantizedExperts.from_experts(experts, fmt, 64)
         assert module.format == fmt
-    x = randn(3, H, dtype=torch.bfloat16)
-    ids = torch.tensor([[0, 5], [2, 0], [4, 3]])
-    w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=torch.bfloat16)
+        seen = [torch.stack([_dequantized(w[e], fmt) for e in range(E)]) for w in (w13, w2)]
+    x = randn(5, H, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 5], [2, 0], [4, 3], [5, 2], [0, 1]])  # experts shared across tokens, in any slot
+    w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=torch.bfloat16)
     with torch.inference_mode():
-        fused = torch.cat([module(x[t : t + 1], w[t : t + 1], ids[t : t + 1]) for t in range(3)])  # one call each
-        grouped = module(x, w, ids)  # three tokens: grouped by expert
-        assert torch.equal(grouped, grouped_experts(x, w, ids, E, module.expert))
-        exact = grouped_experts(x.float(), w.float(), ids, E, experts.expert)
-    assert rel_err(fused, grouped) < 0.02
+        lone = torch.cat([module(x[t : t + 1], w[t : t + 1], ids[t : t + 1]) for t in range(5)])
+        grouped = module(x, w, ids)
+    reference = _moe_reference(x, w, ids, *seen)
+    # bf16 activations round each matmul; int8/int4 kernels also quantize them per 32 inputs (~0.5% each)
+    tol = 0.01 if fmt == "bf16" else 0.02
+    assert rel_err(lone, reference) < tol
+    assert rel_err(grouped, reference) < tol
     # the quantizers' own error on Gaussian weights, through two matrices (4 bits: a step of ~σ/3)
-    assert rel_err(fused, exact) < {"bf16": 0.02, "int8": 0.05, "int4": 0.25}[fmt]
+    exact = _moe_reference(x, w, ids, w13, w2)
+    assert rel_err(grouped, exact) < {"bf16": 0.02, "int8": 0.05, "int4": 0.25}[fmt]
+
+
+def _dequantized(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "int8":
+        q, scale = quantize_int8(w)
+        return q.float() * scale[:, None]
+    return dequantize_int4(*quantize_int4(w, 64), 64)

@@ -119,9 +119,6 @@ class QuantizedLinear(nn.Module):
         """SiLU(gate) · up of a [gate; up] projection, fused into the kernel where it runs."""
         return quantized_matmul(x, self.format, self.parts, self.group_size, self.bias, "silu_mul")
 
-    def dequantized(self) -> torch.Tensor:
-        return expand(self.format, self.parts, self.group_size, torch.float32)
-
 
 class Int8Linear(QuantizedLinear):
     format = "int8"
