@@ -1,16 +1,34 @@
-"""The C++ decode kernels (`qwenrun/csrc/cpu_kernels.cpp`), compiled for this CPU on first use.
+"""The C++ decode kernels (`qwenrun/csrc/cpu_kernels.cpp`), compiled for this CPU once, when a model loads.
 
-Built with torch's extension builder into a per-user cache (about 30 s once; later processes load
+Built with torch's extension builder into a per-user cache (about 30 s once; later processes import
 the cached library). They need an x86 CPU with AVX512-BF16 and AVX512-VNNI (Zen 4, Sapphire Rapids
 and newer) and a C++ compiler; without either, every caller falls back to torch kernels and this
 module logs why, once. `QWENRUN_CPU_KERNELS=0` turns them off (for comparisons).
+
+The loader calls `prepare` so the build happens while a model loads (before `qwenrun serve` reports
+healthy), never inside a request. The cache directory is named by a hash of everything the library
+depends on (the source, the torch install, the Python executable, the compiler, its flags and the CPU's
+features), so two virtualenvs or checkouts keep two libraries instead of rebuilding one in turn. A build
+runs under an flock, which the OS releases when its holder dies, and ends by writing `built`: a process
+that finds `built` imports the library without locking; one that takes the lock without it clears what a
+killed build left (torch's own `lock` file would otherwise make every later build wait forever).
+`QWENRUN_CACHE_DIR` moves the cache (default `~/.cache/qwenrun`); `QWENRUN_KERNEL_BUILD_WAIT` bounds the
+wait for another process's build (600 s), after which this process runs on torch kernels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
 import os
 import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -20,10 +38,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+NAME = "qwenrun_cpu_kernels"
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 # Up to this many activation rows, streaming the weight beats a oneDNN GEMM (for int8/int4, a GEMM over
 # the weight expanded to bf16); measured crossovers on a Zen 4 core pair: ~10, ~40 and ~56 rows.
 GEMV_MAX_ROWS = {"bf16": 8, "int8": 32, "int4": 48}
+BUILD_WAIT_S = 600.0  # for another process's build; QWENRUN_KERNEL_BUILD_WAIT overrides
+_DONE, _LOCK, _TORCH_BATON = "built", "qwenrun.lock", "lock"
 
 
 def _cpu_flags() -> set[str]:
@@ -35,12 +59,31 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build_dir() -> Path:
+def _unsupported() -> str | None:
+    """Why this machine cannot run the kernels, or None."""
+    missing = [f for f in REQUIRED_FLAGS if f not in _cpu_flags()]
+    if platform.machine() not in ("x86_64", "AMD64") or missing:
+        return f"missing: {', '.join(missing) or platform.machine()}"
+    return None
+
+
+def build_identity() -> dict[str, str]:
+    """Everything the compiled library depends on; its hash names the cache directory."""
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch's builder runs
+    return {
+        "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "torch": f"{torch.__version__} {Path(torch.__file__).resolve().parent}",
+        "python": f"{sys.executable} {sys.version}",
+        "compiler": f"{cxx} {os.path.realpath(shutil.which(cxx) or cxx)}",
+        "flags": " ".join(CFLAGS + LDFLAGS),
+        "cpu": " ".join(sorted(_cpu_flags())),  # -march=native: a home directory shared by two CPU models
+    }
+
+
+def build_dir() -> Path:
     root = Path(os.environ.get("QWENRUN_CACHE_DIR", Path.home() / ".cache" / "qwenrun"))
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{platform.python_version()}"
-    path = root / "kernels" / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    digest = hashlib.sha256(json.dumps(build_identity(), sort_keys=True).encode()).hexdigest()[:16]
+    return root / "kernels" / f"torch{torch.__version__.replace('+', '_')}-py{platform.python_version()}-{digest}"
 
 
 @cache
@@ -49,25 +92,21 @@ def cpu_ops() -> ModuleType | None:
     if os.environ.get("QWENRUN_CPU_KERNELS", "1") == "0":
         logger.info("C++ decode kernels disabled by QWENRUN_CPU_KERNELS=0")
         return None
-    missing = [f for f in REQUIRED_FLAGS if f not in _cpu_flags()]
-    if platform.machine() not in ("x86_64", "AMD64") or missing:
-        logger.warning("C++ decode kernels need x86 AVX-512 with BF16 and VNNI (missing: %s); using torch kernels",
-                       ", ".join(missing) or platform.machine())
+    reason = _unsupported()
+    if reason is not None:
+        logger.warning("C++ decode kernels need x86 AVX-512 with BF16 and VNNI (%s); using torch kernels", reason)
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="qwenrun_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(_build_dir()),
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, a failed build: run, slower, and say so
+        return load_or_build(build_dir(), float(os.environ.get("QWENRUN_KERNEL_BUILD_WAIT", BUILD_WAIT_S)))
+    except Exception as exc:  # no compiler or ninja, a failed build, another's build too slow: run slower, say so
         logger.warning("could not build the C++ decode kernels (%s); using torch kernels", exc)
         return None
+
+
+def prepare(device: torch.device, dtype: torch.dtype) -> None:
+    """Find or build the kernels now if a model of `dtype` on `device` will use them (called at load)."""
+    if device.type == "cpu" and dtype in KERNEL_DTYPES:
+        cpu_ops()
 
 
 def gemv_ops(x: torch.Tensor, weight_format: str = "bf16") -> ModuleType | None:
@@ -79,6 +118,99 @@ def gemv_ops(x: torch.Tensor, weight_format: str = "bf16") -> ModuleType | None:
 
 def fused_ops(x: torch.Tensor) -> ModuleType | None:
     """The kernels for an inference-time element-wise op on `x` (they record no autograd graph)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in (torch.bfloat16, torch.float32):
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in KERNEL_DTYPES:
         return None
     return cpu_ops()
+
+
+def load_or_build(directory: Path, wait_s: float) -> ModuleType:
+    """The library in `directory`: imported if a finished build is there, else built under the lock.
+
+    Raises:
+        TimeoutError: another live process has held the build lock for more than `wait_s` seconds.
+    """
+    module = _load_finished(directory)
+    if module is not None:
+        return module
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory / _LOCK, wait_s):
+        module = _load_finished(directory)  # built by the process we waited for
+        if module is not None:
+            return module
+        _clear_unfinished(directory)
+        logger.warning("compiling qwenrun's CPU kernels (once, ~30 s) into %s", directory)
+        module = _compile(directory)
+        done = directory / f"{_DONE}.tmp"
+        done.write_text(Path(module.__file__ or "").name)
+        done.replace(directory / _DONE)  # atomic: readers see no marker or a whole one
+        return module
+
+
+def _load_finished(directory: Path) -> ModuleType | None:
+    try:
+        library = (directory / _DONE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        return _import(directory / library)
+    except (ImportError, OSError) as exc:
+        logger.warning("the cached CPU kernels in %s do not load (%s); building them again", directory, exc)
+        return None
+
+
+def _clear_unfinished(directory: Path) -> None:
+    """With the lock held and no `built` marker, everything here is a killed or failed build's."""
+    if (directory / _TORCH_BATON).exists():
+        logger.warning("removing %s, the lock of a kernel build that was killed before it finished",
+                       directory / _TORCH_BATON)
+    for path in directory.iterdir():
+        if path.name != _LOCK:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextmanager
+def _exclusive(path: Path, wait_s: float) -> Iterator[None]:
+    """An flock on `path`, waited for up to `wait_s`; it cannot go stale: the OS drops it with its holder."""
+    import fcntl  # POSIX only, as the kernels are (they need /proc/cpuinfo)
+
+    with open(path, "a+") as f:
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"process {holder} has been compiling them in {path.parent} "
+                                       f"for over {wait_s:g} s") from None
+                if not told:
+                    logger.warning("waiting for process %s, which is compiling qwenrun's CPU kernels", holder)
+                    told = True
+                time.sleep(0.1)
+        f.truncate(0)
+        f.write(str(os.getpid()))  # for the message of whoever waits
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(directory: Path) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    source = directory / SOURCE.name
+    shutil.copyfile(SOURCE, source)  # the build files then name no checkout's path
+    return load(name=NAME, sources=[str(source)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                build_directory=str(directory), verbose=False)
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a loadable module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from qwenrun import kernels
+from qwenrun.kernels import KERNEL_DTYPES
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
-KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @dataclass

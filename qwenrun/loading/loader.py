@@ -1,4 +1,5 @@
-"""`load_model`: checkpoint folder or hub id -> (model on device, config), nothing else touched."""
+"""`load_model`: checkpoint folder or hub id -> (model on device, config), nothing else touched
+except the CPU kernel cache (`qwenrun.kernels`), filled here so no request waits for a compile."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwenrun import kernels
 from qwenrun.config import ModelConfig
 from qwenrun.errors import InvalidRequestError
 from qwenrun.loading.source import read_json, resolve_model_path
@@ -66,7 +68,9 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build on `meta` (no init cost), allocate on `device`, then stream the weights in."""
+    """Build on `meta` (no init cost), allocate on `device`, then stream the weights in; on CPU, find
+    or build the C++ kernels the model will call (a ~30 s compile the first time)."""
+    kernels.prepare(device, dtype)
     with torch.device("meta"), _default_dtype(dtype):
         model = create_model(ckpt.config)
     model.to_empty(device=device)
