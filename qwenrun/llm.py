@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,11 @@ from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
-from qwenrun.tokenizer.reasoning import StreamingReasoningParser, split_reasoning
+from qwenrun.tokenizer.chat_output import ChatOutputParser
+from qwenrun.tokenizer.reasoning import StreamingReasoningParser
 from qwenrun.tokenizer.tokenizer import Tokenizer
 from qwenrun.tokenizer.tool_parsers import get_tool_parser
+from qwenrun.tokenizer.tool_parsers.base import Tools
 
 Prompt = str | list[int] | Mapping[str, Any]
 
@@ -201,13 +204,15 @@ class LLM:
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt text for `messages`. Thinking: explicit `enable_thinking` wins; otherwise the
-        latest `/think` or `/no_think` in a user/system message decides; otherwise the template default (on)."""
+        latest `/think` or `/no_think` in a user/system message decides; otherwise the template default (on).
+        Tool-call arguments may be OpenAI's JSON string or an object (see `_arguments_as_objects`)."""
         kwargs = dict(chat_template_kwargs or {})
         if enable_thinking is None and "enable_thinking" not in kwargs:
             enable_thinking = soft_thinking_switch(messages)
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
-        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        return self.chat_template.render(_arguments_as_objects(messages), tools=tools,
+                                         add_generation_prompt=add_generation_prompt,
                                          chat_template_kwargs=kwargs)
 
     def chat(
@@ -232,7 +237,7 @@ class LLM:
         for out in outputs:
             opened = self.think_open(out.prompt_token_ids)
             for comp in out.outputs:
-                self.parse_chat_output(comp, opened)
+                self.parse_chat_output(comp, opened, tools=tools)
         return outputs
 
     def chat_stream(
@@ -259,8 +264,8 @@ class LLM:
                 reasoning, content = parser.feed(delta.text_delta)
                 if delta.finished:
                     r2, c2 = parser.finish()
-                    comp = _completion(0, req)
-                    self.parse_chat_output(comp, opened)
+                    comp = completion_output(0, req)
+                    self.parse_chat_output(comp, opened, tools=tools)
                     yield ChatDelta(reasoning + r2, content + c2, True, comp)
                     return
                 if reasoning or content:
@@ -277,20 +282,25 @@ class LLM:
         tok = self._need_tokenizer()
         return think_open_in_prompt(prompt_ids, tok.think_start_id, tok.think_end_id)
 
-    def parse_chat_output(self, comp: CompletionOutput, think_open_in_prompt: bool) -> None:
+    def parse_chat_output(self, comp: CompletionOutput, think_open_in_prompt: bool, *, tools: Tools) -> None:
         """Fill `reasoning_content`, `content`, `tool_calls`, `tool_call_errors` and `reasoning_tokens` of a
-        chat completion from its text."""
-        reasoning, content = split_reasoning(comp.text, think_open_in_prompt=think_open_in_prompt)
-        comp.reasoning_content = reasoning
-        parsed = self.tool_parser.parse(content or "")
+        chat completion from its text.
+
+        Args:
+            tools: the tools the prompt offered (None if none): Qwen3-Coder types its arguments by
+                their schemas and rejects calls to functions not among them. Required, so that no
+                caller parses without them.
+        """
+        parsed = ChatOutputParser(self.tool_parser, tools, think_open_in_prompt).parse(comp.text)
+        comp.reasoning_content = parsed.reasoning
         comp.content = parsed.content
-        comp.tool_calls = list(parsed.tool_calls)
-        comp.tool_call_errors = list(parsed.errors)
+        comp.tool_calls = parsed.tool_calls
+        comp.tool_call_errors = parsed.errors
         tok = self._need_tokenizer()
         ids = comp.token_ids
         if tok.think_end_id in ids:
             comp.reasoning_tokens = ids.index(tok.think_end_id)
-        elif reasoning is not None and content is None:
+        elif parsed.reasoning is not None and parsed.content is None and not parsed.tool_calls:
             comp.reasoning_tokens = len(ids)
 
     # ------------------------------------------------------------------------------------- logits
@@ -315,7 +325,35 @@ def _with(params: SamplingParams, **changes: Any) -> SamplingParams:
     return replace(params, **changes)
 
 
-def _completion(index: int, req: Request) -> CompletionOutput:
+def _arguments_as_objects(messages: Sequence[Any]) -> Sequence[Any]:
+    """Messages whose assistant `tool_calls[].function.arguments` JSON strings (the OpenAI shape,
+    what `Agent` stores) are objects: every Qwen3 template renders an object, and the Qwen3-Coder
+    one iterates `arguments|items`, which fails on a string. Anything else passes unchanged, for
+    the template's own checks."""
+    if not isinstance(messages, (list, tuple)):
+        return messages  # not a list of messages: the template's checks say so
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+        if isinstance(calls, list) and calls:
+            message = {**message, "tool_calls": [_call_with_object(c) for c in calls]}
+        out.append(message)
+    return out
+
+
+def _call_with_object(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except (ValueError, RecursionError):
+        return call
+    return {**call, "function": {**fn, "arguments": arguments}} if isinstance(arguments, dict) else call
+
+
+def completion_output(index: int, req: Request) -> CompletionOutput:
+    """The CompletionOutput of a finished request, before its chat text is parsed."""
     return CompletionOutput(
         index=index,
         text=req.text,
@@ -331,6 +369,6 @@ def _request_output(prompt: str | None, reqs: list[Request]) -> RequestOutput:
         request_id=reqs[0].request_id,
         prompt=prompt,
         prompt_token_ids=list(reqs[0].prompt_token_ids),
-        outputs=[_completion(i, r) for i, r in enumerate(reqs)],
+        outputs=[completion_output(i, r) for i, r in enumerate(reqs)],
         finished=all(r.finished for r in reqs),
     )

@@ -42,11 +42,18 @@ class _Out:
 
 
 class ScriptedLLM:
-    """Answers turn i with texts[i] (`<think>..</think>` and Hermes calls parsed as LLM.chat does)."""
+    """Answers turn i with texts[i] (`<think>..</think>` and calls parsed as LLM.chat does: in the
+    LLM's `tool_parser` format, with the tools the turn offered)."""
 
-    def __init__(self, *texts: str, chat_template: str | None = None, finish: str = "stop") -> None:
+    def __init__(
+        self,
+        *texts: str,
+        chat_template: str | None = None,
+        finish: str = "stop",
+        tool_parser: str = "hermes",
+    ) -> None:
         self.texts = list(texts)
-        self.tool_parser = get_tool_parser("hermes")
+        self.tool_parser = get_tool_parser(tool_parser)
         self.tokenizer = type("Tok", (), {"chat_template": chat_template})()
         self.calls: list[dict[str, Any]] = []
         self.finish = finish
@@ -65,7 +72,7 @@ class ScriptedLLM:
         text = self.texts.pop(0)
         out = _Out(text, self.finish if not self.texts else "stop")
         out.reasoning_content, content = split_reasoning(text, think_open_in_prompt=False)
-        parsed = self.tool_parser.parse(content or "")
+        parsed = self.tool_parser.parse(content or "", tools)
         out.content, out.tool_calls, out.tool_call_errors = (
             parsed.content,
             parsed.tool_calls,
@@ -197,7 +204,7 @@ def test_registry_reports_every_failure_kind():
 
 
 def _c(name: str, **args: Any):
-    from qwenrun.tokenizer.tool_parsers.hermes import ToolCall
+    from qwenrun.tokenizer.tool_parsers.base import ToolCall
 
     return ToolCall.new(name, args)
 
@@ -295,25 +302,69 @@ def test_length_cut_turn_runs_no_tools():
     assert result.finish_reason == "length" and result.tool_results == []
 
 
-def test_qwen3_coder_mode_parses_xml_and_keeps_arguments_as_mapping():
-    xml = "<tool_call>\n<function=add>\n<parameter=a>\n2\n</parameter>\n<parameter=b>\n40\n</parameter>\n</function>\n</tool_call>"
-    template = "... <function=example_function_name>\n<parameter=example_parameter_1> ..."
-    llm = ScriptedLLM("Let me add." + xml, "42", chat_template=template)
-    with Agent(llm, [add]) as agent:
+def xml_call(name: str, **args: Any) -> str:
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
+    return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+CODER_TEMPLATE = "... <function=example_function_name>\n<parameter=example_parameter_1> ..."
+PLACEHOLDER = xml_call("example_function_name", example_parameter_1="value_1")
+
+
+@pytest.mark.parametrize("llm_parser", ["qwen3_coder", "hermes"])
+def test_qwen3_coder_mode_runs_tools_with_typed_arguments(llm_parser):
+    """Whether the LLM parsed the XML itself (with the offered tools) or left it in the content
+    for the agent, the tool gets integers, and history stores OpenAI-shaped string arguments."""
+    seen = []
+
+    @tool
+    def scale(values: list[int], factor: float, exact: bool) -> str:
+        """Scale numbers."""
+        seen.append((values, factor, exact))
+        return str([v * factor for v in values])
+
+    xml = xml_call("scale", values="[1, 2]", factor="2.5", exact="true")
+    llm = ScriptedLLM("Let me scale." + xml, "Done.", chat_template=CODER_TEMPLATE,
+                      tool_parser=llm_parser)
+    with Agent(llm, [scale]) as agent:
         assert agent.tool_parser.name == "qwen3_coder"  # inferred from the template text
-        events = list(agent.stream("2+40?"))
+        events = list(agent.stream("scale [1, 2] by 2.5"))
     result = events[-1].result
-    assert result.content == "42"
+    assert seen == [([1, 2], 2.5, True)]
+    assert result.content == "Done."
     assistant = result.new_messages[0]
-    assert assistant["content"] == "Let me add."
-    assert assistant["tool_calls"][0]["function"]["arguments"] == {
-        "a": 2,
-        "b": 40,
-    }  # typed by the schema
-    assert result.new_messages[1]["content"] == "42"
+    assert assistant["content"] == "Let me scale."
+    assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {
+        "values": [1, 2], "factor": 2.5, "exact": True,
+    }
+    assert result.new_messages[1]["content"] == "[2.5, 5.0]"
     assert (
         "".join(e.text for e in events if isinstance(e, ContentDelta) and e.step == 1)
-        == "Let me add."
+        == "Let me scale."
     )
-    assert [e.call.name for e in events if isinstance(e, ToolCallEvent)] == ["add"]
+    assert [e.call.name for e in events if isinstance(e, ToolCallEvent)] == ["scale"]
     assert [e.result.kind for e in events if isinstance(e, ToolResultEvent)] == ["ok"]
+
+
+@pytest.mark.parametrize("llm_parser", ["qwen3_coder", "hermes"])
+def test_a_call_to_a_function_not_offered_is_reported_and_never_run(llm_parser):
+    """The template's placeholder (and any name not among the tools) is a parse error the model
+    reads back, even when a registered tool would match a lenient reading."""
+    ran = []
+
+    @tool
+    def example_parameter_1(x: str) -> str:
+        """A tool whose name only looks like part of the placeholder."""
+        ran.append(x)
+        return "ran"
+
+    llm = ScriptedLLM(PLACEHOLDER, "Sorry.", chat_template=CODER_TEMPLATE, tool_parser=llm_parser)
+    with Agent(llm, [example_parameter_1]) as agent:
+        events = list(agent.stream("go"))
+    result = events[-1].result
+    assert ran == [] and not any(isinstance(e, ToolCallEvent) for e in events)
+    [problem] = [m["content"] for m in result.new_messages if m["role"] == "tool"]
+    assert problem.startswith("Error: your tool call could not be parsed: tool call names function "
+                              "'example_function_name', which is not among the offered tools "
+                              "(example_parameter_1)")
+    assert result.content == "Sorry." and result.steps == 2

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
 from typing import Any
 
 import pytest
+from parser_streams import assert_same, char_pieces, token_pieces
+from parser_streams import run_stream as run_pieces
 
 from qwenrun.errors import InvalidRequestError
 from qwenrun.tokenizer.tool_parsers import get_tool_parser
-from qwenrun.tokenizer.tool_parsers.hermes import (
-    ContentDelta,
-    StreamingToolCallParser,
-    ToolCall,
-    ToolCallDelta,
-    ToolCallError,
-    parse_tool_calls,
-)
+from qwenrun.tokenizer.tool_parsers.base import ContentDelta, ToolCall, ToolCallDelta, ToolCallError
+from qwenrun.tokenizer.tool_parsers.hermes import StreamingToolCallParser, parse_tool_calls
 
 WEATHER_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 WEATHER_ROME = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
@@ -95,6 +92,19 @@ CASES: list[tuple[str, str | None, list[tuple[str, dict[str, Any]]], int]] = [
         1,
     ),
     ("<tool_call></tool_call>", "<tool_call></tool_call>", [], 1),
+    # JSON's NaN/Infinity extensions would come back out as arguments no JSON parser reads
+    (
+        '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>',
+        [],
+        1,
+    ),
+    (
+        '<tool_call>{"name": "f", "arguments": "{\\"x\\": Infinity}"}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": "{\\"x\\": Infinity}"}</tool_call>',
+        [],
+        1,
+    ),
     ("Partial <tool_call", "Partial <tool_call", [], 0),
     ("stray </tool_call> close", "stray </tool_call> close", [], 0),
     # One bad block among good ones: the good ones are kept
@@ -142,8 +152,8 @@ def test_error_message_quotes_the_block() -> None:
 def test_registry() -> None:
     parser = get_tool_parser("hermes")
     assert parser.name == "hermes"
-    assert parser.parse(WEATHER_PARIS).tool_calls[0].name == "get_weather"
-    assert isinstance(parser.streaming(), StreamingToolCallParser)
+    assert parser.parse(WEATHER_PARIS, None).tool_calls[0].name == "get_weather"
+    assert isinstance(parser.streaming(None), StreamingToolCallParser)
     with pytest.raises(InvalidRequestError, match="unknown tool parser 'nope'; available: hermes"):
         get_tool_parser("nope")
 
@@ -229,3 +239,24 @@ def test_streaming_equals_whole_text_fuzz(seed: int) -> None:
     for _ in range(20):
         text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 12)))
         assert_stream_matches(text, rng, rng.choice([1, 3, 8, 40]))
+
+
+@pytest.mark.parametrize(("text", "content", "calls", "n_errors"), CASES)
+def test_streaming_by_real_tokens_matches_table(
+    text: str, content: str | None, calls: Any, n_errors: int, qwen3_tokenizer_dir
+) -> None:
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        assert_same(run_pieces(StreamingToolCallParser(None), pieces), parse_tool_calls(text), text)
+
+
+def test_each_call_is_emitted_when_its_closing_tag_arrives(qwen3_tokenizer_dir) -> None:
+    text = "Checking both.\n" + WEATHER_PARIS + "\n" + WEATHER_ROME + "\nDone."
+    first = text.index("</tool_call>") + len("</tool_call>")
+    second = text.index("</tool_call>", first) + len("</tool_call>")
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        streamed = run_pieces(StreamingToolCallParser(None), pieces)
+        ends = list(itertools.accumulate(len(piece) for piece in pieces))
+        assert streamed.emitted_after == [
+            next(e for e in ends if e >= first),
+            next(e for e in ends if e >= second),
+        ]

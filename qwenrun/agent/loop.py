@@ -16,15 +16,14 @@ answered "not run" so the history stays well formed).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from qwenrun.agent.tools import Tool, ToolRegistry, ToolResult
 from qwenrun.tokenizer.tool_parsers import get_tool_parser
-from qwenrun.tokenizer.tool_parsers.hermes import ContentDelta as _ParsedContent
-from qwenrun.tokenizer.tool_parsers.hermes import ToolCall
+from qwenrun.tokenizer.tool_parsers.base import ContentDelta as _ParsedContent
+from qwenrun.tokenizer.tool_parsers.base import StreamingToolParser, ToolCall, Tools
 
 if TYPE_CHECKING:
     from qwenrun.llm import LLM
@@ -152,51 +151,31 @@ class Agent:
         self.tool_parser = get_tool_parser(tool_parser)  # raises on an unknown name
 
     # -- parsing
-    def _parse(
-        self, output: Any, specs: list[dict[str, Any]]
-    ) -> tuple[str | None, list[ToolCall], list[str]]:
+    def _parse(self, output: Any, tools: Tools) -> tuple[str | None, list[ToolCall], list[str]]:
         """(content, calls, errors) of a finished turn, in the agent's tool-call format."""
         llm_parser = getattr(getattr(self.llm, "tool_parser", None), "name", None)
-        if llm_parser == self.tool_parser.name:
+        if llm_parser == self.tool_parser.name:  # the LLM parsed it so, with the same tools
             return (
                 output.content,
                 list(output.tool_calls or []),
                 list(output.tool_call_errors or []),
             )
         # The LLM parsed with another format: its rejected blocks are still verbatim in `content`.
-        if self.tool_parser.name == "qwen3_coder":
-            from qwenrun.tokenizer.tool_parsers import qwen3_coder
-
-            parsed = qwen3_coder.parse_tool_calls(output.content or "", specs)
-        else:
-            parsed = self.tool_parser.parse(output.content or "")
+        parsed = self.tool_parser.parse(output.content or "", tools)
         return parsed.content, list(output.tool_calls or []) + parsed.tool_calls, parsed.errors
 
-    def _streaming_parser(self, specs: list[dict[str, Any]]) -> Any:
-        if self.tool_parser.name == "qwen3_coder":
-            from qwenrun.tokenizer.tool_parsers import qwen3_coder
-
-            return qwen3_coder.StreamingToolCallParser(specs)
-        return self.tool_parser.streaming()
-
+    @staticmethod
     def _assistant_message(
-        self, content: str | None, reasoning: str | None, calls: list[ToolCall]
+        content: str | None, reasoning: str | None, calls: list[ToolCall]
     ) -> dict[str, Any]:
+        """The turn in OpenAI's shape (`arguments` a JSON string); `LLM.render_chat` hands the
+        template objects, which every Qwen3 template (Qwen3-Coder's included) renders."""
         message: dict[str, Any] = {"role": "assistant", "content": content or ""}
         if reasoning:
             message["reasoning_content"] = reasoning
         if calls:
-            # The Qwen3-Coder template iterates `arguments|items`: it needs a mapping there.
-            as_dict = self.tool_parser.name == "qwen3_coder"
             message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {
-                        "name": c.name,
-                        "arguments": _loads(c.arguments) if as_dict else c.arguments,
-                    },
-                }
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in calls
             ]
         return message
@@ -221,16 +200,16 @@ class Agent:
         results: list[ToolResult] = []
         content = reasoning = None
         finish: Literal["stop", "length", "max_steps"] = "stop"
-        specs = self.tools.specs()
+        offered = self.tools.specs() or None
         for step in range(1, self.max_steps + 1):
             output = None
-            parser = self._streaming_parser(specs)
+            parser: StreamingToolParser = self.tool_parser.streaming(offered)
             stream = self.llm.chat_stream(
                 history,
                 self.sampling_params,
                 enable_thinking=self.enable_thinking,
                 thinking_budget=self.thinking_budget,
-                tools=specs or None,
+                tools=offered,
             )
             try:
                 for delta in stream:
@@ -250,7 +229,7 @@ class Agent:
                 if isinstance(ev, _ParsedContent):
                     yield ContentDelta(step, ev.text)
             assert output is not None, "chat_stream ended without a final output"
-            content, calls, errors = self._parse(output, specs)
+            content, calls, errors = self._parse(output, offered)
             reasoning = output.reasoning_content
             if output.finish_reason == "length":
                 calls = []  # a cut-off turn's calls may be incomplete: do not run them
@@ -313,9 +292,3 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _loads(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except (json.JSONDecodeError, TypeError):
-        return arguments

@@ -67,7 +67,7 @@ class _EngineLLM:
         thinking_budget: int | None = None,
         tools: list[dict[str, Any]] | None = None,
     ) -> Iterator[ChatDelta]:
-        from qwenrun.llm import _completion  # the same CompletionOutput LLM.chat builds
+        from qwenrun.llm import completion_output  # the same CompletionOutput LLM.chat builds
         from qwenrun.server.serving import iterate_requests, make_requests, new_id
 
         prompt = self.llm.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
@@ -83,8 +83,8 @@ class _EngineLLM:
             return req
 
         req = asyncio.run_coroutine_threadsafe(run(), self.loop).result()
-        comp = _completion(0, req)
-        self.llm.parse_chat_output(comp, self.llm.think_open(ids))
+        comp = completion_output(0, req)
+        self.llm.parse_chat_output(comp, self.llm.think_open(ids), tools=tools)
         yield ChatDelta(comp.reasoning_content or "", comp.content or "", True, comp)
 
 

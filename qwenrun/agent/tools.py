@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from dataclasses import dataclass
 from typing import Any, Literal, Self, TypeVar
 
-from qwenrun.tokenizer.tool_parsers.hermes import ToolCall
+from qwenrun.tokenizer.tool_parsers.base import ToolCall
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024

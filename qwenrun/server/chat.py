@@ -33,14 +33,7 @@ from typing import Any
 
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.server.serving import APIError, ServerState
-from qwenrun.tokenizer.reasoning import StreamingReasoningParser, split_reasoning
-from qwenrun.tokenizer.tool_parsers.hermes import (
-    ContentDelta,
-    StreamingToolCallParser,
-    ToolCall,
-    ToolCallDelta,
-    ToolCallError,
-)
+from qwenrun.tokenizer.chat_output import ChatOutputParser, ChatStreamParser, ParsedChat
 
 _TEXT_PARTS = ("text", "input_text")
 
@@ -52,14 +45,11 @@ class ChatPlan:
     prompt: str
     prompt_ids: list[int]
     params: SamplingParams
-    parse_tools: bool
-    parallel_tool_calls: bool
-    think_open: bool
+    output: ChatOutputParser  # with the request's tools: they type Qwen3-Coder arguments
     json_mode: bool
 
     def stream_parser(self, state: ServerState) -> ChatStreamParser:
-        factory = state.llm.tool_parser.streaming if self.parse_tools else None
-        return ChatStreamParser(self.think_open, factory, self.parallel_tool_calls)
+        return self.output.stream()
 
 
 # ----------------------------------------------------------------------------------- messages
@@ -85,7 +75,7 @@ def _arguments(value: Any) -> Any:
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested too deeply: the template gets text
             return value
         return parsed if isinstance(parsed, dict) else value
     return value
@@ -191,31 +181,16 @@ def build_plan(state: ServerState, messages: list[dict[str, Any]], *,
     prompt = state.llm.render_chat(messages, tools=tools, enable_thinking=enable_thinking,
                                    chat_template_kwargs=chat_template_kwargs)
     ids = tok.encode(prompt)
-    return ChatPlan(prompt, ids, params, parse_tools, parallel_tool_calls,
-                    state.llm.think_open(ids), json_mode)
+    output = ChatOutputParser(state.llm.tool_parser if parse_tools else None, tools,
+                              state.llm.think_open(ids), parallel_tool_calls)
+    return ChatPlan(prompt, ids, params, output, json_mode)
 
 
 # ------------------------------------------------------------------------------------- output
 
 
-@dataclass
-class ParsedChat:
-    reasoning: str | None
-    content: str | None
-    tool_calls: list[ToolCall]
-    errors: list[str]
-
-
 def parse_output(state: ServerState, plan: ChatPlan, text: str) -> ParsedChat:
-    reasoning, content = split_reasoning(text, think_open_in_prompt=plan.think_open)
-    calls: list[ToolCall] = []
-    errors: list[str] = []
-    if plan.parse_tools and content:
-        parsed = state.llm.tool_parser.parse(content)
-        content, calls, errors = parsed.content, list(parsed.tool_calls), list(parsed.errors)
-        if not plan.parallel_tool_calls:
-            calls = calls[:1]
-    return ParsedChat(reasoning, content, calls, errors)
+    return plan.output.parse(text)
 
 
 def json_error(plan: ChatPlan, content: str | None) -> str | None:
@@ -227,59 +202,3 @@ def json_error(plan: ChatPlan, content: str | None) -> str | None:
     except json.JSONDecodeError as e:
         return f"the content is not valid JSON ({e}); no grammar constrains the output here"
     return None
-
-
-# Streamed events: ("reasoning", text) | ("content", text) | ("tool_call", index, ToolCall).
-Event = tuple[Any, ...]
-
-
-class ChatStreamParser:
-    """Text deltas -> reasoning, content and complete tool-call events.
-
-    Joined, the events equal `parse_output` of the whole text (both parser pairs keep that
-    invariant). A call is emitted when its `</tool_call>` arrives, whole: no partial-JSON guessing,
-    so the streamed arguments are exactly the non-streamed ones (vLLM's incremental Hermes streaming
-    has produced garbled or truncated arguments, spec A6.3).
-    """
-
-    def __init__(self, think_open: bool, tool_parser: Any | None, parallel: bool) -> None:
-        self.reasoning = StreamingReasoningParser(think_open_in_prompt=think_open)
-        self.tools: StreamingToolCallParser | None = tool_parser() if tool_parser else None
-        self.parallel = parallel
-        self.n_calls = 0
-        self.errors: list[str] = []
-        self.content = ""
-        self.saw_reasoning = False
-
-    def feed(self, text: str) -> list[Event]:
-        r, c = self.reasoning.feed(text) if text else ("", "")
-        return self._events(r, c, final=False)
-
-    def finish(self) -> list[Event]:
-        r, c = self.reasoning.finish()
-        return self._events(r, c, final=True)
-
-    def _events(self, reasoning: str, content: str, final: bool) -> list[Event]:
-        events: list[Event] = []
-        if reasoning:
-            self.saw_reasoning = True
-            events.append(("reasoning", reasoning))
-        if self.tools is None:
-            if content:
-                self.content += content
-                events.append(("content", content))
-            return events
-        items = self.tools.feed(content) if content else []
-        if final:
-            items += self.tools.finish()
-        for item in items:
-            if isinstance(item, ContentDelta):
-                self.content += item.text
-                events.append(("content", item.text))
-            elif isinstance(item, ToolCallDelta):
-                if self.parallel or self.n_calls == 0:
-                    events.append(("tool_call", self.n_calls, item.call))
-                    self.n_calls += 1
-            elif isinstance(item, ToolCallError):
-                self.errors.append(item.message)
-        return events

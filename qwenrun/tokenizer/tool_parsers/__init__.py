@@ -1,24 +1,26 @@
-"""Tool-call output formats by name (`--tool-call-parser hermes`), imported when first asked for."""
+"""Tool-call output formats by name (`--tool-call-parser hermes`), imported when first asked for.
+
+Both entry points take the offered tools as a required argument (None when no tools were offered),
+so no caller can parse without them: Qwen3-Coder needs them to type values and to tell a call from
+text, and a format that does not (Hermes) still gets them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from qwenrun.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from qwenrun.tokenizer.tool_parsers.hermes import ParsedToolCalls, StreamingToolCallParser
+from qwenrun.tokenizer.tool_parsers.base import ParsedToolCalls, StreamingToolParser, Tools
 
 
 @dataclass(frozen=True)
 class ToolParser:
-    """What the server needs from one format: a whole-text parser and a streaming parser factory."""
+    """One format: `parse(text, tools)` for a finished output, `streaming(tools)` for a stream."""
 
     name: str
-    parse: Callable[[str], ParsedToolCalls]
-    streaming: Callable[[], StreamingToolCallParser]
+    parse: Callable[[str, Tools], ParsedToolCalls]
+    streaming: Callable[[Tools], StreamingToolParser]
 
 
 _FACTORIES: dict[str, Callable[[], ToolParser]] = {}
@@ -47,8 +49,7 @@ def _hermes() -> ToolParser:
 def _qwen3_coder() -> ToolParser:
     from qwenrun.tokenizer.tool_parsers import qwen3_coder  # spec A2.6 XML calls
 
-    # Its streaming parser has the Hermes one's interface (feed/finish, same events).
-    return ToolParser("qwen3_coder", qwen3_coder.parse_tool_calls, qwen3_coder.StreamingToolCallParser)  # type: ignore[arg-type]
+    return ToolParser("qwen3_coder", qwen3_coder.parse_tool_calls, qwen3_coder.StreamingToolCallParser)
 
 
 def get_tool_parser(name: str) -> ToolParser:

@@ -1,4 +1,4 @@
-"""Qwen3-Coder XML tool calls (spec A2.6), as vLLM's `qwen3_coder` parser reads them:
+"""Qwen3-Coder XML tool calls (spec A2.6), read with the offered tools' JSON schemas:
 
     <tool_call>
     <function=NAME>
@@ -8,203 +8,647 @@
     </function>
     </tool_call>
 
-Rules kept from vLLM `Qwen3CoderToolParser`: a last `<tool_call>` or `<function=` without its closing
-tag is still read; without any `<tool_call>` the whole output is searched for `<function=`; a
-parameter ends at `</parameter>`, the next `<parameter=`, `</function>` or the end; one leading and
-one trailing newline are stripped from each value; values are typed by the tool's JSON schema when
-`tools` are given (`"null"` -> None, integer/number/boolean/object/array converted, anything that
-does not convert stays a string), else they stay strings. As in the Hermes parser, a block that
-cannot be read is never dropped silently: its raw text stays in the content and `errors` says why.
+Values are raw text (the official template writes strings as they are), so a value may itself hold
+`</parameter>`, `<parameter=x>` or `</function>` (an agent writing code, XML or these very docs).
+A tag closes something only where the structure continues after it. Precisely:
+
+* A call starts at every `<tool_call>`; one that is not finished when the next `<tool_call>` comes
+  ends there (the next call is never swallowed). Without any wrapper, a bare `<function=NAME>`
+  outside a call is read as a call too (vLLM's fallback), when NAME is an offered tool.
+* Strict reading first. After `<tool_call>` and whitespace come one or more
+  `<function=NAME>` ... `</function>` and then `</tool_call>`. Call K a *new parameter name* when
+  it is a property of NAME's schema not yet given in this call (any name when the schema lists
+  none, or no tools were offered). A parameter's value ends at the first of:
+  - `</parameter>` followed by whitespace and then `<parameter=K>` with K new, or a closing
+    `</function>`;
+  - a closing `</function>` (the model dropped `</parameter>`);
+  - a line that starts with `<parameter=K>`, K new (the model dropped `</parameter>`).
+  A `</function>` is closing when followed by whitespace and then `</tool_call>`, another
+  `<function=`, or the end of the call (the end of the output, or the next `<tool_call>`). A bare
+  call has no `</tool_call>`: there any `</function>` after a value ended that way closes it.
+* Lenient reading, when the strict one fails (a missing or unexpected tag, a truncated output): the
+  call runs to its first `</tool_call>` (else the next `<tool_call>`, else the end), and vLLM's
+  rules apply inside: a function ends at `</function>`; a value at `</parameter>`, at a line
+  starting `<parameter=K>` with K new, or at the end of the function.
+* So a value cannot contain `</parameter>` + whitespace + `<parameter=K>`, nor a line starting
+  `<parameter=K>`, for a new K; nor `</function>` + whitespace + `</tool_call>` (or `<function=`).
+  Everything else stays text: an undeclared or already-given name, `</parameter>` or `</function>`
+  followed by anything else, `</tool_call>` anywhere. The price: when the schema is known, a
+  parameter the schema does not declare is not split off (it stays in the value before it).
+* Exactly one leading and one trailing newline are stripped from each value (as the official
+  parser does); values are then typed by `convert_value`. A function not among the offered tools
+  (for example the template's `example_function_name`) rejects its call; without `tools` every
+  name is accepted and values stay strings. A rejected call stays verbatim in the content and an
+  error says why.
+
+Every decision depends only on the text up to the tag that makes it, so the streaming parser emits
+each call as soon as its closing tag arrives, and its events join to the whole-text result.
+Differences from vLLM's `qwen3_coder` (and Qwen's official `qwen3coder_tool_parser.py`, which it
+follows): there, the first `</parameter>` / `</function>` / `</tool_call>` always closes; bare
+`<function=` blocks are read only when the output has no `<tool_call>` at all; content after the
+first call is dropped; calls to unknown functions are returned; and `null` is None for every type,
+`123` stays a string for `anyOf` and `$ref` schemas, a boolean other than true/false becomes False.
 """
 
 from __future__ import annotations
 
 import ast
-import json
+import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
-from qwenrun.tokenizer.tool_parsers.hermes import (
-    Block,
-    ContentDelta,
+from qwenrun.tokenizer.tool_parsers.base import (
     ParsedToolCalls,
+    Span,
     StreamEvent,
+    StrippedContent,
     ToolCall,
     ToolCallDelta,
     ToolCallError,
+    Tools,
     assemble,
-    tag_blocks,
+    loads_json,
+    partial_tag_start,
+    tool_parameters,
 )
 
 FUNCTION_START = "<function="
 FUNCTION_END = "</function>"
-_PARAMETER = re.compile(
-    r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.DOTALL
-)
+PARAMETER_START = "<parameter="
+PARAMETER_END = "</parameter>"
+_MARKERS = (TOOL_CALL_START, FUNCTION_START)
+_WS = re.compile(r"\s*")
+_NAME_END = re.compile(r"[<>\n]")
+_LINE_PARAMETER = "\n" + PARAMETER_START
+_CLOSES = re.compile("|".join(map(re.escape, (PARAMETER_END, FUNCTION_END, _LINE_PARAMETER))))
+
+
+# ------------------------------------------------------------------------------ value typing
+
+# vLLM's aliases for the type names models and hand-written schemas use.
 _STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
-_INT_PREFIXES = ("int", "uint", "long", "short", "unsigned")
-_CONTAINER_PREFIXES = ("object", "array", "arr", "dict", "list")
-
-Tools = Sequence[Mapping[str, Any]] | None
-
-
-def _properties(tools: Tools, name: str) -> dict[str, Any] | None:
-    """The JSON-schema `properties` of tool `name` (OpenAI `{"type":"function","function":{...}}`
-    or a bare `{"name", "parameters"}`), or None when the tool is not among `tools`."""
-    for tool in tools or ():
-        fn = tool.get("function", tool) if isinstance(tool, Mapping) else None
-        if isinstance(fn, Mapping) and fn.get("name") == name:
-            params = fn.get("parameters") or {}
-            props = params.get("properties") if isinstance(params, Mapping) else None
-            return dict(props) if isinstance(props, Mapping) else {}
-    return None
+_INTEGER_PREFIXES = ("int", "uint", "long", "short", "unsigned")
+_NUMBER_PREFIXES = ("num", "float", "double")
+_BOOLEAN_TYPES = ("boolean", "bool", "binary")
+_OBJECT_PREFIXES = ("object", "dict")
+_ARRAY_PREFIXES = ("array", "arr", "list")
+_INTEGER = re.compile(r"[-+]?\d+")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_MAX_SCHEMA_DEPTH = 32  # `$ref` chains and nested anyOf: a cycle must not hang the parser
 
 
-def _schema_type(schema: Any) -> str:
-    kind = schema.get("type", "string") if isinstance(schema, Mapping) else "string"
-    if isinstance(kind, list):  # ["integer", "null"]: the first non-null type decides
-        kind = next((k for k in kind if k != "null"), "string")
-    return str(kind).strip().lower()
-
-
-def convert_value(value: str, schema: Any) -> Any:
-    """Type one raw parameter value by its property schema (vLLM `_convert_param_value`);
-    `schema=None` (a parameter the tool does not declare) keeps the raw string."""
-    if value.lower() == "null":
-        return None
-    if schema is None:
-        return value
-    kind = _schema_type(schema)
+def _kind(name: Any) -> str:
+    """A schema `type` as one of string/integer/number/boolean/object/array/null/any."""
+    kind = str(name).strip().lower()
+    if kind == "null":
+        return "null"
     if kind in _STRING_TYPES:
+        return "string"
+    if kind.startswith(_INTEGER_PREFIXES):
+        return "integer"
+    if kind.startswith(_NUMBER_PREFIXES):
+        return "number"
+    if kind in _BOOLEAN_TYPES:
+        return "boolean"
+    if kind.startswith(_OBJECT_PREFIXES):
+        return "object"
+    if kind.startswith(_ARRAY_PREFIXES):
+        return "array"
+    return "any"
+
+
+def _value_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "string"
+
+
+def _resolve_ref(ref: Any, root: Mapping[str, Any]) -> Any:
+    """A local `#/...` JSON pointer (`#/$defs/X`, `#/definitions/X`) into the parameters schema."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node: Any = root
+    for part in ref[1:].split("/")[1:] if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def schema_kinds(schema: Any, root: Mapping[str, Any] | None = None, _depth: int = 0) -> list[str]:
+    """The kinds a value of `schema` may have, in schema order, without repeats: `$ref` followed,
+    `anyOf`/`oneOf` and type lists flattened, `nullable: true` adding null, an untyped schema read
+    from its keywords (`properties` -> object, `items` -> array, `enum`/`const` -> its values'
+    kinds). An empty or unreadable schema is ["any"]."""
+    if not isinstance(schema, Mapping) or _depth > _MAX_SCHEMA_DEPTH:
+        return ["any"]
+    root = schema if root is None else root
+    kinds: list[str] = []
+    if "$ref" in schema:
+        kinds += schema_kinds(_resolve_ref(schema["$ref"], root), root, _depth + 1)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            for sub in schema[key]:
+                kinds += schema_kinds(sub, root, _depth + 1)
+    if not kinds and isinstance(schema.get("allOf"), list):  # pydantic: allOf [{$ref}] + description
+        for sub in schema["allOf"]:
+            kinds += [k for k in schema_kinds(sub, root, _depth + 1) if k != "any"]
+    declared = schema.get("type")
+    if isinstance(declared, list):
+        kinds += [_kind(t) for t in declared]
+    elif declared is not None:
+        kinds.append(_kind(declared))
+    elif not kinds:
+        if "properties" in schema or "additionalProperties" in schema:
+            kinds.append("object")
+        elif "items" in schema or "prefixItems" in schema:
+            kinds.append("array")
+        elif isinstance(schema.get("enum"), list) or "const" in schema:
+            values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]]
+            kinds += [_value_kind(v) for v in values]
+    if schema.get("nullable") is True:
+        kinds.append("null")
+    kinds = list(dict.fromkeys(kinds))
+    return kinds or ["any"]
+
+
+def _jsonable(value: Any) -> Any:
+    """A Python literal as a JSON value (tuples become lists); ValueError for sets, bytes, complex
+    numbers, NaN or non-string keys, which JSON cannot write."""
+    if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _jsonable(v) for k, v in value.items()}
+    raise ValueError(f"{type(value).__name__} is not a JSON value")
+
+
+def _container(text: str, kind: str) -> Any:
+    """`text` as a JSON object/array, else as a Python literal of that shape (the official
+    template writes history values with `|string`, which gives Python reprs); ValueError if
+    neither. ast.literal_eval only reads literals: it never runs code."""
+    want = dict if kind == "object" else list
     try:
-        if kind.startswith(_INT_PREFIXES):
-            return int(value)
-        if kind.startswith(("num", "float")):
-            number = float(value)
-            return int(number) if number.is_integer() else number
+        value = loads_json(text)
     except ValueError:
-        return value
-    if kind in ("boolean", "bool", "binary"):
-        return value.strip().lower() == "true"
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(
-            value
-        )  # Python-repr dicts/lists, as the template's `|string` writes them
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return value
-
-
-def _strip_one_newline(value: str) -> str:
-    value = value.removeprefix("\n")
-    value = value.removesuffix("\n")
+        try:
+            value = _jsonable(ast.literal_eval(text))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError(f"not a JSON {kind}") from None
+    if not isinstance(value, want):
+        raise ValueError(f"not a JSON {kind}")
     return value
 
 
-def _parse_function(block: str, raw: str, tools: Tools) -> ToolCall | str:
-    """Parse `<function=NAME>...` (the text of one call); return the call or an error quoting `raw`."""
-    start = block.find(FUNCTION_START)
-    if start == -1:
-        return f"tool call has no <function=NAME> block: {raw!r}"
-    body = block[start + len(FUNCTION_START) :]
-    end = body.find(FUNCTION_END)
-    if end != -1:
-        body = body[:end]
-    name, sep, params = body.partition(">")
-    name = name.strip()
-    if not sep or not name or "<" in name or "\n" in name:
-        return f"tool call has no function name: {raw!r}"
-    props = _properties(tools, name)
-    arguments: dict[str, Any] = {}
-    for match in _PARAMETER.finditer(params):
-        key, sep, value = match.group(1).partition(">")
-        key = key.strip()
-        if not sep or not key:
-            return f"tool call has a malformed <parameter=...> tag: {raw!r}"
-        schema = None if props is None else props.get(key)
-        # A declared tool with an undeclared parameter, or an unknown tool: keep the string.
-        arguments[key] = (
-            convert_value(_strip_one_newline(value), schema) if props else _strip_one_newline(value)
-        )
-    return ToolCall.new(name, arguments)
+def _as_kind(text: str, kind: str) -> Any:
+    """`text` read as a value of `kind`; ValueError when it is not one."""
+    if kind == "integer":
+        if _INTEGER.fullmatch(text):
+            return int(text)  # ValueError past Python's 4300-digit limit: stays a string
+        number = _as_kind(text, "number")
+        if isinstance(number, int):
+            return number
+        raise ValueError("not an integer")
+    if kind == "number":
+        if not _NUMBER.fullmatch(text):
+            raise ValueError("not a number")
+        if _INTEGER.fullmatch(text):
+            return int(text)
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError("out of range")
+        # vLLM writes an integral number as an int (4.0 -> 4); exact only below 2**53
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "boolean":
+        lowered = text.lower()  # `True`/`False` too: the official template writes Python bools
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        raise ValueError("not a boolean")
+    if kind in ("object", "array"):
+        return _container(text, kind)
+    raise ValueError(f"no conversion to {kind}")
 
 
-def _blocks(text: str) -> list[Block]:
-    """The call blocks: `<tool_call>` ones, or else (vLLM's fallback) bare `<function=...>` blocks."""
-    if TOOL_CALL_START in text:
-        return tag_blocks(text, TOOL_CALL_START, TOOL_CALL_END)
-    return tag_blocks(text, FUNCTION_START, FUNCTION_END, inner_after_tag=False)
+def convert_value(text: str, schema: Any, root: Mapping[str, Any] | None = None) -> Any:
+    """Type one raw parameter value by its property schema.
+
+    Rules: `null` is None where the schema admits null, and for a parameter that cannot be a
+    string (vLLM reads `null` so for every type); Python's `None` likewise, but only where no
+    string is allowed. Otherwise the value is tried, with surrounding whitespace removed, as each
+    non-string kind of the schema in schema order (integer, number, boolean, object, array; Python
+    literals such as `True` or `{'a': 1}` are read only there), and the first that fits wins. A
+    value that fits none, a string parameter, and an untyped or unknown schema keep the text as
+    it is.
+
+    Args:
+        text: the value with the template's newlines already stripped.
+        schema: the property's JSON schema (None: an undeclared parameter, kept as text).
+        root: the tool's whole `parameters` schema, where `$ref` pointers lead.
+    """
+    if schema is None:
+        return text
+    kinds = schema_kinds(schema, root)
+    stringy = any(k in ("string", "any") for k in kinds)
+    stripped = text.strip()
+    if (stripped == "null" and ("null" in kinds or not stringy)) or (
+        stripped == "None" and not stringy
+    ):
+        return None
+    for kind in kinds:
+        if kind in ("string", "any", "null"):
+            continue
+        try:
+            return _as_kind(stripped, kind)
+        except ValueError:
+            continue
+    return text
 
 
-def parse_tool_calls(text: str, tools: Tools = None) -> ParsedToolCalls:
-    """Extract every call of a finished output.
+# --------------------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class _Function:
+    """What parsing one `<function=NAME>` needs from the offered tools."""
+
+    name: str
+    known: bool  # offered (or no tools were given, so nothing to check against)
+    properties: Mapping[str, Any] | None  # None: no schema, values stay strings
+    root: Mapping[str, Any]
+
+    def starts_parameter(self, key: str, given: set[str]) -> bool:
+        """Whether `<parameter=key>` after a `</parameter>` begins a new parameter."""
+        if key in given:
+            return False
+        return not self.properties or key in self.properties
+
+
+class _Schemas:
+    def __init__(self, tools: Tools) -> None:
+        self._params = tool_parameters(tools)
+
+    def function(self, name: str) -> _Function:
+        if self._params is None:
+            return _Function(name, True, None, {})
+        params = self._params.get(name)
+        if params is None:
+            return _Function(name, False, None, {})
+        props = params.get("properties")
+        return _Function(name, True, props if isinstance(props, Mapping) else {}, params)
+
+    @property
+    def names(self) -> list[str] | None:
+        return None if self._params is None else list(self._params)
+
+
+class _Incomplete(Exception):
+    """The text ends before this decision can be made (only raised while more text may come)."""
+
+
+class _Malformed(Exception):
+    """The strict reading does not apply: fall back to the lenient one."""
+
+
+@dataclass
+class _Reader:
+    """Strict reading of one call region `text` (already cut at the next `<tool_call>`).
+
+    `closed`: nothing follows `text` (the output ended, or the next call begins at its end), so the
+    end of `text` counts as the end of the call instead of raising _Incomplete.
+    """
+
+    text: str
+    schemas: _Schemas
+    wrapped: bool
+    closed: bool
+
+    def _skip_ws(self, i: int) -> int:
+        m = _WS.match(self.text, i)
+        return m.end() if m else i
+
+    def _at_end(self, i: int) -> bool:
+        if i < len(self.text):
+            return False
+        if not self.closed:
+            raise _Incomplete
+        return True
+
+    def tag(self, i: int, prefix: str) -> tuple[str, int] | None:
+        """`prefix NAME>` at i: (NAME, index after `>`), or None if it is not there."""
+        t = self.text
+        if not t.startswith(prefix, i):
+            if len(t) - i < len(prefix) and prefix.startswith(t[i:]) and not self.closed:
+                raise _Incomplete
+            return None
+        a = i + len(prefix)
+        m = _NAME_END.search(t, a)
+        if m is None:
+            if self.closed:
+                return None
+            raise _Incomplete
+        name = t[a : m.start()].strip()
+        if m.group() != ">" or not name or any(c.isspace() for c in name):
+            return None
+        return name, m.end()
+
+    def function_close(self, i: int) -> tuple[bool, int] | None:
+        """A closing `</function>` at i: (ends the call, where reading goes on), else None."""
+        t = self.text
+        if not t.startswith(FUNCTION_END, i):
+            if len(t) - i < len(FUNCTION_END) and FUNCTION_END.startswith(t[i:]):
+                if not self.closed:
+                    raise _Incomplete
+            return None
+        after = i + len(FUNCTION_END)
+        if not self.wrapped:
+            return True, after
+        a = self._skip_ws(after)
+        if t.startswith(TOOL_CALL_END, a):
+            return True, a + len(TOOL_CALL_END)
+        if self._at_end(a):
+            return True, a
+        if len(t) - a < len(TOOL_CALL_END) and TOOL_CALL_END.startswith(t[a:]):
+            if not self.closed:
+                raise _Incomplete
+            return None
+        if self.tag(a, FUNCTION_START) is not None:
+            return False, a
+        return None
+
+    def value_end(self, start: int, fn: _Function, given: set[str]) -> tuple[int, int]:
+        """(end of the value starting at `start`, where reading goes on): the first closing tag."""
+        for m in _CLOSES.finditer(self.text, start):
+            if m.group() == PARAMETER_END:
+                a = self._skip_ws(m.end())
+                nxt = self.tag(a, PARAMETER_START)
+                if nxt is not None and fn.starts_parameter(nxt[0], given):
+                    return m.start(), a
+                if self.function_close(a) is not None:
+                    return m.start(), a
+            elif m.group() == FUNCTION_END:
+                if self.function_close(m.start()) is not None:  # `</parameter>` was dropped
+                    return m.start(), m.start()
+            else:  # a line starting `<parameter=`: a new parameter if K is one, `</parameter>` dropped
+                at = m.start() + 1
+                nxt = self.tag(at, PARAMETER_START)
+                if nxt is not None and fn.starts_parameter(nxt[0], given):
+                    return at, at
+        if not self.closed:
+            raise _Incomplete
+        raise _Malformed
+
+    def read(self, i: int) -> tuple[list[tuple[_Function, list[tuple[str, str]]]], int]:
+        """The functions of the call whose text starts at i, and where the call ends."""
+        functions = []
+        pos = self._skip_ws(i)
+        while True:
+            header = self.tag(pos, FUNCTION_START)
+            if header is None:
+                raise _Malformed
+            fn = self.schemas.function(header[0])
+            params: list[tuple[str, str]] = []
+            given: set[str] = set()
+            pos = self._skip_ws(header[1])
+            while True:
+                close = self.function_close(pos)
+                if close is not None:
+                    break
+                param = self.tag(pos, PARAMETER_START)
+                if param is None:
+                    raise _Malformed
+                given.add(param[0])
+                end, pos = self.value_end(param[1], fn, given)
+                params.append((param[0], self.text[param[1] : end]))
+            functions.append((fn, params))
+            last, pos = close
+            if last:
+                return functions, pos
+
+
+def _lenient_functions(
+    inner: str, schemas: _Schemas
+) -> list[tuple[_Function, list[tuple[str, str]]]] | str:
+    """vLLM's reading of a call's text (name-aware at `<parameter=`); or an error message."""
+    reader = _Reader(inner, schemas, wrapped=False, closed=True)
+    functions = []
+    pos = 0
+    while (start := inner.find(FUNCTION_START, pos)) != -1:
+        end = inner.find(FUNCTION_END, start)
+        body_end = len(inner) if end == -1 else end
+        header = _Reader(inner[:body_end], schemas, False, True).tag(start, FUNCTION_START)
+        if header is None:
+            return "tool call has no function name"
+        fn = schemas.function(header[0])
+        params: list[tuple[str, str]] = []
+        given: set[str] = set()
+        i = inner.find(PARAMETER_START, header[1], body_end)
+        while i != -1:
+            param = reader.tag(i, PARAMETER_START)
+            if param is None or param[1] > body_end:
+                return "tool call has a malformed <parameter=...> tag"
+            given.add(param[0])
+            close = inner.find(PARAMETER_END, param[1], body_end)
+            stop = body_end if close == -1 else close
+            j = inner.find(_LINE_PARAMETER, param[1], stop)
+            while j != -1:
+                nxt = reader.tag(j + 1, PARAMETER_START)
+                if nxt is not None and fn.starts_parameter(nxt[0], given):
+                    stop = j + 1
+                    break
+                j = inner.find(_LINE_PARAMETER, j + 1, stop)
+            params.append((param[0], inner[param[1] : stop]))
+            after = stop + len(PARAMETER_END) if stop == close else stop
+            i = inner.find(PARAMETER_START, after, body_end)
+        functions.append((fn, params))
+        pos = body_end + len(FUNCTION_END)
+    if not functions:
+        return "tool call has no <function=NAME> block"
+    return functions
+
+
+def _strip_one_newline(value: str) -> str:
+    return value.removeprefix("\n").removesuffix("\n")
+
+
+def _calls(
+    functions: list[tuple[_Function, list[tuple[str, str]]]], schemas: _Schemas, raw: str
+) -> tuple[ToolCall, ...] | str:
+    """The typed calls of a region's functions, or why the region is rejected (quoting `raw`)."""
+    calls = []
+    for fn, params in functions:
+        if not fn.known:
+            offered = ", ".join(schemas.names or []) or "none"
+            return (
+                f"tool call names function {fn.name!r}, which is not among the offered tools "
+                f"({offered}): {raw!r}"
+            )
+        arguments: dict[str, Any] = {}
+        for key, value in params:
+            value = _strip_one_newline(value)
+            if fn.properties is not None:
+                value = convert_value(value, fn.properties.get(key), fn.root)
+            arguments[key] = value
+        try:
+            calls.append(ToolCall.new(fn.name, arguments))
+        except ValueError as exc:
+            return f"tool call arguments cannot be written as JSON ({exc}): {raw!r}"
+    return tuple(calls)
+
+
+def _find_marker(text: str, pos: int = 0) -> int:
+    found = [i for i in (text.find(m, pos) for m in _MARKERS) if i != -1]
+    return min(found) if found else -1
+
+
+def _scan(text: str, start: int, schemas: _Schemas, final: bool) -> Span | None | bool:
+    """Decide the call region at `start` (where `<tool_call>` or `<function=` begins).
+
+    Returns:
+        the Span; False when a bare `<function=` there is no call (plain text); None when the text
+        ends before the decision (only if not `final`). Looks only at `text[start:]`.
+    """
+    wrapped = text.startswith(TOOL_CALL_START, start)
+    body = start + len(TOOL_CALL_START) if wrapped else start
+    cut = (
+        text.find(TOOL_CALL_START, body)
+        if wrapped
+        else _find_marker(text, start + len(FUNCTION_START))
+    )
+    limit = len(text) if cut == -1 else cut
+    closed = final or cut != -1
+    region = text[:limit]
+    reader = _Reader(region, schemas, wrapped, closed)
+    if not wrapped:
+        try:
+            header = reader.tag(start, FUNCTION_START)
+        except _Incomplete:
+            return None
+        if header is None or not schemas.function(header[0]).known:
+            return False
+    try:
+        functions, stop = reader.read(body)
+    except _Incomplete:
+        return None
+    except _Malformed:
+        end_tag = TOOL_CALL_END if wrapped else FUNCTION_END
+        end = region.find(end_tag, body)
+        if end == -1 and not closed:
+            return None  # the closing tag may still come
+        stop = limit if end == -1 else end + len(end_tag)
+        lenient = _lenient_functions(region[body : limit if end == -1 else end], schemas)
+        if isinstance(lenient, str):
+            return Span(start, stop, error=f"{lenient}: {text[start:stop]!r}")
+        functions = lenient
+    result = _calls(functions, schemas, text[start:stop])
+    if isinstance(result, str):
+        return Span(start, stop, error=result)
+    return Span(start, stop, result)
+
+
+def call_spans(text: str, tools: Tools) -> list[Span]:
+    """The call regions of a finished output, accepted and rejected, in order."""
+    schemas = _Schemas(tools)
+    spans: list[Span] = []
+    pos = 0
+    while (start := _find_marker(text, pos)) != -1:
+        span = _scan(text, start, schemas, final=True)
+        if isinstance(span, Span):
+            spans.append(span)
+            pos = span.stop
+        else:
+            pos = start + 1
+    return spans
+
+
+def parse_tool_calls(text: str, tools: Tools) -> ParsedToolCalls:
+    """Extract every call of a finished output (rules in the module docstring).
 
     Args:
         text: the content (reasoning already split off).
-        tools: the OpenAI tool objects offered, to type the values; None keeps strings.
+        tools: the OpenAI tool objects offered: they type the values and decide which names are
+            calls; None accepts any name and keeps every value a string.
 
     Returns:
-        content: text outside accepted calls (rejected blocks stay verbatim), stripped, None if
-            empty; tool_calls in output order; errors, one per rejected block.
+        content: text outside accepted calls (rejected calls stay verbatim), stripped, None if
+            empty; tool_calls in output order; errors, one per rejected call.
     """
-    return assemble(text, _blocks(text), lambda inner, raw: _parse_function(inner, raw, tools))
+    return assemble(text, call_spans(text, tools))
 
 
 class StreamingToolCallParser:
-    """Incremental `parse_tool_calls`: content before the first call streams as it arrives; from the
-    first `<tool_call>` (or `<function=`) on, text is held and the calls are emitted by `finish()`.
-
-    Why not per closing tag as in the Hermes parser: vLLM's fallback reads bare `<function=` blocks
-    only when the whole output has no `<tool_call>`, which is known only at the end. The joined
-    ContentDelta texts equal `parse_tool_calls(...).content or ""`.
+    """Incremental `parse_tool_calls`: content streams as it arrives (a tail that could begin a
+    marker is held), and each call is emitted when the tag that closes it arrives. The joined
+    ContentDelta texts equal `parse_tool_calls(...).content or ""`, and the calls and errors are
+    the same, for any split of the text.
     """
 
-    def __init__(self, tools: Tools = None) -> None:
-        self._tools = tools
-        self._text = ""
-        self._emitted = ""  # content already sent
-        self._held_from: int | None = None  # index of the first call marker
+    def __init__(self, tools: Tools) -> None:
+        self._schemas = _Schemas(tools)
+        self._buffer = ""  # undecided text; starts at a marker while `_waiting`
+        self._waiting = False
+        self._content = StrippedContent()
+        self._n_calls = 0
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
-        self._text += delta_text
-        if self._held_from is not None:
+        """Consume one content delta; return the events it completes, in order."""
+        self._buffer += delta_text
+        # A waiting call is decided only by a tag's closing `>` (or a bare name's end).
+        if self._waiting and ">" not in delta_text and not self._open_bare_name():
             return []
-        starts = [
-            i
-            for i in (self._text.find(TOOL_CALL_START), self._text.find(FUNCTION_START))
-            if i != -1
-        ]
-        if starts:
-            self._held_from = min(starts)
-            visible = self._text[: self._held_from]
-        else:
-            visible = self._text[: _partial_marker_start(self._text)]
-        return self._emit(visible.strip())
+        return self._advance(final=False)
 
     def finish(self) -> list[StreamEvent]:
-        parsed = parse_tool_calls(self._text, self._tools)
-        events: list[StreamEvent] = [ToolCallError(e) for e in parsed.errors]
-        events += self._emit(parsed.content or "")
-        events += [ToolCallDelta(i, call) for i, call in enumerate(parsed.tool_calls)]
-        return events
+        """End of output: decide what is left and flush the content."""
+        return self._advance(final=True)
 
-    def _emit(self, content: str) -> list[StreamEvent]:
-        if not content.startswith(self._emitted) or len(content) == len(self._emitted):
-            return []
-        new, self._emitted = content[len(self._emitted) :], content
-        return [ContentDelta(new)]
+    def _open_bare_name(self) -> bool:
+        return self._buffer.startswith(FUNCTION_START) and ">" not in self._buffer
 
-
-def _partial_marker_start(text: str) -> int:
-    """Start of the longest suffix that is a proper prefix of a call marker (else len(text))."""
-    for n in range(min(len(TOOL_CALL_START) - 1, len(text)), 0, -1):
-        tail = text[-n:]
-        if TOOL_CALL_START.startswith(tail) or FUNCTION_START.startswith(tail):
-            return len(text) - n
-    return len(text)
+    def _advance(self, final: bool) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        buf = self._buffer
+        while True:
+            start = _find_marker(buf)
+            if start == -1:
+                hold = len(buf) if final else partial_tag_start(buf, _MARKERS)
+                self._content.push(buf[:hold], events, final=final)
+                self._buffer, self._waiting = buf[hold:], False
+                return events
+            self._content.push(buf[:start], events)
+            buf = buf[start:]
+            span = _scan(buf, 0, self._schemas, final)
+            if span is None:
+                self._buffer, self._waiting = buf, True
+                return events
+            if span is False:  # a bare `<function=` that is plain text
+                self._content.push(buf[:1], events)
+                buf = buf[1:]
+                continue
+            assert isinstance(span, Span)
+            if span.error is None:
+                for call in span.calls:
+                    events.append(ToolCallDelta(self._n_calls, call))
+                    self._n_calls += 1
+            else:
+                events.append(ToolCallError(span.error))
+                self._content.push(buf[: span.stop], events)
+            buf = buf[span.stop :]
