@@ -11,7 +11,21 @@ import pytest
 import torch
 
 from qwenrun.config import ModelConfig
-from qwenrun.demo.data import Problem, examples, is_heldout, make_example, sample_problem, trace
+from qwenrun.demo.data import (
+    FIRST_IMPRESSIONS,
+    REPLIES,
+    OffTopic,
+    Problem,
+    answer_text,
+    examples,
+    is_heldout,
+    is_heldout_text,
+    make_example,
+    sample_off_topic,
+    sample_problem,
+    trace,
+)
+from qwenrun.demo.evaluate import TRACE_PATTERN
 from qwenrun.train.chat_template import QWEN3_CHAT_TEMPLATE
 from qwenrun.train.recipe import ModelSize, batch_fn, build_tokenizer, model_config, template
 from qwenrun.train.tokenizer import ADDED_TOKENS
@@ -47,10 +61,72 @@ def test_generators_are_seeded_and_skip_heldout():
     a = [next(examples(7, template())) for _ in range(3)]
     b = [next(examples(7, template())) for _ in range(3)]
     assert [(e.prompt, e.completion) for e in a] == [(e.prompt, e.completion) for e in b]
-    gen = examples(3, template())
-    assert not any(is_heldout(next(gen).problem) for _ in range(300))
+    for stage in (1, 2, 3):
+        gen = examples(3, template(), stage)
+        for _ in range(300):
+            ex = next(gen)
+            for item in (*ex.history, ex.problem):
+                if isinstance(item, Problem):
+                    assert not is_heldout(item), item
+                elif item is not None:
+                    assert not is_heldout_text(item.text), item
     rng = random.Random(1)
     assert all(is_heldout(sample_problem(rng, "mul", (3, 2), heldout=True)) for _ in range(50))
+    held = [sample_off_topic(rng, heldout=True) for _ in range(100)]
+    assert all(is_heldout_text(o.text) for o in held)
+    assert not any(is_heldout_text(o.text) for o in FIRST_IMPRESSIONS)
+
+
+def test_conversations_render_history_as_inference_does():
+    """Earlier turns sit in the prompt as the template renders a chat client's history: their
+    answers without their reasoning; only the last turn, the trained one, carries a think block."""
+    gen = examples(5, template(), stage=3)
+    seen_turns, seen_modes = set(), set()
+    for _ in range(400):
+        ex = next(gen)
+        seen_turns.add(ex.turns)
+        seen_modes.add(ex.mode)
+        assert "<|im_start|>" not in ex.completion  # the loss covers the last assistant turn only
+        for past in ex.history:
+            if isinstance(past, Problem):
+                assert answer_text(past) + "<|im_end|>" in ex.prompt
+                if len(str(past.answer)) > 2:  # short traces can occur inside the tool prompt
+                    assert trace(past) not in ex.prompt
+            else:
+                assert past.text in ex.prompt and past.reply + "<|im_end|>" in ex.prompt
+                assert past.thought not in ex.prompt
+        # The prompt holds at most this turn's tool-call think block, or the empty no-think block.
+        blocks = ex.prompt.count("<think>")
+        if ex.mode == "tool_answer":
+            assert blocks <= 1
+        else:
+            assert blocks == (1 if ex.prompt.endswith("<think>\n\n</think>\n\n") else 0), ex.prompt
+        if ex.mode in ("think", "tool_call", "tool_answer") or (
+            ex.mode == "off_topic" and not ex.prompt.endswith("</think>\n\n")
+        ):
+            assert ex.completion.startswith("<think>\n") and "\n</think>\n\n" in ex.completion
+        if ex.mode == "think":
+            assert ex.completion.startswith(f"<think>\n{trace(ex.problem)}\n</think>")
+    assert seen_turns == {1, 2, 3, 4}
+    assert seen_modes == {"think", "no_think", "budget", "tool_call", "tool_answer", "off_topic"}
+
+
+def test_off_topic_turns_get_the_honest_reply_and_no_trace():
+    """Greetings and other questions, also in a later turn and with the calculator offered, get the
+    short fixed reply: no column arithmetic, no tool call."""
+    rng = random.Random(2)
+    replies = {r for by_lang in REPLIES.values() for r in by_lang.values()}
+    history = (Problem("mul", 347, 28), OffTopic("hi", "greeting", False))
+    for tools in (False, True):
+        for past in ((), history):
+            for _ in range(20):
+                ex = make_example(rng, template(), "off_topic", None, past, tools)
+                reply = ex.completion.split("</think>\n\n")[-1].removesuffix("<|im_end|>")
+                assert reply in replies, ex.completion
+                assert "<tool_call>" not in ex.completion
+                assert TRACE_PATTERN.search(ex.completion) is None, ex.completion
+    first = make_example(random.Random(0), template(), "off_topic", None)
+    assert first.completion.endswith("<|im_end|>")
 
 
 @pytest.mark.parametrize("mode", ["think", "no_think", "budget", "tool_call", "tool_answer"])
@@ -153,3 +229,41 @@ def test_export_loads_in_qwenrun_and_transformers(tok, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(ours, ref[:, : ours.shape[1]], atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_is_the_bundled_one(tok):
+    """Stage 3 starts from the bundled stages-1-2 model (`--init`), which needs the same vocabulary:
+    conversations must not change the tokenizer corpus (stage-1 chats)."""
+    from qwenrun.train.recipe import BUNDLED
+
+    bundled = json.loads((BUNDLED / "tokenizer.json").read_text())
+    ours = json.loads(tok.to_str())
+    assert ours["model"]["vocab"] == bundled["model"]["vocab"]
+    assert ours["model"]["merges"] == bundled["model"]["merges"]
+
+
+def test_stage3_continues_from_an_exported_model(tok, tmp_path):
+    """`train-demo --init MODEL`: the model's weights stand for stages 1-2, stage 3 trains on from them."""
+    from safetensors.torch import load_file
+
+    from qwenrun.train.recipe import train_demo
+    from qwenrun.train.tokenizer import save_tokenizer
+
+    tr = _trainer(tok, steps=2)
+    for _ in range(2):
+        tr.train_step()
+    export_hf(tr.model, model_config(tok, TINY), tmp_path / "init")
+    save_tokenizer(tok, QWEN3_CHAT_TEMPLATE, tmp_path / "init")
+    start = load_file(str(tmp_path / "init" / "model.safetensors"))
+    kw = dict(size=TINY, batch_size=4, progress=False, compile=False, init=tmp_path / "init")
+    train_demo(tmp_path / "same", steps=5, resume=False, **kw)  # no stage 3: the same weights
+    same = load_file(str(tmp_path / "same" / "model.safetensors"))
+    assert all(torch.equal(start[k], same[k]) for k in start)
+    train_demo(tmp_path / "s3", steps=5, resume=False, stage3_steps=2, **kw)
+    trained = load_file(str(tmp_path / "s3" / "model.safetensors"))
+    assert not all(torch.equal(start[k], trained[k]) for k in start)
+    log = json.loads((tmp_path / "s3" / "train_log.json").read_text())
+    assert log["stage3_steps"] == 2 and log["steps"] == 0 and log["init"] == str(tmp_path / "init")
+    stage3 = [tok.decode(p, skip_special_tokens=False) for p, _ in batch_fn(tok, 0, 40, 0, stage=3)]
+    queries = [t.count("<|im_start|>user\n") - t.count("<|im_start|>user\n<tool_response>") for t in stage3]
+    assert max(queries) >= 3 and min(queries) == 1, queries  # conversations, and single turns too

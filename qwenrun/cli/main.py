@@ -247,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="low-LR steps on a mix richer in subtraction and tool turns",
     )
+    train.add_argument(
+        "--stage3-steps",
+        type=_int_at_least(0),
+        default=400,
+        metavar="N",
+        help="low-LR steps on conversations (1-4 turns) and off-topic messages",
+    )
+    train.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="an exported model of this recipe (e.g. the bundled one) standing for stages 1-2",
+    )
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     train.add_argument(

@@ -15,7 +15,15 @@ up one small table entry. Lines have a fixed width, so the digits a step needs s
     ...
     =29842
 
-Held-out problems are chosen by a hash of (op, a, b), so training never sees an evaluation problem.
+Conversations run 1-4 turns: earlier turns (arithmetic in any mode, calculator calls with their
+results, off-topic questions) sit in the history exactly as the template renders them at inference,
+so with their reasoning dropped, and the loss covers the last assistant turn only: an earlier turn is
+rendered without the `<think>` block the model wrote for it, so training on it would teach answering
+without thinking. Off-topic messages (greetings, "who are you?", weather, poems, division, in English
+and Chinese) get a short, honest reply ("I am a tiny demo model; I only do arithmetic") and no trace.
+
+Held-out problems are chosen by a hash of (op, a, b), and held-out off-topic prompts by a hash of
+their text, so training never sees an evaluation problem.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any, Literal
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
 
 Op = Literal["add", "sub", "mul"]
-Mode = Literal["think", "no_think", "tool_call", "tool_answer", "budget"]
+Mode = Literal["think", "no_think", "tool_call", "tool_answer", "budget", "off_topic"]
 
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 
@@ -268,25 +276,263 @@ TOOL_THOUGHT = "Use the calculator for {expr}."
 TOOL_ANSWER_THOUGHT = "The calculator returned {result}."
 
 
+# ------------------------------------------------------------------------------------ off-topic
+OffTopicKind = Literal["greeting", "thanks", "other", "unsupported"]
+
+_GREETINGS = {
+    False: ["hello", "hi", "hey", "hi there", "hello there", "good morning", "good evening", "greetings"],
+    True: ["你好", "您好", "嗨", "早上好", "晚上好", "哈喽"],
+}
+_ABOUT = {
+    False: [
+        "who are you?",
+        "what are you?",
+        "what can you do?",
+        "what is your name?",
+        "what's your name?",
+        "are you ChatGPT?",
+        "are you Qwen?",
+        "introduce yourself",
+        "tell me about yourself",
+        "how are you?",
+        "what model are you?",
+        "can you help me?",
+    ],
+    True: [
+        "你是谁？",
+        "你能做什么？",
+        "你叫什么名字？",
+        "介绍一下你自己",
+        "你是什么模型？",
+        "你好吗？",
+        "你是ChatGPT吗？",
+        "你能帮我吗？",
+    ],
+}
+_THANKS = {
+    False: ["thanks", "thank you", "thank you!", "thanks a lot", "great, thanks", "good job", "nice", "ok", "cool"],
+    True: ["谢谢", "谢谢你", "非常感谢", "好的", "太好了，谢谢"],
+}
+_ASKS = {
+    False: [
+        "what's the weather?",
+        "what is the weather like today?",
+        "what's the weather in {place}?",
+        "will it rain tomorrow?",
+        "write a poem",
+        "write a poem about {topic}",
+        "write a story about {topic}",
+        "write a short essay on {topic}",
+        "tell me a joke",
+        "tell me a joke about {topic}",
+        "tell me about {topic}",
+        "tell me about {place}",
+        "who is {person}?",
+        "who was {person}?",
+        "where is {place}?",
+        "translate '{topic}' into French",
+        "how do I cook rice?",
+        "explain {topic} to me",
+        "what time is it?",
+        "recommend a good book",
+        "write python code to sort a list",
+        "what is the meaning of life?",
+        "what is AI?",
+        "can you help me with my homework?",
+        "I feel sad today",
+        "what do you think about {topic}?",
+        "do you like {topic}?",
+        "sing me a song",
+        "what should I eat for dinner?",
+        "bye",
+    ],
+    True: [
+        "今天天气怎么样？",
+        "{place}的天气如何？",
+        "明天会下雨吗？",
+        "写一首诗",
+        "写一首关于{topic}的诗",
+        "给我讲个笑话",
+        "讲一个关于{topic}的故事",
+        "{person}是谁？",
+        "帮我写一段代码",
+        "再见",
+        "你喜欢{topic}吗？",
+        "什么是人工智能？",
+        "现在几点了？",
+        "推荐一本好书",
+        "把“{topic}”翻译成英文",
+        "我今天很难过",
+        "介绍一下{place}",
+        "晚饭吃什么好？",
+    ],
+}
+_FILL = {
+    False: {
+        "topic": ["the sea", "love", "cats", "the moon", "autumn", "my dog", "coffee", "the stars",
+                  "a robot", "friendship", "rain", "history", "music", "the city"],
+        "place": ["Paris", "Beijing", "London", "Tokyo", "New York", "Shanghai", "Berlin", "Sydney"],
+        "person": ["Einstein", "Confucius", "Shakespeare", "Newton", "Marie Curie", "Mozart"],
+    },
+    True: {
+        "topic": ["大海", "爱情", "猫", "月亮", "秋天", "咖啡", "星星", "朋友", "下雨", "音乐"],
+        "place": ["北京", "上海", "巴黎", "伦敦", "东京", "纽约"],
+        "person": ["孔子", "李白", "爱因斯坦", "牛顿", "莎士比亚"],
+    },
+}
+# Arithmetic the model cannot do (division, powers, more than two numbers): declined, never traced.
+_UNSUPPORTED = {
+    False: [
+        "What is {a} / {b}?",
+        "What is {a} divided by {b}?",
+        "Divide {a} by {b}.",
+        "{a} ÷ {b} = ?",
+        "What is {a} to the power of {b}?",
+        "What is the square root of {a}?",
+        "What is {a} mod {b}?",
+        "Is {a} a prime number?",
+        "What is {a} + {b} + {c}?",
+        "What is {a} * {b} * {c}?",
+    ],
+    True: [
+        "{a} / {b} 等于多少？",
+        "{a}除以{b}是多少？",
+        "{a}的平方根是多少？",
+        "{a}是质数吗？",
+        "{a} + {b} + {c} 等于多少？",
+    ],
+}
+REPLIES: dict[OffTopicKind, dict[bool, str]] = {
+    "greeting": {
+        False: "Hello! I am qwen3-tiny-thinker, a tiny demo model. I only do arithmetic: ask me to "
+        "add, subtract or multiply two whole numbers.",
+        True: "你好！我是 qwen3-tiny-thinker，一个很小的演示模型。我只会做算术：两个整数的加法、减法和乘法。",
+    },
+    "thanks": {
+        False: "You're welcome! Ask me to add, subtract or multiply two whole numbers any time.",
+        True: "不客气！有两个整数的加法、减法或乘法问题，随时问我。",
+    },
+    "other": {
+        False: "Sorry, I can't help with that. I am a tiny demo model; I only do arithmetic: adding, "
+        "subtracting and multiplying whole numbers.",
+        True: "抱歉，这个我帮不了。我是一个很小的演示模型，只会做算术：整数的加法、减法和乘法。",
+    },
+    "unsupported": {
+        False: "Sorry, I can't do that. I am a tiny demo model; I only add, subtract and multiply "
+        "two whole numbers.",
+        True: "抱歉，这个我做不了。我是一个很小的演示模型，只会两个整数的加法、减法和乘法。",
+    },
+}
+# The short reasoning in thinking mode: the block is there (the mode's contract), the trace is not.
+THOUGHTS: dict[OffTopicKind, str] = {
+    "greeting": "A greeting, not an arithmetic problem.",
+    "thanks": "No arithmetic to do.",
+    "other": "Not an arithmetic problem.",
+    "unsupported": "Not an addition, subtraction or multiplication of two numbers.",
+}
+
+
+@dataclass(frozen=True)
+class OffTopic:
+    """A message that is not a two-number +, -, * problem, and the reply it gets."""
+
+    text: str
+    kind: OffTopicKind
+    zh: bool
+
+    @property
+    def reply(self) -> str:
+        return REPLIES[self.kind][self.zh]
+
+    @property
+    def thought(self) -> str:
+        return THOUGHTS[self.kind]
+
+
+# What new users type first (issue 10): always in training, never held out.
+FIRST_IMPRESSIONS: tuple[OffTopic, ...] = (
+    OffTopic("hello, who are you?", "greeting", False),
+    OffTopic("hello", "greeting", False),
+    OffTopic("hi", "greeting", False),
+    OffTopic("who are you?", "greeting", False),
+    OffTopic("what's the weather?", "other", False),
+    OffTopic("write a poem", "other", False),
+    OffTopic("tell me a joke", "other", False),
+    OffTopic("你好", "greeting", True),
+    OffTopic("你好，你是谁？", "greeting", True),
+    OffTopic("今天天气怎么样？", "other", True),
+    OffTopic("写一首诗", "other", True),
+)
+_FIRST_TEXTS = frozenset(o.text for o in FIRST_IMPRESSIONS)
+
+
+def is_heldout_text(text: str) -> bool:
+    """One off-topic prompt in ten, by a hash of its text, is reserved for evaluation."""
+    return text not in _FIRST_TEXTS and hashlib.md5(f"chat:{text}".encode()).digest()[0] % 10 == 0
+
+
+def _off_topic_text(rng: random.Random, zh: bool) -> tuple[str, OffTopicKind]:
+    kind: OffTopicKind = rng.choices(("greeting", "thanks", "other", "unsupported"), (4, 1, 4, 2))[0]
+    if kind == "greeting":
+        greet, about = rng.choice(_GREETINGS[zh]), rng.choice(_ABOUT[zh])
+        if zh:
+            joined = greet + rng.choice(["，", "！", "", " "]) + about
+            text = rng.choice([greet + rng.choice(["", "！"]), about, joined])
+        else:
+            joined = greet + rng.choice([", ", "! ", ". ", " "]) + about
+            text = rng.choice([greet + rng.choice(["", "!", "."]), about, joined])
+    elif kind == "thanks":
+        text = rng.choice(_THANKS[zh])
+    elif kind == "other":
+        fill = {k: rng.choice(v) for k, v in _FILL[zh].items()}
+        text = rng.choice(_ASKS[zh]).format(**fill)
+    else:
+        a, b, c = (_number(rng, rng.randint(1, 4)) for _ in range(3))
+        text = rng.choice(_UNSUPPORTED[zh]).format(a=a, b=b, c=c)
+    if not zh and kind != "unsupported" and rng.random() < 0.5:
+        text = text[0].upper() + text[1:]
+    return text, kind
+
+
+def sample_off_topic(rng: random.Random, heldout: bool = False) -> OffTopic:
+    """A random off-topic message from the train or the held-out side of the split."""
+    if not heldout and rng.random() < 0.15:
+        return rng.choice(FIRST_IMPRESSIONS)
+    while True:
+        zh = rng.random() < 0.3
+        text, kind = _off_topic_text(rng, zh)
+        if is_heldout_text(text) == heldout:
+            return OffTopic(text, kind, zh)
+
+
+# ---------------------------------------------------------------------------------- conversations
 @dataclass
 class Example:
-    """One supervised turn: `prompt` is exactly what inference renders, `completion` the target text."""
+    """One supervised turn: `prompt` is exactly what inference renders (the history included),
+    `completion` the target text of the last assistant turn."""
 
     prompt: str
     completion: str
     mode: Mode
-    problem: Problem
+    problem: Problem | None  # None for an off-topic last turn
+    history: tuple[Problem | OffTopic, ...] = ()  # what the earlier turns asked
+
+    @property
+    def turns(self) -> int:
+        return len(self.history) + 1
 
 
 def _switch(rng: random.Random, messages: list[dict[str, Any]], think: bool) -> None:
-    """Thinking-mode fusion: sometimes a `/think` or `/no_think` soft switch in the user or system turn."""
+    """Thinking-mode fusion: sometimes a `/think` or `/no_think` soft switch in the last user turn
+    or, in a conversation's first turn, in a system turn."""
     tag = "/think" if think else "/no_think"
     if rng.random() < 0.5:
         return
-    if rng.random() < 0.25:
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if rng.random() < 0.25 and len(users) == 1:
         messages.insert(0, {"role": "system", "content": f"{rng.choice(_SYSTEMS)} {tag}"})
     else:
-        messages[-1]["content"] += f" {tag}"
+        messages[users[-1]]["content"] += f" {tag}"
 
 
 def render_example(
@@ -307,43 +553,93 @@ def render_example(
     return prompt, completion[: -len("\n")]
 
 
-def make_example(rng: random.Random, template: ChatTemplate, mode: Mode, p: Problem) -> Example:
-    messages: list[dict[str, Any]] = [{"role": "user", "content": question(rng, p)}]
+def _reply(item: Problem | OffTopic, reasoning: str) -> dict[str, Any]:
+    content = item.reply if isinstance(item, OffTopic) else answer_text(item)
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning}
+
+
+def _tool_round(p: Problem, with_reasoning: bool) -> list[dict[str, Any]]:
+    return [tool_call_message(p, with_reasoning), {"role": "tool", "content": str(p.answer)}]
+
+
+def _past_turn(
+    rng: random.Random, messages: list[dict[str, Any]], item: Problem | OffTopic, tools: bool
+) -> None:
+    """Append one finished earlier turn as the chat client keeps it: reasoning included (the
+    template drops it from turns before the last user query), soft switches as typed."""
+    if isinstance(item, OffTopic):
+        think = tools or rng.random() < 0.6
+        messages.append({"role": "user", "content": item.text})
+        if not tools:
+            _switch(rng, messages, think)
+        messages.append(_reply(item, item.thought if think else ""))
+        return
+    messages.append({"role": "user", "content": question(rng, item)})
+    if tools:
+        messages += _tool_round(item, with_reasoning=True)
+        messages.append(_reply(item, TOOL_ANSWER_THOUGHT.format(result=item.answer)))
+        return
+    mode = rng.choices(("think", "no_think", "budget"), (0.6, 0.3, 0.1))[0]
+    _switch(rng, messages, mode != "no_think")
+    reasoning = "" if mode == "no_think" else trace(item)
+    if mode == "budget":
+        reasoning = reasoning[: rng.randint(0, len(reasoning))] + EARLY_STOP
+    messages.append(_reply(item, reasoning))
+
+
+def make_example(
+    rng: random.Random,
+    template: ChatTemplate,
+    mode: Mode,
+    p: Problem | None,
+    history: tuple[Problem | OffTopic, ...] = (),
+    tools: bool = False,
+) -> Example:
+    """The chat whose last turn asks `p` (an off-topic message when `mode` is "off_topic"), after
+    earlier turns asking `history`. Tool modes (and `tools`) put the calculator in every turn, and
+    then every earlier problem went through it too.
+
+    A single-turn arithmetic chat draws from `rng` in the same order as before conversations
+    existed, so stages 1-2 (and the tokenizer, trained on stage-1 chats) are unchanged by them."""
+    item: Problem | OffTopic = p if p is not None else sample_off_topic(rng)
+    with_tools = mode in ("tool_call", "tool_answer") or tools
+    messages: list[dict[str, Any]] = []
+    for past in history:
+        _past_turn(rng, messages, past, with_tools)
+    text = item.text if isinstance(item, OffTopic) else question(rng, item)
+    messages.append({"role": "user", "content": text})
     if rng.random() < 0.1:
         messages.insert(0, {"role": "system", "content": rng.choice(_SYSTEMS)})
-    tools = None
-    if mode in ("think", "budget"):
-        reasoning = trace(p)
+    think = mode in ("think", "budget", "tool_call", "tool_answer") or (
+        mode == "off_topic" and (with_tools or rng.random() < 0.6)
+    )
+    if isinstance(item, OffTopic):
+        target = _reply(item, item.thought if think else "")
+    elif mode in ("think", "budget"):
+        reasoning = trace(item)
         if mode == "budget":  # a thinking budget ran out: early-stop text, then the best guess
             reasoning = reasoning[: rng.randint(0, len(reasoning))] + EARLY_STOP
-        target = {"role": "assistant", "content": answer_text(p), "reasoning_content": reasoning}
-        _switch(rng, messages, True)
-        enable: bool | None = None
+        target = _reply(item, reasoning)
     elif mode == "no_think":
-        target = {"role": "assistant", "content": answer_text(p), "reasoning_content": ""}
-        _switch(rng, messages, False)
-        # qwenrun (and vLLM's enable_thinking) render the empty block into the prompt; plain HF with only
-        # the soft switch leaves it to the model, so train both.
-        soft = soft_thinking_switch(messages)
-        enable = False if soft is None or rng.random() < 0.5 else None
+        target = _reply(item, "")
     elif mode == "tool_call":
-        tools = [CALCULATOR_TOOL]
-        target = tool_call_message(p, with_reasoning=True)
-        enable = None
+        target = tool_call_message(item, with_reasoning=True)
     else:  # tool_answer
-        tools = [CALCULATOR_TOOL]
-        messages += [
-            tool_call_message(p, with_reasoning=rng.random() < 0.5),
-            {"role": "tool", "content": str(p.answer)},
-        ]
-        target = {
-            "role": "assistant",
-            "content": answer_text(p),
-            "reasoning_content": TOOL_ANSWER_THOUGHT.format(result=p.answer),
-        }
-        enable = None
-    prompt, completion = render_example(template, messages, target, tools, enable)
-    return Example(prompt, completion, mode, p)
+        messages += _tool_round(item, with_reasoning=rng.random() < 0.5)
+        target = _reply(item, TOOL_ANSWER_THOUGHT.format(result=item.answer))
+    enable: bool | None = None
+    if not with_tools:
+        _switch(rng, messages, think)
+        soft = soft_thinking_switch(messages)
+        if think and soft is False:  # an earlier turn switched thinking off; this one asks again
+            messages[-1]["content"] += " /think"
+        elif not think:
+            # qwenrun (and vLLM's enable_thinking) render the empty block into the prompt; plain HF
+            # with only the soft switch leaves it to the model, so train both.
+            enable = False if soft is not False or rng.random() < 0.5 else None
+    tool_list = [CALCULATOR_TOOL] if with_tools else None
+    prompt, completion = render_example(template, messages, target, tool_list, enable)
+    return Example(prompt, completion, mode, p, history)
 
 
 # Share of each mode in the training mix.
@@ -367,20 +663,51 @@ MODES_STAGE2: dict[Mode, float] = {
 }
 OPS_STAGE2: dict[Op, float] = {"mul": 0.4, "add": 0.2, "sub": 0.4}
 
+# Stage 3 (conversations): chats of 1-4 turns, and off-topic messages first or later in a chat.
+MODES_STAGE3: dict[Mode, float] = {
+    "think": 0.4,
+    "no_think": 0.08,
+    "budget": 0.04,
+    "tool_call": 0.12,
+    "tool_answer": 0.12,
+    "off_topic": 0.24,
+}
+OPS_STAGE3: dict[Op, float] = {"mul": 0.5, "add": 0.2, "sub": 0.3}
+TURNS_STAGE3: dict[int, float] = {1: 0.3, 2: 0.25, 3: 0.25, 4: 0.2}  # the last one is trained on
+OFF_TOPIC_TURN = 0.2  # share of earlier turns that were off-topic
+OFF_TOPIC_TOOLS = 0.25  # share of off-topic chats with the calculator offered
+
 
 def examples(seed: int, template: ChatTemplate, stage: int = 1):
-    """Endless deterministic stream of training examples (never a held-out problem)."""
+    """Endless deterministic stream of training examples (never a held-out problem or prompt)."""
     rng = random.Random(seed)
-    modes, mw = zip(*(MODES if stage == 1 else MODES_STAGE2).items())
-    ops, ow = zip(*(OPS if stage == 1 else OPS_STAGE2).items())
+    mix = {1: (MODES, OPS), 2: (MODES_STAGE2, OPS_STAGE2), 3: (MODES_STAGE3, OPS_STAGE3)}[stage]
+    modes, mw = zip(*mix[0].items())
+    ops, ow = zip(*mix[1].items())
+    turns, tw = zip(*TURNS_STAGE3.items())
+
+    def problem() -> Problem:
+        return sample_problem(rng, rng.choices(ops, ow)[0])
+
     while True:
         mode = rng.choices(modes, mw)[0]
-        p = sample_problem(rng, rng.choices(ops, ow)[0])
-        yield make_example(rng, template, mode, p)
+        if stage < 3:
+            yield make_example(rng, template, mode, problem())
+            continue
+        p = None if mode == "off_topic" else problem()
+        history = tuple(
+            sample_off_topic(rng) if rng.random() < OFF_TOPIC_TURN else problem()
+            for _ in range(rng.choices(turns, tw)[0] - 1)
+        )
+        tools = mode == "off_topic" and rng.random() < OFF_TOPIC_TOOLS
+        yield make_example(rng, template, mode, p, history, tools)
 
 
 def tokenizer_corpus(seed: int, template: ChatTemplate, n: int = 4000) -> list[str]:
-    """Text the BPE is trained on: rendered chats of every mode plus the templates' fixed strings."""
+    """Text the BPE is trained on: rendered stage-1 chats of every mode plus the templates' fixed
+    strings. Off-topic text is left out on purpose: it came with stage 3, and keeping the corpus
+    keeps the vocabulary, so stage 3 can continue from a model trained before it; byte-level BPE
+    spells any text, the replies just take more tokens."""
     gen = examples(seed, template)
     texts = []
     for _ in range(n):

@@ -4,6 +4,13 @@ Reports accuracy by task and digit count in thinking and non-thinking mode, the 
 3-digit x 2-digit multiplication under thinking budgets (Qwen3's "performance scales with the
 thinking budget" curve, in miniature), calculator tool-call validity, and the final-answer accuracy
 once the correct tool response is given. Every mode runs as one batched `LLM.chat` call.
+
+Conversations: question k of a 4-turn chat of mixed held-out problems, in thinking mode, with the
+history kept the way `qwenrun chat` keeps it (the model's own earlier answers and reasoning; the
+template drops the reasoning), and again with gold answers in the history, which isolates the
+effect of history from errors carried over. Off-topic: held-out greetings and other questions
+(and the fixed first-impression prompts) asked first and after arithmetic turns; a clean answer
+finishes, has no arithmetic trace, no tags and no tool call, and the honest one is the trained reply.
 """
 
 from __future__ import annotations
@@ -17,7 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenrun.demo.data import CALCULATOR_TOOL, Problem, question, sample_problem, tool_call_message
+from qwenrun.demo.data import (
+    CALCULATOR_TOOL,
+    FIRST_IMPRESSIONS,
+    REPLIES,
+    OffTopic,
+    Problem,
+    answer_text,
+    question,
+    sample_off_topic,
+    sample_problem,
+    tool_call_message,
+    trace,
+)
 
 BUDGETS = (0, 8, 16, 32, 64, 128, 256)
 # (op, digits of a, digits of b) reported by task and size; 3x2 multiplication is the headline.
@@ -30,7 +49,13 @@ TASKS: tuple[tuple[str, int, int], ...] = (
     ("mul", 3, 2),
 )
 HEADLINE = ("mul", 3, 2)
+TURNS = 4  # questions per evaluated conversation
 _INT = re.compile(r"-?\d+")
+# A column step or restated problem ("7*6+4=46", "347*86", "=2082"): what an off-topic answer must not hold.
+TRACE_PATTERN = re.compile(r"\d\s*[-+*×]\s*\d|=\s*-?\d")
+# Markup that must never reach the text: reasoning and tool-call delimiters and `<|...|>` specials.
+TAG_PATTERN = re.compile(r"</?think>|</?tool_call>|</?tool_response>|<\|[a-z_]+\|>")
+_REPLIES = frozenset(r for by_lang in REPLIES.values() for r in by_lang.values())
 
 
 def final_int(text: str | None) -> int | None:
@@ -62,6 +87,12 @@ class Report:
     budgets: dict[str, dict[str, float]] = field(default_factory=dict)
     tool_call_valid: float = 0.0
     tool_answer: float = 0.0
+    # question k (1-based, as a string) of a TURNS-turn chat -> accuracy, history as the CLI keeps it;
+    # "after off-topic": an arithmetic question right after an off-topic turn
+    multi_turn: dict[str, float] = field(default_factory=dict)
+    multi_turn_gold: dict[str, float] = field(default_factory=dict)  # same, gold answers in history
+    # setting -> {"n", "clean", "reply"}: share without trace/tags/tool calls, share with the trained reply
+    off_topic: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def table(self) -> str:
@@ -85,6 +116,21 @@ class Report:
                 rows.append(
                     f"{name:<10}" + "".join(f"{self.budgets[b][name]:>7.1%}" for b in self.budgets)
                 )
+        if self.multi_turn:
+            rows += [
+                "",
+                f"{TURNS}-turn chats (thinking, mixed tasks): accuracy with the model's own earlier "
+                "answers in the history (as `qwenrun chat` keeps it) and with gold ones:",
+                f"{'':<28}{'own':>8}{'gold':>8}",
+            ]
+            for k, acc in self.multi_turn.items():
+                gold = self.multi_turn_gold.get(k)
+                name = f"question {k}"
+                rows.append(f"{name:<28}{acc:>8.1%}" + (f"{gold:>8.1%}" if gold is not None else ""))
+        if self.off_topic:
+            rows += ["", f"{'off-topic prompts':<38}{'n':>5}{'clean':>8}{'reply':>8}"]
+            for name, r in self.off_topic.items():
+                rows.append(f"{name:<38}{r['n']:>5.0f}{r['clean']:>8.1%}{r['reply']:>8.1%}")
         rows += [
             "",
             f"tool-call validity:          {self.tool_call_valid:.1%}",
@@ -172,7 +218,118 @@ def evaluate(
         report.budgets[str(b)] = per_task(ok)
         say(f"budget {b}: {report.budgets[str(b)]}")
     report.budgets["none"] = think
+    report.multi_turn, report.multi_turn_gold = multi_turn(llm, n, seed, tasks, max_tokens)
+    say(f"multi-turn {report.multi_turn}, gold history {report.multi_turn_gold}")
+    report.off_topic = off_topic(llm, n, seed, max_tokens)
+    say(f"off-topic {report.off_topic}")
     report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _mixed(rng: random.Random, n: int, seed: int, tasks: tuple[tuple[str, int, int], ...]) -> list[Problem]:
+    """`n` held-out problems, each of a task drawn at random."""
+    pools = {t: iter(problems(t, n, seed)) for t in tasks}
+    return [next(pools[rng.choice(tasks)]) for _ in range(n)]
+
+
+def multi_turn(
+    llm: Any, n: int, seed: int, tasks: tuple[tuple[str, int, int], ...], max_tokens: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Accuracy of question k of `n` TURNS-turn chats: (own history, gold history), plus, in the
+    first, the question after an off-topic turn."""
+    from qwenrun.sampling.params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    rng = random.Random(f"multi:{seed}")
+    turns = [_mixed(rng, n, seed + 10 + k, tasks) for k in range(TURNS)]
+    asked = [[question(rng, p) for p in col] for col in turns]
+    own: dict[str, float] = {}
+    chats: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    for k in range(TURNS):
+        for chat, text in zip(chats, asked[k]):
+            chat.append({"role": "user", "content": text})
+        outs = llm.chat(chats, params, enable_thinking=True)
+        ok = 0
+        for chat, out, p in zip(chats, outs, turns[k]):
+            o = out.outputs[0]
+            ok += final_int(o.content) == p.answer
+            answer = {"role": "assistant", "content": o.content or ""}
+            if o.reasoning_content:
+                answer["reasoning_content"] = o.reasoning_content
+            chat.append(answer)
+        own[str(k + 1)] = ok / n
+    gold_chats, gold_probs = [], []
+    for k in range(1, TURNS):
+        for i in range(n):
+            chat: list[dict[str, Any]] = []
+            for j in range(k):
+                p = turns[j][i]
+                chat += [
+                    {"role": "user", "content": asked[j][i]},
+                    {"role": "assistant", "content": answer_text(p), "reasoning_content": trace(p)},
+                ]
+            gold_chats.append([*chat, {"role": "user", "content": asked[k][i]}])
+            gold_probs.append(turns[k][i])
+    ok, _ = _correct(llm, gold_chats, gold_probs, max_tokens, enable_thinking=True)
+    gold = {str(k + 1): sum(ok[(k - 1) * n : k * n]) / n for k in range(1, TURNS)}
+    after = [
+        [{"role": "user", "content": o.text}, {"role": "assistant", "content": o.reply}, {"role": "user", "content": q}]
+        for o, q in zip((sample_off_topic(rng, heldout=True) for _ in range(n)), asked[1])
+    ]
+    own["after off-topic"] = _accuracy(llm, after, turns[1], max_tokens, enable_thinking=True)
+    return own, gold
+
+
+def is_clean(o: Any) -> bool:
+    """An off-topic answer that finished by itself, with no arithmetic trace, tag or tool call."""
+    text = f"{o.reasoning_content or ''}\n{o.content or ''}"
+    return (
+        o.finish_reason == "stop"
+        and not o.tool_calls
+        and TRACE_PATTERN.search(text) is None
+        and TAG_PATTERN.search(text) is None
+    )
+
+
+def off_topic(llm: Any, n: int, seed: int, max_tokens: int) -> dict[str, dict[str, float]]:
+    """Clean and honest-reply rates of off-topic prompts: held-out ones first in a chat (thinking on
+    and off) and third after two arithmetic turns, and the first-impression prompts."""
+    from qwenrun.sampling.params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    rng = random.Random(f"off:{seed}")
+    held = [sample_off_topic(rng, heldout=True) for _ in range(n)]
+    first = list(FIRST_IMPRESSIONS)
+
+    pool = iter(_mixed(rng, 2 * (len(held) + len(first)), seed + 20, TASKS))
+
+    def history() -> list[dict[str, Any]]:
+        """Two earlier arithmetic turns, answered right."""
+        out: list[dict[str, Any]] = []
+        for p in (next(pool), next(pool)):
+            out += [
+                {"role": "user", "content": question(rng, p)},
+                {"role": "assistant", "content": answer_text(p), "reasoning_content": trace(p)},
+            ]
+        return out
+
+    settings: dict[str, tuple[list[OffTopic], list[list[dict[str, Any]]], bool]] = {
+        "held-out, first turn, thinking": (held, [[] for _ in held], True),
+        "held-out, first turn, non-thinking": (held, [[] for _ in held], False),
+        "held-out, third turn, thinking": (held, [history() for _ in held], True),
+        "first impressions, thinking": (first, [[] for _ in first], True),
+        "first impressions, non-thinking": (first, [[] for _ in first], False),
+        "first impressions, third turn": (first, [history() for _ in first], True),
+    }
+    report = {}
+    for name, (items, pasts, think) in settings.items():
+        convs = [[*past, {"role": "user", "content": o.text}] for o, past in zip(items, pasts)]
+        outs = [out.outputs[0] for out in llm.chat(convs, params, enable_thinking=think)]
+        report[name] = {
+            "n": len(items),
+            "clean": sum(map(is_clean, outs)) / len(items),
+            "reply": sum((o.content or "").strip() in _REPLIES and is_clean(o) for o in outs) / len(items),
+        }
     return report
 
 
