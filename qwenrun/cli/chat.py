@@ -93,8 +93,6 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         printer = ChatPrinter(console, console if self.show_thinking else None)
         status = console.status("Thinking…")
-        reasoning: list[str] = []
-        content: list[str] = []
         output = None
         start = time.perf_counter()
         stream = self.llm.chat_stream(
@@ -107,13 +105,11 @@ class ChatSession:
             with _stop_on_sigint() as stop, contextlib.closing(stream):
                 for delta in stream:
                     if delta.reasoning:
-                        reasoning.append(delta.reasoning)
-                        if not self.show_thinking and not content:
+                        if not self.show_thinking and not printer.shown_content:
                             status.start()
                         printer.reasoning(delta.reasoning)
                     if delta.content:
                         status.stop()
-                        content.append(delta.content)
                         printer.content(delta.content)
                     output = delta.output
                     if stop.is_set():
@@ -129,12 +125,10 @@ class ChatSession:
             status.stop()
         printer.finish()
         elapsed = time.perf_counter() - start
-        if output is not None:
-            answer = {"role": "assistant", "content": output.content or ""}
-            thought = output.reasoning_content
-        else:
-            answer = {"role": "assistant", "content": "".join(content).strip()}
-            thought = "".join(reasoning).strip() or None
+        # The history keeps what was shown, tags out: a tag in an earlier answer would be read back
+        # as markup (the template splits an answer at `</think>`).
+        answer = {"role": "assistant", "content": printer.shown_content.strip()}
+        thought = printer.shown_reasoning.strip() or None
         if thought:
             answer["reasoning_content"] = thought
             self.last_reasoning = thought

@@ -4,6 +4,7 @@ printer that streams a chat answer (reasoning dimmed, then the answer)."""
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -107,11 +108,76 @@ def load_llm(args: argparse.Namespace, max_num_seqs: int) -> LLM:
     return llm
 
 
+# Markup a model can emit inside its answer text: the reasoning and tool-call delimiters (plain
+# added tokens, so decoding keeps them) and Qwen's `<|...|>` special tokens.
+_FIXED_TAGS = (
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"
+)
+_TAG = re.compile("|".join(map(re.escape, _FIXED_TAGS)) + r"|<\|[a-z_]+\|>")
+_SPECIAL_PREFIX = re.compile(r"<(\|[a-z_]*\|?)?\Z")
+_LONGEST_SPECIAL = 24  # longer than any `<|...|>` token of Qwen3 ("<|object_ref_start|>" is 20)
+
+
+def _partial_tag_at(text: str) -> int:
+    """Where a tail of `text` that more text could complete into a tag starts (else len(text))."""
+    for i in range(max(0, len(text) - _LONGEST_SPECIAL), len(text)):
+        if text[i] != "<":
+            continue
+        tail = text[i:]
+        if any(t.startswith(tail) for t in _FIXED_TAGS) or _SPECIAL_PREFIX.match(tail):
+            return i
+    return len(text)
+
+
+class TagFilter:
+    """Takes the tags out of streamed answer text, so that no tag ever prints as content.
+
+    The reasoning parser only opens reasoning at the very start of an output, so a model that writes
+    text before `<think>`, a second think block, or a `</think>` without its `<think>` (a small
+    model off its training distribution does all three) leaves the tags in the content. Here text
+    between `<think>` and `</think>` becomes reasoning; every tag itself is dropped. A tail that
+    could still grow into a tag is held until the next delta decides it.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.thinking = False
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        """("reasoning" | "content", text) parts released by one delta of answer text."""
+        self.buffer += text
+        return self._drain(final=False)
+
+    def finish(self) -> list[tuple[str, str]]:
+        """The parts still held at the end of the answer."""
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[tuple[str, str]]:
+        parts: list[tuple[str, str]] = []
+
+        def emit(text: str) -> None:
+            if text:
+                parts.append(("reasoning" if self.thinking else "content", text))
+
+        while (m := _TAG.search(self.buffer)) is not None:
+            emit(self.buffer[: m.start()])
+            if m.group() in ("<think>", "</think>"):
+                self.thinking = m.group() == "<think>"
+            self.buffer = self.buffer[m.end() :]
+        hold = len(self.buffer) if final else _partial_tag_at(self.buffer)
+        emit(self.buffer[:hold])
+        self.buffer = self.buffer[hold:]
+        return parts
+
+
 class ChatPrinter:
     """Streams one chat answer: reasoning dimmed under a "Thinking…" header, then the answer.
 
     Whitespace at the start of each part is dropped and trailing whitespace is held back until more
-    text follows, so the template's newlines around `<think>` never print as blank lines.
+    text follows, so the template's newlines around `<think>` never print as blank lines. Answer text
+    goes through a `TagFilter`: tags never print, and a think block inside the answer prints as
+    reasoning. `shown_content` and `shown_reasoning` collect what the answer really said, tags out,
+    for the conversation history.
 
     Args:
         out: where the answer goes.
@@ -122,19 +188,32 @@ class ChatPrinter:
         self.out, self.reasoning_out = out, reasoning_out
         self.part: str | None = None  # "reasoning" or "content": what was printed last
         self.held = ""
+        self.tags = TagFilter()
+        self.shown_content = ""
+        self.shown_reasoning = ""
 
     def reasoning(self, text: str) -> None:
+        self.shown_reasoning += text
         if self.reasoning_out is not None:
             self._print("reasoning", text, self.reasoning_out, THINKING_STYLE)
 
     def content(self, text: str) -> None:
-        self._print("content", text, self.out, "")
+        self._parts(self.tags.feed(text))
 
     def finish(self) -> None:
-        """End the last line printed, if any."""
+        """Release what the tag filter held, then end the last line printed, if any."""
+        self._parts(self.tags.finish())
         if self.part is not None:
             self._console(self.part).print()
         self.part, self.held = None, ""
+
+    def _parts(self, parts: list[tuple[str, str]]) -> None:
+        for part, text in parts:
+            if part == "reasoning":
+                self.reasoning(text)
+            else:
+                self.shown_content += text
+                self._print("content", text, self.out, "")
 
     def _console(self, part: str) -> Console:
         return self.out if part == "content" or self.reasoning_out is None else self.reasoning_out
