@@ -124,11 +124,14 @@ def test_chat_completions_return_typed_arguments(coder_server, coder_llm):
             names += [tc.function.name] if tc.function and tc.function.name else []
             arguments += (tc.function.arguments or "") if tc.function else ""
         finish = chunk.choices[0].finish_reason or finish
-    assert (names, json.loads(arguments), content, finish) == (["plan_trip"], TYPED, "", "tool_calls")
+    assert (names, json.loads(arguments)) == (["plan_trip"], TYPED)
+    assert (content, finish) == ("", "tool_calls")
     wait_idle(coder_llm)
 
 
-@pytest.mark.parametrize("extra", [{"tools": [OTHER]}, {"tools": [PLAN_TRIP], "tool_choice": "none"}])
+@pytest.mark.parametrize(
+    "extra", [{"tools": [OTHER]}, {"tools": [PLAN_TRIP], "tool_choice": "none"}]
+)
 def test_calls_not_offered_or_not_wanted_stay_text(coder_server, extra):
     client = coder_server.client()
     for stream in (False, True):
@@ -157,8 +160,8 @@ def test_anthropic_messages_return_typed_input(coder_server):
         assert (block["name"], block["input"]) == ("plan_trip", TYPED)
         with http.stream("POST", "/v1/messages", json={**body, "stream": True}) as resp:
             events = [(e, json.loads(d)) for e, d in sse_events(resp.iter_lines())]
-        partial = "".join(d["delta"]["partial_json"] for e, d in events
-                          if e == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+        deltas = [d["delta"] for e, d in events if e == "content_block_delta"]
+        partial = "".join(d["partial_json"] for d in deltas if d["type"] == "input_json_delta")
         assert json.loads(partial) == TYPED
 
 
@@ -171,7 +174,10 @@ def test_agent_route_runs_the_tool_with_typed_arguments(coder_server):
     # The steered model calls again on its second turn, which the step limit answers unrun.
     assert planned == [(3, True, {"seat": 1})]
     results = data["qwenrun_agent"]["tool_results"]
-    assert [(r["name"], r["kind"]) for r in results] == [("plan_trip", "ok"), ("plan_trip", "skipped")]
+    assert [(r["name"], r["kind"]) for r in results] == [
+        ("plan_trip", "ok"),
+        ("plan_trip", "skipped"),
+    ]
     assert json.loads(results[0]["arguments"]) == TYPED
 
 

@@ -260,3 +260,11 @@ def test_each_call_is_emitted_when_its_closing_tag_arrives(qwen3_tokenizer_dir) 
             next(e for e in ends if e >= first),
             next(e for e in ends if e >= second),
         ]
+
+
+def test_a_long_rejected_block_is_quoted_short_and_kept_whole() -> None:
+    text = '<tool_call>{"name": "f", "arguments": {"s": "' + "x" * 20000 + '"}</tool_call>'
+    parsed = parse_tool_calls(text)
+    assert parsed.content == text and parsed.tool_calls == []
+    [error] = parsed.errors
+    assert error.startswith("tool call is not valid JSON (") and len(error) < 700

@@ -160,7 +160,9 @@ TYPED = [
 ]
 
 
-@pytest.mark.parametrize("param, raw, expected", TYPED, ids=[f"{t[0]}={t[1][:20]!r}" for t in TYPED])
+@pytest.mark.parametrize(
+    "param, raw, expected", TYPED, ids=[f"{t[0]}={t[1][:20]!r}" for t in TYPED]
+)
 def test_values_are_typed_by_the_schema(param, raw, expected, qwen3_tokenizer_dir):
     text = call("run", p(param, raw))
     parsed = parse_tool_calls(text, TOOLS)
@@ -396,7 +398,14 @@ CASES = [
         [],
         1,
     ),
-    ("no tools offered: any name, strings", call("zzz", p("n", "3")), None, None, [("zzz", {"n": "3"})], 0),
+    (
+        "no tools offered: any name, strings",
+        call("zzz", p("n", "3")),
+        None,
+        None,
+        [("zzz", {"n": "3"})],
+        0,
+    ),
     # Bare <function=...> blocks (vLLM's fallback), taken only for offered names.
     (
         "bare call",
@@ -436,10 +445,10 @@ CASES = [
     ("partial marker at the end", "Look: <tool_ca", TOOLS, "Look: <tool_ca", [], 0),
     (
         "unicode",
-        "好的。" + call("write_file", p("path", "说明.md"), p("content", "😀 ünï\n中文")),
+        "好的。" + call("write_file", p("path", "说明.md"), p("content", "😀 ünï\n中\n")),
         TOOLS,
         "好的。",
-        [("write_file", {"path": "说明.md", "content": "😀 ünï\n中文"})],
+        [("write_file", {"path": "说明.md", "content": "😀 ünï\n中\n"})],
         0,
     ),
 ]
@@ -456,7 +465,9 @@ def test_parse(case, text, tools, content, calls, n_errors):
 
 
 @pytest.mark.parametrize("case, text, tools, content, calls, n_errors", CASES, ids=IDS)
-def test_streaming_matches_whole_text(case, text, tools, content, calls, n_errors, qwen3_tokenizer_dir):
+def test_streaming_matches_whole_text(
+    case, text, tools, content, calls, n_errors, qwen3_tokenizer_dir
+):
     whole = parse_tool_calls(text, tools)
     splits = {
         "tokens": token_pieces(qwen3_tokenizer_dir, text),
@@ -482,7 +493,9 @@ PROMPT = [c for c in CASES if c[0] in (
 )]
 
 
-@pytest.mark.parametrize("case, text, tools, content, calls, n_errors", PROMPT, ids=[c[0] for c in PROMPT])
+@pytest.mark.parametrize(
+    "case, text, tools, content, calls, n_errors", PROMPT, ids=[c[0] for c in PROMPT]
+)
 def test_each_call_is_emitted_when_its_closing_tag_arrives(
     case, text, tools, content, calls, n_errors, qwen3_tokenizer_dir
 ):
@@ -519,7 +532,19 @@ def test_registered_and_inferred():
     parsed = parser.parse(call("run", p("n", "3")), TOOLS)
     assert json.loads(parsed.tool_calls[0].arguments) == {"n": 3}
     assert isinstance(parser.streaming(TOOLS), StreamingToolCallParser)
-    coder_template = "{% for t in tools %}<function>{{ t.name }}</function>{% endfor %}<tool_call>\n<function=x>\n<parameter=p>"
+    coder_template = (
+        "{% for t in tools %}<function>{{ t.name }}</function>{% endfor %}"
+        "<tool_call>\n<function=x>\n<parameter=p>"
+    )
     assert infer_tool_parser(coder_template) == "qwen3_coder"
     assert infer_tool_parser('<tool_call>\n{"name": <function-name>}</tool_call>') == "hermes"
     assert infer_tool_parser(None) == "hermes"
+
+
+def test_a_long_rejected_call_is_quoted_short_and_kept_whole():
+    text = call("write_everything", p("content", "x" * 20000))
+    parsed = parse_tool_calls(text, TOOLS)
+    assert parsed.content == text and parsed.tool_calls == []
+    [error] = parsed.errors
+    assert len(error) < 700 and "characters..." in error
+    assert "'write_everything', which is not among the offered tools" in error

@@ -49,7 +49,9 @@ def _hermes() -> ToolParser:
 def _qwen3_coder() -> ToolParser:
     from qwenrun.tokenizer.tool_parsers import qwen3_coder  # spec A2.6 XML calls
 
-    return ToolParser("qwen3_coder", qwen3_coder.parse_tool_calls, qwen3_coder.StreamingToolCallParser)
+    return ToolParser(
+        "qwen3_coder", qwen3_coder.parse_tool_calls, qwen3_coder.StreamingToolCallParser
+    )
 
 
 def get_tool_parser(name: str) -> ToolParser:

@@ -86,7 +86,7 @@ class StreamingToolParser(Protocol):
 
 
 def tool_parameters(tools: Tools) -> dict[str, Mapping[str, Any]] | None:
-    """Each offered function's `parameters` schema by name ({} when it has none); None for no tools."""
+    """Each offered function's `parameters` schema by name ({} if it has none); None: no tools."""
     if tools is None:
         return None
     out: dict[str, Mapping[str, Any]] = {}
@@ -112,6 +112,18 @@ def loads_json(text: str) -> Any:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_QUOTE_HEAD, _QUOTE_TAIL = 300, 100
+
+
+def quoted(raw: str) -> str:
+    """A rejected block as an error message quotes it: its repr, the middle elided when long (the
+    raw text is in the content already; a rejected file-writing call must not come back twice)."""
+    if len(raw) <= _QUOTE_HEAD + _QUOTE_TAIL:
+        return repr(raw)
+    elided = len(raw) - _QUOTE_HEAD - _QUOTE_TAIL
+    return f"{raw[:_QUOTE_HEAD]!r} ...{elided} characters... {raw[-_QUOTE_TAIL:]!r}"
 
 
 @dataclass(frozen=True)

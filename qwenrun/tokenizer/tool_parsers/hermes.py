@@ -27,6 +27,7 @@ from qwenrun.tokenizer.tool_parsers.base import (
     assemble,
     loads_json,
     partial_tag_start,
+    quoted,
 )
 
 
@@ -35,12 +36,12 @@ def _parse_block(inner: str, raw: str) -> ToolCall | str:
     try:
         obj = loads_json(inner)
     except ValueError as exc:
-        return f"tool call is not valid JSON ({exc}): {raw!r}"
+        return f"tool call is not valid JSON ({exc}): {quoted(raw)}"
     if not isinstance(obj, dict):
-        return f"tool call must be a JSON object with name and arguments: {raw!r}"
+        return f"tool call must be a JSON object with name and arguments: {quoted(raw)}"
     name = obj.get("name")
     if not isinstance(name, str) or not name:
-        return f'tool call has no "name": {raw!r}'
+        return f'tool call has no "name": {quoted(raw)}'
     # Some fine-tunes write "parameters"; a parameterless call may omit both.
     arguments = obj.get("arguments", obj.get("parameters"))
     if arguments is None:
@@ -51,18 +52,11 @@ def _parse_block(inner: str, raw: str) -> ToolCall | str:
         except ValueError:
             pass  # reported just below as not an object
     if not isinstance(arguments, dict):
-        return f"tool call arguments must be a JSON object: {raw!r}"
+        return f"tool call arguments must be a JSON object: {quoted(raw)}"
     try:
         return ToolCall.new(name, arguments)
     except ValueError as exc:
-        return f"tool call arguments cannot be written as JSON ({exc}): {raw!r}"
-
-
-def _span(start: int, stop: int, inner: str, raw: str) -> Span:
-    result = _parse_block(inner, raw)
-    if isinstance(result, ToolCall):
-        return Span(start, stop, (result,))
-    return Span(start, stop, error=result)
+        return f"tool call arguments cannot be written as JSON ({exc}): {quoted(raw)}"
 
 
 def parse_tool_calls(text: str, tools: Tools = None) -> ParsedToolCalls:
@@ -81,8 +75,15 @@ def parse_tool_calls(text: str, tools: Tools = None) -> ParsedToolCalls:
     while (start := text.find(TOOL_CALL_START, pos)) != -1:
         inner = start + len(TOOL_CALL_START)
         end = text.find(TOOL_CALL_END, inner)
-        stop = len(text) if end == -1 else end + len(TOOL_CALL_END)  # unterminated: to the end
-        spans.append(_span(start, stop, text[inner : len(text) if end == -1 else end], text[start:stop]))
+        if end == -1:  # an unterminated last call runs to the end
+            end = stop = len(text)
+        else:
+            stop = end + len(TOOL_CALL_END)
+        result = _parse_block(text[inner:end], text[start:stop])
+        if isinstance(result, ToolCall):
+            spans.append(Span(start, stop, (result,)))
+        else:
+            spans.append(Span(start, stop, error=result))
         pos = stop
     return assemble(text, spans)
 

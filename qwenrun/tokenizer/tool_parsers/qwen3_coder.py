@@ -72,6 +72,7 @@ from qwenrun.tokenizer.tool_parsers.base import (
     assemble,
     loads_json,
     partial_tag_start,
+    quoted,
     tool_parameters,
 )
 
@@ -164,7 +165,7 @@ def schema_kinds(schema: Any, root: Mapping[str, Any] | None = None, _depth: int
         if isinstance(schema.get(key), list):
             for sub in schema[key]:
                 kinds += schema_kinds(sub, root, _depth + 1)
-    if not kinds and isinstance(schema.get("allOf"), list):  # pydantic: allOf [{$ref}] + description
+    if not kinds and isinstance(schema.get("allOf"), list):  # pydantic: allOf [{$ref}], description
         for sub in schema["allOf"]:
             kinds += [k for k in schema_kinds(sub, root, _depth + 1) if k != "any"]
     declared = schema.get("type")
@@ -407,7 +408,7 @@ class _Reader:
             elif m.group() == FUNCTION_END:
                 if self.function_close(m.start()) is not None:  # `</parameter>` was dropped
                     return m.start(), m.start()
-            else:  # a line starting `<parameter=`: a new parameter if K is one, `</parameter>` dropped
+            else:  # a line starting `<parameter=K>`, K new: the model dropped `</parameter>`
                 at = m.start() + 1
                 nxt = self.tag(at, PARAMETER_START)
                 if nxt is not None and fn.starts_parameter(nxt[0], given):
@@ -499,7 +500,7 @@ def _calls(
             offered = ", ".join(schemas.names or []) or "none"
             return (
                 f"tool call names function {fn.name!r}, which is not among the offered tools "
-                f"({offered}): {raw!r}"
+                f"({offered}): {quoted(raw)}"
             )
         arguments: dict[str, Any] = {}
         for key, value in params:
@@ -510,7 +511,7 @@ def _calls(
         try:
             calls.append(ToolCall.new(fn.name, arguments))
         except ValueError as exc:
-            return f"tool call arguments cannot be written as JSON ({exc}): {raw!r}"
+            return f"tool call arguments cannot be written as JSON ({exc}): {quoted(raw)}"
     return tuple(calls)
 
 
@@ -556,7 +557,7 @@ def _scan(text: str, start: int, schemas: _Schemas, final: bool) -> Span | None 
         stop = limit if end == -1 else end + len(end_tag)
         lenient = _lenient_functions(region[body : limit if end == -1 else end], schemas)
         if isinstance(lenient, str):
-            return Span(start, stop, error=f"{lenient}: {text[start:stop]!r}")
+            return Span(start, stop, error=f"{lenient}: {quoted(text[start:stop])}")
         functions = lenient
     result = _calls(functions, schemas, text[start:stop])
     if isinstance(result, str):
