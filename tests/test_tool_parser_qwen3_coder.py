@@ -6,6 +6,7 @@ each call emitted as soon as the tag that closes it arrives. Plus the format inf
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from parser_streams import assert_same, char_pieces, random_pieces, run_stream, token_pieces
@@ -548,3 +549,60 @@ def test_a_long_rejected_call_is_quoted_short_and_kept_whole():
     [error] = parsed.errors
     assert len(error) < 700 and "characters..." in error
     assert "'write_everything', which is not among the offered tools" in error
+
+
+FRAGMENTS = [
+    "<tool_call>", "</tool_call>", "<function=run>", "<function=write_file>", "<function=zzz>",
+    "<function=now>", "</function>", "<parameter=n>", "<parameter=cmd>", "<parameter=content>",
+    "<parameter=path>", "</parameter>", "\n", " ", "3", "text", "<", ">", "</", "<function=",
+    "<parameter=", "中😀", "{'a': 1}", "true", "<tool_", "</par", "</parameter>\n<parameter=path>",
+    "</function>\n</tool_call>", "</parameter>\n</function>", "\n<parameter=n>",
+]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_streaming_equals_whole_text_fuzz(seed):
+    rng = random.Random(seed)
+    for _ in range(25):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 16)))
+        tools = rng.choice([TOOLS, None])
+        whole = parse_tool_calls(text, tools)
+        for pieces in (char_pieces(text), random_pieces(text, seed, 7)):
+            assert_same(run_stream(StreamingToolCallParser(tools), pieces), whole, text)
+
+
+# Reasoning, then calls: the chat-output routine LLM.chat, the server and the agent route share.
+CHAT = [
+    (
+        "reasoning ends at the call",
+        "<think>\nplan it\n</think>\n\n" + call("run", p("n", "2")),
+        ("plan it", None, [("run", {"n": 2})]),
+    ),
+    (
+        "an XML call ends reasoning without </think>",
+        "<think>\nplan it\n" + call("run", p("n", "2")),
+        ("plan it", None, [("run", {"n": 2})]),
+    ),
+    (
+        "calls inside reasoning are not parsed",
+        "<think>\nmaybe " + '<tool_call>{"name": "run"}</tool_call>' + "\n</think>\n\nNo call.",
+        ('maybe <tool_call>{"name": "run"}</tool_call>', "No call.", []),
+    ),
+]
+
+
+@pytest.mark.parametrize("case, text, expected", CHAT, ids=[c[0] for c in CHAT])
+def test_chat_output_parser_whole_and_streamed(case, text, expected, qwen3_tokenizer_dir):
+    from qwenrun.tokenizer.chat_output import ChatOutputParser
+
+    parser = ChatOutputParser(get_tool_parser("qwen3_coder"), TOOLS, think_open=False)
+    whole = parser.parse(text)
+    calls = [(c.name, json.loads(c.arguments)) for c in whole.tool_calls]
+    assert (whole.reasoning, whole.content, calls) == expected
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        stream = parser.stream()
+        events = [e for piece in pieces for e in stream.feed(piece)] + stream.finish()
+        reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
+        content = "".join(e[1] for e in events if e[0] == "content")
+        streamed = [(e[2].name, json.loads(e[2].arguments)) for e in events if e[0] == "tool_call"]
+        assert (reasoning, content, streamed) == (whole.reasoning or "", whole.content or "", calls)
