@@ -15,6 +15,7 @@ Rules, shared by both paths so a stream concatenates to the whole-text answer:
 from __future__ import annotations
 
 from qwenrun.tokenizer.tokenizer import THINK_END, THINK_START, TOOL_CALL_START
+from qwenrun.tokenizer.tool_parsers.base import StrippedStream
 
 _FUNCTION = "<function"
 
@@ -93,8 +94,7 @@ class StreamingReasoningParser:
         self._prompt_open = think_open_in_prompt
         self._state = "start"  # "start" -> "reasoning" -> "content", or "start" -> "content"
         self._buffer = ""  # undecided text
-        self._pending_ws = ""  # reasoning whitespace that is only kept if more reasoning follows
-        self._reasoning_started = False
+        self._reasoning = StrippedStream()
         self._content_started = False
 
     def feed(self, delta: str) -> tuple[str, str]:
@@ -120,12 +120,12 @@ class StreamingReasoningParser:
         if self._state == "reasoning":
             end = _reasoning_end(self._buffer)
             if end is not None:
-                reasoning = self._emit_reasoning(self._buffer[: end[0]], closed=True)
+                reasoning = self._reasoning.push(self._buffer[: end[0]], final=True)
                 self._buffer = self._buffer[end[1] :]
                 self._state = "content"
             else:
                 hold = len(self._buffer) if final else self._hold_from(self._buffer)
-                reasoning = self._emit_reasoning(self._buffer[:hold], closed=final)
+                reasoning = self._reasoning.push(self._buffer[:hold], final=final)
                 self._buffer = self._buffer[hold:]
         if self._state == "content":
             content = self._buffer
@@ -144,13 +144,3 @@ class StreamingReasoningParser:
                 return i
             i = text.find("<", i + 1)
         return len(text)
-
-    def _emit_reasoning(self, text: str, closed: bool) -> str:
-        """Apply `strip()` incrementally: drop leading whitespace, defer trailing whitespace."""
-        text = self._pending_ws + text
-        if not self._reasoning_started:
-            text = text.lstrip()
-            self._reasoning_started = bool(text)
-        core = text.rstrip()
-        self._pending_ws = "" if closed else text[len(core) :]
-        return core

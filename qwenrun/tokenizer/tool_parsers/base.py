@@ -155,23 +155,29 @@ def assemble(text: str, spans: Sequence[Span]) -> ParsedToolCalls:
     return ParsedToolCalls("".join(outside).strip() or None, calls, errors)
 
 
-class StrippedContent:
+class StrippedStream:
     """`strip()` applied to a stream: leading whitespace dropped, trailing whitespace held until
-    more text follows it (and dropped at the end), so the joined deltas equal the stripped whole."""
+    more text follows it (and dropped at the end), so the joined outputs equal the stripped whole.
+    Shared by the tool parsers' content and the reasoning parser."""
 
     def __init__(self) -> None:
         self._pending_ws = ""
         self._started = False
 
-    def push(self, text: str, events: list[StreamEvent], final: bool = False) -> None:
+    def push(self, text: str, final: bool = False) -> str:
+        """The part of `text` (after what was held) that is released now; `final` ends the stream."""
         text = self._pending_ws + text
         if not self._started:
             text = text.lstrip()
             self._started = bool(text)
         core = text.rstrip()
         self._pending_ws = "" if final else text[len(core) :]
-        if core:
-            events.append(ContentDelta(core))
+        return core
+
+    def emit(self, text: str, events: list[StreamEvent], final: bool = False) -> None:
+        """`push`, released text appended to `events` as a ContentDelta."""
+        if released := self.push(text, final):
+            events.append(ContentDelta(released))
 
 
 def partial_tag_start(text: str, tags: Sequence[str]) -> int:

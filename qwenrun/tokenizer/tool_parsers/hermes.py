@@ -19,7 +19,7 @@ from qwenrun.tokenizer.tool_parsers.base import (
     ParsedToolCalls,
     Span,
     StreamEvent,
-    StrippedContent,
+    StrippedStream,
     ToolCall,
     ToolCallDelta,
     ToolCallError,
@@ -100,7 +100,7 @@ class StreamingToolCallParser:
         self._buffer = ""  # undecided text: outside a call, or the body of the open call
         self._in_call = False
         self._scanned = 0  # call-body prefix known to hold no `</tool_call>`: don't rescan it
-        self._content = StrippedContent()
+        self._content = StrippedStream()
         self._n_calls = 0
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
@@ -120,10 +120,10 @@ class StreamingToolCallParser:
                 start = self._buffer.find(TOOL_CALL_START)
                 if start == -1:
                     hold = partial_tag_start(self._buffer, (TOOL_CALL_START,))
-                    self._content.push(self._buffer[:hold], events)
+                    self._content.emit(self._buffer[:hold], events)
                     self._buffer = self._buffer[hold:]
                     return events
-                self._content.push(self._buffer[:start], events)
+                self._content.emit(self._buffer[:start], events)
                 self._buffer = self._buffer[start + len(TOOL_CALL_START) :]
                 self._in_call = True
 
@@ -133,7 +133,7 @@ class StreamingToolCallParser:
         if self._in_call:
             self._close_call(self._buffer, TOOL_CALL_START + self._buffer, events)
             self._buffer = ""
-        self._content.push(self._buffer, events, final=True)
+        self._content.emit(self._buffer, events, final=True)
         self._buffer = ""
         return events
 
@@ -146,4 +146,4 @@ class StreamingToolCallParser:
             self._n_calls += 1
         else:
             events.append(ToolCallError(result))
-            self._content.push(raw, events)
+            self._content.emit(raw, events)

@@ -64,7 +64,7 @@ from qwenrun.tokenizer.tool_parsers.base import (
     ParsedToolCalls,
     Span,
     StreamEvent,
-    StrippedContent,
+    StrippedStream,
     ToolCall,
     ToolCallDelta,
     ToolCallError,
@@ -606,7 +606,7 @@ class StreamingToolCallParser:
         self._schemas = _Schemas(tools)
         self._buffer = ""  # undecided text; starts at a marker while `_waiting`
         self._waiting = False
-        self._content = StrippedContent()
+        self._content = StrippedStream()
         self._n_calls = 0
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
@@ -631,17 +631,17 @@ class StreamingToolCallParser:
             start = _find_marker(buf)
             if start == -1:
                 hold = len(buf) if final else partial_tag_start(buf, _MARKERS)
-                self._content.push(buf[:hold], events, final=final)
+                self._content.emit(buf[:hold], events, final=final)
                 self._buffer, self._waiting = buf[hold:], False
                 return events
-            self._content.push(buf[:start], events)
+            self._content.emit(buf[:start], events)
             buf = buf[start:]
             span = _scan(buf, 0, self._schemas, final)
             if span is None:
                 self._buffer, self._waiting = buf, True
                 return events
             if span is False:  # a bare `<function=` that is plain text
-                self._content.push(buf[:1], events)
+                self._content.emit(buf[:1], events)
                 buf = buf[1:]
                 continue
             assert isinstance(span, Span)
@@ -651,5 +651,5 @@ class StreamingToolCallParser:
                     self._n_calls += 1
             else:
                 events.append(ToolCallError(span.error))
-                self._content.push(buf[: span.stop], events)
+                self._content.emit(buf[: span.stop], events)
             buf = buf[span.stop :]
