@@ -126,10 +126,11 @@ TYPED = [
     ("maybe", "5", 5),
     ("maybe", "None", None),
     ("ns", "null", None),  # OpenAPI nullable string
-    ("ns", "None", "None"),  # a string is allowed: Python's None is text there
+    ("ns", "None", None),  # the official template writes a past None as `None`
     ("ns", "text", "text"),
     ("label", "null", None),
     ("label", "123", "123"),
+    ("label", "NULL", "NULL"),  # only the exact literals
     ("cmd", "null", "null"),  # a plain string parameter keeps the literal text
     ("cmd", "None", "None"),
     ("cmd", "123", "123"),

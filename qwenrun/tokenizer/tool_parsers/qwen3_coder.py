@@ -43,11 +43,16 @@ A tag closes something only where the structure continues after it. Precisely:
 
 Every decision depends only on the text up to the tag that makes it, so the streaming parser emits
 each call as soon as its closing tag arrives, and its events join to the whole-text result.
-Differences from vLLM's `qwen3_coder` (and Qwen's official `qwen3coder_tool_parser.py`, which it
-follows): there, the first `</parameter>` / `</function>` / `</tool_call>` always closes; bare
-`<function=` blocks are read only when the output has no `<tool_call>` at all; content after the
-first call is dropped; calls to unknown functions are returned; and `null` is None for every type,
-`123` stays a string for `anyOf` and `$ref` schemas, a boolean other than true/false becomes False.
+
+Differences from Qwen's official `qwen3coder_tool_parser.py` (vLLM's first `qwen3_coder`): there
+the first `</parameter>`, `</function>` and `</tool_call>` always close; bare `<function=` blocks
+are read only when the output has no `<tool_call>`; text after the first call is dropped; calls to
+functions not offered are returned; `null` is None even for a string; only a top-level `type`
+types a value (`anyOf`, `$ref` leave strings); a boolean other than true/false becomes False.
+vLLM's current parser also reads closes by structure and schema names (and tracks literal nested
+`<parameter=` blocks, which here only the closing rules protect), reads nullable `anyOf` and
+`None` as here, but still returns calls to functions not offered and turns a non-boolean into
+False; neither follows `$ref`, `oneOf`, type lists or `nullable: true`.
 """
 
 from __future__ import annotations
@@ -252,13 +257,14 @@ def _as_kind(text: str, kind: str) -> Any:
 def convert_value(text: str, schema: Any, root: Mapping[str, Any] | None = None) -> Any:
     """Type one raw parameter value by its property schema.
 
-    Rules: `null` is None where the schema admits null, and for a parameter that cannot be a
-    string (vLLM reads `null` so for every type); Python's `None` likewise, but only where no
-    string is allowed. Otherwise the value is tried, with surrounding whitespace removed, as each
-    non-string kind of the schema in schema order (integer, number, boolean, object, array; Python
-    literals such as `True` or `{'a': 1}` are read only there), and the first that fits wins. A
-    value that fits none, a string parameter, and an untyped or unknown schema keep the text as
-    it is.
+    Rules: `null` and Python's `None` are None where the schema admits null (type "null", a type
+    list or `anyOf`/`oneOf` with null, `nullable: true`; the official template writes a past None
+    argument as `None`, so models write it back) and for a parameter that cannot be a string (vLLM
+    reads them so for every non-string type). Otherwise the value is tried, with surrounding
+    whitespace removed, as each non-string kind of the schema in schema order (integer, number,
+    boolean, object, array; Python literals such as `True` or `{'a': 1}` are read only there), and
+    the first that fits wins. A value that fits none, a plain string parameter (`null`, `None`,
+    `123` stay text), and an untyped or unknown schema keep the text as it is.
 
     Args:
         text: the value with the template's newlines already stripped.
@@ -270,9 +276,7 @@ def convert_value(text: str, schema: Any, root: Mapping[str, Any] | None = None)
     kinds = schema_kinds(schema, root)
     stringy = any(k in ("string", "any") for k in kinds)
     stripped = text.strip()
-    if (stripped == "null" and ("null" in kinds or not stringy)) or (
-        stripped == "None" and not stringy
-    ):
+    if stripped in ("null", "None") and ("null" in kinds or not stringy):
         return None
     for kind in kinds:
         if kind in ("string", "any", "null"):
