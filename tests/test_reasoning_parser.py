@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from parser_streams import token_pieces
 
 from qwenrun.tokenizer.reasoning import StreamingReasoningParser, split_reasoning
 
@@ -104,6 +105,19 @@ def test_streaming_matches_table(
             expected[0] or "",
             expected[1] or "",
         )
+
+
+@pytest.mark.parametrize(("text", "prompt_open", "expected"), CASES)
+def test_streaming_by_real_tokens_matches_table(
+    text: str, prompt_open: bool, expected: tuple[str | None, str | None], qwen3_tokenizer_dir
+) -> None:
+    """As the engine feeds it: the real tokenizer's deltas (a split character waits for its last
+    token), and one character at a time."""
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), list(text)):
+        parser = StreamingReasoningParser(think_open_in_prompt=prompt_open)
+        deltas = [parser.feed(piece) for piece in pieces] + [parser.finish()]
+        joined = ("".join(r for r, _ in deltas), "".join(c for _, c in deltas))
+        assert joined == (expected[0] or "", expected[1] or "")
 
 
 def test_streaming_holds_partial_tags() -> None:
