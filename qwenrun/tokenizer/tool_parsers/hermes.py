@@ -94,6 +94,7 @@ class StreamingToolCallParser:
     Content is released as it arrives, except a tail that could be the start of `<tool_call>` and
     trailing whitespace (kept only if more content follows), so the joined ContentDelta texts equal
     `parse_tool_calls(...).content or ""`. Each call is emitted whole when its block closes.
+    `tools` is the interface's argument, not needed here (see the module docstring).
     """
 
     def __init__(self, tools: Tools = None) -> None:
