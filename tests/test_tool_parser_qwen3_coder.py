@@ -199,6 +199,18 @@ def test_schema_kinds(schema, kinds):
     assert schema_kinds(schema) == kinds
 
 
+def test_schema_references_cost_linear_time():
+    """Each definition refers ten times to the next: read naively, 10**16 paths even within the
+    depth read (a request could hang the server)."""
+    defs = {f"D{i}": {"anyOf": [{"$ref": f"#/$defs/D{i + 1}"}] * 10} for i in range(40)}
+    defs["D40"] = {"type": "integer"}
+    root = {"type": "object", "$defs": defs, "properties": {"v": {"$ref": "#/$defs/D0"}}}
+    assert schema_kinds(root["properties"]["v"], root) == ["any"]  # past the depth read
+    assert convert_value("7", root["properties"]["v"], root) == "7"
+    defs["D0"] = {"anyOf": [{"$ref": "#/$defs/D38"}] * 10}
+    assert convert_value("7", root["properties"]["v"], root) == 7
+
+
 def test_convert_value_without_schema_keeps_text():
     assert convert_value("12", None) == "12"
     assert convert_value("null", None) == "null"

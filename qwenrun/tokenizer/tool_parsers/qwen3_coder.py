@@ -103,7 +103,7 @@ _OBJECT_PREFIXES = ("object", "dict")
 _ARRAY_PREFIXES = ("array", "arr", "list")
 _INTEGER = re.compile(r"[-+]?\d+")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-_MAX_SCHEMA_DEPTH = 32  # `$ref` chains and nested anyOf: a cycle must not hang the parser
+_MAX_SCHEMA_DEPTH = 32  # nested anyOf/$ref levels read; deeper is untyped (and no RecursionError)
 
 
 def _kind(name: Any) -> str:
@@ -155,41 +155,51 @@ def _resolve_ref(ref: Any, root: Mapping[str, Any]) -> Any:
     return node
 
 
-def schema_kinds(schema: Any, root: Mapping[str, Any] | None = None, _depth: int = 0) -> list[str]:
+def schema_kinds(schema: Any, root: Mapping[str, Any] | None = None) -> list[str]:
     """The kinds a value of `schema` may have, in schema order, without repeats: `$ref` followed,
     `anyOf`/`oneOf` and type lists flattened, `nullable: true` adding null, an untyped schema read
     from its keywords (`properties` -> object, `items` -> array, `enum`/`const` -> its values'
-    kinds). An empty or unreadable schema is ["any"]."""
-    if not isinstance(schema, Mapping) or _depth > _MAX_SCHEMA_DEPTH:
-        return ["any"]
-    root = schema if root is None else root
-    kinds: list[str] = []
-    if "$ref" in schema:
-        kinds += schema_kinds(_resolve_ref(schema["$ref"], root), root, _depth + 1)
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list):
-            for sub in schema[key]:
-                kinds += schema_kinds(sub, root, _depth + 1)
-    if not kinds and isinstance(schema.get("allOf"), list):  # pydantic: allOf [{$ref}], description
-        for sub in schema["allOf"]:
-            kinds += [k for k in schema_kinds(sub, root, _depth + 1) if k != "any"]
-    declared = schema.get("type")
-    if isinstance(declared, list):
-        kinds += [_kind(t) for t in declared]
-    elif declared is not None:
-        kinds.append(_kind(declared))
-    elif not kinds:
-        if "properties" in schema or "additionalProperties" in schema:
-            kinds.append("object")
-        elif "items" in schema or "prefixItems" in schema:
-            kinds.append("array")
-        elif isinstance(schema.get("enum"), list) or "const" in schema:
-            values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]]
-            kinds += [_value_kind(v) for v in values]
-    if schema.get("nullable") is True:
-        kinds.append("null")
-    kinds = list(dict.fromkeys(kinds))
-    return kinds or ["any"]
+    kinds). An empty or unreadable schema is ["any"]; so is a `$ref` cycle. Each `$ref` is
+    resolved once, so a request's schema costs time linear in its size, whatever its references.
+    """
+    refs: dict[str, list[str] | None] = {}  # resolved kinds per pointer; None while resolving
+    base = schema if root is None else root
+
+    def kinds_of(node: Any, depth: int) -> list[str]:
+        if not isinstance(node, Mapping) or depth > _MAX_SCHEMA_DEPTH:
+            return ["any"]
+        kinds: list[str] = []
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            if ref not in refs:
+                refs[ref] = None
+                refs[ref] = kinds_of(_resolve_ref(ref, base), depth + 1)
+            kinds += refs[ref] or ["any"]
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                for sub in node[key]:
+                    kinds += kinds_of(sub, depth + 1)
+        if not kinds and isinstance(node.get("allOf"), list):  # pydantic: allOf [{$ref}]
+            for sub in node["allOf"]:
+                kinds += [k for k in kinds_of(sub, depth + 1) if k != "any"]
+        declared = node.get("type")
+        if isinstance(declared, list):
+            kinds += [_kind(t) for t in declared]
+        elif declared is not None:
+            kinds.append(_kind(declared))
+        elif not kinds:
+            if "properties" in node or "additionalProperties" in node:
+                kinds.append("object")
+            elif "items" in node or "prefixItems" in node:
+                kinds.append("array")
+            elif isinstance(node.get("enum"), list) or "const" in node:
+                values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]]
+                kinds += [_value_kind(v) for v in values]
+        if node.get("nullable") is True:
+            kinds.append("null")
+        return list(dict.fromkeys(kinds)) or ["any"]
+
+    return kinds_of(schema, 0)
 
 
 def _jsonable(value: Any) -> Any:
