@@ -619,3 +619,33 @@ def test_chat_output_parser_whole_and_streamed(case, text, expected, qwen3_token
         content = "".join(e[1] for e in events if e[0] == "content")
         streamed = [(e[2].name, json.loads(e[2].arguments)) for e in events if e[0] == "tool_call"]
         assert (reasoning, content, streamed) == (whole.reasoning or "", whole.content or "", calls)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "".join(f"<div class='r'><span>{i}</span></div>\n" for i in range(1000)),  # HTML
+        "".join(f"<parameter=x{i}>{i}</parameter>\n" for i in range(1000)),  # literal tags
+    ],
+    ids=["html", "literal-tags"],
+)
+def test_streaming_a_long_value_takes_linear_work(body, qwen3_tokenizer_dir, monkeypatch):
+    """A value is not searched again from its start for every token: tags looked at stay in
+    proportion to the text (quadratic before: ~10**6 for these)."""
+    from qwenrun.tokenizer.tool_parsers import qwen3_coder
+
+    looked = 0
+    tag = qwen3_coder._Reader.tag
+
+    def counting(self, i, prefix):
+        nonlocal looked
+        looked += 1
+        return tag(self, i, prefix)
+
+    monkeypatch.setattr(qwen3_coder._Reader, "tag", counting)
+    text = call("write_file", p("path", "a"), p("content", body))
+    pieces = token_pieces(qwen3_tokenizer_dir, text)
+    streamed = run_stream(StreamingToolCallParser(TOOLS), pieces)
+    assert streamed.emitted_after == [len(text)]
+    assert json.loads(streamed.calls[0][1])["content"] == body
+    assert looked < 20 * len(body) // 40

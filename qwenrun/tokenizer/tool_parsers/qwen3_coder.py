@@ -61,7 +61,7 @@ import ast
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
@@ -349,12 +349,16 @@ class _Reader:
 
     `closed`: nothing follows `text` (the output ended, or the next call begins at its end), so the
     end of `text` counts as the end of the call instead of raising _Incomplete.
+    `rejected`: per value start, where the closing-tag candidates already found not to close it end
+    (a streaming parser keeps it across reads of the same text grown longer, for the same `text`
+    end and `closed`: the rejections hold, and a long value is not searched again from its start).
     """
 
     text: str
     schemas: _Schemas
     wrapped: bool
     closed: bool
+    rejected: dict[int, int] = field(default_factory=dict)
 
     def _skip_ws(self, i: int) -> int:
         m = _WS.match(self.text, i)
@@ -411,7 +415,7 @@ class _Reader:
 
     def value_end(self, start: int, fn: _Function, given: set[str]) -> tuple[int, int]:
         """(end of the value starting at `start`, where reading goes on): the first closing tag."""
-        for m in _CLOSES.finditer(self.text, start):
+        for m in _CLOSES.finditer(self.text, self.rejected.get(start, start)):
             if m.group() == PARAMETER_END:
                 a = self._skip_ws(m.end())
                 nxt = self.tag(a, PARAMETER_START)
@@ -427,6 +431,7 @@ class _Reader:
                 nxt = self.tag(at, PARAMETER_START)
                 if nxt is not None and fn.starts_parameter(nxt[0], given):
                     return at, at
+            self.rejected[start] = m.end()
         if not self.closed:
             raise _Incomplete
         raise _Malformed
@@ -534,8 +539,17 @@ def _find_marker(text: str, pos: int = 0) -> int:
     return min(found) if found else -1
 
 
-def _scan(text: str, start: int, schemas: _Schemas, final: bool) -> Span | None | bool:
+def _scan(
+    text: str,
+    start: int,
+    schemas: _Schemas,
+    final: bool,
+    rejected: dict[tuple[int, bool], dict[int, int]] | None = None,
+) -> Span | None | bool:
     """Decide the call region at `start` (where `<tool_call>` or `<function=` begins).
+
+    `rejected`: a streaming parser's memo for the strict reading of this region (see _Reader),
+    by where the region is cut (-1: not yet) and `closed`.
 
     Returns:
         the Span; False when a bare `<function=` there is no call (plain text); None when the text
@@ -551,7 +565,8 @@ def _scan(text: str, start: int, schemas: _Schemas, final: bool) -> Span | None 
     limit = len(text) if cut == -1 else cut
     closed = final or cut != -1
     region = text[:limit]
-    reader = _Reader(region, schemas, wrapped, closed)
+    memo = {} if rejected is None else rejected.setdefault((cut, closed), {})
+    reader = _Reader(region, schemas, wrapped, closed, memo)
     if not wrapped:
         try:
             header = reader.tag(start, FUNCTION_START)
@@ -609,6 +624,23 @@ def parse_tool_calls(text: str, tools: Tools) -> ParsedToolCalls:
     return assemble(text, call_spans(text, tools))
 
 
+_FIXED_TAGS = (TOOL_CALL_START, TOOL_CALL_END, FUNCTION_END, PARAMETER_END)
+_NAME_LOOKBACK = 256  # a longer `<parameter=NAME>` only delays the decision to a later tag
+
+
+def _completes_a_tag(text: str, new: int) -> bool:
+    """Whether the last `new` characters of `text` end one of the format's tags."""
+    j = text.find(">", len(text) - new)
+    while j != -1:
+        if any(text.endswith(tag, 0, j + 1) for tag in _FIXED_TAGS):
+            return True
+        k = text.rfind("<", max(0, j - _NAME_LOOKBACK), j)
+        if k != -1 and text.startswith((PARAMETER_START, FUNCTION_START), k):
+            return True
+        j = text.find(">", j + 1)
+    return False
+
+
 class StreamingToolCallParser:
     """Incremental `parse_tool_calls`: content streams as it arrives (a tail that could begin a
     marker is held), and each call is emitted when the tag that closes it arrives. The joined
@@ -620,14 +652,18 @@ class StreamingToolCallParser:
         self._schemas = _Schemas(tools)
         self._buffer = ""  # undecided text; starts at a marker while `_waiting`
         self._waiting = False
+        self._rejected: dict[tuple[int, bool], dict[int, int]] = {}  # see _Reader
         self._content = StrippedStream()
         self._n_calls = 0
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
         """Consume one content delta; return the events it completes, in order."""
         self._buffer += delta_text
-        # A waiting call is decided only by a tag's closing `>` (or a bare name's end).
-        if self._waiting and ">" not in delta_text and not self._open_bare_name():
+        # A waiting call is decided only when one of the format's tags completes (or a bare
+        # call's name ends): rescanning it for every token of a long value would be quadratic.
+        if self._waiting and not self._open_bare_name() and not _completes_a_tag(
+            self._buffer, len(delta_text)
+        ):
             return []
         return self._advance(final=False)
 
@@ -650,10 +686,11 @@ class StreamingToolCallParser:
                 return events
             self._content.emit(buf[:start], events)
             buf = buf[start:]
-            span = _scan(buf, 0, self._schemas, final)
+            span = _scan(buf, 0, self._schemas, final, self._rejected)
             if span is None:
                 self._buffer, self._waiting = buf, True
                 return events
+            self._rejected.clear()  # the buffer moves on: its offsets change
             if span is False:  # a bare `<function=` that is plain text
                 self._content.emit(buf[:1], events)
                 buf = buf[1:]
