@@ -410,6 +410,60 @@ def test_errors_have_openai_shape_and_status(chat_server):
     assert client.chat.completions.create(model="qwen-test", messages=USER, temperature=0).choices[0].message.content
 
 
+def test_request_body_rules(chat_server):
+    """The body rules of server/serving.py: each broken one is a 4xx error object, never a 500."""
+    from qwenrun.server.serving import MAX_BODY_BYTES, MAX_JSON_DEPTH
+
+    def post(body: bytes, path: str = "/v1/chat/completions", **kw) -> httpx.Response:
+        return http.post(path, content=body, headers={"Content-Type": "application/json"}, **kw)
+
+    def error(r: httpx.Response, status: int, *words: str) -> None:
+        assert r.status_code == status, r.text
+        e = r.json()["error"]
+        assert set(e) == {"message", "type", "param", "code"}
+        assert all(w in e["message"] for w in words), e
+
+    ok = {"model": "qwen-test", "messages": USER, "temperature": 0, "max_tokens": 1}
+    with chat_server.http() as http:
+        # nesting: the top-level object is level 1
+        for depth, status in ((MAX_JSON_DEPTH, 200), (MAX_JSON_DEPTH + 1, 400), (100_000, 400)):
+            inner = "[" * (depth - 1) + "]" * (depth - 1)
+            r = post(json.dumps(ok)[:-1].encode() + f', "x": {inner}}}'.encode())
+            if status == 200:
+                assert r.status_code == 200, r.text
+            else:
+                error(r, 400, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        deep = {"messages": [{"role": "user", "content": "x"}]}
+        for _ in range(20):  # 6 levels each
+            deep = {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [deep]}]}]}
+        error(http.post("/v1/messages", json=deep), 400, "nested")
+        # size: refused from the Content-Length, and a chunked body as soon as it passes the limit
+        big = b" " * (MAX_BODY_BYTES + 1)
+        error(post(big), 413, str(MAX_BODY_BYTES))
+        assert post(big, "/v1/messages").json()["type"] == "error"
+        error(post(iter([big[: 1 << 20]] * 17)), 413, "larger than")
+        # bytes that are no UTF-8, CESU-8 surrogates named as such
+        latin1 = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'
+        error(post(latin1), 400, "UTF-8", "0xe9", f"offset {latin1.index(0xE9)}")
+        error(post(b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}'), 400, "CESU-8")
+        assert post(b"\xef\xbb\xbf" + json.dumps(ok).encode()).status_code == 200  # a BOM is ignored
+        # non-standard numbers
+        for value, word in (("NaN", "NaN"), ("-Infinity", "Infinity"), ("1e400", "1e400"), ("9" * 5000, "digits")):
+            error(post(json.dumps(ok)[:-1].encode() + f', "temperature": {value}}}'.encode()), 400, word)
+        # lone surrogate escapes become U+FFFD (a pair stays one character), in values and keys
+        body = {"model": "qwen-test", "prompt": "\ud800x\udc00 \U0001F600", "echo": True, "max_tokens": 1,
+                "temperature": 0, "\udfff": 1}
+        r = post(json.dumps(body).encode(), "/v1/completions")
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].startswith("\ufffdx\ufffd \U0001F600")
+        surrogate_chat = {**ok, "messages": [{"role": "user", "content": "hi \udbff"}], "stream": True}
+        with http.stream("POST", "/v1/chat/completions", content=json.dumps(surrogate_chat).encode()) as r:
+            events = [d for _, d in sse_events(r.iter_lines())]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert not any("error" in json.loads(d) for d in events[:-1])
+        assert http.get("/health").status_code == 200
+
+
 def test_metrics_are_scraped_and_counted(chat_server):
     def scrape() -> dict[str, list]:
         with chat_server.http() as http:

@@ -29,11 +29,22 @@ from qwenrun.engine.request import Request
 from qwenrun.server.chat import ChatPlan, build_plan, parse_output, select_tools, template_messages
 from qwenrun.server.protocol import (
     AnthropicBlock,
+    AnthropicBlockDelta,
+    AnthropicBlockStart,
+    AnthropicBlockStop,
     AnthropicContentBlock,
+    AnthropicDeltaUsage,
+    AnthropicInputJsonDelta,
+    AnthropicMessageDelta,
     AnthropicMessagesRequest,
+    AnthropicMessageStart,
+    AnthropicMessageStop,
     AnthropicResponse,
+    AnthropicStop,
     AnthropicTextBlock,
+    AnthropicTextDelta,
     AnthropicThinkingBlock,
+    AnthropicThinkingDelta,
     AnthropicTokenCount,
     AnthropicToolUseBlock,
     AnthropicUsage,
@@ -221,13 +232,16 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
     index = -1
     open_type: str | None = None
 
+    def emit(event: AnthropicMessageStart | AnthropicBlockStart | AnthropicBlockDelta
+             | AnthropicBlockStop | AnthropicMessageDelta | AnthropicMessageStop) -> str:
+        return sse(event, event.type)
+
     def start(block: AnthropicContentBlock) -> list[str]:
         nonlocal index, open_type
         out = stop()
         index += 1
         open_type = block.type
-        out.append(sse({"type": "content_block_start", "index": index,
-                        "content_block": block.model_dump(mode="json")}, "content_block_start"))
+        out.append(emit(AnthropicBlockStart(index=index, content_block=block)))
         return out
 
     def stop() -> list[str]:
@@ -235,16 +249,15 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
         if open_type is None:
             return []
         open_type = None
-        return [sse({"type": "content_block_stop", "index": index}, "content_block_stop")]
+        return [emit(AnthropicBlockStop(index=index))]
 
-    def delta(d: dict[str, Any]) -> str:
-        return sse({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
+    def delta(d: AnthropicTextDelta | AnthropicThinkingDelta | AnthropicInputJsonDelta) -> str:
+        return emit(AnthropicBlockDelta(index=index, delta=d))
 
     message = AnthropicResponse(id=msg_id, model=model, content=[], usage=AnthropicUsage(
         input_tokens=len(plan.prompt_ids), output_tokens=0))
     try:
-        yield sse({"type": "message_start", "message": message.model_dump(mode="json")},
-                  "message_start")
+        yield emit(AnthropicMessageStart(message=message))
         async for _, d in iterate_requests(state, [req], arrival):
             events = parser.feed(d.text_delta)
             if d.finished:
@@ -254,25 +267,25 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
                     if open_type != "thinking":
                         for s in start(AnthropicThinkingBlock(thinking="")):
                             yield s
-                    yield delta({"type": "thinking_delta", "thinking": event[1]})
+                    yield delta(AnthropicThinkingDelta(thinking=event[1]))
                 elif event[0] == "content":
                     if open_type != "text":
                         for s in start(AnthropicTextBlock(text="")):
                             yield s
-                    yield delta({"type": "text_delta", "text": event[1]})
+                    yield delta(AnthropicTextDelta(text=event[1]))
                 else:
                     call = event[2]
                     for s in start(AnthropicToolUseBlock(id=_tool_id(), name=call.name, input={})):
                         yield s
-                    yield delta({"type": "input_json_delta", "partial_json": call.arguments})
+                    yield delta(AnthropicInputJsonDelta(partial_json=call.arguments))
                     for s in stop():
                         yield s
         for s in stop():
             yield s
         stop_reason, stop_sequence = _stop(req, parser.n_calls > 0)
-        yield sse({"type": "message_delta",
-                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                   "usage": {"output_tokens": req.num_output_tokens}}, "message_delta")
-        yield sse({"type": "message_stop"}, "message_stop")
+        yield emit(AnthropicMessageDelta(
+            delta=AnthropicStop(stop_reason=stop_reason, stop_sequence=stop_sequence),
+            usage=AnthropicDeltaUsage(output_tokens=req.num_output_tokens)))
+        yield emit(AnthropicMessageStop())
     except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
         yield sse(as_api_error(e).body(anthropic=True), "error")

@@ -11,7 +11,15 @@ missing or wrong API key; 404 unknown model or route; 429 full queue; 500 engine
 server keeps serving after each.
 
 With `api_key`, every `/v1/...` route needs `Authorization: Bearer KEY` (or Anthropic's
-`x-api-key: KEY`); `/health` and `/metrics` stay open for probes and scrapers, as in vLLM.
+`x-api-key: KEY`); `/health`, `/metrics` and `/openapi.json` stay open for probes and scrapers, as
+in vLLM.
+
+`GET /openapi.json` is generated from the protocol models: request bodies as the handlers validate
+them (they read the raw body, so an error is an OpenAI 400, never FastAPI's 422), responses as they
+are serialised, with the error bodies of every status. There is no `/docs` page: Swagger UI and
+ReDoc load their scripts from a CDN, which an offline or air-gapped server cannot reach (a blank
+page), and a page that runs third-party scripts next to the API key is not worth serving. Point
+any OpenAPI viewer or client generator at `/openapi.json` instead.
 """
 
 from __future__ import annotations
@@ -25,15 +33,35 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import qwenrun
 
 from qwenrun.engine.async_engine import AsyncEngine
 from qwenrun.errors import QwenrunError
 from qwenrun.server import anthropic_api, openai_api
 from qwenrun.server.metrics import CONTENT_TYPE, Metrics
-from qwenrun.server.protocol import ModelCard, ModelList
-from qwenrun.server.serving import APIError, ServerState, as_api_error
+from qwenrun.server.protocol import (
+    ANTHROPIC_EVENTS,
+    AnthropicErrorResponse,
+    AnthropicMessagesRequest,
+    AnthropicResponse,
+    AnthropicTokenCount,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+)
+from qwenrun.server.serving import MAX_BODY_BYTES, APIError, ServerState, as_api_error
 
 if TYPE_CHECKING:
     from qwenrun.engine.engine import LLMEngine
@@ -61,12 +89,83 @@ def _is_anthropic(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
-class _HTTPMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware, which breaks streaming disconnects): the API-key check
-    and the per-endpoint request counter with the final status."""
+# ---------------------------------------------------------------------------------- OpenAPI
 
-    def __init__(self, app: Any, state: ServerState) -> None:
-        self.app, self.state = app, state
+_ERRORS = {
+    "400": "malformed or non-UTF-8 JSON, nesting too deep, a field of the wrong type or out of range, "
+           "a prompt plus max_tokens over the context window",
+    "401": "missing or wrong API key (when the server has one)",
+    "404": "a model this server does not serve",
+    "413": "a body over the server's size limit",
+    "429": "the queue is full: retry later",
+    "default": "a server error (a bug: please report it)",
+}
+# (model, mode) of every schema the document names; streamed chunks are listed for clients.
+_SCHEMAS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    *((m, "validation") for m in (ChatCompletionRequest, CompletionRequest, AnthropicMessagesRequest)),
+    *((m, "serialization") for m in (
+        ChatCompletionResponse, ChatCompletionChunk, CompletionResponse, AnthropicResponse,
+        AnthropicTokenCount, ModelList, ModelCard, HealthStatus, ErrorResponse, AnthropicErrorResponse,
+        *ANTHROPIC_EVENTS)),
+]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _events(*models: type[BaseModel], done: bool) -> dict[str, Any]:
+    """An SSE media type: each event's `data` is JSON of one of `models` (or `[DONE]`)."""
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": {"anyOf": [_ref(m) for m in models]}}
+    if done:
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    return {"schema": {"type": "object", "required": ["data"],
+                       "properties": {"event": {"type": "string"}, "data": data}}}
+
+
+def _doc(ok: type[BaseModel], body: type[BaseModel] | None = None, *,
+         stream: Sequence[type[BaseModel]] = (), anthropic: bool = False) -> dict[str, Any]:
+    """`openapi_extra` of a route: its body and answers (the handlers read raw bodies). With
+    `stream`, the 200 may also be server-sent events of those models (an error comes in-band)."""
+    error_model = AnthropicErrorResponse if anthropic else ErrorResponse
+    content: dict[str, Any] = {"application/json": {"schema": _ref(ok)}}
+    if stream:
+        content["text/event-stream"] = _events(*stream, error_model, done=not anthropic)
+    error = {"application/json": {"schema": _ref(error_model)}}
+    responses = {"200": {"description": "OK", "content": content}}
+    codes = _ERRORS if body is not None else ("401", "404", "default")  # GETs read no body
+    responses |= {code: {"description": _ERRORS[code], "content": error} for code in codes}
+    extra: dict[str, Any] = {"responses": responses}
+    if body is not None:
+        extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return extra
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The document, built once: FastAPI's paths plus the protocol models as components."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                          routes=app.routes)
+        _, defs = models_json_schema(_SCHEMAS, ref_template="#/components/schemas/{model}")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(defs["$defs"])
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for item in doc["paths"].values():
+            for operation in item.values():
+                operation["responses"].pop("422", None)  # bodies are checked by hand: 400
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+class _HTTPMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware, which breaks streaming disconnects): the API-key check,
+    the body size limit (413 from the Content-Length alone, or as soon as a chunked body passes
+    it), and the per-endpoint request counter with the final status."""
+
+    def __init__(self, app: Any, state: ServerState, max_body_bytes: int) -> None:
+        self.app, self.state, self.max_body_bytes = app, state, max_body_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -87,9 +186,34 @@ class _HTTPMiddleware:
                                  "authentication_error", code="invalid_api_key")
                 await error.response(_is_anthropic(path))(scope, receive, send_and_record)
                 return
-            await self.app(scope, receive, send_and_record)
+            if self._declared_length(scope) > self.max_body_bytes:
+                await self._too_large().response(_is_anthropic(path))(scope, receive, send_and_record)
+                return
+            received = 0
+
+            async def receive_bounded() -> MutableMapping[str, Any]:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise self._too_large()  # inside the handler's body read: its 413 answer
+                return message
+
+            await self.app(scope, receive_bounded, send_and_record)
         finally:
             self.state.metrics.http_requests.labels(_endpoint(path), str(status)).inc()
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of "
+                        f"{self.max_body_bytes} bytes", code="request_too_large")
+
+    @staticmethod
+    def _declared_length(scope: dict[str, Any]) -> int:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                return int(value) if value.isdigit() else 0  # the HTTP server rejects bad ones
+        return 0
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         key = (self.state.api_key or "").encode()
@@ -104,7 +228,8 @@ class _HTTPMiddleware:
 
 
 def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str | None = None,
-               max_queue: int = 256, accepted_model_names: Sequence[str] = ()) -> FastAPI:
+               max_queue: int = 256, accepted_model_names: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP app for `llm`.
 
     Args:
@@ -113,6 +238,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         api_key: when set, `/v1/...` requires it as a Bearer token (or `x-api-key`).
         max_queue: waiting requests accepted before answering 429.
         accepted_model_names: further names accepted in `model` but not listed by `/v1/models`.
+        max_body_bytes: larger request bodies are refused with 413, unread.
 
     The AsyncEngine (engine loop thread) starts here and stops when the app's lifespan ends; its
     state is `app.state.qwenrun` (a `ServerState`), the engine `app.state.engine`.
@@ -142,8 +268,9 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         finally:
             engine.shutdown()
 
-    app = FastAPI(title="qwenrun", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="qwenrun", version=qwenrun.__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="OpenAI- and Anthropic-compatible API of one model.")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.qwenrun = state
     app.state.engine = engine
 
@@ -166,19 +293,23 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     async def _unexpected(request: HTTPRequest, exc: Exception) -> JSONResponse:
         return as_api_error(exc).response(_is_anthropic(request.url.path))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_doc(
+        ChatCompletionResponse, ChatCompletionRequest, stream=[ChatCompletionChunk]))
     async def chat_completions(request: HTTPRequest) -> Response:
         return await openai_api.chat_completions(state, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_doc(
+        CompletionResponse, CompletionRequest, stream=[CompletionResponse]))
     async def completions(request: HTTPRequest) -> Response:
         return await openai_api.completions(state, request)
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=_doc(
+        AnthropicResponse, AnthropicMessagesRequest, stream=ANTHROPIC_EVENTS, anthropic=True))
     async def messages(request: HTTPRequest) -> Response:
         return await anthropic_api.messages(state, request)
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post("/v1/messages/count_tokens",
+              openapi_extra=_doc(AnthropicTokenCount, AnthropicMessagesRequest, anthropic=True))
     async def count_tokens(request: HTTPRequest) -> Response:
         return await anthropic_api.count_tokens(state, request)
 
@@ -186,23 +317,28 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         return ModelCard(id=name, created=state.created, root=str(llm.checkpoint.path),
                          max_model_len=state.max_model_len)
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return ModelList(data=[card(n) for n in names]).model_dump(mode="json")
+    @app.get("/v1/models", openapi_extra=_doc(ModelList))
+    async def list_models() -> Response:
+        return JSONResponse(ModelList(data=[card(n) for n in names]).model_dump(mode="json"))
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> dict[str, Any]:
-        return card(state.check_model(model)).model_dump(mode="json")
+    @app.get("/v1/models/{model:path}", openapi_extra=_doc(ModelCard))
+    async def get_model(model: str) -> Response:
+        return JSONResponse(card(state.check_model(model)).model_dump(mode="json"))
 
-    @app.get("/health")
+    health_doc = {"content": {"application/json": {"schema": _ref(HealthStatus)}}}
+
+    @app.get("/health", openapi_extra={"responses": {
+        "200": {"description": "the engine loop runs", **health_doc},
+        "503": {"description": "the engine loop has stopped", **health_doc}}})
     async def health() -> Response:
         if engine.alive:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "engine stopped"}, status_code=503)
+            return JSONResponse(HealthStatus(status="ok").model_dump())
+        return JSONResponse(HealthStatus(status="engine stopped").model_dump(), status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format"}})
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(_HTTPMiddleware, state=state)
+    app.add_middleware(_HTTPMiddleware, state=state, max_body_bytes=max_body_bytes)
     return app

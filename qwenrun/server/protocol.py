@@ -3,7 +3,8 @@
 Requests are validated strictly but openly: unknown fields are accepted and ignored (clients such
 as Qwen-Agent send many), while a known field of the wrong JSON type is a 400 (no "1" -> 1
 coercion; an integer is still a valid number). Range checks live in `SamplingParams`, so the
-server and the Python API reject the same values with the same words.
+server and the Python API reject the same values with the same words; the JSON schema documents
+those ranges (`_document_ranges`) from the same constants, for clients and fuzzers.
 
 Extensions accepted on chat and completions requests (vLLM / SGLang / Qwen spellings): `top_k`,
 `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
@@ -28,6 +29,11 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+
+from qwenrun.sampling.params import _FLOAT_RANGES
+
+MAX_LOGPROBS = 20  # OpenAI's cap for top_logprobs
+MAX_N = 128  # choices per request: more is a mistake, not a workload
 
 # ----------------------------------------------------------------------------------- requests
 
@@ -103,8 +109,35 @@ class ResponseFormat(_In):
     json_schema: JsonSchemaFormat | None = None
 
 
+# Integer bounds the handlers and SamplingParams enforce (inclusive; None: unbounded).
+_INT_BOUNDS: dict[str, tuple[int | None, int | None]] = {
+    "n": (1, MAX_N), "max_tokens": (1, None), "max_completion_tokens": (1, None),
+    "min_tokens": (0, None), "top_k": (-1, None), "top_logprobs": (0, MAX_LOGPROBS),
+    "logprobs": (0, MAX_LOGPROBS), "seed": (-(2**63), 2**64 - 1), "thinking_budget": (0, None),
+    "thinking_token_budget": (0, None), "budget_tokens": (0, None),
+}
+
+
+def _document_ranges(schema: dict[str, Any]) -> None:
+    """Add the enforced ranges to a request model's JSON schema (documentation: never checked here).
+
+    `messages` must be non-empty too; a bool `logprobs` (chat) takes no bounds.
+    """
+    props = schema.get("properties", {})
+    for name, (low, high) in _FLOAT_RANGES.items():
+        if name in props:
+            props[name] |= {"exclusiveMinimum" if name == "top_p" else "minimum": low, "maximum": high}
+    for name, (lo, hi) in _INT_BOUNDS.items():
+        if name in props and "integer" in str(props[name]):
+            props[name] |= {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}
+    if "messages" in props:
+        props["messages"]["minItems"] = 1
+
+
 class _SamplingFields(_In):
     """Fields shared by chat and completions requests (OpenAI names plus vLLM extensions)."""
+
+    model_config = ConfigDict(json_schema_extra=_document_ranges)
 
     model: str | None = None
     stream: bool | None = False  # null is accepted for every optional field, as some clients send it
@@ -186,11 +219,15 @@ class AnthropicToolChoice(_In):
 
 
 class AnthropicThinking(_In):
+    model_config = ConfigDict(json_schema_extra=_document_ranges)
+
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = None
 
 
 class AnthropicMessagesRequest(_In):
+    model_config = ConfigDict(json_schema_extra=_document_ranges)
+
     model: str | None = None
     messages: list[AnthropicMessage]
     max_tokens: int | None = None
@@ -520,3 +557,68 @@ class AnthropicResponse(_Out):
 
 class AnthropicTokenCount(_Out):
     input_tokens: int
+
+
+# Anthropic stream events: each is sent as `event: <type>` with the JSON as `data`.
+
+
+class AnthropicMessageStart(_Out):
+    type: Literal["message_start"] = "message_start"
+    message: AnthropicResponse
+
+
+class AnthropicBlockStart(_Out):
+    type: Literal["content_block_start"] = "content_block_start"
+    index: int
+    content_block: AnthropicContentBlock
+
+
+class AnthropicTextDelta(_Out):
+    type: Literal["text_delta"] = "text_delta"
+    text: str
+
+
+class AnthropicThinkingDelta(_Out):
+    type: Literal["thinking_delta"] = "thinking_delta"
+    thinking: str
+
+
+class AnthropicInputJsonDelta(_Out):
+    type: Literal["input_json_delta"] = "input_json_delta"
+    partial_json: str
+
+
+class AnthropicBlockDelta(_Out):
+    type: Literal["content_block_delta"] = "content_block_delta"
+    index: int
+    delta: Annotated[AnthropicTextDelta | AnthropicThinkingDelta | AnthropicInputJsonDelta,
+                     Field(discriminator="type")]
+
+
+class AnthropicBlockStop(_Out):
+    type: Literal["content_block_stop"] = "content_block_stop"
+    index: int
+
+
+class AnthropicStop(_Out):
+    stop_reason: str | None
+    stop_sequence: str | None = None
+
+
+class AnthropicDeltaUsage(_Out):
+    output_tokens: int
+
+
+class AnthropicMessageDelta(_Out):
+    type: Literal["message_delta"] = "message_delta"
+    delta: AnthropicStop
+    usage: AnthropicDeltaUsage
+
+
+class AnthropicMessageStop(_Out):
+    type: Literal["message_stop"] = "message_stop"
+
+
+ANTHROPIC_EVENTS: tuple[type[_Out], ...] = (
+    AnthropicMessageStart, AnthropicBlockStart, AnthropicBlockDelta, AnthropicBlockStop,
+    AnthropicMessageDelta, AnthropicMessageStop)

@@ -5,6 +5,20 @@ Cancellation contract: every engine stream is iterated inside `iterate_requests`
 closes the `AsyncEngine.generate` iterators, which abort their requests and free their KV blocks.
 `SSEResponse` closes its body iterator when the client goes away, and `run_until_disconnect` cancels
 a non-streaming handler when its client does, so no disconnect leaves a request running.
+
+Request bodies (`parse_body`; the size limit is the app middleware's), each rule a 4xx, never a 500:
+* at most `MAX_BODY_BYTES` (16 MiB, `create_app(max_body_bytes=...)`): 413, read no further. A
+  full context of text is a few MiB even JSON-escaped; more is a mistake or an attack.
+* UTF-8 only (RFC 8259 §8.1; a leading BOM is ignored): any other byte sequence, CESU-8 encoded
+  surrogates included, is a 400 naming the byte and its offset. Guessing an encoding would change
+  the user's text silently.
+* at most `MAX_JSON_DEPTH` (64) nested arrays/objects: 400. Python's parser, pydantic and the chat
+  template recurse per level; 64 leaves headroom under the interpreter's recursion limit and is far
+  deeper than any message list or tool schema (a parameters schema ten objects deep needs ~25).
+* standard JSON numbers only: `NaN`, `Infinity` and numbers that overflow a double are a 400.
+* a lone UTF-16 surrogate escape in a string or key (`"\ud800"`, valid JSON but no text) becomes
+  U+FFFD at parse time, as browsers decode it, so nothing downstream sees one (the tokenizer also
+  repairs them, for the Python API).
 """
 
 from __future__ import annotations
@@ -13,9 +27,12 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
+import re
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,7 +47,7 @@ from qwenrun.engine.request import Request, StepDelta
 from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError, QwenrunError
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.server.metrics import Metrics
-from qwenrun.server.protocol import summarize_validation_error
+from qwenrun.server.protocol import MAX_LOGPROBS, MAX_N, summarize_validation_error
 
 if TYPE_CHECKING:
     from qwenrun.llm import LLM
@@ -41,8 +58,9 @@ logger = logging.getLogger("qwenrun.server")
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-MAX_LOGPROBS = 20  # OpenAI's cap for top_logprobs
-MAX_N = 128  # choices per request: more is a mistake, not a workload
+MAX_BODY_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64
+_INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread, off the event loop
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -83,19 +101,103 @@ def as_api_error(exc: BaseException) -> APIError:
 
 
 async def parse_body(request: HTTPRequest, model: type[M]) -> tuple[dict[str, Any], M]:
-    """The JSON object of the body (raw, for verbatim pass-through) and its validated model."""
+    """The JSON object of the body (raw, for verbatim pass-through) and its validated model.
+
+    Raises:
+        APIError: 400 for a body that breaks a rule of the module docstring or the model.
+    """
     raw = await request.body()
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+    if len(raw) > _INLINE_PARSE_BYTES:
+        return await asyncio.to_thread(_parse, raw, model)
+    return _parse(raw, model)
+
+
+def _parse(raw: bytes, model: type[M]) -> tuple[dict[str, Any], M]:
+    obj = load_json_object(raw)
     try:
         return obj, model.model_validate(obj)
     except ValidationError as e:
         message, param = summarize_validation_error(e)
         raise APIError(400, message, param=param) from None
+
+
+def load_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, by the rules in the module docstring.
+
+    Raises:
+        APIError: 400 naming what is wrong.
+    """
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        cesu = raw[e.start] == 0xED and e.start + 1 < len(raw) and 0xA0 <= raw[e.start + 1] <= 0xBF
+        what = "a UTF-16 surrogate encoded as UTF-8 (CESU-8)" if cesu else e.reason
+        raise APIError(400, f"the request body is not valid UTF-8: byte 0x{raw[e.start]:02x} at "
+                       f"offset {e.start} ({what}); send the JSON encoded as UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                         parse_int=_int)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as e:  # JSONDecodeError and the hooks' numbers
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+    _check_tree(obj, fix_surrogates=_SURROGATE_ESCAPE.search(text) is not None)
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the only way a surrogate gets into `text`
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads already joined the valid pairs
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _int(text: str) -> int:
+    limit = sys.get_int_max_str_digits()  # int() refuses more, with advice for the server's owner
+    if limit and len(text.lstrip("-")) > limit:
+        raise ValueError(f"an integer has more than {limit} digits")
+    return int(text)
+
+
+def _too_deep() -> APIError:
+    return APIError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels of "
+                    "arrays and objects")
+
+
+def _check_tree(root: dict[str, Any], fix_surrogates: bool) -> None:
+    """Raise past MAX_JSON_DEPTH levels; with fix_surrogates, lone surrogates in every string and
+    key become U+FFFD, in place. Iterative, so no depth can overflow the stack here."""
+    def fix(text: str) -> str:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(node, dict):
+            if fix_surrogates and any(_LONE_SURROGATE.search(k) for k in node):
+                items = [(fix(k), v) for k, v in node.items()]
+                node.clear()
+                node.update(items)
+            entries: Iterable[tuple[Any, Any]] = node.items()
+        else:
+            entries = enumerate(node)
+        for key, value in entries:
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1))
+            elif fix_surrogates and isinstance(value, str):
+                node[key] = fix(value)  # same key: the dict's size does not change mid-iteration
 
 
 # ---------------------------------------------------------------------------------------- state
