@@ -12,7 +12,7 @@ import torch
 
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import CompletionOutput, Request, RequestOutput, think_open_in_prompt
-from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError
+from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError, RequestFailedError
 from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.sampling.params import SamplingParams
@@ -262,6 +262,9 @@ class LLM:
                 if delta.request is not req:
                     continue
                 reasoning, content = parser.feed(delta.text_delta)
+                if delta.finished and req.finish_reason == "error":
+                    # one conversation, so its failure is the caller's exception (the CLI shows it)
+                    raise RequestFailedError(f"generation failed: {req.error}")
                 if delta.finished:
                     r2, c2 = parser.finish()
                     comp = completion_output(0, req)
@@ -361,6 +364,7 @@ def completion_output(index: int, req: Request) -> CompletionOutput:
         finish_reason=req.finish_reason,
         stop_reason=req.stop_reason,
         logprobs=req.logprobs,
+        error=req.error,
     )
 
 

@@ -203,7 +203,7 @@ def test_offline_generate_keeps_the_other_prompts_results(kind, checkpoint, prom
     outs = llm.generate(healthy[:2] + [bad_prompt] + healthy[2:],
                         params[:2] + [bad_params] + params[2:])
     bad = outs.pop(2).outputs[0]
-    assert bad.finish_reason == "error"
+    assert bad.finish_reason == "error" and bad.error
     for prompt, sp, out in zip(healthy, params, outs):
         assert out.outputs[0].finish_reason == "length"
         assert out.outputs[0].token_ids == solo(prompt, sp)
@@ -271,4 +271,22 @@ def test_extreme_accepted_values_finish_normally(checkpoint, prompts) -> None:
         assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 12
     assert all(0 <= t < vocab for o in outs for t in o.outputs[0].token_ids)
     assert len(outs[3].outputs[0].logprobs[0]) == vocab  # more than the vocabulary: all of it
+    _assert_idle_and_whole(llm.engine)
+
+
+def test_chat_stream_raises_the_failure_of_its_conversation(monkeypatch) -> None:
+    """One conversation has no bystanders: its failure reaches the caller (the CLI's red line)."""
+    from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
+    from qwenrun.train.recipe import BUNDLED
+
+    llm = LLM(str(BUNDLED), dtype="float32", kv_cache_memory=8 << 20)
+
+    def add(self, ids):
+        raise RuntimeError("injected detokenizer fault")
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    with pytest.raises(RequestFailedError, match="injected detokenizer fault"):
+        for _ in llm.chat_stream([{"role": "user", "content": "What is 2 + 3?"}],
+                                 SamplingParams(temperature=0, max_tokens=8)):
+            pass
     _assert_idle_and_whole(llm.engine)

@@ -152,6 +152,7 @@ class CompletionOutput:
     tool_calls: list | None = None
     tool_call_errors: list[str] | None = None
     reasoning_tokens: int = 0
+    error: str | None = None  # why the engine failed this sequence (finish_reason "error")
 
 
 @dataclass
