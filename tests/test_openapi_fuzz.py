@@ -7,7 +7,7 @@ OpenAI error object (`{"error": {"message", "type", "param", "code"}}`), Anthrop
 `/v1/messages`. Afterwards the server still answers, and every KV block is free again.
 
 Generation is derandomized (the same examples on every run, so a failure reproduces); set
-QWENRUN_FUZZ_EXAMPLES for a longer run. The model is steered (tests/steered.py) with a 128-token
+QWENRUN_FUZZ_EXAMPLES for a longer run, QWENRUN_FUZZ_SEED=N for other examples (seed N). The model is steered (tests/steered.py) with a 128-token
 context, and valid cases ask for at most 2 choices of 16 tokens (`_bounded`), so the run is short.
 """
 
@@ -18,7 +18,7 @@ import os
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -35,6 +35,7 @@ from test_server import CHAT_TABLE, USER, serve, wait_idle
 from qwenrun import LLM
 
 EXAMPLES = int(os.environ.get("QWENRUN_FUZZ_EXAMPLES", "30"))
+SEED = os.environ.get("QWENRUN_FUZZ_SEED")
 OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
@@ -159,8 +160,9 @@ def test_fuzz(schema, server, llm, method, path, mode):
     cases = operation.as_strategy(generation_mode=mode)
 
     @given(case=cases.map(_bounded) if mode == GenerationMode.POSITIVE else cases)
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @seed(int(SEED or 0))
     def run(case) -> None:
         response = case.call(base_url=server.url, timeout=60)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1

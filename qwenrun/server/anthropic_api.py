@@ -182,7 +182,8 @@ async def _plan(state: ServerState,
 
 async def count_tokens(state: ServerState, request: HTTPRequest) -> Response:
     _, _, plan = await _plan(state, request)
-    return JSONResponse(AnthropicTokenCount(input_tokens=len(plan.prompt_ids)).model_dump(mode="json"))
+    count = AnthropicTokenCount(input_tokens=len(plan.prompt_ids))
+    return JSONResponse(count.model_dump(mode="json"))
 
 
 def _stop(req: Request, tool_use: bool) -> tuple[str, str | None]:

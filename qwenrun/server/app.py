@@ -92,8 +92,8 @@ def _is_anthropic(path: str) -> bool:
 # ---------------------------------------------------------------------------------- OpenAPI
 
 _ERRORS = {
-    "400": "malformed or non-UTF-8 JSON, nesting too deep, a field of the wrong type or out of range, "
-           "a prompt plus max_tokens over the context window",
+    "400": "malformed or non-UTF-8 JSON, nesting too deep, a field of the wrong type or out of "
+           "range, a prompt plus max_tokens over the context window",
     "401": "missing or wrong API key (when the server has one)",
     "404": "a model this server does not serve",
     "413": "a body over the server's size limit",
@@ -102,11 +102,12 @@ _ERRORS = {
 }
 # (model, mode) of every schema the document names; streamed chunks are listed for clients.
 _SCHEMAS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-    *((m, "validation") for m in (ChatCompletionRequest, CompletionRequest, AnthropicMessagesRequest)),
+    *((m, "validation")
+      for m in (ChatCompletionRequest, CompletionRequest, AnthropicMessagesRequest)),
     *((m, "serialization") for m in (
         ChatCompletionResponse, ChatCompletionChunk, CompletionResponse, AnthropicResponse,
-        AnthropicTokenCount, ModelList, ModelCard, HealthStatus, ErrorResponse, AnthropicErrorResponse,
-        *ANTHROPIC_EVENTS)),
+        AnthropicTokenCount, ModelList, ModelCard, HealthStatus, ErrorResponse,
+        AnthropicErrorResponse, *ANTHROPIC_EVENTS)),
 ]
 
 
@@ -138,7 +139,8 @@ def _doc(ok: type[BaseModel], body: type[BaseModel] | None = None, *,
     responses |= {code: {"description": _ERRORS[code], "content": error} for code in codes}
     extra: dict[str, Any] = {"responses": responses}
     if body is not None:
-        extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        extra["requestBody"] = {"required": True,
+                                "content": {"application/json": {"schema": _ref(body)}}}
     return extra
 
 
@@ -187,7 +189,8 @@ class _HTTPMiddleware:
                 await error.response(_is_anthropic(path))(scope, receive, send_and_record)
                 return
             if self._declared_length(scope) > self.max_body_bytes:
-                await self._too_large().response(_is_anthropic(path))(scope, receive, send_and_record)
+                too_large = self._too_large().response(_is_anthropic(path))
+                await too_large(scope, receive, send_and_record)
                 return
             received = 0
 

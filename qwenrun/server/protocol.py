@@ -126,7 +126,8 @@ def _document_ranges(schema: dict[str, Any]) -> None:
     props = schema.get("properties", {})
     for name, (low, high) in _FLOAT_RANGES.items():
         if name in props:
-            props[name] |= {"exclusiveMinimum" if name == "top_p" else "minimum": low, "maximum": high}
+            lower = "exclusiveMinimum" if name == "top_p" else "minimum"
+            props[name] |= {lower: low, "maximum": high}
     for name, (lo, hi) in _INT_BOUNDS.items():
         if name in props and "integer" in str(props[name]):
             props[name] |= {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}
@@ -538,8 +539,10 @@ class AnthropicToolUseBlock(_Out):
     input: dict[str, Any]
 
 
-AnthropicContentBlock = Annotated[AnthropicTextBlock | AnthropicThinkingBlock | AnthropicToolUseBlock,
-                                  Field(discriminator="type")]
+AnthropicContentBlock = Annotated[
+    AnthropicTextBlock | AnthropicThinkingBlock | AnthropicToolUseBlock,
+    Field(discriminator="type"),
+]
 
 
 class AnthropicResponse(_Out):
