@@ -34,7 +34,7 @@ from test_server import CHAT_TABLE, USER, serve, wait_idle
 
 from qwenrun import LLM
 
-EXAMPLES = int(os.environ.get("QWENRUN_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("QWENRUN_FUZZ_EXAMPLES", "50"))  # ~1 min on 2 busy cores
 SEED = os.environ.get("QWENRUN_FUZZ_SEED")
 OPERATIONS = [
     ("POST", "/v1/chat/completions"),
