@@ -310,8 +310,12 @@ def test_server_runs_tools_only_on_the_extension_route(calc_llm, no_leaked_child
         (b'{"messages": [1]}', "messages[0]"),
         (b'{"messages": [{"role": "user", "content": "6*7?"}], "model": ["x"]}', "model"),
         (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        (b'{"messages": ' + b"[" * 70 + b"]" * 70 + b"}", None),  # past the chat routes' depth 64
+        (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', None),  # CESU-8 surrogate
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None),
     ],
-    ids=["kwargs-not-object", "message-not-object", "model-not-string", "deep-nesting"],
+    ids=["kwargs-not-object", "message-not-object", "model-not-string", "deep-nesting", "depth-70",
+         "cesu-bytes", "nan"],
 )
 def test_extension_route_answers_malformed_bodies_with_400(calc_llm, body, param):
     """Bodies that reached the agent loop and ended as 500s (AttributeError, TypeError,

@@ -99,16 +99,13 @@ def add_agent_route(
     `max_steps` (at most the `max_steps` given here). Client `tools` are not accepted: only the
     registry's tools run.
     """
-    from qwenrun.server.serving import APIError, new_id, sampling_params
+    from qwenrun.server.serving import APIError, load_json_object, new_id, sampling_params
 
     state: ServerState = app.state.qwenrun
 
     @app.post(path)
     async def agent_chat(request: HTTPRequest) -> JSONResponse:
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError):
-            raise APIError(400, "the body is not valid JSON (or is nested too deeply)") from None
+        body = load_json_object(await request.body())  # the chat routes' rules: UTF-8, depth, surrogates
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("messages"), list)
