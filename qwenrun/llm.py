@@ -151,8 +151,7 @@ class LLM:
             for (text, ids), p in zip(encoded, plist):
                 reqs = []
                 for i in range(p.n):
-                    sub = p if p.n == 1 or p.seed is None else _with(p, seed=p.seed + i)
-                    reqs.append(self.engine.add_request(ids, sub))
+                    reqs.append(self.engine.add_request(ids, p.for_choice(i)))
                 submitted.append((text, reqs))
         except Exception:
             for _, reqs in submitted:  # leave nothing half-queued

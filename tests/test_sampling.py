@@ -587,3 +587,18 @@ def test_validated_params_never_make_the_sampler_raise_nor_touch_other_rows(
     order = [i for what, i in rows if what == "healthy"]
     assert together == [int(alone[i]) for i in order]
     assert all(t < VALID for t in together)
+
+
+@pytest.mark.parametrize("seed", [None, 0, 7, 2**64 - 1, 2**64 - 3, -(2**63)])
+def test_choices_take_consecutive_seeds_within_the_seed_range(seed):
+    """Choice i of n draws from seed + i, wrapping at the range's end: a seed near 2**64 with n > 1
+    used to overflow the range and be refused."""
+    params = SamplingParams(n=4, seed=seed, temperature=1.0)
+    seeds = [params.for_choice(i).seed for i in range(4)]
+    if seed is None:
+        assert seeds == [None] * 4
+    else:
+        assert all(-(2**63) <= s < 2**64 for s in seeds) and len(set(seeds)) == 4
+        assert seeds[0] == seed
+    assert all(params.for_choice(i).n == 1 for i in range(4))
+    assert SamplingParams(n=1, seed=seed).for_choice(0).seed == seed

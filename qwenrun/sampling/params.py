@@ -181,6 +181,14 @@ class SamplingParams:
                f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(given)}")
         return [int(t) for t in given]
 
+    def for_choice(self, i: int) -> SamplingParams:
+        """The params of choice i of n: seeds seed, seed+1, ... (wrapping inside the seed range, so
+        every accepted seed works with any n), one sequence each."""
+        seed = self.seed
+        if seed is not None and self.n > 1:
+            seed = (seed + i + 2**63) % (2**64 + 2**63) - 2**63
+        return dataclasses.replace(self, n=1, seed=seed)
+
     @property
     def greedy(self) -> bool:
         """True when the request takes the argmax: temperature 0 (below 1e-5, like vLLM)."""

@@ -278,8 +278,7 @@ async def make_requests(state: ServerState, prompt_ids: list[int], params: Sampl
             f"too many queued requests ({state.engine.max_waiting}); retry later")
     reqs = []
     for i in range(n):
-        seed = params.seed if n == 1 or params.seed is None else params.seed + i
-        p = dataclasses.replace(params, n=1, seed=seed)
+        p = dataclasses.replace(params, n=n).for_choice(i)
         reqs.append(state.llm.engine.make_request(prompt_ids, p, f"{request_id}-{i}"))
     return reqs
 
