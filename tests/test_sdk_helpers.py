@@ -213,7 +213,7 @@ def test_anthropic_messages_stream_helper(chat_server, tool_server):
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == "hmm ok" and final.content[1].text == "Paris is nice."
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == 10
-    assert final.id.startswith("msg-") and final.model == "qwen-test" and final.role == "assistant"
+    assert final.id.startswith("msg_") and final.model == "qwen-test" and final.role == "assistant"
 
     tool = {"name": "get_weather", "description": "weather",
             "input_schema": WEATHER_TOOL["function"]["parameters"]}

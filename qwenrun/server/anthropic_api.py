@@ -199,7 +199,7 @@ def _stop(req: Request, tool_use: bool) -> tuple[str, str | None]:
 async def messages(state: ServerState, request: HTTPRequest) -> Response:
     arrival = time.perf_counter()
     body, model, plan = await _plan(state, request)
-    msg_id = new_id("msg")
+    msg_id = f"msg_{uuid.uuid4().hex[:24]}"  # Anthropic's id shape
     [req] = await make_requests(state, plan.prompt_ids, plan.params, msg_id, 1)
     if body.stream:
         return SSEResponse(_stream(state, plan, req, arrival, msg_id, model))
