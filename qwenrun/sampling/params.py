@@ -26,7 +26,7 @@ _GEN_CONFIG_KEYS = {
 }
 
 # Each float field's accepted range, closed unless noted; see SamplingParams for why.
-_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0.0, 2.0),
     "top_p": (0.0, 1.0),  # open at 0
     "min_p": (0.0, 1.0),
@@ -123,7 +123,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n",
                f"n must be an integer >= 1, got {_show(self.n)}")
-        for name, (low, high) in _FLOAT_RANGES.items():
+        for name, (low, high) in FLOAT_RANGES.items():
             given = getattr(self, name)
             value = _as_float(name, given)
             in_range = (low < value if name == "top_p" else low <= value) and value <= high

@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from qwenrun.sampling.params import _FLOAT_RANGES
+from qwenrun.sampling.params import FLOAT_RANGES
 
 MAX_LOGPROBS = 20  # OpenAI's cap for top_logprobs
 MAX_N = 128  # choices per request: more is a mistake, not a workload
@@ -124,7 +124,7 @@ def _document_ranges(schema: dict[str, Any]) -> None:
     `messages` must be non-empty too; a bool `logprobs` (chat) takes no bounds.
     """
     props = schema.get("properties", {})
-    for name, (low, high) in _FLOAT_RANGES.items():
+    for name, (low, high) in FLOAT_RANGES.items():
         if name in props:
             lower = "exclusiveMinimum" if name == "top_p" else "minimum"
             props[name] |= {lower: low, "maximum": high}
