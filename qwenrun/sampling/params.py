@@ -184,8 +184,10 @@ class SamplingParams:
     def for_choice(self, i: int) -> SamplingParams:
         """The params of choice i of n: seeds seed, seed+1, ... (wrapping inside the seed range, so
         every accepted seed works with any n), one sequence each."""
+        if self.n == 1:
+            return self
         seed = self.seed
-        if seed is not None and self.n > 1:
+        if seed is not None:
             seed = (seed + i + 2**63) % (2**64 + 2**63) - 2**63
         return dataclasses.replace(self, n=1, seed=seed)
 
