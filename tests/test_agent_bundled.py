@@ -9,7 +9,7 @@ import pytest
 
 from mcp_servers.harness import child_pids, stdio_server
 from qwenrun import LLM, SamplingParams
-from qwenrun.agent import Agent, ToolRegistry
+from qwenrun.agent import Agent, ToolRegistry, add_mcp_servers
 
 BUNDLED = Path(__file__).resolve().parents[1] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
 
@@ -19,7 +19,7 @@ def test_bundled_model_uses_the_mcp_calculator():
     llm = LLM(BUNDLED, dtype="float32", kv_cache_memory=64 << 20)
     before = child_pids()
     with ToolRegistry() as tools:
-        assert tools.add_mcp_servers({"mcpServers": {"calc": stdio_server("demo_calculator.py")}}) == ["calculator"]
+        assert add_mcp_servers(tools, {"mcpServers": {"calc": stdio_server("demo_calculator.py")}}) == ["calculator"]
         result = Agent(llm, tools, sampling_params=SamplingParams(temperature=0, max_tokens=400)).run(
             "What is 347 * 86?"
         )

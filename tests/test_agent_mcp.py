@@ -21,7 +21,9 @@ pytest.importorskip("mcp")
 from mcp_servers.harness import child_pids, http_server, make_agent_checkpoint, stdio_server
 
 from qwenrun import LLM, SamplingParams
-from qwenrun.agent import Agent, MCPConfigError, MCPServerError, ToolRegistry, load_mcp_config, tool
+from qwenrun.agent import (
+    Agent, MCPConfigError, MCPServerError, ToolRegistry, add_mcp_servers, load_mcp_config, tool,
+)
 from qwenrun.tokenizer.tokenizer import Tokenizer
 
 CALC_CALL = '<tool_call>{"name": "calc","arguments":{"expression":"6*7"}}</tool_call>'
@@ -67,7 +69,7 @@ def no_leaked_children():
 def test_stdio_calculator_end_to_end(calc_llm, no_leaked_children):
     config = {"mcpServers": {"calc": stdio_server("calculator.py", deny=["delete_*"])}}
     with ToolRegistry() as tools:
-        assert tools.add_mcp_servers(config) == ["calc", "add"]  # delete_everything is denied
+        assert add_mcp_servers(tools, config) == ["calc", "add"]  # delete_everything is denied
         spawned = child_pids()
         assert spawned, "the stdio server runs as a child process"
         agent = Agent(calc_llm, tools, sampling_params=GREEDY)
@@ -101,7 +103,7 @@ def test_http_kv_store_end_to_end(kv_llm, no_leaked_children):
     with http_server("kv_store.py") as url:
         config = {"mcpServers": {"kv": {"url": url, "allow": ["put", "get"]}}}
         with ToolRegistry() as tools:
-            assert sorted(tools.add_mcp_servers(config)) == ["get", "put"]  # "keys" is not allowed
+            assert sorted(add_mcp_servers(tools, config)) == ["get", "put"]  # "keys" is not allowed
             result = Agent(kv_llm, tools, sampling_params=GREEDY).run(
                 "Remember that the city is Paris."
             )
@@ -116,7 +118,7 @@ def test_http_kv_store_end_to_end(kv_llm, no_leaked_children):
             return "local"
 
         with ToolRegistry([get]) as other:  # a second client sees what the agent stored
-            assert sorted(other.add_mcp_servers(config)) == ["kv-get", "put"]  # Qwen-Agent's prefix
+            assert sorted(add_mcp_servers(other, config)) == ["kv-get", "put"]  # Qwen-Agent's prefix
             assert other.call("kv-get", {"key": "city"}).content == "Paris"
             assert other.call("get", {"key": "city"}).content == "local"
             assert other.call("keys").kind == "unknown_tool"
@@ -143,7 +145,7 @@ def test_failures_reach_the_model_and_the_run_ends(
 ):
     config = {"mcpServers": {"bad": stdio_server("misbehaving.py", env={"MODE": mode}, **extra)}}
     with ToolRegistry(max_output_bytes=1000) as tools:
-        tools.add_mcp_servers(config)
+        add_mcp_servers(tools, config)
         start = time.perf_counter()
         result = Agent(calc_llm, tools, sampling_params=GREEDY, max_steps=3).run("What is 6*7?")
         assert time.perf_counter() - start < 20
@@ -159,7 +161,7 @@ def test_failures_reach_the_model_and_the_run_ends(
 
 def test_http_server_crash_mid_call(calc_llm, no_leaked_children):
     with http_server("misbehaving.py", MODE="exit") as url, ToolRegistry() as tools:
-        tools.add_mcp_servers({"mcpServers": {"bad": {"url": url, "timeout": 5}}})
+        add_mcp_servers(tools, {"mcpServers": {"bad": {"url": url, "timeout": 5}}})
         start = time.perf_counter()
         result = Agent(calc_llm, tools, sampling_params=GREEDY).run("What is 6*7?")
         assert time.perf_counter() - start < 20
@@ -178,7 +180,7 @@ def test_server_that_does_not_start(no_leaked_children, tmp_path):
         }
     }
     with ToolRegistry() as tools, pytest.raises(MCPServerError, match="'broken' failed to start"):
-        tools.add_mcp_servers(config)
+        add_mcp_servers(tools, config)
 
 
 @pytest.mark.parametrize(
@@ -235,11 +237,11 @@ def test_cli_agent_shows_tool_calls_and_results(
 
 def test_cli_chat_with_mcp_config_runs_the_agent(monkeypatch):
     """`qwenrun chat --mcp-config F` is the agent conversation (the test above covers it)."""
-    import qwenrun.agent.cli
+    import qwenrun.cli.agent
     from qwenrun.cli.main import main
 
     seen = []
-    monkeypatch.setattr(qwenrun.agent.cli, "run", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(qwenrun.cli.agent, "run", lambda args: seen.append(args) or 0)
     assert main(["chat", "some-model", "--mcp-config", "servers.json", "--no-think"]) == 0
     assert seen[0].mcp_config == "servers.json" and seen[0].no_think
 
@@ -259,7 +261,7 @@ def test_server_runs_tools_only_on_the_extension_route(calc_llm, no_leaked_child
     )
     question = [{"role": "user", "content": "What is 6*7?"}]
     with ToolRegistry() as tools:
-        tools.add_mcp_servers({"mcpServers": {"calc": stdio_server("calculator.py")}})
+        add_mcp_servers(tools, {"mcpServers": {"calc": stdio_server("calculator.py")}})
         app = create_app(llm, served_model_name="qwen-test")
         add_agent_route(app, tools)
         with testclient.TestClient(app) as client:

@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 from steered import make_steered_checkpoint
 
-from qwenrun.server.cli import add_serve_parser, model_names, parse_size
+from qwenrun.cli.serve import add_serve_parser, model_names, parse_size
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_run_serve_in_a_process(tmp_path, qwen3_tokenizer_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import sys; from tests.test_server_cli import _parser; from qwenrun.server.cli import run; "
+    code = ("import sys; from tests.test_server_cli import _parser; from qwenrun.cli.serve import run; "
             "sys.exit(run(_parser().parse_args(sys.argv[1:])))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO), str(_REPO / "tests")])}
     proc = subprocess.Popen(

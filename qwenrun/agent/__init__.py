@@ -1,7 +1,7 @@
 """Tool-using Qwen3 agents: an agent loop over `LLM`, Python-function tools and MCP servers.
 
     from qwenrun import LLM
-    from qwenrun.agent import Agent, ToolRegistry, tool
+    from qwenrun.agent import Agent, ToolRegistry, add_mcp_servers, tool
 
     @tool
     def add(a: int, b: int) -> int:
@@ -9,7 +9,7 @@
         return a + b
 
     with ToolRegistry([add]) as tools:
-        tools.add_mcp_servers("servers.json")          # {"mcpServers": {...}}
+        add_mcp_servers(tools, "servers.json")         # {"mcpServers": {...}}
         agent = Agent(LLM("Qwen/Qwen3-0.6B"), tools, max_steps=8)
         for event in agent.stream("What is 6*7? Use the tools."):
             ...                                         # ReasoningDelta, ContentDelta, ToolCallEvent, ...
@@ -34,6 +34,7 @@ from qwenrun.agent.mcp_client import (
     MCPConfigError,
     MCPServerConfig,
     MCPServerError,
+    add_mcp_servers,
     load_mcp_config,
 )
 from qwenrun.agent.tools import (
@@ -65,6 +66,7 @@ __all__ = [
     "ToolRegistry",
     "ToolResult",
     "ToolResultEvent",
+    "add_mcp_servers",
     "function_tool",
     "infer_tool_parser",
     "load_mcp_config",

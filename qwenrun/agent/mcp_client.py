@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from qwenrun.agent.tools import Tool, ToolCrash, ToolOutput
+from qwenrun.agent.tools import Tool, ToolCrash, ToolOutput, ToolRegistry
 from qwenrun.errors import QwenrunError
 
 
@@ -421,3 +421,24 @@ def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
+
+
+def add_mcp_servers(
+    registry: ToolRegistry,
+    config: Mapping[str, Any] | str | os.PathLike[str] | list[MCPServerConfig],
+    **kwargs: Any,
+) -> list[str]:
+    """Start/connect the MCP servers of a `{"mcpServers": {...}}` config (a dict or a JSON file
+    path) and add their allowed tools to `registry`; returns the names added. The servers stop
+    when the registry closes. `kwargs` go to `connect_servers` (`startup_timeout`, `errlog`).
+    """
+    servers = load_mcp_config(config)
+    tools, closer = registry.run_sync(connect_servers(servers, **kwargs))
+    registry.on_close(closer)
+    added = []
+    for t in tools:
+        if registry.get(t.name) is not None:  # keep the first; a later one is named `server-tool`
+            t.name = f"{t.source.removeprefix('mcp:')}-{t.name}"
+        registry.add(t)
+        added.append(t.name)
+    return added

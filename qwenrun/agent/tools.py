@@ -349,24 +349,10 @@ class ToolRegistry:
         """OpenAI tool objects for the chat template, in registration order."""
         return [t.spec() for t in self._tools.values()]
 
-    def add_mcp_servers(self, config: Mapping[str, Any] | str | Any, **kwargs: Any) -> list[str]:
-        """Start/connect the MCP servers of a `{"mcpServers": {...}}` config (a dict or a JSON file
-        path) and register their allowed tools; returns the names added. See `qwenrun.agent.mcp_client`.
-        """
-        from qwenrun.agent.mcp_client import connect_servers, load_mcp_config
-
-        servers = load_mcp_config(config)
-        tools, closer = self.run_sync(connect_servers(servers, **kwargs))
+    def on_close(self, closer: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `closer()` on the registry's loop when it closes, last registered first (MCP sessions
+        that `qwenrun.agent.mcp_client.add_mcp_servers` opened stop this way)."""
         self._closers.append(closer)
-        added = []
-        for t in tools:
-            if (
-                t.name in self._tools
-            ):  # keep the first; the later one gets Qwen-Agent's `server-tool`
-                t.name = f"{t.source.removeprefix('mcp:')}-{t.name}"
-            self.add(t)
-            added.append(t.name)
-        return added
 
     # -- the loop thread
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from qwenrun.cli.common import DIM, THINKING_STYLE, ChatPrinter, console, note, parse_budget, load_llm, sampling_params
+from qwenrun.cli.common import (
+    DIM, THINKING_STYLE, ChatPrinter, console, line_editing, load_llm, note, parse_budget, repl,
+    sampling_params, stop_on_sigint,
+)
 from qwenrun.errors import QwenrunError
 from qwenrun.tokenizer.chat import soft_thinking_switch
 
@@ -42,23 +41,6 @@ HELP = """\
 /help               this list
 /exit               quit (also Ctrl-D); Ctrl-C stops an answer
 //text              send a message that starts with a slash ("/text")"""
-
-
-@contextlib.contextmanager
-def _stop_on_sigint() -> Iterator[threading.Event]:
-    """While active, the first Ctrl-C only sets the event; the next one gets the default handler."""
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class ChatSession:
@@ -102,7 +84,7 @@ class ChatSession:
             thinking_budget=self.budget,
         )
         try:
-            with _stop_on_sigint() as stop, contextlib.closing(stream):
+            with stop_on_sigint() as stop, contextlib.closing(stream):
                 for delta in stream:
                     if delta.reasoning:
                         if not self.show_thinking and not printer.shown_content:
@@ -215,19 +197,9 @@ class ChatSession:
     _note = staticmethod(note)
 
 
-def _read_line(interactive: bool) -> str:
-    """One line of input; EOFError at the end (Ctrl-D)."""
-    if interactive:
-        # \001/\002 tell readline the colour codes take no room, so editing keeps its column.
-        return input("\001\033[1;32m\002>>> \001\033[0m\002")
-    line = input()
-    console.print(Text(f">>> {line}"), soft_wrap=True)
-    return line
-
-
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "mcp_config", None):  # tools: the same conversation through the agent loop
-        from qwenrun.agent.cli import run as run_agent
+        from qwenrun.cli.agent import run as run_agent
 
         return run_agent(args)
     interactive = line_editing()
@@ -241,38 +213,3 @@ def run(args: argparse.Namespace) -> int:
         show_thinking=args.show_thinking,
     )
     return repl(session, args.model, interactive)
-
-
-def line_editing() -> bool:
-    """True when stdin is a terminal; then readline (where available) gives input() editing and history."""
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
-            import readline  # noqa: F401
-    return interactive
-
-
-def repl(session: Any, model: str, interactive: bool) -> int:
-    """The read-eval loop shared by `chat` and `agent`: slash commands go to `session.command`
-    (False ends the loop), other lines to `session.turn` (`//text` sends "/text")."""
-    console.print(
-        Text(f"{model} · {session.settings()} · /help for commands, /exit or Ctrl-D to quit", style=DIM),
-        soft_wrap=True,
-    )
-    while True:
-        try:
-            line = _read_line(interactive).strip()
-        except EOFError:
-            if interactive:
-                console.print()
-            return 0
-        except KeyboardInterrupt:
-            console.print(Text("^C (/exit or Ctrl-D to quit)", style=DIM))
-            continue
-        if not line:
-            continue
-        if line.startswith("/") and not line.startswith("//"):
-            if not session.command(line):
-                return 0
-        else:
-            session.turn(line.removeprefix("/"))

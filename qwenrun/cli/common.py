@@ -1,11 +1,17 @@
-"""What the subcommands share: consoles, loading a model behind a spinner, sampling flags, and the
-printer that streams a chat answer (reasoning dimmed, then the answer)."""
+"""What the subcommands share: consoles, loading a model behind a spinner, sampling flags, the
+printer that streams a chat answer (reasoning dimmed, then the answer), and the read-eval loop with
+its Ctrl-C handling that `chat` and `agent` both run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -233,3 +239,65 @@ class ChatPrinter:
         self.held = text[len(body) :]
         if body:
             console.print(Text(body, style=style), end="", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigint() -> Iterator[threading.Event]:
+    """While active, the first Ctrl-C only sets the event; the next one gets the default handler."""
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def line_editing() -> bool:
+    """True when stdin is a terminal; then readline (where available) gives input() editing and history."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
+            import readline  # noqa: F401
+    return interactive
+
+
+def repl(session: Any, model: str, interactive: bool) -> int:
+    """The read-eval loop shared by `chat` and `agent`: slash commands go to `session.command`
+    (False ends the loop), other lines to `session.turn` (`//text` sends "/text")."""
+    console.print(
+        Text(f"{model} · {session.settings()} · /help for commands, /exit or Ctrl-D to quit", style=DIM),
+        soft_wrap=True,
+    )
+    while True:
+        try:
+            line = _read_line(interactive).strip()
+        except EOFError:
+            if interactive:
+                console.print()
+            return 0
+        except KeyboardInterrupt:
+            console.print(Text("^C (/exit or Ctrl-D to quit)", style=DIM))
+            continue
+        if not line:
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            if not session.command(line):
+                return 0
+        else:
+            session.turn(line.removeprefix("/"))
+
+
+def _read_line(interactive: bool) -> str:
+    """One line of input; EOFError at the end (Ctrl-D)."""
+    if interactive:
+        # \001/\002 tell readline the colour codes take no room, so editing keeps its column.
+        return input("\001\033[1;32m\002>>> \001\033[0m\002")
+    line = input()
+    console.print(Text(f">>> {line}"), soft_wrap=True)
+    return line

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(agent)
     _add_sampling(agent)
     _add_thinking(agent)
-    agent.set_defaults(module="qwenrun.agent.cli")
+    agent.set_defaults(module="qwenrun.cli.agent")
 
     gen = sub.add_parser(
         "generate",
@@ -291,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", type=_int_at_least(1), default=512, metavar="N")
     bench.add_argument("--new-tokens", type=_int_at_least(2), default=128, metavar="N")
 
-    from qwenrun.server.cli import add_serve_parser
+    from qwenrun.cli.serve import add_serve_parser
 
     serve = add_serve_parser(sub)
-    serve.set_defaults(module="qwenrun.server.cli")
+    serve.set_defaults(module="qwenrun.cli.serve")
     for p in (chat, agent, gen, info, train, ev, serve, bench):
         p.set_defaults(parser=p)  # so later checks report usage errors against the subcommand
     return parser

@@ -14,13 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenrun.layers.checkpoint import RankSlice, replicated
+
 
 @dataclass(frozen=True)
 class WeightTarget:
     """One checkpoint tensor and the slice of a parameter it fills.
 
     `shard` names the slice ("" for a whole parameter); `covers` lists the shards a tensor fills, so a
-    fused checkpoint tensor (transformers 5 experts) can stand in for the per-expert ones.
+    fused checkpoint tensor (transformers 5 experts) can stand in for the per-expert ones. `view`
+    narrows the parameter; `rank_slice` narrows the checkpoint tensor to this tensor-parallel rank's
+    part (see `qwenrun.layers.checkpoint.split`), before the two shapes are compared.
     """
 
     checkpoint_name: str
@@ -28,6 +32,7 @@ class WeightTarget:
     shard: str
     view: Callable[[torch.Tensor], torch.Tensor]
     covers: tuple[str, ...] = ()
+    rank_slice: RankSlice = replicated
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Stream safetensors tensors into a model built on `meta`, checking names and shapes as they arrive.
 
 The model's layers say which checkpoint tensor fills which parameter slice (`weight_targets`), so
-merged projections and stacked experts need no separate name table. Loading ends with a check that
-every parameter slice was filled exactly once; errors name the offending checkpoint tensors.
+merged projections and stacked experts need no separate name table; the model class says how its
+checkpoints' names and values differ from that (`checkpoint_rules`: renames, transforms, tensors to
+drop). Loading ends with a check that every parameter slice was filled exactly once; errors name the
+offending checkpoint tensors as stored.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwenrun.errors import CheckpointError
+from qwenrun.layers.checkpoint import CheckpointRules, Rank
 from qwenrun.layers.linear import WeightTarget, plain_targets
 from qwenrun.loading.source import read_json
-
-# Buffers transformers may serialise that qwenrun recomputes.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -74,33 +74,42 @@ def weight_targets(model: nn.Module) -> dict[str, WeightTarget]:
     return targets
 
 
-def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, tied_embeddings: bool) -> None:
-    """Fill every parameter of `model` (already materialised, any device) from the checkpoint."""
+def load_weights(
+    model: nn.Module, folder: Path, dtype: torch.dtype, tied_embeddings: bool, rank: Rank = Rank()
+) -> None:
+    """Fill every parameter of `model` (already materialised, any device) from the checkpoint, through
+    the model's `checkpoint_rules` (none: names as stored) and each target's `rank_slice` for `rank`."""
     params = dict(model.named_parameters())
     targets = weight_targets(model)
+    rules: CheckpointRules = getattr(model, "checkpoint_rules", CheckpointRules())
     needed: dict[str, set[str]] = {}
     for t in targets.values():
         if not t.covers:
             needed.setdefault(t.param_name, set()).add(t.shard)
     filled: dict[str, set[str]] = {name: set() for name in needed}
     unexpected: list[str] = []
-    for name, tensor in iter_tensors(checkpoint_files(folder)):
+    for stored, tensor in iter_tensors(checkpoint_files(folder)):
+        name = rules.rename(stored)
         target = targets.get(name)
-        if target is None:
-            if name.endswith(_IGNORED_SUFFIXES) or (tied_embeddings and name == "lm_head.weight"):
-                continue
-            unexpected.append(name)
+        if rules.ignored(name) or (target is None and tied_embeddings and name == "lm_head.weight"):
             continue
+        if target is None:
+            unexpected.append(stored)
+            continue
+        try:
+            tensor = target.rank_slice(rules.transform(name, tensor), rank)
+        except CheckpointError as e:
+            raise CheckpointError(f"tensor {stored}: {e}") from None
         dest = target.view(params[target.param_name].data)
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"tensor {name} has shape {list(tensor.shape)} but the model expects {list(dest.shape)} "
+                f"tensor {stored} has shape {list(tensor.shape)} but the model expects {list(dest.shape)} "
                 "(config.json does not match the weights)"
             )
         covered = set(target.covers) or {target.shard}
         if covered & filled[target.param_name]:
             raise CheckpointError(
-                f"tensor {name} is stored twice (it fills part of {target.param_name} that was already loaded)"
+                f"tensor {stored} is stored twice (it fills part of {target.param_name} that was already loaded)"
             )
         dest.copy_(tensor.to(dtype))
         filled[target.param_name] |= covered

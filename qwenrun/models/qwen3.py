@@ -9,6 +9,7 @@ from torch import nn
 from qwenrun.config import ModelConfig
 from qwenrun.kernels import fused_ops
 from qwenrun.layers.attention import AttentionMetadata, attend, paged_attention
+from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding, apply_rotary
@@ -100,6 +101,9 @@ class Qwen3ForCausalLM(nn.Module):
     """The engine's model contract: `forward(ids [T], positions [T], meta, kv_caches) -> hidden [T, H]`
     and `compute_logits(hidden [N, H]) -> [N, vocab]`, run only for the rows that need logits.
     `kv_caches=None` with `AttentionMetadata.without_cache` runs whole sequences (training, scoring)."""
+
+    # transformers may serialise the RoPE inverse frequencies, which qwenrun recomputes
+    checkpoint_rules = CheckpointRules(ignore=("*rotary_emb.inv_freq",))
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -70,6 +70,12 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     @staticmethod
+    def quant_predicate(path: str, module: nn.Module) -> bool:
+        """Routers (and shared-expert gates, where a variant has them) stay in the model dtype: tiny
+        matrices whose rounding would change which experts a token reaches."""
+        return not path.endswith(("mlp.gate", "shared_expert_gate"))
+
+    @staticmethod
     def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
         assert cfg.moe is not None
         if cfg.moe.is_sparse(index):

@@ -3,7 +3,9 @@
 Methods: `int8` (per output channel) and `int4` (group-wise asymmetric; a matrix whose input size is
 not a multiple of 128 and of the group falls back to int8), for dense layers and MoE experts alike.
 Layer outputs stay in the model dtype. Embeddings always stay in full precision (they are a lookup,
-not a matmul); the LM head is quantized unless `quantize_lm_head=False`.
+not a matmul); the LM head is quantized unless `quantize_lm_head=False`. A model class may declare
+`quant_predicate(path, module) -> bool` (mlx-lm's hook) to keep some layers in the model dtype, e.g.
+MoE routers, whose few weights decide which experts run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ METHODS = ("int8", "int4")
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 128, quantize_lm_head: bool = True) -> nn.Module:
-    """Replace every Linear/MergedLinear (and MoE experts) of `model` in place; returns it."""
+    """Replace every Linear/MergedLinear (and MoE experts) of `model` that its `quant_predicate`
+    accepts (all of them without one) in place; returns it."""
     if method not in METHODS:
         raise InvalidRequestError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     if group_size not in (32, 64, 128, 256):
@@ -33,8 +36,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, quantiz
         raise InvalidRequestError("quantized matmuls on CPU need bfloat16 or float32 activations, not float16")
     from qwenrun.models.qwen3_moe import Qwen3MoeExperts
 
-    for parent in list(model.modules()):
+    wanted = getattr(model, "quant_predicate", None) or _everything
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
+            if not wanted(f"{path}.{name}" if path else name, child):
+                continue
             if isinstance(child, Qwen3MoeExperts):
                 setattr(parent, name, QuantizedExperts.from_experts(child, method, group_size))
             elif isinstance(child, (nn.Linear, MergedLinear)) and (quantize_lm_head or name != "lm_head"):
@@ -43,6 +49,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, quantiz
         # tied embeddings: the head gets its own quantized copy, the lookup keeps full precision
         model.lm_head = _quantize_linear(model.model.embed_tokens.weight.data, None, method, group_size)
     return model
+
+
+def _everything(path: str, module: nn.Module) -> bool:
+    return True
 
 
 def _quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, method: str, group_size: int) -> nn.Module:

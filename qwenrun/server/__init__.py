@@ -6,13 +6,14 @@ Modules, in the order a request meets them:
 * `openai_api`: /v1/chat/completions and /v1/completions; `anthropic_api`: /v1/messages;
 * `chat`: messages -> prompt (tools, thinking switches) and text -> reasoning/content/tool calls;
 * `serving`: sampling params, running engine requests with cancellation, SSE, logprob tokens;
-* `metrics`: the app's Prometheus registry; `cli`: `add_serve_parser` / `run`.
+* `metrics`: the app's Prometheus registry.
 
 Limitations, on purpose: no grammar engine (`tool_choice` required/named and `response_format`
 steer the prompt and are checked, not enforced: see `chat`), no prompt logprobs (`echo` with
 `logprobs` is refused), no `logit_bias`, no `suffix`, text-only content, no CORS headers (a browser
 page on another origin cannot call the server), and one engine per app.
 
-Nothing is imported here: `qwenrun.server.cli` must load without FastAPI, torch or the model so
-the CLI answers `--help` at once.
+The `serve` subcommand that wires this server (and the agent route) together is `qwenrun.cli.serve`;
+nothing here imports `qwenrun.agent`. Nothing is imported in this file either, so the CLI can load
+`qwenrun.server` modules without FastAPI, torch or the model until it serves.
 """

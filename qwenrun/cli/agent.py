@@ -23,8 +23,12 @@ from qwenrun.agent.loop import (
     ToolCallEvent,
     ToolResultEvent,
 )
+from qwenrun.agent.mcp_client import add_mcp_servers
 from qwenrun.agent.tools import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TIMEOUT, ToolRegistry
-from qwenrun.cli.common import DIM, ChatPrinter, console, err_console, note, parse_budget, load_llm, sampling_params
+from qwenrun.cli.common import (
+    DIM, ChatPrinter, console, err_console, line_editing, load_llm, note, parse_budget, repl,
+    sampling_params, stop_on_sigint,
+)
 from qwenrun.errors import QwenrunError
 from qwenrun.tokenizer.chat import soft_thinking_switch
 
@@ -83,10 +87,8 @@ class AgentSession:
         )
         printer = ChatPrinter(console, console if self.show_thinking else None)
         stream = agent.stream(self.history + [{"role": "user", "content": text}])
-        from qwenrun.cli.chat import _stop_on_sigint
-
         try:
-            with _stop_on_sigint() as stop, contextlib.closing(stream):
+            with stop_on_sigint() as stop, contextlib.closing(stream):
                 for event in stream:
                     if isinstance(event, ReasoningDelta):
                         printer.reasoning(event.text)
@@ -181,7 +183,7 @@ def open_tools(args: argparse.Namespace) -> ToolRegistry:
         errlog = sys.stderr if getattr(args, "server_logs", False) else open(os.devnull, "w")  # noqa: SIM115
         try:
             with err_console.status("Starting MCP servers…"):
-                names = tools.add_mcp_servers(config, errlog=errlog)
+                names = add_mcp_servers(tools, config, errlog=errlog)
         except BaseException:
             tools.close()
             raise
@@ -190,8 +192,6 @@ def open_tools(args: argparse.Namespace) -> ToolRegistry:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenrun.cli.chat import line_editing, repl
-
     interactive = line_editing()
     with open_tools(args) as tools:
         llm = load_llm(args, max_num_seqs=1)

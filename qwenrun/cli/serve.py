@@ -163,10 +163,11 @@ def run(args: argparse.Namespace) -> int:
     restore = _sigterm_as_interrupt()
     try:
         if args.mcp_config:
+            from qwenrun.agent.mcp_client import add_mcp_servers
             from qwenrun.agent.tools import ToolRegistry
 
             tools = ToolRegistry()
-            added = tools.add_mcp_servers(args.mcp_config)
+            added = add_mcp_servers(tools, args.mcp_config)
         app = create_app(llm, served_model_name=names, accepted_model_names=accepted,
                          api_key=args.api_key, max_queue=args.max_queue)
         if tools is not None:
