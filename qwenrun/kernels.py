@@ -186,7 +186,8 @@ KERNELS: dict[str, Kernel] = {
     ),
     # (x [..., K], fmt, parts, group_size, bias, act) -> [..., N]; the int8 kernel reads 32-input blocks
     "quantized_linear": Kernel(
-        lambda x, fmt, parts, group_size, bias, act="none": (fmt == "int4" or x.shape[-1] % 32 == 0) and _streams(x, fmt),
+        lambda x, fmt, parts, group_size, bias, act="none": (fmt == "int4" or x.shape[-1] % 32 == 0)
+        and _streams(x, fmt),
         _gemv_quantized,
     ),
     # (fmt, parts, group_size, dtype) -> the dense weight [N, K]

@@ -335,13 +335,19 @@ def _decode_calls(dtype=torch.bfloat16) -> dict[str, tuple]:
         "rms_norm": (x, x, randn(H, dtype=dtype), 1e-6),
         "qk_norm_rope_store": (randn(T, (nh + 2 * nkv) * d, dtype=dtype), randn(d, dtype=dtype), randn(d, dtype=dtype),
                                cos, cos, 1e-6, nh, nkv, cache, cache.clone(), torch.zeros(T, dtype=torch.long)),
-        "decode_attention": (randn(T, nh, d, dtype=dtype), cache, cache, group, d**-0.5),
+        "decode_attention": (randn(T, nh, d, dtype=dtype), randn(nkv, 32, d, dtype=dtype),
+                             randn(nkv, 32, d, dtype=dtype), group, d**-0.5),
         "argmax": (randn(T, 1000, dtype=dtype),),
         "bf16_linear": (x, randn(64, H, dtype=dtype), None, "silu_mul"),
         "quantized_linear": (x, "int8", q8, 0, None, "none"),
         "dequantize": ("int8", q8, 0, dtype),
         "routed_experts": (x, torch.ones(T, 2, dtype=dtype), torch.tensor([[0, 3]]), experts),
     }
+
+
+def _copies(args: tuple) -> tuple:
+    """Fresh tensors per call: qk_norm_rope_store writes its caches."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def test_dispatch_picks_the_kernels_at_bf16_decode_shapes(monkeypatch):
@@ -367,7 +373,8 @@ def test_dispatch_picks_torch_where_a_kernel_does_not_apply():
             "fp16 norm": ("rms_norm", (norm[0].half(), None, norm[2].half(), 1e-6)),
             "no cache to write": ("qk_norm_rope_store", qk[:8] + (None, None, qk[10])),
             "partial rotary": ("qk_norm_rope_store", qk[:3] + (qk[3][:, :64], qk[4][:, :64]) + qk[5:]),
-            "head_dim 96": ("decode_attention", (randn(1, 4, 96), torch.zeros(2, 8, 96), torch.zeros(2, 8, 96)) + attn[3:]),
+            "head_dim 96": ("decode_attention", (randn(1, 4, 96), torch.zeros(2, 8, 96), torch.zeros(2, 8, 96))
+                            + attn[3:]),
             "9 rows bf16": ("bf16_linear", (randn(9, 1024, dtype=torch.bfloat16),) + lin[1:]),
             "33 rows int8": ("quantized_linear", (randn(33, 1024),) + quant[1:]),
             "int8 K % 32": ("quantized_linear", (randn(1, 80), "int8", list(quantize_int8(randn(8, 80))), 0, None,
@@ -381,6 +388,32 @@ def test_dispatch_picks_torch_where_a_kernel_does_not_apply():
     with torch.enable_grad():  # training: the kernels record no autograd graph
         assert not kernels.uses_kernel("rms_norm", *norm)
         assert not kernels.uses_kernel("argmax", *calls["argmax"])
+
+
+@needs_kernels
+def test_every_operation_matches_its_torch_reference_at_decode_shapes():
+    """Each operation of the table, dispatched to its kernel, against its own `.reference`: equal where the
+    kernel rounds as torch does, within the kernel's activation quantization (int8) or accumulation order."""
+    from qwenrun.layers.attention import decode_attention, qk_norm_rope_store
+    from qwenrun.layers.moe import routed_experts
+    from qwenrun.layers.norm import rms_norm
+    from qwenrun.layers.packed import bf16_matmul
+    from qwenrun.quant.linear import expand, quantized_matmul
+    from qwenrun.sampling.sampler import _argmax
+
+    operations = {"rms_norm": rms_norm, "qk_norm_rope_store": qk_norm_rope_store, "decode_attention": decode_attention,
+                  "argmax": _argmax, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
+                  "dequantize": expand, "routed_experts": routed_experts}
+    assert set(operations) == set(kernels.KERNELS)
+    exact = {"rms_norm", "qk_norm_rope_store", "argmax"}
+    with torch.inference_mode():
+        for name, args in _decode_calls().items():
+            got, want = operations[name](*_copies(args)), operations[name].reference(*_copies(args))
+            for g, w in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (got, want))):
+                if name in exact:
+                    assert torch.equal(g, w), name
+                else:
+                    assert rel_err(g, w) < 0.02, name
 
 
 @needs_kernels
