@@ -14,6 +14,11 @@ that finds `built` imports the library without locking; one that takes the lock 
 killed build left (torch's own `lock` file would otherwise make every later build wait forever).
 `QWENRUN_CACHE_DIR` moves the cache (default `~/.cache/qwenrun`); `QWENRUN_KERNEL_BUILD_WAIT` bounds the
 wait for another process's build (600 s), after which this process runs on torch kernels.
+
+Model and layer code never names a kernel: it calls operations (`rms_norm`, `qk_norm_rope_store`,
+`decode_attention`, `argmax`, the bf16 and quantized linears, `dequantize`, `routed_experts`), each a
+torch reference wrapped by `op`. `KERNELS` is the one table that says, per operation, on which arguments
+(device, dtype, shape) the C++ kernel computes it instead; everything else runs the reference.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache
+from dataclasses import dataclass
+from functools import cache, update_wrapper
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +50,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # decode attention
 # Up to this many activation rows, streaming the weight beats a oneDNN GEMM (for int8/int4, a GEMM over
 # the weight expanded to bf16); measured crossovers on a Zen 4 core pair: ~10, ~40 and ~56 rows.
 GEMV_MAX_ROWS = {"bf16": 8, "int8": 32, "int4": 48}
@@ -109,18 +117,120 @@ def prepare(device: torch.device, dtype: torch.dtype) -> None:
         cpu_ops()
 
 
-def gemv_ops(x: torch.Tensor, weight_format: str = "bf16") -> ModuleType | None:
-    """The kernels when `x` (a CPU activation, [..., K]) has few enough rows to stream weights."""
-    if x.device.type != "cpu" or x.numel() > GEMV_MAX_ROWS[weight_format] * x.shape[-1]:
-        return None
-    return cpu_ops()
+def _inference(x: torch.Tensor) -> bool:
+    """An inference-time op on CPU in a kernel dtype (the kernels record no autograd graph)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in KERNEL_DTYPES
 
 
-def fused_ops(x: torch.Tensor) -> ModuleType | None:
-    """The kernels for an inference-time element-wise op on `x` (they record no autograd graph)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in KERNEL_DTYPES:
-        return None
-    return cpu_ops()
+def _streams(x: torch.Tensor, weight_format: str) -> bool:
+    """A CPU activation `x` [..., K] with few enough rows that streaming the weight beats a GEMM."""
+    return x.device.type == "cpu" and x.numel() <= GEMV_MAX_ROWS[weight_format] * x.shape[-1]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # [N, K]
+
+
+def _gemv_quantized(lib: ModuleType, x: torch.Tensor, fmt: str, parts: list[torch.Tensor], group_size: int,
+                    bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    if fmt == "int8":
+        y = lib.gemv_int8(_rows(x), *parts, bias, act)
+    else:
+        y = lib.gemv_int4(_rows(x), *parts, group_size, bias, act)
+    return y.view(*x.shape[:-1], -1)
+
+
+def _dequantize(lib: ModuleType, fmt: str, parts: list[torch.Tensor], group_size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    if fmt == "int8":
+        return lib.dequantize_int8(*parts, dtype)
+    return lib.dequantize_int4(*parts, group_size, dtype)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Where the C++ kernel computes an operation. Both callables take the operation's own arguments.
+
+    `applies(*args)`: whether the kernel takes these arguments (device, dtype, shape); `call(library,
+    *args)`: runs it and returns what the operation's torch reference returns."""
+
+    applies: Callable[..., bool]
+    call: Callable[..., Any]
+
+
+# operation -> when and how its C++ kernel runs; the arguments are those of the reference (see each op)
+KERNELS: dict[str, Kernel] = {
+    # (x, residual, weight, eps) -> (normed, new residual)
+    "rms_norm": Kernel(lambda x, residual, weight, eps: _inference(x),
+                       lambda lib, x, residual, weight, eps: lib.rms_norm(x, residual, weight, eps)),
+    # (qkv, q_weight, k_weight, cos, sin, eps, nh, nkv, k_cache, v_cache, slots) -> (q, k_cache, v_cache):
+    # the kernel needs a cache to write to and rotates whole heads (no partial rotary)
+    "qk_norm_rope_store": Kernel(
+        lambda qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots: kc is not None and cos.shape[-1] == kc.shape[-1]
+        and _inference(qkv),
+        lambda lib, qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots: (
+            lib.qk_norm_rope(qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots), kc, vc),
+    ),
+    # (q [B, nh, d], k_cache, v_cache, group: DecodeGroup, scale) -> [B, nh*d]
+    "decode_attention": Kernel(
+        lambda q, kc, vc, g, scale: q.device.type == "cpu" and q.shape[-1] in KERNEL_HEAD_DIMS
+        and q.dtype in KERNEL_DTYPES,
+        lambda lib, q, kc, vc, g, scale: lib.decode_attention(q, kc, vc, g.key_slots, g.context_lens, scale),
+    ),
+    # (x [B, V],) -> [B]; torch's CPU argmax over a 152k vocabulary costs ~0.5 ms a step
+    "argmax": Kernel(lambda x: _inference(x), lambda lib, x: lib.argmax(x)),
+    # (x [..., K], weight [N, K] bf16, bias, act) -> [..., N] (act "silu_mul": [..., N/2])
+    "bf16_linear": Kernel(
+        lambda x, w, bias, act="none": _streams(x, "bf16"),
+        lambda lib, x, w, bias, act="none": lib.gemv_bf16(_rows(x), w, bias, act).view(*x.shape[:-1], -1),
+    ),
+    # (x [..., K], fmt, parts, group_size, bias, act) -> [..., N]; the int8 kernel reads 32-input blocks
+    "quantized_linear": Kernel(
+        lambda x, fmt, parts, group_size, bias, act="none": (fmt == "int4" or x.shape[-1] % 32 == 0)
+        and _streams(x, fmt),
+        _gemv_quantized,
+    ),
+    # (fmt, parts, group_size, dtype) -> the dense weight [N, K]
+    "dequantize": Kernel(lambda fmt, parts, group_size, dtype: parts[0].device.type == "cpu", _dequantize),
+    # (x [T, H], weights [T, k], experts [T, k], module: layers.moe.Experts) -> [T, H]: a lone token shares
+    # no expert with another, so one call runs all its chosen experts, for modules whose weights it reads
+    "routed_experts": Kernel(
+        lambda x, weights, experts, m: x.shape[0] == 1 and m.fused_format is not None and _streams(x, m.fused_format),
+        lambda lib, x, weights, experts, m: lib.moe_gemv(x, experts, weights, m.fused_format, *m.fused_weights()),
+    ),
+}
+
+Reference = TypeVar("Reference", bound=Callable[..., Any])
+
+
+def op(name: str) -> Callable[[Reference], Reference]:
+    """Decorator: the torch reference of operation `name` becomes the operation, which runs the C++
+    kernel where `KERNELS[name]` applies to the call's (positional) arguments and the kernels are
+    available, else the reference itself (kept as `.reference`, the oracle tests compare against).
+
+    The decision is two Python calls per op (the predicate, the cached `cpu_ops`), as cheap as the
+    inline checks it replaces."""
+    kernel = KERNELS[name]
+    applies, call = kernel.applies, kernel.call
+
+    def register(reference: Reference) -> Reference:
+        def dispatch(*args: Any) -> Any:
+            if applies(*args):
+                lib = cpu_ops()
+                if lib is not None:
+                    return call(lib, *args)
+            return reference(*args)
+
+        update_wrapper(dispatch, reference)
+        dispatch.reference = reference  # type: ignore[attr-defined]
+        return dispatch  # type: ignore[return-value]
+
+    return register
+
+
+def uses_kernel(name: str, *args: Any) -> bool:
+    """Whether operation `name` on these arguments runs its C++ kernel (the choice `op` makes)."""
+    return KERNELS[name].applies(*args) and cpu_ops() is not None
 
 
 def load_or_build(directory: Path, wait_s: float) -> ModuleType:

@@ -1,5 +1,6 @@
 """Fast paths against their reference ops (rung b): the C++ decode kernels (GEMV over bf16/int8/int4
-weights, decode attention, RMSNorm, q/k norm + RoPE, argmax), oneDNN-packed linears, paged attention."""
+weights, decode attention, RMSNorm, q/k norm + RoPE, argmax), oneDNN-packed linears, paged attention,
+and the dispatch table (`kernels.KERNELS`) that picks a kernel or the torch reference per call."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from qwenrun import kernels
-from qwenrun.layers.attention import AttentionMetadata, paged_attention
-from qwenrun.layers.packed import PackedLinear, cpu_packing_available
+from qwenrun.layers.attention import AttentionMetadata, DecodeGroup, paged_attention
+from qwenrun.layers.moe import Qwen3MoeExperts
+from qwenrun.layers.packed import PackedLinear, StreamingExperts, cpu_packing_available
 from qwenrun.layers.rotary import apply_rotary
 from qwenrun.quant.linear import dequantize_int4, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
@@ -318,3 +320,124 @@ def _dequantized(w: torch.Tensor, fmt: str) -> torch.Tensor:
         q, scale = quantize_int8(w)
         return q.float() * scale[:, None]
     return dequantize_int4(*quantize_int4(w, 64), 64)
+
+
+def _decode_calls(dtype=torch.bfloat16) -> dict[str, tuple]:
+    """Every operation's arguments at a decode step's shapes: one token, head_dim 128, 1024 hidden."""
+    T, nh, nkv, d, H, E = 1, 16, 8, 128, 1024, 4
+    x = randn(T, H, dtype=dtype)
+    cache = torch.zeros(nkv, 32, d, dtype=dtype)
+    cos = randn(T, d, dtype=dtype)
+    group = DecodeGroup(torch.tensor([0]), torch.arange(5)[None], torch.tensor([5]), None, None)
+    q8 = list(quantize_int8(randn(64, H)))
+    experts = StreamingExperts(E, randn(E, 64, H, dtype=dtype), randn(E, H, 32, dtype=dtype))
+    return {
+        "rms_norm": (x, x, randn(H, dtype=dtype), 1e-6),
+        "qk_norm_rope_store": (randn(T, (nh + 2 * nkv) * d, dtype=dtype), randn(d, dtype=dtype), randn(d, dtype=dtype),
+                               cos, cos, 1e-6, nh, nkv, cache, cache.clone(), torch.zeros(T, dtype=torch.long)),
+        "decode_attention": (randn(T, nh, d, dtype=dtype), randn(nkv, 32, d, dtype=dtype),
+                             randn(nkv, 32, d, dtype=dtype), group, d**-0.5),
+        "argmax": (randn(T, 1000, dtype=dtype),),
+        "bf16_linear": (x, randn(64, H, dtype=dtype), None, "silu_mul"),
+        "quantized_linear": (x, "int8", q8, 0, None, "none"),
+        "dequantize": ("int8", q8, 0, dtype),
+        "routed_experts": (x, torch.ones(T, 2, dtype=dtype), torch.tensor([[0, 3]]), experts),
+    }
+
+
+def _copies(args: tuple) -> tuple:
+    """Fresh tensors per call: qk_norm_rope_store writes its caches."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_dispatch_picks_the_kernels_at_bf16_decode_shapes(monkeypatch):
+    """Where the CPU runs them, every operation of a bf16 decode step takes its C++ kernel; with
+    QWENRUN_CPU_KERNELS=0 (or no AVX-512) every one takes its torch reference."""
+    calls = _decode_calls()
+    assert set(calls) == set(kernels.KERNELS)  # every operation in the table is checked
+    with torch.inference_mode():
+        for name, args in calls.items():
+            assert kernels.uses_kernel(name, *args) == (ops is not None), name
+        monkeypatch.setenv("QWENRUN_CPU_KERNELS", "0")
+        monkeypatch.setattr(kernels, "cpu_ops", kernels.cpu_ops.__wrapped__)  # uncached: reads the switch now
+        for name, args in calls.items():
+            assert not kernels.uses_kernel(name, *args), name
+
+
+def test_dispatch_picks_torch_where_a_kernel_does_not_apply():
+    calls = _decode_calls()
+    norm, qk, attn, lin, quant, experts = (calls[n] for n in ("rms_norm", "qk_norm_rope_store", "decode_attention",
+                                                              "bf16_linear", "quantized_linear", "routed_experts"))
+    with torch.inference_mode():
+        torch_cases = {
+            "fp16 norm": ("rms_norm", (norm[0].half(), None, norm[2].half(), 1e-6)),
+            "no cache to write": ("qk_norm_rope_store", qk[:8] + (None, None, qk[10])),
+            "partial rotary": ("qk_norm_rope_store", qk[:3] + (qk[3][:, :64], qk[4][:, :64]) + qk[5:]),
+            "head_dim 96": ("decode_attention", (randn(1, 4, 96), torch.zeros(2, 8, 96), torch.zeros(2, 8, 96))
+                            + attn[3:]),
+            "9 rows bf16": ("bf16_linear", (randn(9, 1024, dtype=torch.bfloat16),) + lin[1:]),
+            "33 rows int8": ("quantized_linear", (randn(33, 1024),) + quant[1:]),
+            "int8 K % 32": ("quantized_linear", (randn(1, 80), "int8", list(quantize_int8(randn(8, 80))), 0, None,
+                                                  "none")),
+            "2 tokens": ("routed_experts", (experts[0].expand(2, -1), experts[1].expand(2, -1),
+                                            experts[2].expand(2, -1), experts[3])),
+            "unfused experts": ("routed_experts", experts[:3] + (Qwen3MoeExperts(4, 1024, 32),)),
+        }
+        for case, (name, args) in torch_cases.items():
+            assert not kernels.uses_kernel(name, *args), case
+    with torch.enable_grad():  # training: the kernels record no autograd graph
+        assert not kernels.uses_kernel("rms_norm", *norm)
+        assert not kernels.uses_kernel("argmax", *calls["argmax"])
+
+
+@needs_kernels
+def test_every_operation_matches_its_torch_reference_at_decode_shapes():
+    """Each operation of the table, dispatched to its kernel, against its own `.reference`: equal where the
+    kernel rounds as torch does, within the kernel's activation quantization (int8) or accumulation order."""
+    from qwenrun.layers.attention import decode_attention, qk_norm_rope_store
+    from qwenrun.layers.moe import routed_experts
+    from qwenrun.layers.norm import rms_norm
+    from qwenrun.layers.packed import bf16_matmul
+    from qwenrun.quant.linear import expand, quantized_matmul
+    from qwenrun.sampling.sampler import _argmax
+
+    operations = {"rms_norm": rms_norm, "qk_norm_rope_store": qk_norm_rope_store, "decode_attention": decode_attention,
+                  "argmax": _argmax, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
+                  "dequantize": expand, "routed_experts": routed_experts}
+    assert set(operations) == set(kernels.KERNELS)
+    exact = {"rms_norm", "qk_norm_rope_store", "argmax"}
+    with torch.inference_mode():
+        for name, args in _decode_calls().items():
+            got, want = operations[name](*_copies(args)), operations[name].reference(*_copies(args))
+            for g, w in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (got, want))):
+                if name in exact:
+                    assert torch.equal(g, w), name
+                else:
+                    assert rel_err(g, w) < 0.02, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("checkpoint, quantization, expected", [
+    ("dense-untied-gqa2", None, {"gemv_bf16"}),
+    ("moe-norm-topk", None, {"gemv_bf16", "moe_gemv"}),
+    ("moe-norm-topk", "int8", {"gemv_int8", "moe_gemv"}),
+    ("dense-untied-gqa2", "int4", {"gemv_int4"}),
+])
+def test_bf16_decode_runs_the_cpp_kernels(tmp_path, monkeypatch, checkpoint, quantization, expected):
+    """A whole bf16 model's steps call the same C++ kernels as before the dispatch table existed."""
+    from qwenrun import LLM, SamplingParams
+    from tiny import make_checkpoint
+
+    folder, _ = make_checkpoint(checkpoint, tmp_path, head_dim=32, hidden_size=128)
+    seen: set[str] = set()
+
+    class Recording:
+        def __getattr__(self, name):
+            seen.add(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: Recording())
+    llm = LLM(folder, dtype="bfloat16", kv_cache_memory=8 << 20, quantization=quantization)
+    seen.clear()
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert seen >= {"rms_norm", "qk_norm_rope", "decode_attention", "argmax"} | expected

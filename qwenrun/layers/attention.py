@@ -9,6 +9,9 @@ Decode rows (one query each) take a path without SDPA (which costs ~2 ms per cal
 query): on CPU the C++ kernel, which reads each cached key and value row once for all the query heads
 of its group; elsewhere two batched matmuls and a softmax, reading a lone sequence's keys in place
 when its blocks are consecutive. Prefill chunks run through SDPA, padded into a `[B, L]` grid per group.
+
+Before attention, `qk_norm_rope_store` normalises and rotates q and k and writes K/V into the cache:
+one C++ kernel where `qwenrun.kernels.KERNELS` says it applies, else the torch reference here.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenrun import kernels
-from qwenrun.kernels import KERNEL_DTYPES
-
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+from qwenrun.layers.rotary import apply_rotary
 
 
 @dataclass
@@ -149,14 +150,12 @@ def _prefill_group(query_lens, context_lens, block_tables, starts, block_size, d
     )
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
-                      scale: float) -> torch.Tensor:
+@kernels.op("decode_attention")
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
+                     scale: float) -> torch.Tensor:
     """q [B, nh, d] -> [B, nh*d]; softmax in fp32 like transformers' eager attention."""
     B, nh, d = q.shape
     nkv = k_cache.shape[0]
-    ops = kernels.cpu_ops() if q.device.type == "cpu" and d in KERNEL_HEAD_DIMS and q.dtype in KERNEL_DTYPES else None
-    if ops is not None:
-        return ops.decode_attention(q, k_cache, v_cache, g.key_slots, g.context_lens, scale)
     if g.span is not None:
         start, L = g.span
         keys = k_cache[:, start : start + L]  # [nkv, L, d], a view
@@ -187,6 +186,45 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     return o.transpose(1, 2).reshape(B * Q, nh * d)[g.token_index]  # [Tg, nh*d]
 
 
+@kernels.op("qk_norm_rope_store")
+def qk_norm_rope_store(
+    qkv: torch.Tensor,  # [T, (nh + 2 nkv) d]
+    q_weight: torch.Tensor,  # [d]
+    k_weight: torch.Tensor,  # [d]
+    cos: torch.Tensor,  # [T, rd], rd <= d
+    sin: torch.Tensor,
+    eps: float,
+    nh: int,
+    nkv: int,
+    k_cache: torch.Tensor | None,  # [nkv, S, d]
+    v_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor,  # [T]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (q_weight, k_weight), RoPE on both, this step's K/V into the caches.
+
+    Returns (q [T, nh, d], k_cache, v_cache): the caches attention reads. Without caches
+    (`AttentionMetadata.without_cache`) they are this step's own K/V, head-major `[nkv, T, d]`."""
+    T, d = qkv.shape[0], q_weight.shape[0]
+    # q and k heads are adjacent: one norm and one rotation serve both (half the decode kernels);
+    # normalise, round, then scale by the weight, in transformers' order
+    qk = F.rms_norm(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), (d,), None, eps)
+    w = torch.cat((q_weight.expand(nh, d), k_weight.expand(nkv, d)))  # [nh+nkv, d]
+    qk = apply_rotary(qk * w, cos, sin)
+    q, k = qk.split((nh, nkv), dim=1)
+    v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
+    if k_cache is None or v_cache is None:
+        return q, k.transpose(0, 1), v.transpose(0, 1)  # key slots are flat rows
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k_cache, v_cache
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [T, nkv, d] into the head-major caches [nkv, S, d] at slot_mapping [T]."""
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, nh, d]
     k: torch.Tensor,  # [T, nkv, d]
@@ -203,8 +241,7 @@ def paged_attention(
         assert meta.prefill is not None and meta.decode is None
         k_cache, v_cache = k.transpose(0, 1), v.transpose(0, 1)  # [nkv, T, d]; key slots are flat rows
         return _prefill_attention(q, k_cache, v_cache, meta.prefill, scale)
-    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     return attend(q, k_cache, v_cache, meta, scale)
 
 
@@ -214,11 +251,11 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
     T, nh, d = q.shape
     if meta.prefill is None:
         assert meta.decode is not None
-        return _decode_attention(q, k_cache, v_cache, meta.decode, scale)  # rows are 0..T-1 in order
+        return decode_attention(q, k_cache, v_cache, meta.decode, scale)  # rows are 0..T-1 in order
     pre = _prefill_attention(q, k_cache, v_cache, meta.prefill, scale)
     if meta.decode is None:
         return pre  # one prefill group holds every token, in order
     out = q.new_empty(T, nh * d)
     out[meta.prefill.token_rows] = pre
-    out[meta.decode.rows] = _decode_attention(q[meta.decode.rows], k_cache, v_cache, meta.decode, scale)
+    out[meta.decode.rows] = decode_attention(q[meta.decode.rows], k_cache, v_cache, meta.decode, scale)
     return out

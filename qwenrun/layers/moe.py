@@ -1,10 +1,23 @@
-"""Routed-expert computation shared by every expert weight format (full precision, packed, int8)."""
+"""Routed experts: one base class for every expert weight format (full precision, packed, int8/int4).
+
+`Experts` owns the computation, Σ_k weights · Expert_k(x): a lone decode token runs all its chosen
+experts in one C++ call where a kernel reads the module's weights (`fused_format`), more tokens are
+grouped by expert (`grouped_experts`) over `expert(x, e)`. A format says only how it stores the
+weights and runs one expert. `Qwen3MoeExperts` is the loaded, full-precision form that the CPU
+packing and quantization passes replace.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenrun import kernels
+from qwenrun.layers.linear import WeightTarget, silu_mul
 
 # expert(x [n, H], e) -> expert e's MLP output [n, H]
 ExpertMLP = Callable[[torch.Tensor, int], torch.Tensor]
@@ -33,3 +46,63 @@ def grouped_experts(
         out.index_add_(0, rows, y * weights.reshape(-1)[idx, None])
         start += n
     return out
+
+
+@kernels.op("routed_experts")
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, module: Experts) -> torch.Tensor:
+    """x [T, H]; weights/experts [T, k] -> [T, H] through `module`'s experts."""
+    return grouped_experts(x, weights, experts, module.num_experts, module.expert)
+
+
+class Experts(nn.Module, ABC):
+    """`num_experts` routed expert MLPs (SiLU(gate) · up, then down), in one weight format.
+
+    Subclasses give `expert(x, e)`; those whose stacked weights the C++ MoE kernel reads set
+    `fused_format` ("bf16", "int8", "int4") and give `fused_weights()` for it."""
+
+    num_experts: int
+    fused_format: str | None = None
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; weights/experts [T, k] -> Σ_k weights · Expert_k(x) [T, H]."""
+        return routed_experts(x, weights, experts, self)
+
+    @abstractmethod
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x [n, H] -> expert e's output [n, H]."""
+
+    def fused_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """(gate/up parts, down parts, int4 group size) stacked over experts, as the kernel takes them."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused decode format")
+
+
+class Qwen3MoeExperts(Experts):
+    """Experts as loaded, stacked (`w13 [E, 2I, H]`, `w2 [E, H, I]`) in the model dtype."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [E, gate;up, H]
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(silu_mul(F.linear(x, self.w13[e])), self.w2[e])
+
+    def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
+        I = self.intermediate
+        everything = tuple(f"{e}.{p}" for e in range(self.num_experts) for p in ("gate", "up", "down"))
+        for e in range(self.num_experts):
+            yield WeightTarget(f"{own}.{e}.gate_proj.weight", f"{own}.w13", f"{e}.gate", _expert(e, 0, I))
+            yield WeightTarget(f"{own}.{e}.up_proj.weight", f"{own}.w13", f"{e}.up", _expert(e, I, I))
+            yield WeightTarget(f"{own}.{e}.down_proj.weight", f"{own}.w2", f"{e}.down", _expert(e, None, None))
+        # transformers 5 may store the experts fused; either layout loads.
+        gate_up = tuple(s for s in everything if not s.endswith("down"))
+        down = tuple(s for s in everything if s.endswith("down"))
+        yield WeightTarget(f"{own}.gate_up_proj", f"{own}.w13", "fused", lambda p: p, gate_up)
+        yield WeightTarget(f"{own}.down_proj", f"{own}.w2", "fused", lambda p: p, down)
+
+
+def _expert(e: int, offset: int | None, size: int | None):
+    if offset is None:
+        return lambda p: p[e]
+    return lambda p: p[e].narrow(0, offset, size)

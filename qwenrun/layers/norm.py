@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenrun.kernels import fused_ops
+from qwenrun import kernels
+
+
+@kernels.op("rms_norm")
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual), or (norm(x), x) without a residual."""
+    if residual is not None:
+        x = x + residual
+    return F.rms_norm(x, weight.shape, None, eps) * weight, x
 
 
 class RMSNorm(nn.Module):
@@ -24,14 +33,5 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        ops = fused_ops(x)
-        if ops is not None:
-            y, res = ops.rms_norm(x, residual, self.weight, self.eps)
-            return y if residual is None else (y, res)
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
+        y, res = rms_norm(x, residual, self.weight, self.eps)
+        return y if residual is None else (y, res)

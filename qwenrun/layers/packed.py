@@ -15,23 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
-from qwenrun.kernels import gemv_ops
 from qwenrun.layers.linear import MergedLinear, silu_mul
-from qwenrun.layers.moe import grouped_experts
+from qwenrun.layers.moe import Experts, Qwen3MoeExperts
 
 
 def cpu_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
+@kernels.op("bf16_linear")
 def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """act(x wᵀ + b) for a plain bf16 weight; act "silu_mul" treats w as [gate; up]. Shared by the
     linears and by each expert's slice of the stacked expert weights."""
-    ops = gemv_ops(x)
-    if ops is None:
-        y = F.linear(x, w, bias)
-        return silu_mul(y) if act == "silu_mul" else y
-    return ops.gemv_bf16(x.reshape(-1, x.shape[-1]), w, bias, act).view(*x.shape[:-1], -1)
+    y = F.linear(x, w, bias)
+    return silu_mul(y) if act == "silu_mul" else y
 
 
 class StreamingLinear(nn.Module):
@@ -65,8 +62,10 @@ class PackedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-class StreamingExperts(nn.Module):
-    """bf16 MoE experts, stacked as loaded (`w13 [E, 2I, H]`, `w2 [E, H, I]`)."""
+class StreamingExperts(Experts):
+    """bf16 MoE experts, stacked as loaded (`w13 [E, 2I, H]`, `w2 [E, H, I]`), which the C++ kernels read."""
+
+    fused_format = "bf16"
 
     def __init__(self, num_experts: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         super().__init__()
@@ -74,26 +73,20 @@ class StreamingExperts(nn.Module):
         self.register_buffer("w13", w13)
         self.register_buffer("w2", w2)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        ops = gemv_ops(x) if x.shape[0] == 1 else None
-        if ops is not None:  # a lone token shares no expert: all its chosen experts in one call
-            return ops.moe_gemv(x, experts, weights, "bf16", [self.w13], [self.w2], 0)
-        return grouped_experts(x, weights, experts, self.num_experts, self.expert)
-
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return bf16_matmul(bf16_matmul(x, self.w13[e], None, "silu_mul"), self.w2[e], None)
 
+    def fused_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        return [self.w13], [self.w2], 0
 
-class PackedExperts(nn.Module):
+
+class PackedExperts(Experts):
     """MoE experts with each expert's two matrices prepacked for oneDNN (no C++ kernels)."""
 
     def __init__(self, num_experts: int, w13: list[PackedLinear], w2: list[PackedLinear]):
         super().__init__()
         self.num_experts = num_experts
         self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, weights, experts, self.num_experts, self.expert)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self.w2[e](silu_mul(self.w13[e](x)))
@@ -102,8 +95,6 @@ class PackedExperts(nn.Module):
 def pack_linears(model: nn.Module) -> nn.Module:
     """Swap every bf16 Linear/MergedLinear (and MoE expert weights) for the CPU fast path; a tied LM
     head gets its own reference to the embedding matrix."""
-    from qwenrun.models.qwen3_moe import Qwen3MoeExperts  # models import layers, not the reverse
-
     streaming = kernels.cpu_ops() is not None
     linear = StreamingLinear if streaming else PackedLinear
     for parent in list(model.modules()):

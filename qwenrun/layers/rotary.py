@@ -68,7 +68,17 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d]; cos/sin [T, d] broadcast over heads."""
+    """x [T, heads, d]; cos/sin [T, rd] broadcast over heads, rd <= d.
+
+    Rotates the first rd dims of each head (rotate-half within them) and passes the other d - rd
+    through, as transformers' partial rotary does (Qwen3-Next, GLM: `partial_rotary_factor` < 1)."""
+    rd = cos.shape[-1]
     cos, sin = cos[:, None, :], sin[:, None, :]
+    if rd == x.shape[-1]:
+        return _rotate(x, cos, sin)
+    return torch.cat((_rotate(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -7,12 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.kernels import fused_ops
-from qwenrun.layers.attention import AttentionMetadata, attend, paged_attention
+from qwenrun.layers.attention import AttentionMetadata, attend, qk_norm_rope_store
 from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.norm import RMSNorm
-from qwenrun.layers.rotary import RotaryEmbedding, apply_rotary
+from qwenrun.layers.rotary import RotaryEmbedding
 
 
 class Qwen3Attention(nn.Module):
@@ -33,21 +32,10 @@ class Qwen3Attention(nn.Module):
         meta: AttentionMetadata,
         kv: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> torch.Tensor:
-        T, nh, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) d]
-        ops = fused_ops(qkv) if kv[0] is not None and rope[0].shape[-1] == d else None
-        if ops is not None:  # norms, rotation and cache writes in one kernel
-            q = ops.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps, nh, nkv,
-                                 kv[0], kv[1], meta.slot_mapping)
-            return self.o_proj(attend(q, kv[0], kv[1], meta, self.scale))
-        # q and k heads are adjacent: one norm and one rotation serve both (half the decode kernels);
-        # normalise, round, then scale by the weight, in transformers' order
-        qk = F.rms_norm(qkv[:, : (nh + nkv) * d].view(T, nh + nkv, d), (d,), None, self.q_norm.eps)
-        w = torch.cat((self.q_norm.weight.expand(nh, d), self.k_norm.weight.expand(nkv, d)))  # [nh+nkv, d]
-        qk = apply_rotary(qk * w, *rope)
-        q, k = qk.split((nh, nkv), dim=1)
-        v = qkv[:, (nh + nkv) * d :].view(T, nkv, d)
-        return self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, self.scale))
+        q, k_cache, v_cache = qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps,
+                                                 self.num_heads, self.num_kv_heads, kv[0], kv[1], meta.slot_mapping)
+        return self.o_proj(attend(q, k_cache, v_cache, meta, self.scale))
 
 
 class Qwen3MLP(nn.Module):

@@ -6,49 +6,13 @@ selected, each once over all of its tokens, instead of a Python loop over every 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.layers.linear import WeightTarget, silu_mul
-from qwenrun.layers.moe import grouped_experts
+from qwenrun.layers.moe import Qwen3MoeExperts
 from qwenrun.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP
-
-
-class Qwen3MoeExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.num_experts, self.intermediate = num_experts, intermediate
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [E, gate;up, H]
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, weights, experts, self.num_experts, self.expert)
-
-    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return F.linear(silu_mul(F.linear(x, self.w13[e])), self.w2[e])
-
-    def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
-        I = self.intermediate
-        everything = tuple(f"{e}.{p}" for e in range(self.num_experts) for p in ("gate", "up", "down"))
-        for e in range(self.num_experts):
-            yield WeightTarget(f"{own}.{e}.gate_proj.weight", f"{own}.w13", f"{e}.gate", _expert(e, 0, I))
-            yield WeightTarget(f"{own}.{e}.up_proj.weight", f"{own}.w13", f"{e}.up", _expert(e, I, I))
-            yield WeightTarget(f"{own}.{e}.down_proj.weight", f"{own}.w2", f"{e}.down", _expert(e, None, None))
-        # transformers 5 may store the experts fused; either layout loads.
-        gate_up = tuple(s for s in everything if not s.endswith("down"))
-        down = tuple(s for s in everything if s.endswith("down"))
-        yield WeightTarget(f"{own}.gate_up_proj", f"{own}.w13", "fused", lambda p: p, gate_up)
-        yield WeightTarget(f"{own}.down_proj", f"{own}.w2", "fused", lambda p: p, down)
-
-
-def _expert(e: int, offset: int | None, size: int | None):
-    if offset is None:
-        return lambda p: p[e]
-    return lambda p: p[e].narrow(0, offset, size)
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.linear import MergedLinear
+from qwenrun.layers.moe import Qwen3MoeExperts
 from qwenrun.quant.linear import Int4Linear, Int8Linear, QuantizedExperts
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, quantiz
     dtype = next(model.parameters()).dtype
     if dtype == torch.float16 and next(model.parameters()).device.type == "cpu":
         raise InvalidRequestError("quantized matmuls on CPU need bfloat16 or float32 activations, not float16")
-    from qwenrun.models.qwen3_moe import Qwen3MoeExperts
-
     wanted = getattr(model, "quant_predicate", None) or _everything
     for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
-from qwenrun.kernels import gemv_ops
 from qwenrun.layers.linear import silu_mul
-from qwenrun.layers.moe import grouped_experts
+from qwenrun.layers.moe import Experts
 
 logger = logging.getLogger(__name__)
 
@@ -67,31 +66,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 PART_NAMES = {"int8": ("qweight", "scale"), "int4": ("packed", "scale", "mins")}
 
 
+@kernels.op("dequantize")
 def expand(fmt: str, parts: Sequence[torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] of quantized `parts` (int8: qweight, scale; int4: packed, scale, mins)."""
-    ops = kernels.cpu_ops() if parts[0].device.type == "cpu" else None
     if fmt == "int8":
         q, scale = parts
-        return ops.dequantize_int8(q, scale, dtype) if ops else (q.float() * scale[:, None]).to(dtype)
+        return (q.float() * scale[:, None]).to(dtype)
     packed, scale, mins = parts
-    if ops:
-        return ops.dequantize_int4(packed, scale, mins, group_size, dtype)
     return dequantize_int4(unpack_int4(packed), scale, mins, group_size).to(dtype)
 
 
+@kernels.op("quantized_linear")
 def quantized_matmul(x: torch.Tensor, fmt: str, parts: Sequence[torch.Tensor], group_size: int,
                      bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """act(x Ŵᵀ + b) for quantized `parts`; act "silu_mul" treats Ŵ as [gate; up]. Shared by the
     linears and by each expert's slice of the stacked expert weights."""
     x2 = x.reshape(-1, x.shape[-1])
-    streams = fmt == "int4" or x2.shape[1] % 32 == 0  # the int8 kernel reads 32-input blocks
-    ops = gemv_ops(x2, fmt) if streams else None
-    if ops is not None:
-        if fmt == "int8":
-            y = ops.gemv_int8(x2, *parts, bias, act)
-        else:
-            y = ops.gemv_int4(x2, *parts, group_size, bias, act)
-        return y.view(*x.shape[:-1], -1)
     small = x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] <= 32
     if fmt == "int8" and small:  # no kernels, or an input size they do not take
         y = torch.ops.aten._weight_int8pack_mm(x2, parts[0], parts[1].to(x2.dtype))
@@ -155,14 +145,14 @@ class Int4Linear(QuantizedLinear):
         return cls(pack_int4(q), scale, mins, bias, group_size)
 
 
-class QuantizedExperts(nn.Module):
+class QuantizedExperts(Experts):
     """MoE experts quantized as stacked tensors (int4 when both matrices' input sizes allow it, else
-    int8). A single token runs all its chosen experts in one C++ call; more tokens are grouped by
-    expert (`grouped_experts`) over each expert's slice."""
+    int8), which the C++ kernels read."""
 
     def __init__(self, num_experts: int, w13: list[QuantizedLinear], w2: list[QuantizedLinear]) -> None:
         super().__init__()
         self.num_experts, self.format, self.group_size = num_experts, w13[0].format, w13[0].group_size
+        self.fused_format = self.format
         for which, layers in (("w13", w13), ("w2", w2)):
             for name in PART_NAMES[self.format]:
                 self.register_buffer(f"{which}_{name}", torch.stack([getattr(m, name) for m in layers]))
@@ -183,14 +173,10 @@ class QuantizedExperts(nn.Module):
     def parts(self, which: str) -> list[torch.Tensor]:
         return [getattr(self, f"{which}_{name}") for name in PART_NAMES[self.format]]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        # one token shares no expert with another, so grouping by expert saves nothing: one call does all
-        ops = gemv_ops(x, self.format) if x.shape[0] == 1 else None
-        if ops is not None:
-            return ops.moe_gemv(x, experts, weights, self.format, self.parts("w13"), self.parts("w2"), self.group_size)
-        return grouped_experts(x, weights, experts, self.num_experts, self.expert)
-
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         w13, w2 = ([p[e] for p in self.parts(which)] for which in ("w13", "w2"))
         h = quantized_matmul(x, self.format, w13, self.group_size, None, "silu_mul")
         return quantized_matmul(h, self.format, w2, self.group_size, None)
+
+    def fused_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        return self.parts("w13"), self.parts("w2"), self.group_size
