@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from qwenrun.engine.kv_cache import BlockPool, KVCache
+from qwenrun.engine.cache import CacheManager
+from qwenrun.engine.kv_cache import BlockPool
 from qwenrun.engine.request import (
     EARLY_STOP_TEXT,
     Request,
@@ -71,33 +72,33 @@ class LLMEngine:
                 f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                 f"({cfg.max_position_embeddings}); configure rope scaling (YaRN) to go further"
             )
-        context = max_model_len or cfg.max_position_embeddings
         budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(device)
-        per_block = KVCache.bytes_per_block(cfg, block_size, dtype)
-        num_blocks = min(budget // per_block, -(-context // block_size) * max_num_seqs)
-        capacity = num_blocks * block_size
-        if capacity < context:
-            if max_model_len is not None or capacity < min(context, 256):
-                raise InvalidRequestError(
-                    f"the KV cache ({budget / 2**20:.0f} MiB) holds {capacity} tokens, fewer than "
-                    f"max_model_len {context}; raise kv_cache_memory or lower max_model_len"
-                )
-            logger.warning("context window limited to %d tokens by the KV cache memory", capacity)
-            context = capacity
-        self.max_model_len = context
-        self.kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
+        self.cache, self.max_model_len = CacheManager.from_budget(
+            model.cache_specs(dtype), budget, block_size, max_model_len or cfg.max_position_embeddings,
+            max_num_seqs, device, enable_prefix_caching, context_required=max_model_len is not None,
+        )
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         gen = ckpt.generation_config.get("eos_token_id")
         eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         vocab = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
-        self.runner = ModelRunner(model, cfg, self.kv_cache, vocab, self.eos_token_ids, device)
+        self.runner = ModelRunner(model, cfg, self.cache.kv, vocab, self.eos_token_ids, device)
         self.early_stop_ids: tuple[int, ...] = tuple(tokenizer.encode(EARLY_STOP_TEXT)) if tokenizer else ()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
+
+    @property
+    def pool(self) -> BlockPool:
+        """The KV block pool (read-only use: stats, checks); allocation goes through `cache`."""
+        return self.cache.pool
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [T, vocab] of one sequence, in scratch blocks of the cache manager
+        (RuntimeError when running requests leave too few free)."""
+        with self.cache.scratch(len(token_ids)) as handle:
+            return self.runner.prompt_logits(token_ids, handle.block_table)
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         """How many tokens a request may generate; ContextLengthError if it cannot fit."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenrun.engine.cache import CacheHandle
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
 
@@ -82,9 +83,7 @@ class Request:
     generator: torch.Generator | None
     token_ids: list[int] = field(init=False)  # prompt + output, appended in place
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list, init=False)
-    block_hashes: list[bytes] = field(default_factory=list, init=False)  # names of full blocks of token_ids
-    num_registered_blocks: int = field(default=0, init=False)  # leading blocks named in the prefix cache
+    cache: CacheHandle = field(default_factory=CacheHandle, init=False)  # its blocks, their names
     status: Status = field(default=Status.WAITING, init=False)
     text: str = field(default="", init=False)
     sent_text_len: int = field(default=0, init=False)

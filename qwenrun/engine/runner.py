@@ -45,7 +45,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             batch.num_tokens,
             [r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)],
-            [r.block_table for r in batch.requests],
+            [r.cache.block_table for r in batch.requests],
             self.kv.block_size,
             self.device,
         )

@@ -8,7 +8,7 @@ from torch import nn
 
 from qwenrun.config import ModelConfig
 from qwenrun.kernels import fused_ops
-from qwenrun.layers.attention import AttentionMetadata, attend, paged_attention
+from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec, attend, paged_attention
 from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding, apply_rotary
@@ -111,6 +111,11 @@ class Qwen3ForCausalLM(nn.Module):
     @staticmethod
     def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
         return Qwen3DecoderLayer(cfg, Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec]:
+        """One spec per layer, in layer order: every layer is full attention with a paged KV cache."""
+        cfg = self.config
+        return [KVCacheSpec(cfg.num_key_value_heads, cfg.head_dim, dtype) for _ in range(cfg.num_hidden_layers)]
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         return self.model(input_ids, positions, meta, kv_caches)
