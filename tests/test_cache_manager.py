@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwenrun.engine.cache import CacheManager
-from qwenrun.engine.request import Request, Thinking
+from qwenrun.engine.request import Request, StepResult, Thinking
 from qwenrun.engine.scheduler import Scheduler
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.attention import KVCacheSpec
@@ -151,8 +151,9 @@ def test_scheduler_checks_the_cache_whenever_it_goes_idle(monkeypatch):
     sched.add(b)
     batch = sched.schedule()
     assert batch is not None and batch.requests == [a, b]
-    for req, n in zip(batch.requests, batch.num_tokens):
-        sched.advance(req, n)
+    sched.update(batch, StepResult([[1], [2]], [[None], [None]]))
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (6, 7)
+    assert a.cache.num_registered_blocks == 1 and b.cache.num_registered_blocks == 1
     sched.finish(a)
     assert calls == []  # b still runs
     sched.finish(b)

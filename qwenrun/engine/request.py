@@ -137,6 +137,25 @@ class ScheduledBatch:
 
 
 @dataclass
+class StepResult:
+    """What one step computed, per request of its `ScheduledBatch` in order.
+
+    A request gets a list of tokens: empty while its prompt is still prefilling, one when decoding,
+    several once a step verifies draft tokens. `errors[i]` is why request i failed (the batch failed
+    and so did its rerun alone); its tokens are then empty and its state must not advance.
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[dict[int, float] | None]]
+    errors: list[Exception | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.errors:
+            self.errors = [None] * len(self.token_ids)
+        assert len(self.token_ids) == len(self.logprobs) == len(self.errors)
+
+
+@dataclass
 class CompletionOutput:
     """One generated sequence (vLLM's name). Chat requests also carry the parsed fields."""
 

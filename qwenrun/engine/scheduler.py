@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from qwenrun.engine.cache import CacheManager
-from qwenrun.engine.request import Request, ScheduledBatch, Status
+from qwenrun.engine.request import Request, ScheduledBatch, Status, StepResult
 
 
 @dataclass
@@ -91,15 +91,18 @@ class Scheduler:
         self.stats.prefix_hit_tokens += hit.num_tokens
         return n
 
-    def advance(self, req: Request, num_tokens: int) -> None:
-        """Count a scheduled chunk as computed once its step succeeded, and commit the blocks that
-        became full so later prompts can reuse them.
+    def update(self, batch: ScheduledBatch, result: StepResult) -> None:
+        """Count each request's scheduled chunk as computed once its step succeeded, and commit the
+        blocks that became full so later prompts can reuse them.
 
-        Per request, after the runner returned: a failed step advances nobody, so its requests
-        can be run again (or one of them failed) from the state they were scheduled in.
+        The one place request progress advances (the runner changes nothing): a request whose step
+        failed (`result.errors`) stays as it was scheduled, so it can be run again or failed. What
+        the sampled tokens mean (forced text, stops) is the engine's part; it appends them after.
         """
-        req.num_computed_tokens += num_tokens
-        self.cache.commit(req)
+        for req, n, error in zip(batch.requests, batch.num_tokens, result.errors):
+            if error is None:
+                req.num_computed_tokens += n
+                self.cache.commit(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
