@@ -3,7 +3,7 @@
 The loop is explicit data: `Scheduler.schedule()` returns a `ScheduledBatch`, `ModelRunner.prepare()`
 turns it into a `ForwardBatch`, `ModelRunner.execute()` returns a `StepResult` (tokens per request),
 `Scheduler.update()` advances the requests' computed tokens and prefix cache, and `_apply` turns
-each request's tokens into output (forced thinking-budget tokens replace sampled ones), checks stop
+each request's tokens into output (forced thinking-budget tokens go in whole), checks stop
 conditions and frees finished requests' blocks at once. An exception while serving one request
 fails that request alone (`step`).
 """
@@ -243,18 +243,22 @@ class LLMEngine:
         return StepDelta(req, [], "", True)
 
     def _apply(self, req: Request, sampled: list[int], logprobs: list[dict[int, float] | None]) -> StepDelta:
-        """Append a step's tokens to `req` until one ends it; forced thinking-budget tokens replace
-        sampled ones, one per step."""
-        if req.thinking.forced:
-            tokens = [req.thinking.forced.popleft()]
-            self._accept(req, tokens[0], {tokens[0]: 0.0}, forced=True)
-        else:
-            tokens = []
+        """Append a step's tokens to `req` until one ends it.
+
+        A forced close (the thinking-budget early-stop text) goes in whole: its tokens follow the
+        sampled token that triggered it (or replace what was sampled, when it was queued before
+        the first token), and the next step prefills them in one forward instead of one each.
+        """
+        tokens: list[int] = []
+        if not req.thinking.forced:
             for token, logprob in zip(sampled, logprobs):
                 tokens.append(token)
                 self._accept(req, token, logprob, forced=False)
                 if req.finish_reason is not None or req.thinking.forced:
                     break  # tokens past the end, or past a forced close, are not the request's
+        while req.thinking.forced and req.finish_reason is None:
+            tokens.append(req.thinking.forced.popleft())
+            self._accept(req, tokens[-1], None, forced=True)
         if req.finish_reason is not None:
             if req.detokenizer is not None and not isinstance(req.stop_reason, str):
                 req.text += req.detokenizer.flush()
