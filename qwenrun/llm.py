@@ -313,12 +313,7 @@ class LLM:
             raise InvalidRequestError("token_ids is empty")
         if len(ids) > self.engine.max_model_len:
             raise ContextLengthError(f"{len(ids)} tokens exceed the context window of {self.engine.max_model_len}")
-        pool, bs = self.engine.pool, self.engine.kv_cache.block_size
-        blocks = pool.allocate(-(-len(ids) // bs))
-        try:
-            return self.engine.runner.prompt_logits(ids, blocks).float().cpu()
-        finally:
-            pool.free(blocks)
+        return self.engine.prompt_logits(ids).float().cpu()
 
 
 def _with(params: SamplingParams, **changes: Any) -> SamplingParams:

@@ -19,6 +19,7 @@ from qwenrun.engine.async_engine import AsyncEngine
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import Request
 from qwenrun.errors import RequestFailedError
+from qwenrun.layers.forward_batch import ForwardBatch
 from tiny import make_checkpoint
 
 HEALTHY, MAX_TOKENS = 16, 32
@@ -82,11 +83,11 @@ class FaultyForward:
         self.model, self.marker = model, marker
         self.failed_batch_tokens: list[int] = []
 
-    def __call__(self, ids: torch.Tensor, *args: object) -> torch.Tensor:
-        if bool((ids == self.marker).any()):
-            self.failed_batch_tokens.append(ids.numel())
+    def __call__(self, batch: ForwardBatch) -> torch.Tensor:
+        if bool((batch.input_ids == self.marker).any()):
+            self.failed_batch_tokens.append(batch.num_tokens)
             raise RuntimeError("injected forward fault")
-        return self.model(ids, *args)
+        return self.model(batch)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.model, name)

@@ -1,9 +1,11 @@
 """LLMEngine: requests in, one scheduled step at a time, token and text deltas out.
 
-The loop is explicit data: `Scheduler.schedule()` returns a `ScheduledBatch`, `ModelRunner.run()`
-returns sampled ids, and `_apply` turns each id into output (forced thinking-budget tokens replace
-sampled ones), checks stop conditions and frees finished requests' blocks at once. An exception
-while serving one request fails that request alone (`step`).
+The loop is explicit data: `Scheduler.schedule()` returns a `ScheduledBatch`, `ModelRunner.prepare()`
+turns it into a `ForwardBatch`, `ModelRunner.execute()` returns a `StepResult` (tokens per request),
+`Scheduler.update()` advances the requests' computed tokens and prefix cache, and `_apply` turns
+each request's tokens into output (forced thinking-budget tokens go in whole), checks stop
+conditions and frees finished requests' blocks at once. An exception while serving one request
+fails that request alone (`step`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import os
 
 import torch
 
-from qwenrun.engine.kv_cache import BlockPool, KVCache
+from qwenrun.engine.cache import CacheManager
+from qwenrun.engine.kv_cache import BlockPool
 from qwenrun.engine.request import (
     EARLY_STOP_TEXT,
     Request,
     ScheduledBatch,
     StepDelta,
+    StepResult,
     Thinking,
     think_open_in_prompt,
 )
@@ -35,10 +39,6 @@ logger = logging.getLogger(__name__)
 
 # Room left for the answer when max_tokens forces reasoning to close: a quarter, at most 1024.
 ANSWER_RESERVE_FRACTION, ANSWER_RESERVE_MAX = 4, 1024
-
-# What one step gives a request: (token or None while prefilling, logprobs), or its failure.
-_Outcome = tuple[int | None, dict[int, float] | None] | Exception
-
 
 def default_kv_cache_memory(device: torch.device) -> int:
     """A fifth of RAM on CPU (at most 4 GiB); 90% of the free memory left on a GPU after loading."""
@@ -71,33 +71,33 @@ class LLMEngine:
                 f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                 f"({cfg.max_position_embeddings}); configure rope scaling (YaRN) to go further"
             )
-        context = max_model_len or cfg.max_position_embeddings
         budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(device)
-        per_block = KVCache.bytes_per_block(cfg, block_size, dtype)
-        num_blocks = min(budget // per_block, -(-context // block_size) * max_num_seqs)
-        capacity = num_blocks * block_size
-        if capacity < context:
-            if max_model_len is not None or capacity < min(context, 256):
-                raise InvalidRequestError(
-                    f"the KV cache ({budget / 2**20:.0f} MiB) holds {capacity} tokens, fewer than "
-                    f"max_model_len {context}; raise kv_cache_memory or lower max_model_len"
-                )
-            logger.warning("context window limited to %d tokens by the KV cache memory", capacity)
-            context = capacity
-        self.max_model_len = context
-        self.kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
+        self.cache, self.max_model_len = CacheManager.from_budget(
+            model.cache_specs(dtype), budget, block_size, max_model_len or cfg.max_position_embeddings,
+            max_num_seqs, device, enable_prefix_caching, context_required=max_model_len is not None,
+        )
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         gen = ckpt.generation_config.get("eos_token_id")
         eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         vocab = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
-        self.runner = ModelRunner(model, cfg, self.kv_cache, vocab, self.eos_token_ids, device)
+        self.runner = ModelRunner(model, cfg, self.cache.kv, vocab, self.eos_token_ids, device)
         self.early_stop_ids: tuple[int, ...] = tuple(tokenizer.encode(EARLY_STOP_TEXT)) if tokenizer else ()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
+
+    @property
+    def pool(self) -> BlockPool:
+        """The KV block pool (read-only use: stats, checks); allocation goes through `cache`."""
+        return self.cache.pool
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [T, vocab] of one sequence, in scratch blocks of the cache manager
+        (RuntimeError when running requests leave too few free)."""
+        with self.cache.scratch(len(token_ids)) as handle:
+            return self.runner.prompt_logits(token_ids, handle.block_table)
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         """How many tokens a request may generate; ContextLengthError if it cannot fit."""
@@ -181,13 +181,14 @@ class LLMEngine:
         return list(self._requests.values())
 
     def step(self) -> list[StepDelta]:
-        """Run one scheduled batch and apply its tokens; one delta per request that produced one.
+        """Schedule, prepare, execute, update: one batch, and one delta per request that produced one.
 
         A failure while serving one request fails that request alone (`fail`); the others carry
-        on. Per-request work (applying the token, detokenizing, stop checks) is guarded request
-        by request. When the batched forward or sampling raises, the batch's requests are run
-        again one at a time, so only a request that fails on its own is failed. Should scheduling
-        itself raise, no request's state can be trusted, and every unfinished request is failed.
+        on. Per-request work (applying tokens, detokenizing, stop checks) is guarded request by
+        request. When the batched forward or sampling raises, the batch's requests are run again
+        one at a time (`_execute`), so only a request that fails on its own is failed. Should
+        scheduling itself raise, no request's state can be trusted, and every unfinished request
+        is failed.
         """
         try:
             batch = self.scheduler.schedule()
@@ -196,42 +197,36 @@ class LLMEngine:
             return [self.fail(req, e) for req in self.unfinished_requests()]
         if batch is None:
             return []
+        result = self._execute(batch)
+        self.scheduler.update(batch, result)
         deltas: list[StepDelta] = []
-        for req, n, outcome in zip(batch.requests, batch.num_tokens, self._run(batch)):
-            if isinstance(outcome, Exception):
-                deltas.append(self.fail(req, outcome))
-                continue
-            token, logprob = outcome
+        for req, tokens, logprobs, error in zip(batch.requests, result.token_ids, result.logprobs, result.errors):
             try:
-                self.scheduler.advance(req, n)
-                if token is not None:
-                    deltas.append(self._apply(req, token, logprob))
+                if error is not None:
+                    raise error
+                if tokens:
+                    deltas.append(self._apply(req, tokens, logprobs))
             except Exception as e:
                 deltas.append(self.fail(req, e))
         return deltas
 
-    def _run(self, batch: ScheduledBatch) -> list[_Outcome]:
-        """The runner's (token, logprobs) per request, or the exception that request fails with.
+    def _execute(self, batch: ScheduledBatch) -> StepResult:
+        """The runner's result for the batch; when it raises, each request's result alone, or the
+        exception it fails with (`StepResult.errors`).
 
         Rerunning one request at a time (not bisecting) keeps this simple; it costs a forward
         per request, only in the step that failed.
         """
         try:
-            result = self.runner.run(batch)
+            return self.runner.execute(batch, self.runner.prepare(batch))
         except Exception as e:
             if len(batch.requests) == 1:
-                return [e]
+                return StepResult([[]], [[]], [e])
             logger.warning("a step of %d requests failed (%s: %s); running them one at a time to "
                            "find the failing one", len(batch.requests), type(e).__name__, e)
-            return [self._run_alone(req, n) for req, n in zip(batch.requests, batch.num_tokens)]
-        return list(zip(result.token_ids, result.logprobs))
-
-    def _run_alone(self, req: Request, num_tokens: int) -> _Outcome:
-        try:
-            result = self.runner.run(ScheduledBatch([req], [num_tokens]))
-        except Exception as e:
-            return e
-        return result.token_ids[0], result.logprobs[0]
+        alone = [self._execute(ScheduledBatch([req], [n])) for req, n in zip(batch.requests, batch.num_tokens)]
+        return StepResult([r.token_ids[0] for r in alone], [r.logprobs[0] for r in alone],
+                          [r.errors[0] for r in alone])
 
     def fail(self, req: Request, exc: BaseException) -> StepDelta:
         """End `req` with finish_reason "error" and `error` set, freeing its blocks at once.
@@ -247,13 +242,36 @@ class LLMEngine:
         self._requests.pop(req.request_id, None)
         return StepDelta(req, [], "", True)
 
-    def _apply(self, req: Request, sampled: int, logprob: dict[int, float] | None) -> StepDelta:
-        forced = bool(req.thinking.forced)
-        if not forced and not 0 <= sampled < self.runner.valid_vocab_size:
+    def _apply(self, req: Request, sampled: list[int], logprobs: list[dict[int, float] | None]) -> StepDelta:
+        """Append a step's tokens to `req` until one ends it.
+
+        A forced close (the thinking-budget early-stop text) goes in whole: its tokens follow the
+        sampled token that triggered it (or replace what was sampled, when it was queued before
+        the first token), and the next step prefills them in one forward instead of one each.
+        """
+        tokens: list[int] = []
+        if not req.thinking.forced:
+            for token, logprob in zip(sampled, logprobs):
+                tokens.append(token)
+                self._accept(req, token, logprob, forced=False)
+                if req.finish_reason is not None or req.thinking.forced:
+                    break  # tokens past the end, or past a forced close, are not the request's
+        while req.thinking.forced and req.finish_reason is None:
+            tokens.append(req.thinking.forced.popleft())
+            self._accept(req, tokens[-1], None, forced=True)
+        if req.finish_reason is not None:
+            if req.detokenizer is not None and not isinstance(req.stop_reason, str):
+                req.text += req.detokenizer.flush()
+            self.scheduler.finish(req)
+            self._requests.pop(req.request_id, None)
+        return StepDelta(req, tokens, self._release_text(req), req.finished)
+
+    def _accept(self, req: Request, token: int, logprob: dict[int, float] | None, forced: bool) -> None:
+        """One token appended to `req`, with its stop checks; sets `finish_reason` when it ends."""
+        if not forced and not 0 <= token < self.runner.valid_vocab_size:
             # Only a row with no finite logit yields a padded column (see `sample`).
-            raise RequestFailedError(f"the model produced no valid token (id {sampled}): its "
+            raise RequestFailedError(f"the model produced no valid token (id {token}): its "
                                      "logits for this request are NaN or infinite")
-        token = req.thinking.forced.popleft() if forced else sampled
         req.token_ids.append(token)
         if req.logprobs is not None:
             req.logprobs.append(logprob if not forced else {token: 0.0})
@@ -267,12 +285,6 @@ class LLMEngine:
             self._append_text(req, req.detokenizer.add([token]))
         if req.finish_reason is None and (n_out >= req.max_new_tokens or len(req.token_ids) >= self.max_model_len):
             req.finish_reason = "length"
-        if req.finish_reason is not None:
-            if req.detokenizer is not None and not isinstance(req.stop_reason, str):
-                req.text += req.detokenizer.flush()
-            self.scheduler.finish(req)
-            self._requests.pop(req.request_id, None)
-        return StepDelta(req, [token], self._release_text(req), req.finished)
 
     def _append_text(self, req: Request, delta: str) -> None:
         """Adds decoded text; a stop string ends the request and is cut from the output (vLLM)."""

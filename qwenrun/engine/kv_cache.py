@@ -15,24 +15,24 @@ from collections.abc import Sequence
 
 import torch
 
-from qwenrun.config import ModelConfig
+from qwenrun.layers.attention import KVCacheSpec
 
 
 class KVCache:
-    """Per layer K and V of shape [kv_heads, num_blocks * block_size, head_dim] (head-major), allocated once."""
+    """Per attention layer K and V of shape [kv_heads, num_blocks * block_size, head_dim] (head-major),
+    allocated once from the model's per-layer specs."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, specs: Sequence[KVCacheSpec], num_blocks: int, block_size: int, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (cfg.num_key_value_heads, num_blocks * block_size, cfg.head_dim)
         self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_hidden_layers)
+            tuple(torch.zeros((s.num_kv_heads, num_blocks * block_size, s.head_dim), dtype=s.dtype, device=device)
+                  for _ in range(2))
+            for s in specs
         ]
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    def bytes_per_block(specs: Sequence[KVCacheSpec], block_size: int) -> int:
+        return block_size * sum(s.bytes_per_token for s in specs)
 
 
 def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
@@ -60,6 +60,10 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def ref_counts(self) -> list[int]:
+        return list(self._ref)
 
     def allocate(self, n: int) -> list[int]:
         """n fresh blocks, evicting the least recently freed cached ones."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenrun.engine.cache import CacheHandle
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
 
@@ -82,9 +83,7 @@ class Request:
     generator: torch.Generator | None
     token_ids: list[int] = field(init=False)  # prompt + output, appended in place
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list, init=False)
-    block_hashes: list[bytes] = field(default_factory=list, init=False)  # names of full blocks of token_ids
-    num_registered_blocks: int = field(default=0, init=False)  # leading blocks named in the prefix cache
+    cache: CacheHandle = field(default_factory=CacheHandle, init=False)  # its blocks, their names
     status: Status = field(default=Status.WAITING, init=False)
     text: str = field(default="", init=False)
     sent_text_len: int = field(default=0, init=False)
@@ -135,6 +134,25 @@ class ScheduledBatch:
     @property
     def samples(self) -> list[bool]:
         return [r.num_computed_tokens + n == len(r.token_ids) for r, n in zip(self.requests, self.num_tokens)]
+
+
+@dataclass
+class StepResult:
+    """What one step computed, per request of its `ScheduledBatch` in order.
+
+    A request gets a list of tokens: empty while its prompt is still prefilling, one when decoding,
+    several once a step verifies draft tokens. `errors[i]` is why request i failed (the batch failed
+    and so did its rerun alone); its tokens are then empty and its state must not advance.
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[dict[int, float] | None]]
+    errors: list[Exception | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.errors:
+            self.errors = [None] * len(self.token_ids)
+        assert len(self.token_ids) == len(self.logprobs) == len(self.errors)
 
 
 @dataclass

@@ -1,26 +1,22 @@
-"""ScheduledBatch -> tensors -> one forward -> sampled token ids. Owns the model and the KV cache."""
+"""ScheduledBatch -> ForwardBatch -> one forward -> sampled token ids (a StepResult). Owns the model
+and the KV cache tensors; changes no request (the scheduler does, in `update`)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qwenrun.config import ModelConfig
 from qwenrun.engine.kv_cache import KVCache
-from qwenrun.engine.request import Request, ScheduledBatch
+from qwenrun.engine.request import Request, ScheduledBatch, StepResult
 from qwenrun.layers.attention import AttentionMetadata
+from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab, sample
 
 
-@dataclass
-class StepResult:
-    token_ids: list[int | None]  # one per scheduled request; None while its prompt is still prefilling
-    logprobs: list[dict[int, float] | None]
-
-
 class ModelRunner:
+    """Turns a `ScheduledBatch` into a `ForwardBatch` (`prepare`) and runs it (`execute`)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -35,52 +31,56 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = device
 
-    def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        """The step's tensors: each request's next chunk, and its last row for logits when the chunk
+        reaches the end of its tokens (`ScheduledBatch.samples`)."""
         ids: list[int] = []
         positions: list[int] = []
-        for req, n in zip(batch.requests, batch.num_tokens):
+        rows: list[int] = []
+        for req, n, samples in zip(batch.requests, batch.num_tokens, batch.samples):
             start = req.num_computed_tokens
             ids += req.token_ids[start : start + n]
             positions += range(start, start + n)
+            if samples:
+                rows.append(len(ids) - 1)
         meta = AttentionMetadata.build(
             batch.num_tokens,
             [r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)],
-            [r.block_table for r in batch.requests],
+            [r.cache.block_table for r in batch.requests],
             self.kv.block_size,
             self.device,
         )
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), meta
+        return ForwardBatch(as_tensor(ids), as_tensor(positions), meta, self.kv.layers, as_tensor(rows),
+                            [int(s) for s in batch.samples])
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepResult:
-        """One forward; a token for each request whose chunk reached its end (None for the others).
+    def execute(self, batch: ScheduledBatch, fb: ForwardBatch) -> StepResult:
+        """One forward, then a token sampled from each logits row, for the request owning the row.
 
-        Changes no request: the scheduler advances `num_computed_tokens` when the engine applies
-        the result. When it raises, seeded generators are back where they were and the K/V it
-        wrote lie past every request's computed tokens, so the engine can rerun the batch's
-        requests one at a time to find the one that failed.
+        Changes no request: `Scheduler.update` advances them. When it raises, seeded generators
+        are back where they were and the K/V it wrote lie past every request's computed tokens,
+        so the engine can rerun the batch's requests one at a time to find the one that failed.
         """
-        samples = batch.samples
-        ids, positions, meta = self._inputs(batch)
-        hidden = self.model(ids, positions, meta, self.kv.layers)  # [T, H]
-        reqs = [r for r, s in zip(batch.requests, samples) if s]
-        if not reqs:
-            return StepResult([None] * len(samples), [None] * len(samples))
-        ends = torch.tensor(batch.num_tokens).cumsum(0).sub_(1)
-        last = ends[torch.tensor(samples)].to(self.device)
-        logits = mask_vocab(self.model.compute_logits(hidden[last]), self.valid_vocab_size)  # [B, V]
-        generators = [r.generator for r in reqs if r.generator is not None]
+        hidden = self.model(fb)  # [T, H]
+        owners = [r for r, c in zip(batch.requests, fb.logits_counts) for _ in range(c)]
+        if not owners:
+            return StepResult([[] for _ in batch.requests], [[] for _ in batch.requests])
+        logits = mask_vocab(self.model.compute_logits(hidden[fb.logits_rows]), self.valid_vocab_size)  # [N, V]
+        generators = [r.generator for r in owners if r.generator is not None]
         states = [g.get_state() for g in generators]
         try:
-            tokens, logprobs = self._sample(reqs, logits)
+            tokens, logprobs = self._sample(owners, logits)
         except Exception:
             for g, state in zip(generators, states):
                 g.set_state(state)
             raise
-        sampled = iter(zip(tokens, logprobs))
-        per_req = [next(sampled) if s else (None, None) for s in samples]
-        return StepResult([t for t, _ in per_req], [lp for _, lp in per_req])
+        out_tokens, out_logprobs, i = [], [], 0
+        for c in fb.logits_counts:
+            out_tokens.append(tokens[i : i + c])
+            out_logprobs.append(logprobs[i : i + c])
+            i += c
+        return StepResult(out_tokens, out_logprobs)
 
     def _sample(self, reqs: list[Request],
                 logits: torch.Tensor) -> tuple[list[int], list[dict[int, float] | None]]:
@@ -114,5 +114,6 @@ class ModelRunner:
         T = len(token_ids)
         meta = AttentionMetadata.build([T], [T], [block_table], self.kv.block_size, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(T, device=self.device), meta, self.kv.layers)
-        return self.model.compute_logits(hidden)
+        rows = torch.arange(T, device=self.device)
+        fb = ForwardBatch(ids, rows, meta, self.kv.layers, rows, [T])
+        return self.model.compute_logits(self.model(fb))

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from qwenrun.engine.kv_cache import BlockPool, block_hash
-from qwenrun.engine.request import Request, ScheduledBatch, Status
+from qwenrun.engine.cache import CacheManager
+from qwenrun.engine.request import Request, ScheduledBatch, Status, StepResult
 
 
 @dataclass
@@ -25,8 +25,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.pool, self.block_size = pool, block_size
+    """Owns the request queues and the `CacheManager`; checks the cache's integrity whenever the
+    last request leaves (nothing running or waiting)."""
+
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.cache = cache
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -37,10 +40,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _blocks_needed(self, req: Request, num_tokens: int) -> int:
-        total = req.num_computed_tokens + num_tokens
-        return -(-total // self.block_size) - len(req.block_table)
 
     def schedule(self) -> ScheduledBatch | None:
         budget = self.max_num_batched_tokens
@@ -70,54 +69,40 @@ class Scheduler:
 
     def _grow(self, req: Request, n: int) -> bool:
         """Blocks for n more tokens of a running request, preempting from the back; False if req itself went."""
-        while self._blocks_needed(req, n) > self.pool.num_free:
+        while not self.cache.can_allocate(req, n):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
                 return False
-        req.block_table += self.pool.allocate(self._blocks_needed(req, n))
+        self.cache.allocate(req, n)
         return True
 
     def _admit(self, req: Request, budget: int) -> int:
         """Share cached prefix blocks and allocate the first chunk; 0 if it does not fit yet."""
-        tokens = req.token_ids
-        full = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute: it yields the logits
-        self._name_blocks(req, full)
-        shared = self.pool.match(req.block_hashes[:full])
-        cached = len(shared) * self.block_size
-        n = min(len(tokens) - cached, budget)
-        need = -(-(cached + n) // self.block_size) - len(shared)
-        if need > self.pool.num_free_after_share(shared):
+        hit = self.cache.match(req)
+        n = min(len(req.token_ids) - hit.num_tokens, budget)
+        if not self.cache.can_admit(hit, n):
             return 0
-        self.pool.share(shared)
-        req.block_table = shared + self.pool.allocate(need)
-        req.num_computed_tokens = cached
+        self.cache.take(req, hit)
+        req.num_computed_tokens = hit.num_tokens
+        self.cache.allocate(req, n)
         req.status = Status.RUNNING
-        self.stats.prompt_tokens_seen += len(tokens)
-        self.stats.prefix_hit_tokens += cached
+        self.stats.prompt_tokens_seen += len(req.token_ids)
+        self.stats.prefix_hit_tokens += hit.num_tokens
         return n
 
-    def advance(self, req: Request, num_tokens: int) -> None:
-        """Count a scheduled chunk as computed once its step succeeded, and name the blocks that
-        became full so later prompts can reuse them.
+    def update(self, batch: ScheduledBatch, result: StepResult) -> None:
+        """Count each request's scheduled chunk as computed once its step succeeded, and commit the
+        blocks that became full so later prompts can reuse them.
 
-        Per request, after the runner returned: a failed step advances nobody, so its requests
-        can be run again (or one of them failed) from the state they were scheduled in.
+        The one place request progress advances (the runner changes nothing): a request whose step
+        failed (`result.errors`) stays as it was scheduled, so it can be run again or failed. What
+        the sampled tokens mean (forced text, stops) is the engine's part; it appends them after.
         """
-        req.num_computed_tokens += num_tokens
-        full = req.num_computed_tokens // self.block_size
-        self._name_blocks(req, full)
-        for i in range(req.num_registered_blocks, full):
-            self.pool.register(req.block_table[i], req.block_hashes[i])
-        req.num_registered_blocks = max(req.num_registered_blocks, full)
-
-    def _name_blocks(self, req: Request, full: int) -> None:
-        """Extend the request's hash chain over its first `full` blocks of tokens."""
-        bs = self.block_size
-        while len(req.block_hashes) < full:
-            i = len(req.block_hashes)
-            parent = req.block_hashes[-1] if req.block_hashes else None
-            req.block_hashes.append(block_hash(parent, req.token_ids[i * bs : (i + 1) * bs]))
+        for req, n, error in zip(batch.requests, batch.num_tokens, result.errors):
+            if error is None:
+                req.num_computed_tokens += n
+                self.cache.commit(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -127,16 +112,16 @@ class Scheduler:
         self.stats.preemptions += 1
 
     def _release(self, req: Request) -> None:
-        self.pool.free(req.block_table)
-        req.block_table = []
+        self.cache.free(req)
         req.num_computed_tokens = 0
-        req.num_registered_blocks = 0
 
     def finish(self, req: Request) -> None:
-        """Frees the request's blocks at once (finished or aborted)."""
+        """Frees the request's blocks at once (finished or aborted); the last one out checks the cache."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self._release(req)
         req.status = Status.FINISHED
+        if not self.has_unfinished():
+            self.cache.check_integrity()

@@ -25,6 +25,22 @@ from qwenrun import kernels
 from qwenrun.layers.rotary import apply_rotary
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one attention layer keeps per token in the paged cache: K and V of its kv heads.
+
+    A model lists one spec per layer (`cache_specs`); the cache side sizes and allocates from them,
+    so a layer kind with other state (recurrent, sliding window) adds its own spec type."""
+
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
 @dataclass
 class DecodeGroup:
     rows: torch.Tensor  # [B] rows of the flat batch that are decode queries

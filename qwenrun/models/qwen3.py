@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.layers.attention import AttentionMetadata, attend, qk_norm_rope_store
+from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec, attend, qk_norm_rope_store
 from qwenrun.layers.checkpoint import CheckpointRules
+from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding
@@ -76,19 +77,20 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim)
 
-    def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)  # [T, H]
-        rope = self.rotary_emb(positions, h.dtype)
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        h = self.embed_tokens(batch.input_ids)  # [T, H]
+        rope = self.rotary_emb(batch.positions, h.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, rope, meta, kv_caches[i] if kv_caches is not None else (None, None))
+            h, residual = layer(h, residual, rope, batch.attention, batch.layer_cache(i))
         return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
-    """The engine's model contract: `forward(ids [T], positions [T], meta, kv_caches) -> hidden [T, H]`
-    and `compute_logits(hidden [N, H]) -> [N, vocab]`, run only for the rows that need logits.
-    `kv_caches=None` with `AttentionMetadata.without_cache` runs whole sequences (training, scoring)."""
+    """The engine's model contract: `cache_specs(dtype)`, one per layer; `forward(batch) -> hidden [T, H]`
+    with everything of the step in the `ForwardBatch`; `compute_logits(hidden [N, H]) -> [N, vocab]`,
+    run only for the rows that need logits. `ForwardBatch.without_cache` runs whole sequences
+    (training, scoring)."""
 
     # transformers may serialise the RoPE inverse frequencies, which qwenrun recomputes
     checkpoint_rules = CheckpointRules(ignore=("*rotary_emb.inv_freq",))
@@ -104,8 +106,13 @@ class Qwen3ForCausalLM(nn.Module):
     def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
         return Qwen3DecoderLayer(cfg, Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, kv_caches)
+    def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec]:
+        """One spec per layer, in layer order: every layer is full attention with a paged KV cache."""
+        cfg = self.config
+        return [KVCacheSpec(cfg.num_key_value_heads, cfg.head_dim, dtype) for _ in range(cfg.num_hidden_layers)]
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

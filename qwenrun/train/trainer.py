@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from qwenrun.config import ModelConfig
-from qwenrun.layers.attention import AttentionMetadata
+from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.loading.weights import weight_targets
 from qwenrun.models.qwen3 import Qwen3ForCausalLM
 
@@ -120,7 +120,7 @@ def loss_on(model: Qwen3ForCausalLM, samples: Sequence[Sample], bf16: bool = Fal
     device = next(model.parameters()).device
     ids, pos, tgt, lens = pack(samples, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = model(ids, pos, AttentionMetadata.without_cache(lens, device), None)  # [T, H]
+        hidden = model(ForwardBatch.without_cache(ids, pos, lens))  # [T, H]
         keep = tgt != -100
         logits = model.compute_logits(hidden[keep])  # [N, V]
     return F.cross_entropy(logits.float(), tgt[keep])
