@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from qwenrun.engine.kv_cache import BlockPool, KVCache, block_hash
+from qwenrun.engine.kv_cache import BlockPool, CacheHandle, KVCache, block_hash
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.attention import KVCacheSpec
 
@@ -26,15 +26,6 @@ if TYPE_CHECKING:
     from qwenrun.engine.request import Request
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CacheHandle:
-    """One request's share of the cache: what used to be spread over `Request` fields."""
-
-    block_table: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)  # names of the full blocks of the token ids
-    num_registered_blocks: int = 0  # leading blocks named in the prefix index
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,21 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from qwenrun.layers.attention import KVCacheSpec
+
+
+# Here, not in cache.py, so that Request can hold one without importing the manager that takes Requests.
+@dataclass
+class CacheHandle:
+    """One request's share of the cache: what used to be spread over `Request` fields."""
+
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # names of the full blocks of the token ids
+    num_registered_blocks: int = 0  # leading blocks named in the prefix index
 
 
 class KVCache:

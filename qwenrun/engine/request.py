@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenrun.engine.cache import CacheHandle
+from qwenrun.engine.kv_cache import CacheHandle
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
 
