@@ -56,7 +56,6 @@ from qwenrun.server.serving import (
     as_api_error,
     iterate_requests,
     make_requests,
-    new_id,
     parse_body,
     run_until_disconnect,
     sampling_params,
