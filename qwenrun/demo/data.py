@@ -471,8 +471,21 @@ def is_heldout_text(text: str) -> bool:
     return text not in _FIRST_TEXTS and hashlib.md5(f"chat:{text}".encode()).digest()[0] % 10 == 0
 
 
-def _off_topic_text(rng: random.Random, zh: bool) -> tuple[str, OffTopicKind]:
-    kind: OffTopicKind = rng.choices(("greeting", "thanks", "other", "unsupported"), (4, 1, 4, 2))[0]
+# How often each kind of off-topic message comes (what users type), and in training, where the
+# near-misses that look like arithmetic (division, three numbers) are the hard part.
+OFF_TOPIC_KINDS: dict[OffTopicKind, float] = {"greeting": 4, "thanks": 1, "other": 4, "unsupported": 2}
+OFF_TOPIC_KINDS_TRAIN: dict[OffTopicKind, float] = {
+    "greeting": 3,
+    "thanks": 1,
+    "other": 3,
+    "unsupported": 5,
+}
+
+
+def _off_topic_text(
+    rng: random.Random, zh: bool, kinds: dict[OffTopicKind, float]
+) -> tuple[str, OffTopicKind]:
+    kind: OffTopicKind = rng.choices(list(kinds), list(kinds.values()))[0]
     if kind == "greeting":
         greet, about = rng.choice(_GREETINGS[zh]), rng.choice(_ABOUT[zh])
         if zh:
@@ -494,13 +507,16 @@ def _off_topic_text(rng: random.Random, zh: bool) -> tuple[str, OffTopicKind]:
     return text, kind
 
 
-def sample_off_topic(rng: random.Random, heldout: bool = False) -> OffTopic:
-    """A random off-topic message from the train or the held-out side of the split."""
+def sample_off_topic(
+    rng: random.Random, heldout: bool = False, kinds: dict[OffTopicKind, float] = OFF_TOPIC_KINDS
+) -> OffTopic:
+    """A random off-topic message (of `kinds`, by weight) from the train or the held-out side of
+    the split; the training side includes the first-impression prompts."""
     if not heldout and rng.random() < 0.15:
         return rng.choice(FIRST_IMPRESSIONS)
     while True:
         zh = rng.random() < 0.3
-        text, kind = _off_topic_text(rng, zh)
+        text, kind = _off_topic_text(rng, zh, kinds)
         if is_heldout_text(text) == heldout:
             return OffTopic(text, kind, zh)
 
@@ -601,7 +617,7 @@ def make_example(
 
     A single-turn arithmetic chat draws from `rng` in the same order as before conversations
     existed, so stages 1-2 (and the tokenizer, trained on stage-1 chats) are unchanged by them."""
-    item: Problem | OffTopic = p if p is not None else sample_off_topic(rng)
+    item = p if p is not None else sample_off_topic(rng, kinds=OFF_TOPIC_KINDS_TRAIN)
     with_tools = mode in ("tool_call", "tool_answer") or tools
     messages: list[dict[str, Any]] = []
     for past in history:
@@ -665,12 +681,12 @@ OPS_STAGE2: dict[Op, float] = {"mul": 0.4, "add": 0.2, "sub": 0.4}
 
 # Stage 3 (conversations): chats of 1-4 turns, and off-topic messages first or later in a chat.
 MODES_STAGE3: dict[Mode, float] = {
-    "think": 0.4,
+    "think": 0.38,
     "no_think": 0.08,
     "budget": 0.04,
-    "tool_call": 0.12,
-    "tool_answer": 0.12,
-    "off_topic": 0.24,
+    "tool_call": 0.11,
+    "tool_answer": 0.11,
+    "off_topic": 0.28,
 }
 OPS_STAGE3: dict[Op, float] = {"mul": 0.5, "add": 0.2, "sub": 0.3}
 TURNS_STAGE3: dict[int, float] = {1: 0.3, 2: 0.25, 3: 0.25, 4: 0.2}  # the last one is trained on
@@ -696,7 +712,9 @@ def examples(seed: int, template: ChatTemplate, stage: int = 1):
             continue
         p = None if mode == "off_topic" else problem()
         history = tuple(
-            sample_off_topic(rng) if rng.random() < OFF_TOPIC_TURN else problem()
+            sample_off_topic(rng, kinds=OFF_TOPIC_KINDS_TRAIN)
+            if rng.random() < OFF_TOPIC_TURN
+            else problem()
             for _ in range(rng.choices(turns, tw)[0] - 1)
         )
         tools = mode == "off_topic" and rng.random() < OFF_TOPIC_TOOLS

@@ -20,13 +20,14 @@ import json
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qwenrun.demo.data import (
     CALCULATOR_TOOL,
     FIRST_IMPRESSIONS,
+    OFF_TOPIC_KINDS,
     REPLIES,
     OffTopic,
     Problem,
@@ -50,6 +51,7 @@ TASKS: tuple[tuple[str, int, int], ...] = (
 )
 HEADLINE = ("mul", 3, 2)
 TURNS = 4  # questions per evaluated conversation
+SAMPLED_SEEDS = 8  # sampled runs of each first-impression prompt
 _INT = re.compile(r"-?\d+")
 # A column step or restated problem ("7*6+4=46", "347*86", "=2082"): what an off-topic answer must not hold.
 TRACE_PATTERN = re.compile(r"\d\s*[-+*×]\s*\d|=\s*-?\d")
@@ -87,8 +89,8 @@ class Report:
     budgets: dict[str, dict[str, float]] = field(default_factory=dict)
     tool_call_valid: float = 0.0
     tool_answer: float = 0.0
-    # question k (1-based, as a string) of a TURNS-turn chat -> accuracy, history as the CLI keeps it;
-    # "after off-topic": an arithmetic question right after an off-topic turn
+    # "question k" of a TURNS-turn chat -> accuracy, history as the CLI keeps it; also the later
+    # questions asked alone, and question 2 right after an off-topic turn
     multi_turn: dict[str, float] = field(default_factory=dict)
     multi_turn_gold: dict[str, float] = field(default_factory=dict)  # same, gold answers in history
     # setting -> {"n", "clean", "reply"}: share without trace/tags/tool calls, share with the trained reply
@@ -121,16 +123,15 @@ class Report:
                 "",
                 f"{TURNS}-turn chats (thinking, mixed tasks): accuracy with the model's own earlier "
                 "answers in the history (as `qwenrun chat` keeps it) and with gold ones:",
-                f"{'':<28}{'own':>8}{'gold':>8}",
+                f"{'':<34}{'own':>8}{'gold':>8}",
             ]
-            for k, acc in self.multi_turn.items():
-                gold = self.multi_turn_gold.get(k)
-                name = f"question {k}"
-                rows.append(f"{name:<28}{acc:>8.1%}" + (f"{gold:>8.1%}" if gold is not None else ""))
+            for name, acc in self.multi_turn.items():
+                gold = self.multi_turn_gold.get(name)
+                rows.append(f"{name:<34}{acc:>8.1%}" + (f"{gold:>8.1%}" if gold is not None else ""))
         if self.off_topic:
-            rows += ["", f"{'off-topic prompts':<38}{'n':>5}{'clean':>8}{'reply':>8}"]
+            rows += ["", f"{'off-topic prompts':<40}{'n':>5}{'clean':>8}{'reply':>8}"]
             for name, r in self.off_topic.items():
-                rows.append(f"{name:<38}{r['n']:>5.0f}{r['clean']:>8.1%}{r['reply']:>8.1%}")
+                rows.append(f"{name:<40}{r['n']:>5.0f}{r['clean']:>8.1%}{r['reply']:>8.1%}")
         rows += [
             "",
             f"tool-call validity:          {self.tool_call_valid:.1%}",
@@ -235,8 +236,9 @@ def _mixed(rng: random.Random, n: int, seed: int, tasks: tuple[tuple[str, int, i
 def multi_turn(
     llm: Any, n: int, seed: int, tasks: tuple[tuple[str, int, int], ...], max_tokens: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Accuracy of question k of `n` TURNS-turn chats: (own history, gold history), plus, in the
-    first, the question after an off-topic turn."""
+    """Accuracy of question k of `n` TURNS-turn chats: (own history, gold history); the first also
+    has the later questions asked alone (their single-turn accuracy) and question 2 after an
+    off-topic turn instead of an arithmetic one."""
     from qwenrun.sampling.params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -257,7 +259,7 @@ def multi_turn(
             if o.reasoning_content:
                 answer["reasoning_content"] = o.reasoning_content
             chat.append(answer)
-        own[str(k + 1)] = ok / n
+        own[f"question {k + 1}"] = ok / n
     gold_chats, gold_probs = [], []
     for k in range(1, TURNS):
         for i in range(n):
@@ -271,12 +273,16 @@ def multi_turn(
             gold_chats.append([*chat, {"role": "user", "content": asked[k][i]}])
             gold_probs.append(turns[k][i])
     ok, _ = _correct(llm, gold_chats, gold_probs, max_tokens, enable_thinking=True)
-    gold = {str(k + 1): sum(ok[(k - 1) * n : k * n]) / n for k in range(1, TURNS)}
+    gold = {f"question {k + 1}": sum(ok[(k - 1) * n : k * n]) / n for k in range(1, TURNS)}
+    # The same later questions as first turns: the single-turn reference for exactly these problems.
+    alone = [[{"role": "user", "content": text}] for col in asked[1:] for text in col]
+    ok, _ = _correct(llm, alone, [p for col in turns[1:] for p in col], max_tokens, enable_thinking=True)
+    own[f"questions 2-{TURNS} asked alone"] = sum(ok) / len(ok)
     after = [
         [{"role": "user", "content": o.text}, {"role": "assistant", "content": o.reply}, {"role": "user", "content": q}]
         for o, q in zip((sample_off_topic(rng, heldout=True) for _ in range(n)), asked[1])
     ]
-    own["after off-topic"] = _accuracy(llm, after, turns[1], max_tokens, enable_thinking=True)
+    own["question 2 after an off-topic turn"] = _accuracy(llm, after, turns[1], max_tokens, enable_thinking=True)
     return own, gold
 
 
@@ -292,15 +298,19 @@ def is_clean(o: Any) -> bool:
 
 
 def off_topic(llm: Any, n: int, seed: int, max_tokens: int) -> dict[str, dict[str, float]]:
-    """Clean and honest-reply rates of off-topic prompts: held-out ones first in a chat (thinking on
-    and off) and third after two arithmetic turns, and the first-impression prompts."""
+    """Clean and honest-reply rates of off-topic prompts: held-out greetings, thanks and other
+    questions first in a chat (thinking on and off) and third after two arithmetic turns; held-out
+    arithmetic the model cannot do (division, powers, three numbers; thinking on); and the
+    first-impression prompts, greedy and sampled with the checkpoint's defaults as `qwenrun chat`
+    does."""
     from qwenrun.sampling.params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     rng = random.Random(f"off:{seed}")
-    held = [sample_off_topic(rng, heldout=True) for _ in range(n)]
+    chat_kinds = {k: w for k, w in OFF_TOPIC_KINDS.items() if k != "unsupported"}
+    held = [sample_off_topic(rng, heldout=True, kinds=chat_kinds) for _ in range(n)]
+    near = [sample_off_topic(rng, heldout=True, kinds={"unsupported": 1}) for _ in range(n)]
     first = list(FIRST_IMPRESSIONS)
-
     pool = iter(_mixed(rng, 2 * (len(held) + len(first)), seed + 20, TASKS))
 
     def history() -> list[dict[str, Any]]:
@@ -317,6 +327,7 @@ def off_topic(llm: Any, n: int, seed: int, max_tokens: int) -> dict[str, dict[st
         "held-out, first turn, thinking": (held, [[] for _ in held], True),
         "held-out, first turn, non-thinking": (held, [[] for _ in held], False),
         "held-out, third turn, thinking": (held, [history() for _ in held], True),
+        "held-out ÷, powers, 3 numbers": (near, [[] for _ in near], True),
         "first impressions, thinking": (first, [[] for _ in first], True),
         "first impressions, non-thinking": (first, [[] for _ in first], False),
         "first impressions, third turn": (first, [history() for _ in first], True),
@@ -325,12 +336,23 @@ def off_topic(llm: Any, n: int, seed: int, max_tokens: int) -> dict[str, dict[st
     for name, (items, pasts, think) in settings.items():
         convs = [[*past, {"role": "user", "content": o.text}] for o, past in zip(items, pasts)]
         outs = [out.outputs[0] for out in llm.chat(convs, params, enable_thinking=think)]
-        report[name] = {
-            "n": len(items),
-            "clean": sum(map(is_clean, outs)) / len(items),
-            "reply": sum((o.content or "").strip() in _REPLIES and is_clean(o) for o in outs) / len(items),
-        }
+        report[name] = _rates(outs)
+    # What a new user sees: `qwenrun chat` samples with the checkpoint's defaults (T 0.6, top-p 0.95).
+    convs = [[{"role": "user", "content": o.text}] for o in first]
+    defaults = llm.get_default_sampling_params()
+    outs = [
+        out.outputs[0]
+        for s in range(SAMPLED_SEEDS)
+        for out in llm.chat(convs, replace(defaults, seed=s, max_tokens=max_tokens))
+    ]
+    report["first impressions, sampled"] = _rates(outs)
     return report
+
+
+def _rates(outs: list[Any]) -> dict[str, float]:
+    clean = [is_clean(o) for o in outs]
+    honest = [c and (o.content or "").strip() in _REPLIES for c, o in zip(clean, outs)]
+    return {"n": len(outs), "clean": sum(clean) / len(outs), "reply": sum(honest) / len(outs)}
 
 
 def _call_value(call: Any) -> int | None:
