@@ -467,7 +467,7 @@ def test_soft_thinking_switch(messages: list[dict[str, Any]], expected: bool | N
 
 # ------------------------------------------------------------ hostile text and template kwargs
 
-BUNDLED = Path(__file__).resolve().parents[1] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
+BUNDLED = Path(__file__).resolve().parents[2] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
 
 
 def test_surrogates_in_messages_and_tools_give_a_prompt_that_tokenizes(

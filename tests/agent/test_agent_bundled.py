@@ -11,7 +11,7 @@ from mcp_servers.harness import child_pids, stdio_server
 from qwenrun import LLM, SamplingParams
 from qwenrun.agent import Agent, ToolRegistry, add_mcp_servers
 
-BUNDLED = Path(__file__).resolve().parents[1] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
+BUNDLED = Path(__file__).resolve().parents[2] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
 
 
 @pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled demo model not present")

@@ -22,7 +22,7 @@ import torch
 
 from qwenrun import kernels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A process that loads the kernels through `cpu_ops` with torch's `load` replaced by fake_load.
 # argv: mode ("build" or "hang": killed while it holds torch's baton), seconds one build takes,

@@ -13,7 +13,7 @@ from qwenrun import LLM, SamplingParams
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.linear import MergedLinear
 from qwenrun.quant.linear import (
-    Int4Linear, Int8Linear, QuantizedExperts, QuantizedLinear, dequantize_int4, pack_int4, quantize_int4,
+    QuantizedExperts, QuantizedLinear, dequantize_int4, pack_int4, quantize_int4,
     quantize_int8, unpack_int4,
 )
 from tiny import make_checkpoint
@@ -43,24 +43,6 @@ def test_int4_packing_round_trips():
     assert packed.shape == (8, 192)
     assert torch.equal(unpack_int4(packed), q)
     assert torch.equal(packed[0, :64] & 0xF, q[0, :64]) and torch.equal(packed[0, :64] >> 4, q[0, 64:128])
-
-
-def test_int8_kernel_equals_dequantized_matmul():
-    w = torch.randn(64, 128, dtype=torch.bfloat16)
-    x = torch.randn(5, 128, dtype=torch.bfloat16)
-    layer = Int8Linear.from_weight(w, None)
-    q, scale = quantize_int8(w)  # the reference weights from Python, not from the layer's own kernels
-    ref = x.float() @ (q.float() * scale[:, None]).T
-    assert (layer(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()
-
-
-def test_int4_kernel_equals_dequantized_matmul():
-    w = torch.randn(64, 128, dtype=torch.bfloat16)
-    x = torch.randn(5, 128, dtype=torch.bfloat16)
-    layer = Int4Linear.from_weight(w, None, 32)
-    q, scale, mins = quantize_int4(w, 32)
-    ref = x.float() @ dequantize_int4(q, scale, mins, 32).T
-    assert (layer(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 @pytest.fixture(scope="module", params=["dense-untied-gqa2", "moe-norm-topk"])
@@ -126,7 +108,7 @@ def test_bad_quantization_names_the_choices(models):
         LLM(folder, dtype="bfloat16", kv_cache_memory=8 << 20, quantization="int3")
 
 
-BUNDLED = Path(__file__).resolve().parents[1] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
+BUNDLED = Path(__file__).resolve().parents[2] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
 
 
 @pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled demo model not present")

@@ -22,7 +22,7 @@ from steered import make_steered_checkpoint
 
 from qwenrun.cli.serve import add_serve_parser, model_names, parse_size
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ The contract checked: every healthy request that stays connected ends with its p
 every hostile one gets an OpenAI- or Anthropic-style error (never a 5xx) or, where the server
 documents a repair (lone surrogates become U+FFFD, explicit fields win over `chat_template_kwargs`),
 a complete answer; afterwards every KV block is idle, nothing is queued, and the same process still
-serves. Counts are printed (`pytest -s tests/test_reliability.py`) for the closing note's figures.
+serves. Counts are printed (`pytest -s tests/server/test_reliability.py`) for the closing note's figures.
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+"""Rung (a), shared by the per-family smoke files: one model family run alone, no reference.
+
+Cheap checks that fail first and point at the family: every layer has a cache spec of the config's
+shape, logits have the vocabulary's shape and are finite in fp32 and bf16 (bf16 close to fp32),
+decode through the cache picks the tokens a cache-free full forward picks, and a batch of several
+prompts returns one completion of the asked length each with the cache whole afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qwenrun import LLM, SamplingParams
+from tiny import make_checkpoint
+
+PROMPTS = ([5, 17, 3], list(range(30, 52)), [200, 7, 7, 7, 9, 1, 64])
+
+
+def load(folder: Path, dtype: str) -> LLM:
+    return LLM(folder, dtype=dtype, device="cpu", kv_cache_memory=4 << 20)
+
+
+def run_all(name: str, tmp_path: Path) -> None:
+    folder, ref = make_checkpoint(name, tmp_path)
+    cfg = ref.config
+    fp32 = load(folder, "float32")
+    check_cache_specs(fp32, cfg)
+    check_logits(fp32, load(folder, "bfloat16"), cfg.vocab_size)
+    check_cache_vs_no_cache(fp32)
+    check_batch(fp32)
+
+
+def check_cache_specs(llm: LLM, cfg) -> None:
+    specs = llm.model.cache_specs(torch.float32)
+    assert len(specs) == cfg.num_hidden_layers
+    for spec in specs:
+        assert (spec.num_kv_heads, spec.head_dim) == (cfg.num_key_value_heads, cfg.head_dim)
+
+
+def check_logits(fp32: LLM, bf16: LLM, vocab: int) -> None:
+    for prompt in PROMPTS:
+        a, b = fp32.logits(prompt), bf16.logits(prompt)
+        assert a.shape == b.shape == (len(prompt), vocab)
+        assert a.dtype == b.dtype == torch.float32  # returned for scoring; bf16 computes in bf16
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert (a - b).abs().max() <= 0.1 * a.abs().max(), "bf16 far from fp32"
+
+
+def check_cache_vs_no_cache(llm: LLM) -> None:
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for prompt in PROMPTS:
+        [out] = llm.generate([prompt], params)
+        tokens = out.outputs[0].token_ids
+        full = llm.logits(prompt + tokens[:-1])
+        assert tokens == full[len(prompt) - 1:].argmax(-1).tolist()
+
+
+def check_batch(llm: LLM) -> None:
+    outs = llm.generate(list(PROMPTS), SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6] * len(PROMPTS)
+    assert [o.prompt_token_ids for o in outs] == list(PROMPTS)
+    llm.engine.pool.check_integrity()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
