@@ -7,13 +7,15 @@ import the engine; the runner (`ModelRunner.prepare`) and the trainer build it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qwenrun.layers.attention import AttentionMetadata
+from qwenrun.layers.recurrent import RecurrentMetadata
 
-# A layer's view of the cache: (K, V) for attention, (None, None) when the step runs without one.
+# A layer's view of the cache: (K, V) for attention, (conv states, recurrent states) `[num_slots, ...]`
+# for a linear-attention layer, (None, None) when the step runs without one.
 LayerCache = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
@@ -31,6 +33,9 @@ class ForwardBatch:
     caches: list[LayerCache] | None  # one view per layer; None: no cache (training, scoring whole sequences)
     logits_rows: torch.Tensor  # [N] rows whose hidden states become logits
     logits_counts: list[int]  # per request: its rows among logits_rows (0 while prefilling)
+    recurrent: RecurrentMetadata | None = None  # for models with linear-attention layers
+    # (src, dst) state slots to copy, in order, before the forward (checkpoint save / resume)
+    slot_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         assert self.positions.shape[-1] == self.input_ids.shape[0] == self.attention.num_tokens
@@ -48,4 +53,5 @@ class ForwardBatch:
         """Whole sequences attended among themselves with no KV cache; every row may give logits."""
         device = input_ids.device
         return cls(input_ids, positions, AttentionMetadata.without_cache(seq_lens, device), None,
-                   torch.arange(input_ids.shape[0], device=device), list(seq_lens))
+                   torch.arange(input_ids.shape[0], device=device), list(seq_lens),
+                   RecurrentMetadata.without_cache(seq_lens))
