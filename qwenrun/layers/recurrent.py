@@ -8,6 +8,12 @@ allocates `[num_slots, ...]` tensors from them and hands out slot indices. A ste
 `RecurrentMetadata` says, per sequence of the flat batch, which slot it reads and writes and whether
 that slot already holds its state (a continuing prefill chunk or a decode) or it starts from zeros.
 
+A step never overwrites the state it starts from: each sequence reads slot `slots[b]` and writes
+the state after the step into `out_slots[b]`, a second slot it owns (SGLang's ping-pong buffers).
+The scheduler swaps the two only once the step succeeded, so a step that raised (or whose sampling
+failed) can be run again from the same state, request by request, exactly as attention reruns from
+its untouched KV — at no copy cost.
+
 Slots also hold *state checkpoints* (copies of a sequence's state at a block boundary, for prefix
 reuse); `ForwardBatch.slot_copies` lists the copies to make before the forward, so a worker rank
 can apply them too.
@@ -54,32 +60,32 @@ class RecurrentMetadata:
     """Per sequence of the flat batch (batch order; its tokens are contiguous rows):
 
     - `query_lens[b]` new tokens start at row `query_starts[b]`;
-    - `slots[b]` is its state slot (`None` for the whole batch when the step runs without a cache:
-      every sequence then starts from zeros and no state is written back);
-    - `has_initial_state[b]`: the slot holds the state after its computed tokens; False means
-      start from zeros (the slot's old content is garbage) and overwrite it.
-
-    Layers read slots `slots[b]` of their cache tensors and write the state after the chunk back
-    into the same slots, in place.
+    - `slots[b]` is the slot it reads its state from and `out_slots[b]` the one it writes the state
+      after this step's tokens into (`None` for the whole batch when the step runs without a cache:
+      every sequence then starts from zeros and no state is written back). They may be equal (in
+      place), for callers that need no rerun;
+    - `has_initial_state[b]`: `slots[b]` holds the state after its computed tokens; False means
+      start from zeros (the slot's content is garbage) and ignore it.
     """
 
     query_lens: list[int]
     query_starts: list[int]
     slots: torch.Tensor | None  # [B] long
+    out_slots: torch.Tensor | None  # [B] long
     has_initial_state: list[bool]
 
     @classmethod
-    def build(cls, query_lens: list[int], slots: list[int] | None, has_initial_state: list[bool],
-              device: torch.device) -> RecurrentMetadata:
+    def build(cls, query_lens: list[int], slots: list[int] | None, out_slots: list[int] | None,
+              has_initial_state: list[bool], device: torch.device) -> RecurrentMetadata:
         starts = [0]
         for n in query_lens[:-1]:
             starts.append(starts[-1] + n)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=device) if slots is not None else None
-        return cls(list(query_lens), starts, slot_t, list(has_initial_state))
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device) if xs is not None else None  # noqa: E731
+        return cls(list(query_lens), starts, as_t(slots), as_t(out_slots), list(has_initial_state))
 
     @classmethod
     def without_cache(cls, seq_lens: list[int]) -> RecurrentMetadata:
-        return cls.build(seq_lens, None, [False] * len(seq_lens), torch.device("cpu"))
+        return cls.build(seq_lens, None, None, [False] * len(seq_lens), torch.device("cpu"))
 
     @property
     def is_decode_only(self) -> bool:
