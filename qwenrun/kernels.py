@@ -198,6 +198,11 @@ KERNELS: dict[str, Kernel] = {
         lambda x, weights, experts, m: x.shape[0] == 1 and m.fused_format is not None and _streams(x, m.fused_format),
         lambda lib, x, weights, experts, m: lib.moe_gemv(x, experts, weights, m.fused_format, *m.fused_weights()),
     ),
+    # (mixed_qkv [B, conv_dim], conv_states [S, conv_dim, K-1], conv_weight [conv_dim, K], slots [B] (read),
+    #  out_slots [B] (written), a [B, Hv], b [B, Hv], A_log [Hv], dt_bias [Hv], states [S, Hv, dk, dv] fp32,
+    #  z [B, Hv, dv], norm_weight [dv], eps, num_k_heads) -> [B, Hv, dv]: one Gated DeltaNet decode step;
+    #  no C++ kernel yet, the reference runs
+    "gdn_decode": Kernel(lambda *args: False, None),
 }
 
 Reference = TypeVar("Reference", bound=Callable[..., Any])
