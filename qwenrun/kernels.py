@@ -16,9 +16,10 @@ killed build left (torch's own `lock` file would otherwise make every later buil
 wait for another process's build (600 s), after which this process runs on torch kernels.
 
 Model and layer code never names a kernel: it calls operations (`rms_norm`, `qk_norm_rope_store`,
-`decode_attention`, `argmax`, the bf16 and quantized linears, `dequantize`, `routed_experts`), each a
-torch reference wrapped by `op`. `KERNELS` is the one table that says, per operation, on which arguments
-(device, dtype, shape) the C++ kernel computes it instead; everything else runs the reference.
+`decode_attention`, `argmax`, the bf16 and quantized linears, `dequantize`, `routed_experts`,
+`gdn_decode`), each a torch reference wrapped by `op`. `KERNELS` is the one table that says, per
+operation, on which arguments (device, dtype, shape) the C++ kernel computes it instead; everything else
+runs the reference.
 """
 
 from __future__ import annotations
@@ -200,9 +201,16 @@ KERNELS: dict[str, Kernel] = {
     ),
     # (mixed_qkv [B, conv_dim], conv_states [S, conv_dim, K-1], conv_weight [conv_dim, K], slots [B] (read),
     #  out_slots [B] (written), a [B, Hv], b [B, Hv], A_log [Hv], dt_bias [Hv], states [S, Hv, dk, dv] fp32,
-    #  z [B, Hv, dv], norm_weight [dv], eps, num_k_heads) -> [B, Hv, dv]: one Gated DeltaNet decode step;
-    #  no C++ kernel yet, the reference runs
-    "gdn_decode": Kernel(lambda *args: False, None),
+    #  z [B, Hv, dv], norm_weight [dv], eps, num_k_heads) -> [B, Hv, dv]: one Gated DeltaNet decode step.
+    #  The kernel takes head dims in whole vectors and everything but the fp32 state in the model dtype;
+    #  it raises if a sequence writes a slot another sequence of the batch reads or writes
+    "gdn_decode": Kernel(
+        lambda x, cs, cw, slots, out_slots, a, b, A_log, dt_bias, states, z, nw, eps, hk: _inference(x)
+        and states.dtype == torch.float32 and states.shape[-1] % 16 == 0 and states.shape[-2] % 16 == 0
+        and cs.is_contiguous() and states.is_contiguous()
+        and cs.dtype == cw.dtype == a.dtype == b.dtype == z.dtype == nw.dtype == x.dtype,
+        lambda lib, *args: lib.gdn_decode(*args),
+    ),
 }
 
 Reference = TypeVar("Reference", bound=Callable[..., Any])

@@ -821,6 +821,225 @@ at::Tensor argmax(const at::Tensor& x_) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gated DeltaNet decode: one new token per sequence through the causal depthwise conv, the delta rule
+// on the sequence's fp32 state and the gated RMSNorm, rounding where transformers' ops in the model
+// dtype round (`causal_conv1d_update`, `torch_recurrent_gated_delta_rule`, `Qwen3NextRMSNormGated`).
+//
+// The state (Hv·dk·dv fp32 per sequence: 2 MiB per layer at Qwen3-Next dims) is what bounds the step,
+// so each value head's state is streamed from memory once and written once. One read gives both Sᵀk
+// and Sᵀq of the old state; with α the decay, kv = α Sᵀk, δ = β (v − kv) and the output after the
+// update is o = α Sᵀq + (q·k) δ, so the rank-1 update S ← α S + k δᵀ is a second sweep over the same
+// block of columns while it is still in L1/L2.
+
+// one channel's conv over its window [src (K-1 older inputs), x], in fp32; the shifted window goes to
+// dst (src itself, or another slot's row)
+template <class T>
+inline float conv_channel(const T* src, T* dst, T x, const T* w, int64_t K) {
+  float acc = 0.f;
+  for (int64_t i = 0; i + 1 < K; ++i) acc += static_cast<float>(w[i]) * static_cast<float>(src[i]);
+  acc += static_cast<float>(w[K - 1]) * static_cast<float>(x);
+  for (int64_t i = 0; i + 2 < K; ++i) dst[i] = src[i + 1];
+  dst[K - 2] = x;
+  return acc;
+}
+
+inline __m512 silu512(__m512 v) {
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+// conv outputs y[n] (n a multiple of 16) -> T(silu(T(y))): the conv's output, then SiLU's, stored in T
+template <class T>
+inline void silu_rounded(float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, vrnd<T>(silu512(vrnd<T>(_mm512_loadu_ps(y + i)))));
+}
+
+// the state of one value head, NC vectors (NC*16 columns) at a time: S [dk, dv] read, the new state
+// written to S_out (S itself, or another slot's), o [dv] out
+template <int NC>
+void delta_rule_head(const float* S, float* S_out, int64_t dk, int64_t dv, const float* q, const float* k, const float* v, float alpha,
+                     float beta, float qk, float* o) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta), vqk = _mm512_set1_ps(qk);
+  for (int64_t c0 = 0; c0 < dv; c0 += NC * 16) {
+    __m512 sq[NC], sk[NC];
+    for (int c = 0; c < NC; ++c) sq[c] = sk[c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dk; ++i) {
+      const float* row = S + i * dv + c0;
+      const __m512 qi = _mm512_set1_ps(q[i]), ki = _mm512_set1_ps(k[i]);
+      for (int c = 0; c < NC; ++c) {
+        const __m512 s = _mm512_loadu_ps(row + c * 16);
+        sq[c] = _mm512_fmadd_ps(s, qi, sq[c]);
+        sk[c] = _mm512_fmadd_ps(s, ki, sk[c]);
+      }
+    }
+    __m512 d[NC];
+    for (int c = 0; c < NC; ++c) {
+      d[c] = _mm512_mul_ps(_mm512_fnmadd_ps(va, sk[c], _mm512_loadu_ps(v + c0 + c * 16)), vb);  // β (v − α Sᵀk)
+      _mm512_storeu_ps(o + c0 + c * 16, _mm512_fmadd_ps(va, sq[c], _mm512_mul_ps(vqk, d[c])));
+    }
+    for (int64_t i = 0; i < dk; ++i) {
+      const float* row = S + i * dv + c0;
+      float* dst = S_out + i * dv + c0;
+      const __m512 ki = _mm512_set1_ps(k[i]);
+      for (int c = 0; c < NC; ++c)
+        _mm512_storeu_ps(dst + c * 16, _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(_mm512_loadu_ps(row + c * 16), va)));
+    }
+  }
+}
+
+using DeltaRuleHead = void (*)(const float*, float*, int64_t, int64_t, const float*, const float*, const float*, float, float, float,
+                               float*);
+
+// columns per sweep: the widest block (up to 8 vectors, a 128-column row) that divides dv
+DeltaRuleHead delta_rule_for(int64_t dv) {
+  const int64_t n = dv / 16;
+  const int nc = n % 8 == 0 ? 8 : n % 7 == 0 ? 7 : n % 6 == 0 ? 6 : n % 5 == 0 ? 5 : n % 4 == 0 ? 4 : n % 3 == 0 ? 3
+                 : n % 2 == 0 ? 2 : 1;
+  switch (nc) {
+    case 8: return delta_rule_head<8>;
+    case 7: return delta_rule_head<7>;
+    case 6: return delta_rule_head<6>;
+    case 5: return delta_rule_head<5>;
+    case 4: return delta_rule_head<4>;
+    case 3: return delta_rule_head<3>;
+    case 2: return delta_rule_head<2>;
+    default: return delta_rule_head<1>;
+  }
+}
+
+inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold 20
+
+template <class T>
+void gdn_decode_impl(const at::Tensor& x, at::Tensor& conv_states, const at::Tensor& conv_w, const at::Tensor& slots,
+                     const at::Tensor& out_slots, const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
+                     at::Tensor& states, const at::Tensor& z, const at::Tensor& norm_w, float eps, int64_t Hk,
+                     at::Tensor& out) {
+  const int64_t B = x.size(0), C = x.size(1), K = conv_w.size(1), Hv = states.size(1), dk = states.size(2),
+                dv = states.size(3), r = Hv / Hk, km1 = K - 1;
+  const T* xp = x.data_ptr<T>();
+  T* csp = conv_states.data_ptr<T>();
+  const T* wp = conv_w.data_ptr<T>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* osl = out_slots.data_ptr<int64_t>();
+  const T* ap = a.data_ptr<T>();
+  const T* bp = b.data_ptr<T>();
+  const float* Ap = A_log.data_ptr<float>();
+  const float* dtp = dt_bias.data_ptr<float>();
+  float* Sp = states.data_ptr<float>();
+  const T* zp = z.data_ptr<T>();
+  const T* nw = norm_w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  // q and k channels are shared by the r value heads of a key head, so they (and their conv state) go
+  // first, one task per key head; each value head then owns its v channels
+  std::vector<float> qk(B * Hk * 2 * dk);
+  const float scale = 1.f / std::sqrt(static_cast<float>(dk));
+  at::parallel_for(0, B * Hk, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bi = t / Hk, g = t % Hk;
+      float* y = qk.data() + t * 2 * dk;  // [q dk | k dk]
+      for (int part = 0; part < 2; ++part)
+        for (int64_t c = 0; c < dk; ++c) {
+          const int64_t ch = part * Hk * dk + g * dk + c;
+          y[part * dk + c] = conv_channel(csp + (sl[bi] * C + ch) * km1, csp + (osl[bi] * C + ch) * km1,
+                                          xp[bi * C + ch], wp + ch * K, K);
+        }
+      silu_rounded<T>(y, 2 * dk);
+      for (int part = 0; part < 2; ++part) {  // l2-normalised in fp32, x * rsqrt(sum x^2 + 1e-6); q also / sqrt(dk)
+        float* p = y + part * dk;
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dk; i += 16) ss = _mm512_fmadd_ps(_mm512_loadu_ps(p + i), _mm512_loadu_ps(p + i), ss);
+        const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) + 1e-6f));
+        for (int64_t i = 0; i < dk; i += 16) {
+          __m512 u = _mm512_mul_ps(_mm512_loadu_ps(p + i), inv);
+          _mm512_storeu_ps(p + i, part == 0 ? _mm512_mul_ps(u, _mm512_set1_ps(scale)) : u);
+        }
+      }
+    }
+  });
+  const DeltaRuleHead head = delta_rule_for(dv);
+  at::parallel_for(0, B * Hv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> v(dv), o(dv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bi = t / Hv, h = t % Hv, s = sl[bi];
+      for (int64_t c = 0; c < dv; ++c) {
+        const int64_t ch = 2 * Hk * dk + h * dv + c;
+        v[c] = conv_channel(csp + (s * C + ch) * km1, csp + (osl[bi] * C + ch) * km1, xp[bi * C + ch], wp + ch * K, K);
+      }
+      silu_rounded<T>(v.data(), dv);
+      const float* q = qk.data() + (bi * Hk + h / r) * 2 * dk;
+      const float* k = q + dk;
+      float qdk = 0.f;
+      for (int64_t i = 0; i < dk; ++i) qdk += q[i] * k[i];
+      const float bv = static_cast<float>(bp[bi * Hv + h]);
+      const float beta = rnd<T>(1.f / (1.f + std::exp(-bv)));  // sigmoid in the model dtype
+      const float gdec = -std::exp(Ap[h]) * softplus(static_cast<float>(ap[bi * Hv + h]) + dtp[h]);
+      head(Sp + (s * Hv + h) * dk * dv, Sp + (osl[bi] * Hv + h) * dk * dv, dk, dv, q, k, v.data(), std::exp(gdec), beta, qdk, o.data());
+      // gated RMSNorm: o leaves the delta rule in T; w * T(o * rsqrt(mean(o^2) + eps)) in T; * silu(z) in fp32
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t i = 0; i < dv; i += 16) {
+        const __m512 u = vrnd<T>(_mm512_loadu_ps(&o[i]));
+        _mm512_storeu_ps(&o[i], u);
+        ss = _mm512_fmadd_ps(u, u, ss);
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / dv + eps));
+      for (int64_t i = 0; i < dv; i += 16) {
+        const __m512 n = vrnd<T>(_mm512_mul_ps(load16(nw + i), vrnd<T>(_mm512_mul_ps(_mm512_loadu_ps(&o[i]), inv))));
+        store16(op + t * dv + i, _mm512_mul_ps(n, silu512(load16(zp + t * dv + i))), 0xffff);
+      }
+    }
+  });
+}
+
+// mixed_qkv [B, conv_dim] (channels q | k | v, head-major); conv_states [S, conv_dim, K-1] and states
+// [S, Hv, dk, dv] fp32 are read at rows slots[b] and written at rows out_slots[b]; returns [B, Hv, dv].
+// Sequences run concurrently, so no sequence may write a row another one reads or writes.
+at::Tensor gdn_decode(const at::Tensor& mixed_qkv, at::Tensor& conv_states, const at::Tensor& conv_weight,
+                      const at::Tensor& slots, const at::Tensor& out_slots, const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log,
+                      const at::Tensor& dt_bias, at::Tensor& states, const at::Tensor& z, const at::Tensor& norm_weight,
+                      double eps, int64_t num_k_heads) {
+  TORCH_CHECK(states.dim() == 4 && states.scalar_type() == at::kFloat && states.is_contiguous(),
+              "states must be contiguous fp32 [S, Hv, dk, dv]");
+  const int64_t S = states.size(0), Hv = states.size(1), dk = states.size(2), dv = states.size(3), Hk = num_k_heads;
+  TORCH_CHECK(Hk > 0 && Hv % Hk == 0 && dk % 16 == 0 && dv % 16 == 0, "value heads must be a multiple of key heads, "
+              "head dims multiples of 16");
+  TORCH_CHECK(mixed_qkv.dim() == 2 && mixed_qkv.size(1) == 2 * Hk * dk + Hv * dv, "mixed_qkv must be [B, 2 Hk dk + Hv dv]");
+  const int64_t B = mixed_qkv.size(0), C = mixed_qkv.size(1);
+  TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) == C && conv_weight.size(1) >= 2, "conv weight must be [conv_dim, K >= 2]");
+  TORCH_CHECK(conv_states.dim() == 3 && conv_states.is_contiguous() && conv_states.size(0) == S &&
+                  conv_states.size(1) == C && conv_states.size(2) == conv_weight.size(1) - 1,
+              "conv_states must be contiguous [S, conv_dim, K-1]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == B &&
+                  out_slots.scalar_type() == at::kLong && out_slots.sizes() == slots.sizes(),
+              "one int64 slot and out slot per sequence");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.dim() == 2 && a.size(0) == B && a.size(1) == Hv, "a and b must be [B, Hv]");
+  TORCH_CHECK(z.dim() == 3 && z.size(0) == B && z.size(1) == Hv && z.size(2) == dv, "z must be [B, Hv, dv]");
+  TORCH_CHECK(A_log.numel() == Hv && dt_bias.numel() == Hv && norm_weight.numel() == dv, "A_log, dt_bias [Hv], norm weight [dv]");
+  const auto dt = mixed_qkv.scalar_type();
+  for (const at::Tensor& t : {conv_states, conv_weight, a, b, z, norm_weight})
+    TORCH_CHECK(t.scalar_type() == dt, "conv state and weight, a, b, z and the norm weight must be in the model dtype");
+  at::Tensor sl = slots.contiguous(), osl = out_slots.contiguous();
+  const int64_t* in = sl.data_ptr<int64_t>();
+  const int64_t* to = osl.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK(in[i] >= 0 && in[i] < S && to[i] >= 0 && to[i] < S, "slot out of range");
+    for (int64_t j = 0; j < B; ++j)
+      TORCH_CHECK(j == i || (to[i] != to[j] && to[i] != in[j]), "sequence ", i, " writes slot ", to[i],
+                  ", which another sequence of the batch reads or writes");
+  }
+  at::Tensor out = at::empty({B, Hv, dv}, mixed_qkv.options());
+  if (B == 0) return out;
+  at::Tensor x = mixed_qkv.contiguous(), w = conv_weight.contiguous(), ac = a.contiguous(), bc = b.contiguous(),
+             zc = z.contiguous(), nwc = norm_weight.contiguous();
+  at::Tensor Af = A_log.to(at::kFloat).contiguous(), dtf = dt_bias.to(at::kFloat).contiguous();  // fp32 in the reference too
+  if (dt == at::kBFloat16)
+    gdn_decode_impl<bf16>(x, conv_states, w, sl, osl, ac, bc, Af, dtf, states, zc, nwc, float(eps), Hk, out);
+  else if (dt == at::kFloat)
+    gdn_decode_impl<float>(x, conv_states, w, sl, osl, ac, bc, Af, dtf, states, zc, nwc, float(eps), Hk, out);
+  else
+    TORCH_CHECK(false, "gdn_decode supports bf16 and fp32");
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -836,4 +1055,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("argmax", &argmax);
   m.def("moe_gemv", &moe_gemv);
+  m.def("gdn_decode", &gdn_decode);
 }
