@@ -1,11 +1,18 @@
 """The cache side of the engine: sized from the model's per-layer specs, owned by the scheduler.
 
-`CacheManager` is the one place that hands out cache memory. Its first (and today only) pool is the
-paged KV `BlockPool`; each request holds one `CacheHandle` (its block table, the names of its full
-blocks, how many of them are in the prefix index). The scheduler admits, grows, commits and frees
-through the manager, never through the pool, so `check_integrity` can compare every handle with the
-pool's reference counts; the scheduler runs it whenever it goes idle (mini-sglang's scheduler does
-the same).
+`CacheManager` is the one place that hands out cache memory, from two pools under one budget: the
+paged KV `BlockPool` for attention layers and, for hybrid models (Gated DeltaNet layers), the
+`SlotPool` of fixed-size recurrent state slots (state_cache.py). Each request holds one `CacheHandle`
+(its block table, the names of its full blocks, how many are in the prefix index, its state slots).
+The scheduler admits, grows, commits and frees through the manager, never through the pools, so
+`check_integrity` can compare every handle with the pools; the scheduler runs it whenever it goes
+idle (mini-sglang's scheduler does the same).
+
+Prefix reuse for hybrid models needs the recurrent state at the reuse point, which KV blocks cannot
+give back. The manager keeps state checkpoints at block boundaries of each prompt: at the end of every
+prefill chunk, which it aligns to blocks (`chunk`), and at the last block boundary of the prompt —
+the junction where the next turn of a chat diverges, since the template drops the reasoning the model
+wrote after it. A hit resumes at the latest checkpoint whose blocks are all cached.
 """
 
 from __future__ import annotations
@@ -19,8 +26,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwenrun.engine.kv_cache import BlockPool, CacheHandle, KVCache, block_hash
+from qwenrun.engine.state_cache import SlotPool, StateCache
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.attention import KVCacheSpec
+from qwenrun.layers.forward_batch import LayerCache
+from qwenrun.layers.recurrent import RecurrentStateSpec
+
+CacheSpec = KVCacheSpec | RecurrentStateSpec
 
 if TYPE_CHECKING:
     from qwenrun.engine.request import Request
@@ -34,37 +46,68 @@ class PrefixHit:
 
     blocks: list[int]
     num_tokens: int
+    checkpoint: int | None = None  # hybrid models: the state slot to resume from
 
 
 class CacheManager:
-    """Admission, allocation, prefix reuse and rollback over the paged KV cache.
+    """Admission, allocation, prefix reuse and rollback over the paged KV cache and the state slots.
 
-    Invariants (`check_integrity`): the pool's own (free list, ref counts, prefix index); every
-    block's ref count equals the number of live handles whose table holds it; a handle's
-    registered blocks are named and in its table.
+    Invariants (`check_integrity`): each pool's own; every block's ref count equals the number of
+    live handles whose table holds it; a handle's registered blocks are named and in its table; a
+    hybrid model's live requests own two distinct state slots each.
     """
 
-    def __init__(self, specs: Sequence[KVCacheSpec], num_blocks: int, block_size: int, device: torch.device,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(self, specs: Sequence[CacheSpec], num_blocks: int, block_size: int, device: torch.device,
+                 enable_prefix_caching: bool = True, num_state_slots: int = 0) -> None:
         self.specs, self.block_size = list(specs), block_size
-        self.kv = KVCache(specs, num_blocks, block_size, device)
+        self.enable_prefix_caching = enable_prefix_caching
+        attention = {i: s for i, s in enumerate(self.specs) if isinstance(s, KVCacheSpec)}
+        recurrent = {i: s for i, s in enumerate(self.specs) if isinstance(s, RecurrentStateSpec)}
+        self.kv = KVCache(attention, num_blocks, block_size, device)
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self._live: dict[int, CacheHandle] = {}  # id(handle) -> handle, for every handle holding blocks
+        self.state = StateCache(recurrent, num_state_slots, device) if recurrent else None
+        self.slots = SlotPool(num_state_slots) if recurrent else None
+        # one view per model layer, in layer order: what ForwardBatch.caches carries
+        self.layers: list[LayerCache] = [self.kv.layers[i] if i in attention else self.state.layers[i]  # type: ignore[union-attr]
+                                         for i in range(len(self.specs))]
+        self._live: dict[int, CacheHandle] = {}  # id(handle) -> handle, for every handle holding blocks or slots
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.state is not None
 
     @classmethod
-    def from_budget(cls, specs: Sequence[KVCacheSpec], budget: int, block_size: int, context: int,
+    def from_budget(cls, specs: Sequence[CacheSpec], budget: int, block_size: int, context: int,
                     max_num_seqs: int, device: torch.device, enable_prefix_caching: bool = True,
                     context_required: bool = False) -> tuple[CacheManager, int]:
         """A cache of at most `budget` bytes (and no more than `max_num_seqs` full contexts), and the
         context window it allows.
 
+        A hybrid model's state slots come first: two per running sequence for up to half the
+        budget (so fewer than `max_num_seqs` may fit: the scheduler admits by free slots), and, with
+        prefix caching, checkpoint slots for up to a quarter more (at most four per running
+        sequence); the KV blocks get the rest.
+
         Raises:
             InvalidRequestError: it holds fewer tokens than `context` while the context was asked
-                for (`context_required`), or fewer than min(context, 256) tokens. Otherwise a
-                smaller cache shrinks the context window, with a warning.
+                for (`context_required`), or fewer than min(context, 256) tokens, or not even one
+                sequence's state. Otherwise a smaller cache shrinks the context window, with a warning.
         """
-        per_block = KVCache.bytes_per_block(specs, block_size)
-        num_blocks = min(budget // per_block, -(-context // block_size) * max_num_seqs)
+        per_slot = StateCache.bytes_per_slot(s for s in specs if isinstance(s, RecurrentStateSpec))
+        num_slots = running = 0
+        if per_slot:
+            running = min(max_num_seqs, budget // 2 // (2 * per_slot))
+            if running < 1:
+                raise InvalidRequestError(
+                    f"the cache memory ({budget / 2**20:.0f} MiB) cannot hold the recurrent state of one sequence "
+                    f"({2 * per_slot / 2**20:.1f} MiB with its step buffer, at most half the budget); "
+                    "raise kv_cache_memory"
+                )
+            checkpoints = min(budget // 4 // per_slot, 4 * running) if enable_prefix_caching else 0
+            num_slots = 2 * running + checkpoints
+            budget -= num_slots * per_slot
+        per_block = KVCache.bytes_per_block([s for s in specs if isinstance(s, KVCacheSpec)], block_size)
+        num_blocks = min(budget // per_block, -(-context // block_size) * (running or max_num_seqs))
         capacity = num_blocks * block_size
         if capacity < context:
             if context_required or capacity < min(context, 256):
@@ -74,29 +117,63 @@ class CacheManager:
                 )
             logger.warning("context window limited to %d tokens by the KV cache memory", capacity)
             context = capacity
-        return cls(specs, num_blocks, block_size, device, enable_prefix_caching), context
+        manager = cls(specs, num_blocks, block_size, device, enable_prefix_caching, num_slots)
+        if per_slot:
+            logger.info("recurrent state: %.1f MiB per sequence; %d sequences can run at once, %d state "
+                        "checkpoints for prefix reuse", per_slot / 2**20, running, num_slots - 2 * running)
+        return manager, context
 
     # ------------------------------------------------------------------------------ admission
     def match(self, req: Request) -> PrefixHit:
         """The cached blocks that `req`'s tokens start with (at least one token is left to compute:
-        it yields the logits)."""
+        it yields the logits). For a hybrid model, only up to the latest block with a state checkpoint."""
         full = (len(req.token_ids) - 1) // self.block_size
         self._name_blocks(req, full)
-        blocks = self.pool.match(req.cache.block_hashes[:full])
-        return PrefixHit(blocks, len(blocks) * self.block_size)
+        hashes = req.cache.block_hashes
+        blocks = self.pool.match(hashes[:full])
+        if self.slots is None:
+            return PrefixHit(blocks, len(blocks) * self.block_size)
+        for n in range(len(blocks), 0, -1):
+            if self.slots.has(hashes[n - 1]):
+                return PrefixHit(blocks[:n], n * self.block_size, self.slots.find(hashes[n - 1]))
+        return PrefixHit([], 0)
 
     def can_admit(self, hit: PrefixHit, num_tokens: int) -> bool:
-        """Whether a request starting with `hit` can have `num_tokens` more tokens in blocks now."""
+        """Whether a request starting with `hit` can have `num_tokens` more tokens in blocks (and,
+        for a hybrid model, its two state slots) now."""
+        if self.slots is not None and self.slots.num_available(keep=hit.checkpoint) < 2:
+            return False
         need = -(-(hit.num_tokens + num_tokens) // self.block_size) - len(hit.blocks)
         return need <= self.pool.num_free_after_share(hit.blocks)
 
     def take(self, req: Request, hit: PrefixHit) -> None:
-        """Share the hit's blocks as the start of `req`'s (empty) block table."""
-        assert not req.cache.block_table, "take() starts a block table"
+        """Share the hit's blocks as the start of `req`'s (empty) block table; a hybrid model's
+        request also gets its state slots, the first holding the hit's checkpoint."""
+        h = req.cache
+        assert not h.block_table and not h.state_slots, "take() starts a handle"
         self.pool.share(hit.blocks)
-        req.cache.block_table = list(hit.blocks)
-        if hit.blocks:
-            self._live[id(req.cache)] = req.cache
+        h.block_table = list(hit.blocks)
+        if self.slots is not None:
+            h.state_slots = self.slots.allocate(2, keep=hit.checkpoint)
+            if hit.checkpoint is not None:
+                self.state.copy(hit.checkpoint, h.state_slots[0])  # type: ignore[union-attr]
+        if h.block_table or h.state_slots:
+            self._live[id(h)] = h
+
+    def chunk(self, req: Request, num_tokens: int) -> int:
+        """How many of the next `num_tokens` tokens to schedule now. A hybrid model's prefill chunks
+        end on block boundaries, where `commit` checkpoints the state, and stop once at the block
+        boundary before the request's junction (the next chat turn resumes there); otherwise all."""
+        if self.slots is None or not self.enable_prefix_caching:
+            return num_tokens
+        bs, start = self.block_size, req.num_computed_tokens
+        end, total = start + num_tokens, len(req.token_ids)
+        junction = req.junction // bs * bs
+        if start < junction < end:
+            end = junction
+        elif end < total and end // bs * bs > start:
+            end = end // bs * bs
+        return end - start
 
     # ----------------------------------------------------------------------------- allocation
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
@@ -111,8 +188,8 @@ class CacheManager:
         self._extend(req.cache, self.blocks_needed(req, num_tokens))
 
     def free(self, req: Request) -> None:
-        """Return `req`'s blocks (named ones stay cached for later prompts); its names are kept, as
-        they describe its tokens, not its blocks."""
+        """Return `req`'s blocks (named ones stay cached for later prompts) and state slots; its
+        names are kept, as they describe its tokens, not its blocks."""
         self._free(req.cache)
 
     @contextmanager
@@ -133,13 +210,17 @@ class CacheManager:
 
     def _free(self, handle: CacheHandle) -> None:
         self.pool.free(handle.block_table)
-        handle.block_table = []
+        if handle.state_slots:
+            self.slots.free(handle.state_slots)  # type: ignore[union-attr]
+        handle.block_table, handle.state_slots = [], []
         handle.num_registered_blocks = 0
         self._live.pop(id(handle), None)
 
     # ------------------------------------------------------------------------- prefix index
     def commit(self, req: Request) -> None:
-        """Name the blocks that `req`'s computed tokens filled, so later prompts can reuse them.
+        """After a step of `req` succeeded: name the blocks its computed tokens filled, so later
+        prompts can reuse them; for a hybrid model, make the state the step wrote current (swap
+        the two slots) and checkpoint it when it ends a block of the prompt.
 
         Call it only for tokens that are final (after acceptance): a committed block may be shared
         and is never written again."""
@@ -149,6 +230,14 @@ class CacheManager:
         for i in range(h.num_registered_blocks, full):
             self.pool.register(h.block_table[i], h.block_hashes[i])
         h.num_registered_blocks = max(h.num_registered_blocks, full)
+        if self.slots is None:
+            return
+        h.state_slots.reverse()
+        computed = req.num_computed_tokens
+        if self.enable_prefix_caching and computed % self.block_size == 0 and 0 < computed <= req.num_prompt_tokens:
+            slot = self.slots.checkpoint_slot(h.block_hashes[full - 1])
+            if slot is not None:
+                self.state.copy(h.state_slots[0], slot)  # type: ignore[union-attr]
 
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Forget the K/V of `req`'s last `num_tokens` computed tokens (rejected draft tokens).
@@ -158,6 +247,8 @@ class CacheManager:
         uncommitted tokens can go (committed blocks may be shared). The caller (the scheduler)
         then lowers `num_computed_tokens` by `num_tokens`: it alone changes request state.
         """
+        if self.slots is not None and num_tokens:
+            raise NotImplementedError("recurrent state cannot be rolled back by tokens")
         keep = req.num_computed_tokens - num_tokens
         h = req.cache
         assert 0 <= num_tokens and keep >= h.num_registered_blocks * self.block_size, \
@@ -166,7 +257,7 @@ class CacheManager:
         self.pool.free(h.block_table[kept:])
         del h.block_table[kept:]
         del h.block_hashes[keep // self.block_size :]
-        if not h.block_table:
+        if not h.block_table and not h.state_slots:
             self._live.pop(id(h), None)
 
     def _name_blocks(self, req: Request, full: int) -> None:
@@ -186,10 +277,18 @@ class CacheManager:
         """Assert the invariants in the class docstring (AssertionError names the broken one)."""
         self.pool.check_integrity()
         refs = [0] * self.pool.num_blocks
+        slots: list[int] = []
         for h in self._live.values():
-            assert h.block_table, "a live handle holds no blocks"
+            assert h.block_table or h.state_slots, "a live handle holds nothing"
             assert h.num_registered_blocks <= min(len(h.block_table), len(h.block_hashes)), \
                 "a handle registered blocks it does not hold"
             for b in h.block_table:
                 refs[b] += 1
+            assert len(h.state_slots) == (2 if self.slots is not None else 0), "a handle without its two state slots"
+            slots += h.state_slots
         assert refs == self.pool.ref_counts, "block ref counts disagree with the requests' block tables"
+        if self.slots is not None:
+            self.slots.check_integrity()
+            assert len(set(slots)) == len(slots), "two requests share a state slot"
+            assert len(slots) == self.slots.num_slots - self.slots.num_free - self.slots.num_checkpoints, \
+                "owned state slots disagree with the requests' handles"

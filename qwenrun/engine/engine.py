@@ -49,6 +49,17 @@ def default_kv_cache_memory(device: torch.device) -> int:
     return min(ram // 5, 4 << 30)
 
 
+def _junction(prompt: list[int], tokenizer: Tokenizer | None) -> int:
+    """The last `<|im_start|>` of a chat prompt (the next turn keeps everything before it: its
+    template may render this turn's header and reasoning differently), else the prompt's end."""
+    start = tokenizer.im_start_id if tokenizer is not None else None
+    if start is not None:
+        for i in range(len(prompt) - 1, -1, -1):
+            if prompt[i] == start:
+                return i
+    return len(prompt)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -83,7 +94,8 @@ class LLMEngine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         vocab = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
-        self.runner = ModelRunner(model, cfg, self.cache.kv, vocab, self.eos_token_ids, device)
+        self.runner = ModelRunner(model, cfg, self.cache.layers, block_size, self.cache.is_hybrid, vocab,
+                                  self.eos_token_ids, device)
         self.early_stop_ids: tuple[int, ...] = tuple(tokenizer.encode(EARLY_STOP_TEXT)) if tokenizer else ()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -156,6 +168,7 @@ class LLMEngine:
             if self.tokenizer
             else None,
             generator=make_generator(params.seed, self.device),
+            junction=_junction(prompt, self.tokenizer),
         )
         return req
 

@@ -27,19 +27,22 @@ class CacheHandle:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # names of the full blocks of the token ids
     num_registered_blocks: int = 0  # leading blocks named in the prefix index
+    # hybrid models: [read, write] state slots (the next step reads the first, writes the second)
+    state_slots: list[int] = field(default_factory=list)
 
 
 class KVCache:
     """Per attention layer K and V of shape [kv_heads, num_blocks * block_size, head_dim] (head-major),
-    allocated once from the model's per-layer specs."""
+    allocated once from the model's per-layer specs and keyed by layer index (a hybrid model's other
+    layers keep recurrent state instead: state_cache.py)."""
 
-    def __init__(self, specs: Sequence[KVCacheSpec], num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, specs: dict[int, KVCacheSpec], num_blocks: int, block_size: int, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.layers = [
-            tuple(torch.zeros((s.num_kv_heads, num_blocks * block_size, s.head_dim), dtype=s.dtype, device=device)
-                  for _ in range(2))
-            for s in specs
-        ]
+        self.layers = {
+            i: tuple(torch.zeros((s.num_kv_heads, num_blocks * block_size, s.head_dim), dtype=s.dtype, device=device)
+                     for _ in range(2))
+            for i, s in specs.items()
+        }
 
     @staticmethod
     def bytes_per_block(specs: Sequence[KVCacheSpec], block_size: int) -> int:

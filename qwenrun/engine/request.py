@@ -81,6 +81,10 @@ class Request:
     thinking: Thinking
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    # Where the next turn of a chat may diverge from this prompt: the last `<|im_start|>` (the
+    # header the model answers under), else the prompt's end. Hybrid models checkpoint their state
+    # at the block boundary before it, so the next turn resumes there.
+    junction: int | None = None
     token_ids: list[int] = field(init=False)  # prompt + output, appended in place
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
     cache: CacheHandle = field(default_factory=CacheHandle, init=False)  # its blocks, their names
@@ -94,6 +98,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.junction is None:
+            self.junction = len(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
 

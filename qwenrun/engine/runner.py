@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.engine.kv_cache import KVCache
 from qwenrun.engine.request import Request, ScheduledBatch, StepResult
 from qwenrun.layers.attention import AttentionMetadata
-from qwenrun.layers.forward_batch import ForwardBatch
+from qwenrun.layers.forward_batch import ForwardBatch, LayerCache
+from qwenrun.layers.recurrent import RecurrentMetadata
 from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab, sample
 
 
@@ -21,12 +21,17 @@ class ModelRunner:
         self,
         model: nn.Module,
         config: ModelConfig,
-        kv_cache: KVCache,
+        layers: list[LayerCache],
+        block_size: int,
+        hybrid: bool,
         valid_vocab_size: int,
         eos_token_ids: tuple[int, ...],
         device: torch.device,
     ) -> None:
-        self.model, self.config, self.kv = model, config, kv_cache
+        """`layers`: the cache's view per model layer; `hybrid`: some layers keep recurrent state, so
+        each step also says which state slots each sequence reads and writes."""
+        self.model, self.config = model, config
+        self.layers, self.block_size, self.hybrid = layers, block_size, hybrid
         self.valid_vocab_size = min(valid_vocab_size, config.vocab_size)
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -47,12 +52,19 @@ class ModelRunner:
             batch.num_tokens,
             [r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)],
             [r.cache.block_table for r in batch.requests],
-            self.kv.block_size,
+            self.block_size,
             self.device,
         )
+        recurrent = None
+        if self.hybrid:
+            recurrent = RecurrentMetadata.build(
+                batch.num_tokens, [r.cache.state_slots[0] for r in batch.requests],
+                [r.cache.state_slots[1] for r in batch.requests],
+                [r.num_computed_tokens > 0 for r in batch.requests], self.device,
+            )
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
-        return ForwardBatch(as_tensor(ids), as_tensor(positions), meta, self.kv.layers, as_tensor(rows),
-                            [int(s) for s in batch.samples])
+        return ForwardBatch(as_tensor(ids), as_tensor(positions), meta, self.layers, as_tensor(rows),
+                            [int(s) for s in batch.samples], recurrent)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, fb: ForwardBatch) -> StepResult:
@@ -110,10 +122,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
-        """Teacher-forced logits [T, vocab] of one sequence, through the same attention path."""
+        """Teacher-forced logits [T, vocab] of one sequence, through the same attention path (a
+        hybrid model's recurrent layers start from zeros and keep no state: no slot is touched)."""
         T = len(token_ids)
-        meta = AttentionMetadata.build([T], [T], [block_table], self.kv.block_size, self.device)
+        meta = AttentionMetadata.build([T], [T], [block_table], self.block_size, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         rows = torch.arange(T, device=self.device)
-        fb = ForwardBatch(ids, rows, meta, self.kv.layers, rows, [T])
+        recurrent = RecurrentMetadata.build([T], None, None, [False], self.device) if self.hybrid else None
+        fb = ForwardBatch(ids, rows, meta, self.layers, rows, [T], recurrent)
         return self.model.compute_logits(self.model(fb))

@@ -50,7 +50,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_new_tokens, budget)
+            n = self.cache.chunk(req, min(req.num_new_tokens, budget))
             if self._grow(req, n):
                 reqs.append(req)
                 counts.append(n)
@@ -78,13 +78,15 @@ class Scheduler:
         return True
 
     def _admit(self, req: Request, budget: int) -> int:
-        """Share cached prefix blocks and allocate the first chunk; 0 if it does not fit yet."""
+        """Share cached prefix blocks (and a hybrid model's state checkpoint) and allocate the first
+        chunk; 0 if it does not fit yet (blocks, or state slots for a hybrid model)."""
         hit = self.cache.match(req)
         n = min(len(req.token_ids) - hit.num_tokens, budget)
         if not self.cache.can_admit(hit, n):
             return 0
         self.cache.take(req, hit)
         req.num_computed_tokens = hit.num_tokens
+        n = self.cache.chunk(req, n)
         self.cache.allocate(req, n)
         req.status = Status.RUNNING
         self.stats.prompt_tokens_seen += len(req.token_ids)
@@ -92,8 +94,8 @@ class Scheduler:
         return n
 
     def update(self, batch: ScheduledBatch, result: StepResult) -> None:
-        """Count each request's scheduled chunk as computed once its step succeeded, and commit the
-        blocks that became full so later prompts can reuse them.
+        """Count each request's scheduled chunk as computed once its step succeeded, and commit it
+        (the blocks that became full, a hybrid model's new state).
 
         The one place request progress advances (the runner changes nothing): a request whose step
         failed (`result.errors`) stays as it was scheduled, so it can be run again or failed. What

@@ -7,7 +7,7 @@ import the engine; the runner (`ModelRunner.prepare`) and the trainer build it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +34,6 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [N] rows whose hidden states become logits
     logits_counts: list[int]  # per request: its rows among logits_rows (0 while prefilling)
     recurrent: RecurrentMetadata | None = None  # for models with linear-attention layers
-    # (src, dst) state slots to copy, in order, before the forward (checkpoint save / resume)
-    slot_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         assert self.positions.shape[-1] == self.input_ids.shape[0] == self.attention.num_tokens

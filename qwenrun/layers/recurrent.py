@@ -14,9 +14,8 @@ The scheduler swaps the two only once the step succeeded, so a step that raised 
 failed) can be run again from the same state, request by request, exactly as attention reruns from
 its untouched KV — at no copy cost.
 
-Slots also hold *state checkpoints* (copies of a sequence's state at a block boundary, for prefix
-reuse); `ForwardBatch.slot_copies` lists the copies to make before the forward, so a worker rank
-can apply them too.
+Other slots hold *state checkpoints* (copies of a sequence's state at a block boundary, for prefix
+reuse); the cache side makes those copies itself, between steps, so a model never sees them.
 """
 
 from __future__ import annotations

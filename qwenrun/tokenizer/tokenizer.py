@@ -19,6 +19,7 @@ import tokenizers
 
 from qwenrun.errors import CheckpointError
 
+IM_START = "<|im_start|>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 TOOL_CALL_START = "<tool_call>"
@@ -146,6 +147,7 @@ class Tokenizer:
         self.tool_call_start_id = self.token_to_id(TOOL_CALL_START)
         self.tool_call_end_id = self.token_to_id(TOOL_CALL_END)
         self.im_end_id = self.token_to_id(IM_END)
+        self.im_start_id = self.token_to_id(IM_START)
 
     @classmethod
     def from_dir(cls, path: Path) -> Tokenizer:
