@@ -65,6 +65,65 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
 }
 
 
+# The hybrid Gated DeltaNet block (Qwen3-Next, Qwen3.5, Qwen3.5-MoE): 4 layers, partial rotary, and
+# variants over the layer pattern (full_attention_interval 4 / 2, explicit layer_types), value/key head
+# ratio 1, 2, 4, key dim != value dim, dense/MoE mixes (mlp_only_layers), tied/untied, attention bias.
+HYBRID_BASE = dict(
+    num_hidden_layers=4,
+    head_dim=32,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=24,
+    linear_conv_kernel_dim=4,
+)
+_NEXT_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+          "mrope_interleaved": True}
+HYBRID_CONFIGS: dict[str, tuple[str, dict, dict]] = {
+    "next-interval4-moe": ("Qwen3Next", dict(_NEXT_MOE, norm_topk_prob=True, tie_word_embeddings=False), {}),
+    "next-interval2-mlponly-tied-bias": (
+        "Qwen3Next",
+        dict(_NEXT_MOE, full_attention_interval=2, linear_num_value_heads=2, linear_value_head_dim=16,
+             mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=True, attention_bias=True),
+        {},
+    ),
+    "next-layertypes-dense-ratio4": (
+        "Qwen3Next",
+        dict(num_experts=0, layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+             linear_num_key_heads=1, linear_num_value_heads=4, linear_key_head_dim=24, linear_value_head_dim=16,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+        {},
+    ),
+    "qwen3_5-interval4": ("Qwen3_5", dict(rope_parameters=_MROPE, tie_word_embeddings=False), {}),
+    "qwen3_5-layertypes-tied-bias-ratio1": (
+        "Qwen3_5",
+        dict(rope_parameters=_MROPE, tie_word_embeddings=True, attention_bias=True, linear_num_value_heads=2,
+             layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"]),
+        {},
+    ),
+    "qwen3_5_moe-interval2": (
+        "Qwen3_5Moe",
+        dict(_NEXT_MOE, rope_parameters=_MROPE, full_attention_interval=2, linear_key_head_dim=24,
+             linear_value_head_dim=16, tie_word_embeddings=False),
+        {},
+    ),
+    "qwen3_5_moe-tied-ratio1": (
+        "Qwen3_5Moe",
+        dict(_NEXT_MOE, rope_parameters=_MROPE, linear_num_value_heads=2, tie_word_embeddings=True),
+        {},
+    ),
+}
+HYBRID = frozenset(HYBRID_CONFIGS)  # run through the hybrid cache: parity in test_parity_hybrid.py
+CONFIGS.update({name: (kind, {**HYBRID_BASE, **overrides}, save) for name, (kind, overrides, save)
+                in HYBRID_CONFIGS.items()})
+# kind -> (config class, model class) where the names are not f"{kind}Config", f"{kind}ForCausalLM"
+_CLASSES = {"Qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+            "Qwen3_5Moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM")}
+_EAGER_EXPERTS = ("Qwen3Moe", "Qwen3Next", "Qwen3_5Moe")
+
+
 def make_checkpoint(
     name: str, folder: Path, seed: int = 0, **extra: object
 ) -> tuple[Path, transformers.PreTrainedModel]:
@@ -72,13 +131,13 @@ def make_checkpoint(
 
     `extra` overrides config fields, e.g. vocab_size=151936 to pair the model with the real tokenizer."""
     kind, overrides, save_kwargs = CONFIGS[name]
-    cfg_cls = getattr(transformers, f"{kind}Config")
-    model_cls = getattr(transformers, f"{kind}ForCausalLM")
+    cfg_name, model_name = _CLASSES.get(kind, (f"{kind}Config", f"{kind}ForCausalLM"))
+    cfg_cls, model_cls = getattr(transformers, cfg_name), getattr(transformers, model_name)
     cfg = cfg_cls(**{**BASE, **overrides, **extra})
     torch.manual_seed(seed)
     # eager attention / experts: the bit-reproducible reference paths (spec §6 item 12)
     ref = model_cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
-    if kind == "Qwen3Moe":
+    if kind in _EAGER_EXPERTS and getattr(cfg, "num_experts", 0):
         ref.set_experts_implementation("eager")
     perturb(ref, seed)
     folder.mkdir(parents=True, exist_ok=True)

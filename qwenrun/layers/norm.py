@@ -35,3 +35,10 @@ class RMSNorm(nn.Module):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
         y, res = rms_norm(x, residual, self.weight, self.eps)
         return y if residual is None else (y, res)
+
+
+def zero_centred(weight: torch.Tensor) -> torch.Tensor:
+    """A zero-centred RMSNorm's stored `w` (y = x̂·(1 + w): Qwen3-Next, Qwen3.5) as the plain weight
+    `1 + w`, so `RMSNorm` and its kernel run it unchanged (a `CheckpointRules` transform, as mlx-lm's
+    `sanitize`). The sum is taken in fp32, as the reference adds before rounding."""
+    return weight.float() + 1.0

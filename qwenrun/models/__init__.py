@@ -12,6 +12,12 @@ from qwenrun.errors import UnsupportedModelError
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("qwenrun.models.qwen3", "Qwen3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwenrun.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen3NextForCausalLM": ("qwenrun.models.qwen3_next", "Qwen3NextForCausalLM"),
+    "Qwen3_5ForCausalLM": ("qwenrun.models.qwen3_5", "Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForCausalLM": ("qwenrun.models.qwen3_5", "Qwen3_5MoeForCausalLM"),
+    # real Qwen3.5 / 3.6 checkpoints: the language model loads, the vision tower not yet (logged)
+    "Qwen3_5ForConditionalGeneration": ("qwenrun.models.qwen3_5", "Qwen3_5ForConditionalGeneration"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwenrun.models.qwen3_5", "Qwen3_5MoeForConditionalGeneration"),
 }
 
 
