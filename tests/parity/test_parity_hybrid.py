@@ -4,7 +4,9 @@ checkpoints of every `tiny.HYBRID` variant.
 Model level (no engine): whole prompts several chunks of 64 long, alone and packed into one flat batch,
 then the same prompt run through state slots and a paged KV cache made by hand — a prefix chunk, a
 continuation chunk and single-token decode steps — against transformers' own cached generation
-(chunked prefill, then its recurrent step). LLM level: see the tests below the line.
+(chunked prefill, then its recurrent step). LLM level, through the engine's hybrid cache (state slots
+beside paged KV): teacher-forced logits, and 32 greedy tokens one prompt at a time and as a
+mixed-length batch against transformers' `generate`, with every slot and block free afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwenrun import LLM, SamplingParams
 from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec
 from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.layers.recurrent import RecurrentMetadata, RecurrentStateSpec
@@ -101,3 +104,51 @@ def test_chunks_and_decode_through_the_cache_match_transformers(pair):
     assert _close(got_t, want_t), f"{name}: cached chunks + decode vs transformers' cached generation"
     assert _close(got_t, whole), f"{name}: vs one full forward"
     assert got_t.argmax(-1).tolist() == want_t.argmax(-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------- LLM level
+PROMPT_LENS = (3, 11, PROMPT, 29)
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=sorted(HYBRID))
+def llm_pair(request, tmp_path_factory):
+    folder, ref = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+    llm = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    prompts = [_tokens(n, 10 + i).tolist() for i, n in enumerate(PROMPT_LENS)]
+    return request.param, llm, ref, prompts
+
+
+def _idle(llm: LLM) -> None:
+    cache = llm.engine.cache
+    cache.check_integrity()
+    assert cache.num_live == 0 and llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    assert cache.slots.num_free + cache.slots.num_checkpoints == cache.slots.num_slots, "a state slot is still owned"
+
+
+def test_llm_logits_match_transformers(llm_pair):
+    name, llm, ref, prompts = llm_pair
+    for prompt in prompts:
+        ours = llm.logits(prompt)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([prompt])).logits[0]
+        assert ours.shape == theirs.shape
+        assert _close(ours, theirs), f"{name}: prompt of {len(prompt)}"
+    _idle(llm)
+
+
+def test_llm_greedy_matches_transformers_one_at_a_time_and_batched(llm_pair):
+    name, llm, ref, prompts = llm_pair
+    expected = []
+    for p in prompts:
+        out = ref.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                           pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for prompt, want in zip(prompts, expected):
+        [out] = llm.generate([prompt], params)
+        assert out.outputs[0].token_ids == want, f"{name}: single prompt of {len(prompt)} tokens"
+    _idle(llm)
+    for out, want in zip(llm.generate(prompts, params), expected):
+        assert out.outputs[0].token_ids == want, f"{name}: batched prompt of {len(out.prompt_token_ids)} tokens"
+    _idle(llm)
