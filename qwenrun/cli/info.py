@@ -1,7 +1,9 @@
 """`qwenrun info`: what a checkpoint is and what it will cost, from its JSON files alone.
 
-Memory figures come from the shapes: weights are parameters × bytes per element, and the KV cache
-holds K and V for every layer and KV head, 2·layers·kv_heads·head_dim elements per token.
+Memory figures come from the shapes: weights are parameters × bytes per element; the cache figures
+from the model's own per-layer cache specs (built on the meta device, so nothing is allocated): K and V
+per token for attention layers, a fixed state per sequence for linear-attention layers, and how the
+default cache memory splits between them (`CachePlan`, what the engine will do).
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ from typing import Any
 
 from rich.text import Text
 
+import torch
+
 from qwenrun.cli.common import console, human, human_bytes
+from qwenrun.engine.cache import CachePlan
+from qwenrun.engine.engine import default_kv_cache_memory
+from qwenrun.errors import InvalidRequestError
+from qwenrun.layers.attention import KVCacheSpec
+from qwenrun.layers.recurrent import RecurrentStateSpec
 from qwenrun.loading.loader import open_checkpoint
+from qwenrun.models import create_model
 
 # generation_config.json keys worth showing: the sampling defaults qwenrun reads, plus do_sample.
 GENERATION_KEYS = (
@@ -46,7 +56,20 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
             "norm_topk_prob": cfg.moe.norm_topk_prob,
         }
     params = cfg.num_parameters()
-    kv_elems = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    with torch.device("meta"):
+        specs = create_model(cfg).cache_specs(torch.bfloat16)
+    kv_elems = sum(2 * s.num_kv_heads * s.head_dim for s in specs if isinstance(s, KVCacheSpec))
+    state = [s for s in specs if isinstance(s, RecurrentStateSpec)]
+    budget = default_kv_cache_memory(torch.device("cpu"))
+    try:
+        plan = CachePlan.make(specs, budget, 16, cfg.max_position_embeddings, 64)
+        fits: dict[str, Any] | str = {
+            "cache_memory": budget, "kv_tokens": plan.num_blocks * 16, "context": plan.context,
+            "max_running_sequences": plan.max_running,  # max_num_seqs 64 unless state slots allow fewer
+            "state_checkpoints": plan.num_state_slots - 2 * plan.max_running if state else 0,
+        }
+    except InvalidRequestError as e:
+        fits = str(e)
     gen = ckpt.generation_config
     return {
         "model": model,
@@ -68,6 +91,9 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         "num_active_parameters": cfg.num_active_parameters(),
         "weight_bytes": {"bfloat16": 2 * params, "float32": 4 * params},
         "kv_cache_bytes_per_token": {"bfloat16": 2 * kv_elems, "float32": 4 * kv_elems},
+        "num_linear_attention_layers": len(state),
+        "recurrent_state_bytes_per_sequence": sum(s.bytes_per_slot for s in state),  # bf16 conv, fp32 state
+        "default_cache": fits,
         "checkpoint_dtype": cfg.torch_dtype,
         "generation_defaults": {k: gen[k] for k in GENERATION_KEYS if k in gen},
     }
@@ -123,6 +149,24 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
             "KV cache",
             f"{kv:,} bytes per token bf16 ({human_bytes(kv * context)} for {context} tokens)",
         ),
+    ]
+    if d["num_linear_attention_layers"]:
+        rows.append((
+            "recurrent state",
+            f"{human_bytes(d['recurrent_state_bytes_per_sequence'])} per sequence, any context "
+            f"({d['num_linear_attention_layers']} linear-attention layers of {d['num_hidden_layers']})",
+        ))
+    fits = d["default_cache"]
+    if isinstance(fits, str):
+        fits_text = f"does not fit the default cache memory: {fits}"
+    else:
+        fits_text = (f"{human_bytes(fits['cache_memory'])} (default on this machine): {fits['kv_tokens']:,} tokens "
+                     f"of KV ({fits['kv_tokens'] / fits['context']:.1f} full {fits['context']}-token contexts), "
+                     f"up to {fits['max_running_sequences']} sequences at once")
+        if d["num_linear_attention_layers"]:
+            fits_text += f" (by state slots), {fits['state_checkpoints']} state checkpoints for prefix reuse"
+    rows += [
+        ("cache memory", fits_text),
         ("generation defaults", gen or "none (generation_config.json sets no sampling values)"),
     ]
     return rows

@@ -49,6 +49,56 @@ class PrefixHit:
     checkpoint: int | None = None  # hybrid models: the state slot to resume from
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """How a memory budget is split between KV blocks and state slots (also what `qwenrun info`
+    reports, without allocating anything)."""
+
+    num_blocks: int
+    num_state_slots: int
+    max_running: int  # sequences that can run at once (max_num_seqs for attention-only models)
+    context: int  # the context window the blocks allow
+    state_bytes_per_sequence: int  # one state slot, all linear-attention layers (0: none)
+
+    @classmethod
+    def make(cls, specs: Sequence[CacheSpec], budget: int, block_size: int, context: int, max_num_seqs: int,
+             enable_prefix_caching: bool = True, context_required: bool = False) -> CachePlan:
+        """At most `budget` bytes, and no more KV blocks than `max_num_seqs` full contexts.
+
+        A hybrid model's state slots come first: two per running sequence for up to half the
+        budget (so fewer than `max_num_seqs` may fit: the scheduler admits by free slots), and, with
+        prefix caching, checkpoint slots for up to a quarter more (at most four per running
+        sequence); the KV blocks get the rest.
+
+        Raises:
+            InvalidRequestError: the blocks hold fewer tokens than `context` while the context was
+                asked for (`context_required`), or fewer than min(context, 256) tokens, or the
+                budget holds not even one sequence's state.
+        """
+        per_slot = StateCache.bytes_per_slot(s for s in specs if isinstance(s, RecurrentStateSpec))
+        num_slots, running = 0, max_num_seqs
+        if per_slot:
+            running = min(max_num_seqs, budget // 2 // (2 * per_slot))
+            if running < 1:
+                raise InvalidRequestError(
+                    f"the cache memory ({budget / 2**20:.0f} MiB) cannot hold the recurrent state of one sequence "
+                    f"({2 * per_slot / 2**20:.1f} MiB with its step buffer, at most half the budget); "
+                    "raise kv_cache_memory"
+                )
+            checkpoints = min(budget // 4 // per_slot, 4 * running) if enable_prefix_caching else 0
+            num_slots = 2 * running + checkpoints
+            budget -= num_slots * per_slot
+        per_block = KVCache.bytes_per_block([s for s in specs if isinstance(s, KVCacheSpec)], block_size)
+        num_blocks = min(budget // per_block, -(-context // block_size) * running)
+        capacity = num_blocks * block_size
+        if capacity < context and (context_required or capacity < min(context, 256)):
+            raise InvalidRequestError(
+                f"the KV cache ({budget / 2**20:.0f} MiB) holds {capacity} tokens, fewer than "
+                f"max_model_len {context}; raise kv_cache_memory or lower max_model_len"
+            )
+        return cls(num_blocks, num_slots, running, min(context, capacity), per_slot)
+
+
 class CacheManager:
     """Admission, allocation, prefix reuse and rollback over the paged KV cache and the state slots.
 
@@ -80,48 +130,18 @@ class CacheManager:
     def from_budget(cls, specs: Sequence[CacheSpec], budget: int, block_size: int, context: int,
                     max_num_seqs: int, device: torch.device, enable_prefix_caching: bool = True,
                     context_required: bool = False) -> tuple[CacheManager, int]:
-        """A cache of at most `budget` bytes (and no more than `max_num_seqs` full contexts), and the
-        context window it allows.
-
-        A hybrid model's state slots come first: two per running sequence for up to half the
-        budget (so fewer than `max_num_seqs` may fit: the scheduler admits by free slots), and, with
-        prefix caching, checkpoint slots for up to a quarter more (at most four per running
-        sequence); the KV blocks get the rest.
-
-        Raises:
-            InvalidRequestError: it holds fewer tokens than `context` while the context was asked
-                for (`context_required`), or fewer than min(context, 256) tokens, or not even one
-                sequence's state. Otherwise a smaller cache shrinks the context window, with a warning.
-        """
-        per_slot = StateCache.bytes_per_slot(s for s in specs if isinstance(s, RecurrentStateSpec))
-        num_slots = running = 0
-        if per_slot:
-            running = min(max_num_seqs, budget // 2 // (2 * per_slot))
-            if running < 1:
-                raise InvalidRequestError(
-                    f"the cache memory ({budget / 2**20:.0f} MiB) cannot hold the recurrent state of one sequence "
-                    f"({2 * per_slot / 2**20:.1f} MiB with its step buffer, at most half the budget); "
-                    "raise kv_cache_memory"
-                )
-            checkpoints = min(budget // 4 // per_slot, 4 * running) if enable_prefix_caching else 0
-            num_slots = 2 * running + checkpoints
-            budget -= num_slots * per_slot
-        per_block = KVCache.bytes_per_block([s for s in specs if isinstance(s, KVCacheSpec)], block_size)
-        num_blocks = min(budget // per_block, -(-context // block_size) * (running or max_num_seqs))
-        capacity = num_blocks * block_size
-        if capacity < context:
-            if context_required or capacity < min(context, 256):
-                raise InvalidRequestError(
-                    f"the KV cache ({budget / 2**20:.0f} MiB) holds {capacity} tokens, fewer than "
-                    f"max_model_len {context}; raise kv_cache_memory or lower max_model_len"
-                )
-            logger.warning("context window limited to %d tokens by the KV cache memory", capacity)
-            context = capacity
-        manager = cls(specs, num_blocks, block_size, device, enable_prefix_caching, num_slots)
-        if per_slot:
+        """A cache laid out by `CachePlan.make` (which raises when the budget is too small), and the
+        context window it allows; a smaller cache than `context` shrinks the window, with a warning."""
+        plan = CachePlan.make(specs, budget, block_size, context, max_num_seqs, enable_prefix_caching,
+                              context_required)
+        if plan.context < context:
+            logger.warning("context window limited to %d tokens by the KV cache memory", plan.context)
+        manager = cls(specs, plan.num_blocks, block_size, device, enable_prefix_caching, plan.num_state_slots)
+        if plan.num_state_slots:
             logger.info("recurrent state: %.1f MiB per sequence; %d sequences can run at once, %d state "
-                        "checkpoints for prefix reuse", per_slot / 2**20, running, num_slots - 2 * running)
-        return manager, context
+                        "checkpoints for prefix reuse", plan.state_bytes_per_sequence / 2**20, plan.max_running,
+                        plan.num_state_slots - 2 * plan.max_running)
+        return manager, plan.context
 
     # ------------------------------------------------------------------------------ admission
     def match(self, req: Request) -> PrefixHit:
