@@ -25,9 +25,10 @@ from tiny import make_checkpoint
 HEALTHY, MAX_TOKENS = 16, 32
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder, ref = make_checkpoint("dense-untied-gqa2", tmp_path_factory.mktemp("isolation"))
+@pytest.fixture(scope="module", params=["dense-untied-gqa2", "next-interval4-moe"])
+def checkpoint(request, tmp_path_factory):
+    """A dense model and a hybrid one, whose recurrent state a failed step must leave as it was."""
+    folder, ref = make_checkpoint(request.param, tmp_path_factory.mktemp("isolation"))
     return folder, ref.config.vocab_size
 
 
@@ -69,23 +70,29 @@ def solo(checkpoint) -> Callable[[list[int], SamplingParams], list[int]]:
 
 
 def _assert_idle_and_whole(engine: LLMEngine) -> None:
-    engine.pool.check_integrity()
+    engine.cache.check_integrity()
     assert engine.pool.num_free == engine.pool.num_blocks
+    slots = engine.cache.slots
+    assert slots is None or slots.num_free + slots.num_checkpoints == slots.num_slots
     assert not engine.has_unfinished_requests() and not engine.unfinished_requests()
 
 
 # ---------------------------------------------------------------------------- fault injection
 
 class FaultyForward:
-    """Wraps the model: the forward raises whenever the marker token is among the batch's ids."""
+    """Wraps the model: the forward raises whenever the batch holds the poisoned prompt (eight
+    marker tokens in a row; a healthy request may sample the marker, but not eight times over)."""
 
-    def __init__(self, model: torch.nn.Module, marker: int) -> None:
-        self.model, self.marker = model, marker
+    def __init__(self, model: torch.nn.Module, marker: int, after: bool = False) -> None:
+        self.model, self.marker, self.after = model, marker, after
         self.failed_batch_tokens: list[int] = []
 
     def __call__(self, batch: ForwardBatch) -> torch.Tensor:
-        if bool((batch.input_ids == self.marker).any()):
+        hits = (batch.input_ids == self.marker).int()
+        if hits.numel() >= 8 and bool((hits.unfold(0, 8, 1).sum(1) == 8).any()):
             self.failed_batch_tokens.append(batch.num_tokens)
+            if self.after:  # every layer has written its cache: K/V, and a hybrid model's new state
+                self.model(batch)
             raise RuntimeError("injected forward fault")
         return self.model(batch)
 
@@ -107,9 +114,10 @@ def _poison(kind: str, engine: LLMEngine, monkeypatch: pytest.MonkeyPatch,
     prompt, params, hook = [3, 1, 4, 1, 5, 9, 2, 6], _greedy(), (lambda req: None)
     if kind == "overflowing value past validation":
         params.temperature = 10**400  # type: ignore[assignment]  # float32 cannot hold it
-    elif kind == "forward raises":
+    elif kind in ("forward raises", "forward raises after every layer ran"):
         prompt = [vocab - 1] * 8
-        monkeypatch.setattr(engine.runner, "model", FaultyForward(engine.runner.model, vocab - 1))
+        monkeypatch.setattr(engine.runner, "model",
+                            FaultyForward(engine.runner.model, vocab - 1, after=kind != "forward raises"))
     elif kind == "sampling raises after the draws":
         from qwenrun.engine import runner
 
@@ -130,8 +138,8 @@ def _poison(kind: str, engine: LLMEngine, monkeypatch: pytest.MonkeyPatch,
     return prompt, params, hook
 
 
-FAULTS = ["overflowing value past validation", "forward raises", "sampling raises after the draws",
-          "detokenizer raises"]
+FAULTS = ["overflowing value past validation", "forward raises", "forward raises after every layer ran",
+          "sampling raises after the draws", "detokenizer raises"]
 
 
 # ------------------------------------------------------------------------------------- tests
