@@ -159,3 +159,32 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 def add_tokenizer(folder: Path, tokenizer_dir: Path) -> None:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, folder / f)
+
+
+# A tiny vision tower (Qwen3-VL ViT without DeepStack) for Qwen3.5 *ForConditionalGeneration checkpoints
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+              temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, initializer_range=0.1)
+
+
+def make_multimodal_checkpoint(name: str, folder: Path, seed: int = 0) -> tuple[Path, transformers.PreTrainedModel]:
+    """The `qwen3_5-*` / `qwen3_5_moe-*` config `name` as the text part of a Qwen3.5(-MoE)
+    ForConditionalGeneration checkpoint (weights under `model.language_model.*` beside `model.visual.*`);
+    returns (folder, fp32 reference model)."""
+    kind, overrides, _ = CONFIGS[name]
+    assert kind in ("Qwen3_5", "Qwen3_5Moe"), name
+    text = {**BASE, **overrides}
+    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
+        text.pop(key, None)
+    cfg = getattr(transformers, f"{kind}Config")(
+        text_config=text, vision_config=VISION, image_token_id=500, video_token_id=501, vision_start_token_id=502,
+        vision_end_token_id=503, tie_word_embeddings=overrides.get("tie_word_embeddings", False))
+    cfg.initializer_range = 0.1  # perturb reads it from the outer config
+    torch.manual_seed(seed)
+    ref = getattr(transformers, f"{kind}ForConditionalGeneration")._from_config(
+        cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    if kind == "Qwen3_5Moe":
+        ref.set_experts_implementation("eager")
+    perturb(ref, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ref.save_pretrained(folder)
+    return folder, ref

@@ -45,7 +45,11 @@ class CheckpointRules:
         return stored
 
     def ignored(self, name: str) -> bool:
-        return any(fnmatchcase(name, pattern) for pattern in self.ignore)
+        return self.ignore_pattern(name) is not None
+
+    def ignore_pattern(self, name: str) -> str | None:
+        """The first `ignore` pattern `name` matches (the loader counts skipped tensors by it)."""
+        return next((pattern for pattern in self.ignore if fnmatchcase(name, pattern)), None)
 
     def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         for pattern, fn in self.transforms:

@@ -9,6 +9,8 @@ offending checkpoint tensors as stored.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from qwenrun.layers.checkpoint import CheckpointRules, Rank
 from qwenrun.layers.linear import WeightTarget, plain_targets
 from qwenrun.loading.source import read_json
 
+logger = logging.getLogger(__name__)
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: sharded (index JSON) or single."""
@@ -88,10 +91,15 @@ def load_weights(
             needed.setdefault(t.param_name, set()).add(t.shard)
     filled: dict[str, set[str]] = {name: set() for name in needed}
     unexpected: list[str] = []
+    skipped: Counter[str] = Counter()
     for stored, tensor in iter_tensors(checkpoint_files(folder)):
         name = rules.rename(stored)
         target = targets.get(name)
-        if rules.ignored(name) or (target is None and tied_embeddings and name == "lm_head.weight"):
+        pattern = rules.ignore_pattern(name)
+        if pattern is not None:
+            skipped[pattern] += 1
+            continue
+        if target is None and tied_embeddings and name == "lm_head.weight":
             continue
         if target is None:
             unexpected.append(stored)
@@ -113,6 +121,8 @@ def load_weights(
             )
         dest.copy_(tensor.to(dtype))
         filled[target.param_name] |= covered
+    for pattern, n in skipped.items():  # e.g. an MTP head or a vision tower this model does not run
+        logger.info("skipped %d checkpoint tensor(s) matching %s", n, pattern)
     if unexpected:
         raise CheckpointError(
             f"checkpoint has {len(unexpected)} tensor(s) the model does not use: {_some(unexpected)} "
