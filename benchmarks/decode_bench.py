@@ -41,6 +41,27 @@ SHAPES = {
         norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False,
     ),
+    # hybrid: 3 Gated DeltaNet layers per gated attention layer (use --layers 4 or 8: 512 experts a layer)
+    "qwen3-next-80b-a3b": dict(
+        architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=151936, hidden_size=2048,
+        intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=512,
+        num_experts_per_tok=10, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+        max_position_embeddings=262144, rope_parameters={"rope_type": "default", "rope_theta": 1e7,
+                                                         "partial_rotary_factor": 0.25},
+        tie_word_embeddings=False,
+    ),
+    "qwen3.5-35b-a3b": dict(
+        architectures=["Qwen3_5MoeForCausalLM"], model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048,
+        moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256, num_experts_per_tok=8,
+        num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+        linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+        full_attention_interval=4, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10]},
+        tie_word_embeddings=False,
+    ),
 }
 ENGINES = ("transformers-bf16", "qwenrun-bf16", "qwenrun-int8", "qwenrun-int4")
 LLAMACPP_TYPES = ("bf16", "q8_0", "q4_0")
@@ -58,17 +79,20 @@ def build_checkpoint(shape: str, layers: int | None, out: Path) -> Path:
     folder = out / f"{shape}-{cfg_dict['num_hidden_layers']}l"
     if (folder / "config.json").is_file():
         return folder
-    cfg_cls = transformers.Qwen3MoeConfig if "moe" in cfg_dict["model_type"] else transformers.Qwen3Config
-    model_cls = transformers.Qwen3MoeForCausalLM if cfg_cls is transformers.Qwen3MoeConfig else transformers.Qwen3ForCausalLM
-    cfg = cfg_cls(**{k: v for k, v in cfg_dict.items() if k not in ("architectures", "model_type")})
+    cfg = transformers.AutoConfig.for_model(
+        cfg_dict["model_type"], **{k: v for k, v in cfg_dict.items() if k not in ("architectures", "model_type")})
     with torch.device("meta"):
-        model = model_cls(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
+    zero_centred = "linear_num_value_heads" in cfg_dict  # hybrid families: norms scale by 1 + w
     with torch.no_grad():
         for name, p in model.named_parameters():
             std = 0.002 if ("o_proj" in name and "num_experts" in cfg_dict) else 0.02
-            p.fill_(1.0) if "norm" in name else p.normal_(0, std, generator=gen)
+            if "norm" in name:
+                p.fill_(0.0 if zero_centred and "linear_attn.norm" not in name else 1.0)
+            else:
+                p.normal_(0, std, generator=gen)
     model.save_pretrained(folder)
     return folder
 
