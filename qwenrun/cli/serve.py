@@ -154,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
                   enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
                   quantization=args.quantization)
     names, accepted = model_names(args.model, args.served_model_name)
+    slots = llm.engine.cache.slots
+    state = "" if slots is None else (
+        f"; recurrent state for {min(args.max_num_seqs, slots.num_slots // 2)} sequences at once "
+        f"({slots.num_slots} slots, the spare ones keep prefix checkpoints)")
     err.print(Text(f"loaded {args.model} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
-                   f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens",
+                   f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens{state}",
                    style="grey50"), soft_wrap=True)
     tools = None
     restore = _sigterm_as_interrupt()
