@@ -13,6 +13,7 @@ import torch
 
 from qwenrun.layers.attention import AttentionMetadata
 from qwenrun.layers.recurrent import RecurrentMetadata
+from qwenrun.layers.visual import VisualEmbeds
 
 # A layer's view of the cache: (K, V) for attention, (conv states, recurrent states) `[num_slots, ...]`
 # for a linear-attention layer, (None, None) when the step runs without one.
@@ -34,6 +35,7 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [N] rows whose hidden states become logits
     logits_counts: list[int]  # per request: its rows among logits_rows (0 while prefilling)
     recurrent: RecurrentMetadata | None = None  # for models with linear-attention layers
+    visual: VisualEmbeds | None = None  # vision-language models: encoder output at placeholder rows
 
     def __post_init__(self) -> None:
         assert self.positions.shape[-1] == self.input_ids.shape[0] == self.attention.num_tokens
