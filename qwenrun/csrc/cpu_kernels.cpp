@@ -854,65 +854,85 @@ inline void silu_rounded(float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(y + i, vrnd<T>(silu512(vrnd<T>(_mm512_loadu_ps(y + i)))));
 }
 
-// the state of one value head, NC vectors (NC*16 columns) at a time: S [dk, dv] read, the new state
-// written to S_out (S itself, or another slot's), o [dv] out
+// one block of NC*16 columns of one value head's state, whose columns are independent: S [dk, dv] (row
+// stride dv, at the block's first column) read, the new state written to S_out (S itself, or another
+// slot's), o (the block's outputs) out; v, o at the block's first column
 template <int NC>
-void delta_rule_head(const float* S, float* S_out, int64_t dk, int64_t dv, const float* q, const float* k, const float* v, float alpha,
-                     float beta, float qk, float* o) {
+void delta_rule_block(const float* S, float* S_out, int64_t dk, int64_t dv, const float* q, const float* k,
+                      const float* v, float alpha, float beta, float qk, float* o) {
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta), vqk = _mm512_set1_ps(qk);
-  for (int64_t c0 = 0; c0 < dv; c0 += NC * 16) {
-    __m512 sq[NC], sk[NC];
-    for (int c = 0; c < NC; ++c) sq[c] = sk[c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < dk; ++i) {
-      const float* row = S + i * dv + c0;
-      const __m512 qi = _mm512_set1_ps(q[i]), ki = _mm512_set1_ps(k[i]);
-      for (int c = 0; c < NC; ++c) {
-        const __m512 s = _mm512_loadu_ps(row + c * 16);
-        sq[c] = _mm512_fmadd_ps(s, qi, sq[c]);
-        sk[c] = _mm512_fmadd_ps(s, ki, sk[c]);
-      }
-    }
-    __m512 d[NC];
+  __m512 sq[NC], sk[NC];
+  for (int c = 0; c < NC; ++c) sq[c] = sk[c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dk; ++i) {
+    const float* row = S + i * dv;
+    const __m512 qi = _mm512_set1_ps(q[i]), ki = _mm512_set1_ps(k[i]);
     for (int c = 0; c < NC; ++c) {
-      d[c] = _mm512_mul_ps(_mm512_fnmadd_ps(va, sk[c], _mm512_loadu_ps(v + c0 + c * 16)), vb);  // β (v − α Sᵀk)
-      _mm512_storeu_ps(o + c0 + c * 16, _mm512_fmadd_ps(va, sq[c], _mm512_mul_ps(vqk, d[c])));
+      const __m512 s = _mm512_loadu_ps(row + c * 16);
+      sq[c] = _mm512_fmadd_ps(s, qi, sq[c]);
+      sk[c] = _mm512_fmadd_ps(s, ki, sk[c]);
     }
-    for (int64_t i = 0; i < dk; ++i) {
-      const float* row = S + i * dv + c0;
-      float* dst = S_out + i * dv + c0;
-      const __m512 ki = _mm512_set1_ps(k[i]);
-      for (int c = 0; c < NC; ++c)
-        _mm512_storeu_ps(dst + c * 16, _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(_mm512_loadu_ps(row + c * 16), va)));
-    }
+  }
+  __m512 d[NC];
+  for (int c = 0; c < NC; ++c) {
+    d[c] = _mm512_mul_ps(_mm512_fnmadd_ps(va, sk[c], _mm512_loadu_ps(v + c * 16)), vb);  // β (v − α Sᵀk)
+    _mm512_storeu_ps(o + c * 16, _mm512_fmadd_ps(va, sq[c], _mm512_mul_ps(vqk, d[c])));
+  }
+  for (int64_t i = 0; i < dk; ++i) {
+    const float* row = S + i * dv;
+    float* dst = S_out + i * dv;
+    const __m512 ki = _mm512_set1_ps(k[i]);
+    for (int c = 0; c < NC; ++c)
+      _mm512_storeu_ps(dst + c * 16, _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(_mm512_loadu_ps(row + c * 16), va)));
   }
 }
 
-using DeltaRuleHead = void (*)(const float*, float*, int64_t, int64_t, const float*, const float*, const float*, float, float, float,
-                               float*);
+using DeltaRuleBlock = void (*)(const float*, float*, int64_t, int64_t, const float*, const float*, const float*, float,
+                                float, float, float*);
 
-// columns per sweep: the widest block (up to 8 vectors, a 128-column row) that divides dv
-DeltaRuleHead delta_rule_for(int64_t dv) {
-  const int64_t n = dv / 16;
-  const int nc = n % 8 == 0 ? 8 : n % 7 == 0 ? 7 : n % 6 == 0 ? 6 : n % 5 == 0 ? 5 : n % 4 == 0 ? 4 : n % 3 == 0 ? 3
-                 : n % 2 == 0 ? 2 : 1;
+// the widest block of at most max_nc vectors (and at least one) that divides dv
+int block_vectors(int64_t dv, int64_t max_nc) {
+  int nc = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, max_nc)));
+  while (nc > 1 && (dv / 16) % nc) --nc;
+  return nc;
+}
+
+DeltaRuleBlock delta_rule_block_of(int nc) {
   switch (nc) {
-    case 8: return delta_rule_head<8>;
-    case 7: return delta_rule_head<7>;
-    case 6: return delta_rule_head<6>;
-    case 5: return delta_rule_head<5>;
-    case 4: return delta_rule_head<4>;
-    case 3: return delta_rule_head<3>;
-    case 2: return delta_rule_head<2>;
-    default: return delta_rule_head<1>;
+    case 8: return delta_rule_block<8>;
+    case 7: return delta_rule_block<7>;
+    case 6: return delta_rule_block<6>;
+    case 5: return delta_rule_block<5>;
+    case 4: return delta_rule_block<4>;
+    case 3: return delta_rule_block<3>;
+    case 2: return delta_rule_block<2>;
+    default: return delta_rule_block<1>;
   }
 }
 
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold 20
 
+// a head's decay α = exp(−exp(A_log)·softplus(a + dt_bias)) in fp32 and β = sigmoid(b) in the model dtype
+template <class T>
+inline void gates(T a, T b, float A_log, float dt_bias, float& alpha, float& beta) {
+  alpha = std::exp(-std::exp(A_log) * softplus(static_cast<float>(a) + dt_bias));
+  beta = rnd<T>(1.f / (1.f + std::exp(-static_cast<float>(b))));
+}
+
+// a q or k head in fp32, as FLA's l2norm: x * rsqrt(sum x^2 + 1e-6), then * scale (q's dk^-1/2, k's 1)
+inline void l2normalise(float* p, int64_t dk, float scale) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dk; i += 16) ss = _mm512_fmadd_ps(_mm512_loadu_ps(p + i), _mm512_loadu_ps(p + i), ss);
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) + 1e-6f)), sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < dk; i += 16) {
+    const __m512 u = _mm512_mul_ps(_mm512_loadu_ps(p + i), inv);
+    _mm512_storeu_ps(p + i, _mm512_mul_ps(u, sc));  // * 1 is exact
+  }
+}
+
 template <class T>
 void gdn_decode_impl(const at::Tensor& x, at::Tensor& conv_states, const at::Tensor& conv_w, const at::Tensor& slots,
-                     const at::Tensor& out_slots, const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                     at::Tensor& states, const at::Tensor& z, const at::Tensor& norm_w, float eps, int64_t Hk,
+                     const at::Tensor& out_slots, const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log,
+                     const at::Tensor& dt_bias, at::Tensor& states, const at::Tensor& z, const at::Tensor& norm_w, float eps, int64_t Hk,
                      at::Tensor& out) {
   const int64_t B = x.size(0), C = x.size(1), K = conv_w.size(1), Hv = states.size(1), dk = states.size(2),
                 dv = states.size(3), r = Hv / Hk, km1 = K - 1;
@@ -944,19 +964,13 @@ void gdn_decode_impl(const at::Tensor& x, at::Tensor& conv_states, const at::Ten
                                           xp[bi * C + ch], wp + ch * K, K);
         }
       silu_rounded<T>(y, 2 * dk);
-      for (int part = 0; part < 2; ++part) {  // l2-normalised in fp32, x * rsqrt(sum x^2 + 1e-6); q also / sqrt(dk)
-        float* p = y + part * dk;
-        __m512 ss = _mm512_setzero_ps();
-        for (int64_t i = 0; i < dk; i += 16) ss = _mm512_fmadd_ps(_mm512_loadu_ps(p + i), _mm512_loadu_ps(p + i), ss);
-        const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) + 1e-6f));
-        for (int64_t i = 0; i < dk; i += 16) {
-          __m512 u = _mm512_mul_ps(_mm512_loadu_ps(p + i), inv);
-          _mm512_storeu_ps(p + i, part == 0 ? _mm512_mul_ps(u, _mm512_set1_ps(scale)) : u);
-        }
-      }
+      l2normalise(y, dk, scale);
+      l2normalise(y + dk, dk, 1.f);
     }
   });
-  const DeltaRuleHead head = delta_rule_for(dv);
+  // blocks of up to a whole 128-column row, so the state streams from memory in order
+  const int64_t cols = 16 * block_vectors(dv, 8);
+  const DeltaRuleBlock block = delta_rule_block_of(cols / 16);
   at::parallel_for(0, B * Hv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> v(dv), o(dv);
     for (int64_t t = t0; t < t1; ++t) {
@@ -970,10 +984,12 @@ void gdn_decode_impl(const at::Tensor& x, at::Tensor& conv_states, const at::Ten
       const float* k = q + dk;
       float qdk = 0.f;
       for (int64_t i = 0; i < dk; ++i) qdk += q[i] * k[i];
-      const float bv = static_cast<float>(bp[bi * Hv + h]);
-      const float beta = rnd<T>(1.f / (1.f + std::exp(-bv)));  // sigmoid in the model dtype
-      const float gdec = -std::exp(Ap[h]) * softplus(static_cast<float>(ap[bi * Hv + h]) + dtp[h]);
-      head(Sp + (s * Hv + h) * dk * dv, Sp + (osl[bi] * Hv + h) * dk * dv, dk, dv, q, k, v.data(), std::exp(gdec), beta, qdk, o.data());
+      float alpha, beta;
+      gates(ap[bi * Hv + h], bp[bi * Hv + h], Ap[h], dtp[h], alpha, beta);
+      const float* S_in = Sp + (s * Hv + h) * dk * dv;
+      float* S_out = Sp + (osl[bi] * Hv + h) * dk * dv;
+      for (int64_t c0 = 0; c0 < dv; c0 += cols)
+        block(S_in + c0, S_out + c0, dk, dv, q, k, v.data() + c0, alpha, beta, qdk, o.data() + c0);
       // gated RMSNorm: o leaves the delta rule in T; w * T(o * rsqrt(mean(o^2) + eps)) in T; * silu(z) in fp32
       __m512 ss = _mm512_setzero_ps();
       for (int64_t i = 0; i < dv; i += 16) {
@@ -1040,6 +1056,131 @@ at::Tensor gdn_decode(const at::Tensor& mixed_qkv, at::Tensor& conv_states, cons
   return out;
 }
 
+// Gated DeltaNet prefill of one sequence as a token loop: per value head the state stays in L1/L2 for
+// the whole chunk and each token costs one fused step (the decode's). transformers and the torch path
+// use the chunked (UT-transform) form because it turns the loop into matrix products, which pays on a
+// GPU; on a CPU the loop in registers is several times faster at every chunk length, and it does the
+// same work whatever the scheduler's chunk boundaries, so a resumed prefill continues bitwise.
+template <class T>
+void gdn_prefill_impl(const at::Tensor& x, const T* win, const at::Tensor& conv_w, const at::Tensor& a,
+                      const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias, const float* S0,
+                      int64_t Hk, at::Tensor& o, at::Tensor& new_win, at::Tensor& new_state) {
+  const int64_t n = x.size(0), C = x.size(1), K = conv_w.size(1), km1 = K - 1, Hv = new_state.size(0),
+                dk = new_state.size(1), dv = new_state.size(2), r = Hv / Hk;
+  const T* xp = x.data_ptr<T>();
+  const T* wp = conv_w.data_ptr<T>();
+  // the K-1 inputs before the chunk, token-major like x (zeros without a window)
+  std::vector<T> head(km1 * C, static_cast<T>(0.f));
+  if (win)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < km1; ++j) head[j * C + c] = win[c * km1 + j];
+  auto row = [&](int64_t p) { return p < km1 ? head.data() + p * C : xp + (p - km1) * C; };  // input p of [head | x]
+  std::vector<float> wt(K * C);  // taps channel-minor, for vectors of 16 channels
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < K; ++i) wt[i * C + c] = static_cast<float>(wp[c * K + i]);
+  std::vector<float> y(n * C);  // conv + SiLU of every token (in T's precision); q and k then l2-normalised
+  const float scale = 1.f / std::sqrt(static_cast<float>(dk));
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* yt = y.data() + t * C;
+      for (int64_t c = 0; c < C; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(&wt[i * C + c]), load16(row(t + i) + c), acc);
+        _mm512_storeu_ps(yt + c, acc);
+      }
+      silu_rounded<T>(yt, C);
+      for (int64_t hd = 0; hd < 2 * Hk; ++hd) l2normalise(yt + hd * dk, dk, hd < Hk ? scale : 1.f);  // q heads, k heads
+    }
+  });
+  T* nwp = new_win.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < km1; ++j) nwp[c * km1 + j] = row(n + j)[c];
+  const T* ap = a.data_ptr<T>();
+  const T* bp = b.data_ptr<T>();
+  const float* Ap = A_log.data_ptr<float>();
+  const float* dtp = dt_bias.data_ptr<float>();
+  T* op = o.data_ptr<T>();
+  float* Sp = new_state.data_ptr<float>();
+  // a block of columns (dk x cols fp32, at most 32 KiB) stays in L1 while every token of the chunk passes
+  const int64_t cols = 16 * block_vectors(dv, std::min<int64_t>(4, 32768 / (dk * 64)));
+  const DeltaRuleBlock block = delta_rule_block_of(cols / 16);
+  const int64_t nb = dv / cols;
+  at::parallel_for(0, Hv * nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> alpha(n), beta(n), qk(n), ob(n * cols);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t h = task / nb, c0 = task % nb * cols;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* q = y.data() + t * C + (h / r) * dk;
+        const float* k = q + Hk * dk;
+        float d = 0.f;
+        for (int64_t i = 0; i < dk; ++i) d += q[i] * k[i];
+        qk[t] = d;
+        gates(ap[t * Hv + h], bp[t * Hv + h], Ap[h], dtp[h], alpha[t], beta[t]);
+      }
+      float* S = Sp + h * dk * dv + c0;
+      for (int64_t i = 0; i < dk; ++i) {
+        float* row = S + i * dv;
+        if (S0)
+          std::copy(S0 + h * dk * dv + i * dv + c0, S0 + h * dk * dv + i * dv + c0 + cols, row);
+        else
+          std::fill(row, row + cols, 0.f);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* q = y.data() + t * C + (h / r) * dk;
+        block(S, S, dk, dv, q, q + Hk * dk, y.data() + t * C + 2 * Hk * dk + h * dv + c0, alpha[t], beta[t], qk[t],
+              ob.data() + t * cols);
+      }
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t i = 0; i < cols; i += 16)
+          store16(op + (t * Hv + h) * dv + c0 + i, _mm512_loadu_ps(&ob[t * cols + i]), 0xffff);
+    }
+  });
+}
+
+// mixed [n, C] one sequence's new pre-conv inputs, window [C, K-1] and state [Hv, dk, dv] fp32 before them
+// (None: zeros) -> (o [n, Hv, dv] in the model dtype, before the gated norm; window and state after them)
+std::vector<at::Tensor> gdn_prefill(const at::Tensor& mixed_, const c10::optional<at::Tensor>& window,
+                                    const at::Tensor& conv_weight, const at::Tensor& a_, const at::Tensor& b_,
+                                    const at::Tensor& A_log, const at::Tensor& dt_bias,
+                                    const c10::optional<at::Tensor>& state, int64_t num_v_heads, int64_t k_head_dim,
+                                    int64_t num_k_heads) {
+  const int64_t Hk = num_k_heads, Hv = num_v_heads, dk = k_head_dim;
+  TORCH_CHECK(Hk > 0 && Hv % Hk == 0 && dk % 16 == 0, "value heads must be a multiple of key heads, dk of 16");
+  TORCH_CHECK(mixed_.dim() == 2 && (mixed_.size(1) - 2 * Hk * dk) % Hv == 0, "mixed must be [n, 2 Hk dk + Hv dv]");
+  const int64_t n = mixed_.size(0), C = mixed_.size(1), dv = (C - 2 * Hk * dk) / Hv, K = conv_weight.size(-1);
+  TORCH_CHECK(dv > 0 && dv % 16 == 0, "dv must be a multiple of 16");
+  TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) == C && K >= 2, "conv weight must be [conv_dim, K >= 2]");
+  TORCH_CHECK(a_.dim() == 2 && a_.size(0) == n && a_.size(1) == Hv && b_.sizes() == a_.sizes(), "a and b must be [n, Hv]");
+  TORCH_CHECK(A_log.numel() == Hv && dt_bias.numel() == Hv, "A_log and dt_bias must be [Hv]");
+  const auto dt = mixed_.scalar_type();
+  TORCH_CHECK(conv_weight.scalar_type() == dt && a_.scalar_type() == dt && b_.scalar_type() == dt,
+              "conv weight, a and b must be in the model dtype");
+  const bool has_win = window && window->defined(), has_state = state && state->defined();
+  at::Tensor w, s;
+  if (has_win) {
+    TORCH_CHECK(window->dim() == 2 && window->size(0) == C && window->size(1) == K - 1 && window->scalar_type() == dt,
+                "window must be [conv_dim, K-1] in the model dtype");
+    w = window->contiguous();
+  }
+  if (has_state) {
+    TORCH_CHECK(state->dim() == 3 && state->size(0) == Hv && state->size(1) == dk && state->size(2) == dv &&
+                    state->scalar_type() == at::kFloat, "state must be fp32 [Hv, dk, dv]");
+    s = state->contiguous();
+  }
+  at::Tensor x = mixed_.contiguous(), cw = conv_weight.contiguous(), a = a_.contiguous(), b = b_.contiguous();
+  at::Tensor Af = A_log.to(at::kFloat).contiguous(), dtf = dt_bias.to(at::kFloat).contiguous();
+  at::Tensor o = at::empty({n, Hv, dv}, x.options()), new_win = at::empty({C, K - 1}, x.options());
+  at::Tensor new_state = at::empty({Hv, dk, dv}, x.options().dtype(at::kFloat));
+  const float* S0 = has_state ? s.data_ptr<float>() : nullptr;
+  if (dt == at::kBFloat16)
+    gdn_prefill_impl<bf16>(x, has_win ? w.data_ptr<bf16>() : nullptr, cw, a, b, Af, dtf, S0, Hk, o, new_win, new_state);
+  else if (dt == at::kFloat)
+    gdn_prefill_impl<float>(x, has_win ? w.data_ptr<float>() : nullptr, cw, a, b, Af, dtf, S0, Hk, o, new_win, new_state);
+  else
+    TORCH_CHECK(false, "gdn_prefill supports bf16 and fp32");
+  return {o, new_win, new_state};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1056,4 +1197,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax", &argmax);
   m.def("moe_gemv", &moe_gemv);
   m.def("gdn_decode", &gdn_decode);
+  m.def("gdn_prefill", &gdn_prefill);
 }

@@ -1,9 +1,12 @@
-"""The C++ Gated DeltaNet decode kernel against the op's torch reference (rung b).
+"""The C++ Gated DeltaNet kernels against the torch path (rung b).
 
-`layers.gated_delta_net.gdn_decode.reference` is transformers' decode step in its rounding order (the
-layer's parity tests hold it to transformers). Several steps run on the same slots, so a state the kernel
-wrote wrong also shows in the next step's output; in place (out slot = read slot) and ping-pong (out slot
-elsewhere, the read slot left as it was).
+Decode: `layers.gated_delta_net.gdn_decode.reference` is transformers' decode step in its rounding order
+(the layer's parity tests hold it to transformers). Several steps run on the same slots, so a state the
+kernel wrote wrong also shows in the next step's output; in place (out slot = read slot) and ping-pong (out
+slot elsewhere, the read slot left as it was).
+
+Prefill: the token-loop kernel against the layer's chunked form (`GatedDeltaNet._prefill`), from zeros and
+from a carried window and state, and split anywhere against whole.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from qwenrun import kernels
-from qwenrun.layers.gated_delta_net import gdn_decode
+from qwenrun.layers.gated_delta_net import GatedDeltaNet, gdn_decode
 
 ops = kernels.cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="C++ kernels need x86 AVX512-BF16/VNNI and a compiler")
@@ -112,3 +115,58 @@ def test_kernel_rejects_a_batch_that_writes_a_slot_another_sequence_reads():
             ops.gdn_decode(*args(inputs, params, caches, torch.tensor(read), torch.tensor(write), 1))
     with pytest.raises(RuntimeError, match="out of range"):
         ops.gdn_decode(*args(inputs, params, caches, torch.tensor([0, 4]), torch.tensor([0, 1]), 1))
+
+
+def prefill_layer(dtype, Hk, Hv, dk, dv, K, gen):
+    layer = GatedDeltaNet(32, Hk, Hv, dk, dv, K, EPS)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return layer.to(dtype)
+
+
+def prefill_inputs(dtype, layer, n, resume, gen):
+    rand = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
+    Hv, dk, dv, K = layer.num_v_heads, layer.k_head_dim, layer.v_head_dim, layer.conv1d.kernel_size[0]
+    window = rand(layer.conv_dim, K - 1) if resume else None
+    state = torch.randn(Hv, dk, dv, generator=gen) * 0.3 if resume else None
+    return rand(n, layer.conv_dim) * 2, rand(n, Hv), rand(n, Hv), window, state
+
+
+def kernel_prefill(layer, mixed, a, b, window, state):
+    return ops.gdn_prefill(mixed, window, layer.conv1d.weight[:, 0, :], a, b, layer.A_log, layer.dt_bias, state,
+                           layer.num_v_heads, layer.k_head_dim, layer.num_k_heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hk, Hv, dk, dv", [(2, 2, 32, 16), (2, 4, 16, 48), (1, 3, 32, 128)])
+@pytest.mark.parametrize("n", [1, 2, 70])
+@pytest.mark.parametrize("resume", [False, True])
+def test_prefill_kernel_matches_the_chunked_form(dtype, Hk, Hv, dk, dv, n, resume):
+    """n below the conv window (its new window still holds old inputs), one token, a chunk and a bit."""
+    gen = torch.Generator().manual_seed(n * 10 + Hv)
+    layer = prefill_layer(dtype, Hk, Hv, dk, dv, 4, gen)
+    mixed, a, b, window, state = prefill_inputs(dtype, layer, n, resume, gen)
+    with torch.no_grad():
+        o_ref, window_ref, state_ref = layer._prefill(mixed, a, b, layer.conv1d.weight[:, 0, :], window, state)
+        o, new_window, new_state = kernel_prefill(layer, mixed, a, b, window, state)
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    close(o, o_ref, dtype)
+    assert torch.equal(new_window, window_ref)
+    torch.testing.assert_close(new_state, state_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_kernel_split_anywhere_is_bitwise_the_whole(dtype):
+    """The same token loop whatever the chunks: a prefill resumed from its own window and state is exact."""
+    gen = torch.Generator().manual_seed(1)
+    layer = prefill_layer(dtype, 2, 4, 16, 32, 4, gen)
+    mixed, a, b, window, state = prefill_inputs(dtype, layer, 40, True, gen)
+    with torch.no_grad():
+        whole = kernel_prefill(layer, mixed, a, b, window, state)
+        outs = []
+        for lo, hi in [(0, 2), (2, 3), (3, 33), (33, 40)]:
+            o, window, state = kernel_prefill(layer, mixed[lo:hi], a[lo:hi], b[lo:hi], window, state)
+            outs.append(o)
+    assert torch.equal(torch.cat(outs), whole[0])
+    assert torch.equal(window, whole[1]) and torch.equal(state, whole[2])
