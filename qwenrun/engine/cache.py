@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qwenrun.engine.encoder_cache import EncoderCache
 from qwenrun.engine.kv_cache import BlockPool, CacheHandle, KVCache, block_hash
 from qwenrun.engine.state_cache import SlotPool, StateCache
 from qwenrun.errors import InvalidRequestError
@@ -108,7 +109,7 @@ class CacheManager:
     """
 
     def __init__(self, specs: Sequence[CacheSpec], num_blocks: int, block_size: int, device: torch.device,
-                 enable_prefix_caching: bool = True, num_state_slots: int = 0) -> None:
+                 enable_prefix_caching: bool = True, num_state_slots: int = 0, encoder_cache_bytes: int = 0) -> None:
         self.specs, self.block_size = list(specs), block_size
         self.enable_prefix_caching = enable_prefix_caching
         attention = {i: s for i, s in enumerate(self.specs) if isinstance(s, KVCacheSpec)}
@@ -117,6 +118,7 @@ class CacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.state = StateCache(recurrent, num_state_slots, device) if recurrent else None
         self.slots = SlotPool(num_state_slots) if recurrent else None
+        self.encoder = EncoderCache(encoder_cache_bytes) if encoder_cache_bytes else None
         # one view per model layer, in layer order: what ForwardBatch.caches carries
         self.layers: list[LayerCache] = [self.kv.layers[i] if i in attention else self.state.layers[i]  # type: ignore[union-attr]
                                          for i in range(len(self.specs))]
@@ -129,14 +131,17 @@ class CacheManager:
     @classmethod
     def from_budget(cls, specs: Sequence[CacheSpec], budget: int, block_size: int, context: int,
                     max_num_seqs: int, device: torch.device, enable_prefix_caching: bool = True,
-                    context_required: bool = False) -> tuple[CacheManager, int]:
+                    context_required: bool = False, encoder_cache_bytes: int = 0) -> tuple[CacheManager, int]:
         """A cache laid out by `CachePlan.make` (which raises when the budget is too small), and the
-        context window it allows; a smaller cache than `context` shrinks the window, with a warning."""
+        context window it allows; a smaller cache than `context` shrinks the window, with a warning.
+        `encoder_cache_bytes` (vision-language models) come out of the budget first."""
+        budget -= encoder_cache_bytes
         plan = CachePlan.make(specs, budget, block_size, context, max_num_seqs, enable_prefix_caching,
                               context_required)
         if plan.context < context:
             logger.warning("context window limited to %d tokens by the KV cache memory", plan.context)
-        manager = cls(specs, plan.num_blocks, block_size, device, enable_prefix_caching, plan.num_state_slots)
+        manager = cls(specs, plan.num_blocks, block_size, device, enable_prefix_caching, plan.num_state_slots,
+                      encoder_cache_bytes)
         if plan.num_state_slots:
             logger.info("recurrent state: %.1f MiB per sequence; %d sequences can run at once, %d state "
                         "checkpoints for prefix reuse", plan.state_bytes_per_sequence / 2**20, plan.max_running,
@@ -177,7 +182,10 @@ class CacheManager:
             h.state_slots = self.slots.allocate(2, keep=hit.checkpoint)
             if hit.checkpoint is not None:
                 self.state.copy(hit.checkpoint, h.state_slots[0])  # type: ignore[union-attr]
-        if h.block_table or h.state_slots:
+        if self.encoder is not None and req.mm_items:
+            h.encoder_keys = [it.content_hash for it in req.mm_items if it.end > hit.num_tokens]
+            self.encoder.acquire(h.encoder_keys)
+        if h.block_table or h.state_slots or h.encoder_keys:
             self._live[id(h)] = h
 
     def chunk(self, req: Request, num_tokens: int) -> int:
@@ -232,7 +240,9 @@ class CacheManager:
         self.pool.free(handle.block_table)
         if handle.state_slots:
             self.slots.free(handle.state_slots)  # type: ignore[union-attr]
-        handle.block_table, handle.state_slots = [], []
+        if handle.encoder_keys:
+            self.encoder.release(handle.encoder_keys)  # type: ignore[union-attr]
+        handle.block_table, handle.state_slots, handle.encoder_keys = [], [], []
         handle.num_registered_blocks = 0
         self._live.pop(id(handle), None)
 
@@ -277,7 +287,7 @@ class CacheManager:
         self.pool.free(h.block_table[kept:])
         del h.block_table[kept:]
         del h.block_hashes[keep // self.block_size :]
-        if not h.block_table and not h.state_slots:
+        if not h.block_table and not h.state_slots and not h.encoder_keys:
             self._live.pop(id(h), None)
 
     def _name_blocks(self, req: Request, full: int) -> None:
@@ -285,7 +295,8 @@ class CacheManager:
         bs, hashes = self.block_size, req.cache.block_hashes
         while len(hashes) < full:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs : (i + 1) * bs]))
+            extra = b"".join(it.content_hash for it in req.mm_items if it.overlaps(i * bs, (i + 1) * bs))
+            hashes.append(block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs : (i + 1) * bs], extra))
 
     # ------------------------------------------------------------------------------- checking
     @property
@@ -299,7 +310,7 @@ class CacheManager:
         refs = [0] * self.pool.num_blocks
         slots: list[int] = []
         for h in self._live.values():
-            assert h.block_table or h.state_slots, "a live handle holds nothing"
+            assert h.block_table or h.state_slots or h.encoder_keys, "a live handle holds nothing"
             assert h.num_registered_blocks <= min(len(h.block_table), len(h.block_hashes)), \
                 "a handle registered blocks it does not hold"
             for b in h.block_table:
@@ -307,6 +318,13 @@ class CacheManager:
             assert len(h.state_slots) == (2 if self.slots is not None else 0), "a handle without its two state slots"
             slots += h.state_slots
         assert refs == self.pool.ref_counts, "block ref counts disagree with the requests' block tables"
+        if self.encoder is not None:
+            self.encoder.check_integrity()
+            pins: dict[bytes, int] = {}
+            for h in self._live.values():
+                for key in h.encoder_keys:
+                    pins[key] = pins.get(key, 0) + 1
+            assert pins == self.encoder.pins, "encoder cache pins disagree with the requests' items"
         if self.slots is not None:
             self.slots.check_integrity()
             assert len(set(slots)) == len(slots), "two requests share a state slot"

@@ -13,10 +13,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 
 from qwenrun.engine.cache import CacheManager
+from qwenrun.engine.encoder_cache import MultimodalItem
 from qwenrun.engine.kv_cache import BlockPool
 from qwenrun.engine.request import (
     EARLY_STOP_TEXT,
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # Room left for the answer when max_tokens forces reasoning to close: a quarter, at most 1024.
 ANSWER_RESERVE_FRACTION, ANSWER_RESERVE_MAX = 4, 1024
+# Encoder output kept for reuse (vision-language models): an eighth of the cache memory, at most this.
+ENCODER_CACHE_MAX = 1 << 30
 
 def default_kv_cache_memory(device: torch.device) -> int:
     """A fifth of RAM on CPU (at most 4 GiB); 90% of the free memory left on a GPU after loading."""
@@ -83,9 +87,11 @@ class LLMEngine:
                 f"({cfg.max_position_embeddings}); configure rope scaling (YaRN) to go further"
             )
         budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(device)
+        self.model = model
         self.cache, self.max_model_len = CacheManager.from_budget(
             model.cache_specs(dtype), budget, block_size, max_model_len or cfg.max_position_embeddings,
             max_num_seqs, device, enable_prefix_caching, context_required=max_model_len is not None,
+            encoder_cache_bytes=min(budget // 8, ENCODER_CACHE_MAX) if self.is_multimodal else 0,
         )
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         gen = ckpt.generation_config.get("eos_token_id")
@@ -94,11 +100,16 @@ class LLMEngine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         vocab = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
-        self.runner = ModelRunner(model, cfg, self.cache.layers, block_size, self.cache.is_hybrid, vocab,
-                                  self.eos_token_ids, device)
+        self.runner = ModelRunner(model, cfg, self.cache.layers, block_size, self.cache.is_hybrid, self.cache.encoder,
+                                  vocab, self.eos_token_ids, device)
         self.early_stop_ids: tuple[int, ...] = tuple(tokenizer.encode(EARLY_STOP_TEXT)) if tokenizer else ()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
+
+    @property
+    def is_multimodal(self) -> bool:
+        """A vision-language model: requests may carry images and videos (`make_request(mm_items=...)`)."""
+        return hasattr(self.model, "encode_vision")
 
     @property
     def pool(self) -> BlockPool:
@@ -147,12 +158,26 @@ class LLMEngine:
         """Validates against the context window and queues the request (ContextLengthError otherwise)."""
         return self.add(self.make_request(prompt_token_ids, params, request_id))
 
-    def make_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """Validate and build a request without touching the scheduler (safe from any thread)."""
+    def make_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     mm_items: Sequence[MultimodalItem] = ()) -> Request:
+        """Validate and build a request without touching the scheduler (safe from any thread).
+
+        `mm_items`: the prompt's preprocessed images and videos, in prompt order, each over its own
+        run of placeholder tokens (qwenrun.multimodal builds them)."""
         prompt = list(prompt_token_ids)
         vocab = self.config.vocab_size
         if any(not (0 <= t < vocab) for t in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        mrope = None
+        if mm_items:
+            if not self.is_multimodal:
+                raise InvalidRequestError(f"{self.config.architecture} is a text-only model: it takes no images or videos")
+            ends = [0] + [it.end for it in mm_items]
+            if any(it.offset < end for it, end in zip(mm_items, ends)) or ends[-1] > len(prompt):
+                raise InvalidRequestError("images and videos must cover disjoint placeholder runs inside the prompt")
+            mrope = self.model.rope_positions(
+                prompt, [it.grid_thw for it in mm_items if it.kind == "image"],
+                [it.grid_thw for it in mm_items if it.kind == "video"])
         max_new = self.max_new_tokens(len(prompt), params)
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
@@ -169,6 +194,8 @@ class LLMEngine:
             else None,
             generator=make_generator(params.seed, self.device),
             junction=_junction(prompt, self.tokenizer),
+            mm_items=tuple(mm_items),
+            mrope=mrope,
         )
         return req
 

@@ -29,6 +29,8 @@ class CacheHandle:
     num_registered_blocks: int = 0  # leading blocks named in the prefix index
     # hybrid models: [read, write] state slots (the next step reads the first, writes the second)
     state_slots: list[int] = field(default_factory=list)
+    # vision-language models: the content hashes of its items, pinned in the encoder cache
+    encoder_keys: list[bytes] = field(default_factory=list)
 
 
 class KVCache:
@@ -49,10 +51,14 @@ class KVCache:
         return block_size * sum(s.bytes_per_token for s in specs)
 
 
-def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
-    """Name of a full block: a cryptographic hash, so one client cannot forge another's prefix."""
+def block_hash(parent: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
+    """Name of a full block: a cryptographic hash, so one client cannot forge another's prefix.
+    `extra` names what the token ids do not say (the content of the images whose placeholders the
+    block holds)."""
     h = hashlib.blake2b(parent or b"", digest_size=16)
     h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    if extra:
+        h.update(b"\x00media" + extra)
     return h.digest()
 
 

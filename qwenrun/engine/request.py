@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenrun.engine.encoder_cache import MultimodalItem
 from qwenrun.engine.kv_cache import CacheHandle
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
@@ -85,6 +86,10 @@ class Request:
     # header the model answers under), else the prompt's end. Hybrid models checkpoint their state
     # at the block boundary before it, so the next turn resumes there.
     junction: int | None = None
+    # vision-language models: the prompt's images and videos, its 3-row rotary positions [3, prompt]
+    # and the offset of every later position (each row of output token i is prompt_len + i + delta)
+    mm_items: tuple[MultimodalItem, ...] = ()
+    mrope: tuple[torch.Tensor, int] | None = None
     token_ids: list[int] = field(init=False)  # prompt + output, appended in place
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
     cache: CacheHandle = field(default_factory=CacheHandle, init=False)  # its blocks, their names

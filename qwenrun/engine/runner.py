@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from qwenrun.config import ModelConfig
+from qwenrun.engine.encoder_cache import EncoderCache, MultimodalItem
 from qwenrun.engine.request import Request, ScheduledBatch, StepResult
 from qwenrun.layers.attention import AttentionMetadata
 from qwenrun.layers.forward_batch import ForwardBatch, LayerCache
 from qwenrun.layers.recurrent import RecurrentMetadata
+from qwenrun.layers.visual import VisualEmbeds
 from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab, sample
 
 
@@ -24,14 +26,18 @@ class ModelRunner:
         layers: list[LayerCache],
         block_size: int,
         hybrid: bool,
+        encoder: EncoderCache | None,
         valid_vocab_size: int,
         eos_token_ids: tuple[int, ...],
         device: torch.device,
     ) -> None:
         """`layers`: the cache's view per model layer; `hybrid`: some layers keep recurrent state, so
-        each step also says which state slots each sequence reads and writes."""
+        each step also says which state slots each sequence reads and writes; `encoder`: a
+        vision-language model's encoder cache (its steps also get 3-row positions and the encoder
+        output at placeholder rows)."""
         self.model, self.config = model, config
         self.layers, self.block_size, self.hybrid = layers, block_size, hybrid
+        self.encoder = encoder
         self.valid_vocab_size = min(valid_vocab_size, config.vocab_size)
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -63,8 +69,44 @@ class ModelRunner:
                 [r.num_computed_tokens > 0 for r in batch.requests], self.device,
             )
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
-        return ForwardBatch(as_tensor(ids), as_tensor(positions), meta, self.layers, as_tensor(rows),
-                            [int(s) for s in batch.samples], recurrent)
+        pos, visual = as_tensor(positions), None
+        if self.encoder is not None:
+            pos = torch.cat([_mrope_rows(r, r.num_computed_tokens, n) for r, n in zip(batch.requests, batch.num_tokens)],
+                            dim=1).to(self.device)
+            visual = self._visual(batch)
+        return ForwardBatch(as_tensor(ids), pos, meta, self.layers, as_tensor(rows),
+                            [int(s) for s in batch.samples], recurrent, visual)
+
+    @torch.inference_mode()
+    def _visual(self, batch: ScheduledBatch) -> VisualEmbeds | None:
+        """The encoder output at this step's placeholder rows; items not yet in the encoder cache are
+        encoded first, all in one call."""
+        assert self.encoder is not None
+        wanted: list[tuple[MultimodalItem, int, int]] = []  # (item, first, last token of it in the step)
+        rows: list[int] = []
+        row0 = 0
+        for req, n in zip(batch.requests, batch.num_tokens):
+            start = req.num_computed_tokens
+            for item in req.mm_items:
+                if item.overlaps(start, start + n):
+                    lo, hi = max(start, item.offset), min(start + n, item.end)
+                    wanted.append((item, lo - item.offset, hi - item.offset))
+                    rows += range(row0 + lo - start, row0 + hi - start)
+            row0 += n
+        if not wanted:
+            return None
+        missing = list({it.content_hash: it for it, _, _ in wanted if it.content_hash not in self.encoder}.values())
+        if missing:
+            dtype = self.model.model.embed_tokens.weight.dtype
+            pixels = torch.cat([it.pixel_values for it in missing]).to(self.device, dtype)
+            grids = torch.tensor([it.grid_thw for it in missing], dtype=torch.long, device=self.device)
+            for it, out in zip(missing, self.model.encode_vision(pixels, grids)):
+                assert out.shape[1] == it.num_tokens, "the encoder's output does not match the placeholders"
+                self.encoder.put(it.content_hash, out)
+        outs = [self.encoder.get(it.content_hash)[:, a:b] for it, a, b in wanted]  # type: ignore[index]
+        joined = torch.cat(outs, dim=1)  # [1 + deepstack, N, H]
+        return VisualEmbeds(torch.tensor(rows, dtype=torch.long, device=self.device), joined[0],
+                            joined[1:] if joined.shape[0] > 1 else None)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, fb: ForwardBatch) -> StepResult:
@@ -131,3 +173,15 @@ class ModelRunner:
         recurrent = RecurrentMetadata.build([T], None, None, [False], self.device) if self.hybrid else None
         fb = ForwardBatch(ids, rows, meta, self.layers, rows, [T], recurrent)
         return self.model.compute_logits(self.model(fb))
+
+
+def _mrope_rows(req: Request, start: int, n: int) -> torch.Tensor:
+    """3-row rotary positions of `req`'s tokens [start, start + n): the prompt's own (computed when
+    the request was made), then one more per token, shifted by the prompt's delta."""
+    if req.mrope is None:
+        return torch.arange(start, start + n).expand(3, n)
+    prompt_pos, delta = req.mrope
+    p = prompt_pos.shape[1]
+    head = prompt_pos[:, start : min(start + n, p)]
+    tail = torch.arange(max(start, p), start + n) + delta
+    return torch.cat([head, tail.expand(3, -1)], dim=1)
