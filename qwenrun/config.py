@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun.errors import CheckpointError
+from qwenrun.vision_config import VisionConfig
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class ModelConfig:
     moe: MoeConfig | None = None
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
     linear: LinearAttentionConfig | None = None  # hybrid models only
+    vision: VisionConfig | None = None  # vision-language models (a `vision_config` in config.json)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -199,7 +201,7 @@ class ModelConfig:
         outer = cfg
         cfg = {**cfg, **cfg.get("text_config", {})}
         # a *ForConditionalGeneration model ties by its own (outer) config, False unless set there
-        tied = outer.get("tie_word_embeddings", False) if "text_config" in outer else cfg.get("tie_word_embeddings", False)
+        tied = (outer if "text_config" in outer else cfg).get("tie_word_embeddings", False)
         model_type = cfg.get("model_type", "")
         hybrid = model_type in HYBRID_MODEL_TYPES
 
@@ -220,11 +222,13 @@ class ModelConfig:
             # Qwen3.5-MoE has no norm_topk_prob / decoder_sparse_step / mlp_only_layers: its router always
             # renormalises and every layer is sparse; Qwen3-Next renormalises unless told otherwise
             every_sparse = model_type.startswith("qwen3_5_moe")
+            # Qwen3-VL-MoE keeps the sparse-layer fields but its router always renormalises
+            renormalise = every_sparse or model_type.startswith("qwen3_vl_moe")
             moe = MoeConfig(
                 num_experts=int(num_experts),
                 num_experts_per_tok=int(need("num_experts_per_tok")),
                 moe_intermediate_size=int(need("moe_intermediate_size")),
-                norm_topk_prob=every_sparse or bool(cfg.get("norm_topk_prob", model_type == "qwen3_next")),
+                norm_topk_prob=renormalise or bool(cfg.get("norm_topk_prob", model_type == "qwen3_next")),
                 decoder_sparse_step=1 if every_sparse else int(cfg.get("decoder_sparse_step") or 1),
                 mlp_only_layers=() if every_sparse else tuple(cfg.get("mlp_only_layers") or ()),
                 shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
@@ -250,6 +254,7 @@ class ModelConfig:
             moe=moe,
             eos_token_id=eos_ids,
             linear=LinearAttentionConfig.from_hf(cfg, layers) if hybrid else None,
+            vision=VisionConfig.from_hf(outer),
         )
 
     def num_parameters(self) -> int:

@@ -96,7 +96,8 @@ def gdn_decode(
     return gated_rms_norm(out, z, norm_weight, eps)
 
 
-def causal_conv(x: torch.Tensor, window: torch.Tensor | None, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv(x: torch.Tensor, window: torch.Tensor | None,
+                weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [n, C] new inputs after `window` [C, K-1] earlier ones (None: zeros) -> (SiLU(conv) [n, C],
     the last K-1 inputs [C, K-1])."""
     n, C = x.shape

@@ -43,7 +43,8 @@ class Qwen3NextAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, (2 * self.q_size, kv, kv), ("q_proj", "k_proj", "v_proj"),

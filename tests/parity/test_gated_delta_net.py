@@ -135,7 +135,8 @@ def test_gdn_decode_in_place_writes_only_its_slots():
     before_conv, before_state = conv.clone(), state.clone()
     B, Hv, dv = 2, ours.num_v_heads, ours.v_head_dim
     args = (torch.randn(B, ours.conv_dim), conv, ours.conv1d.weight[:, 0].detach(), torch.tensor([3, 1]),
-            torch.tensor([3, 1]), torch.randn(B, Hv), torch.randn(B, Hv), ours.A_log.detach(), ours.dt_bias.detach(), state,
+            torch.tensor([3, 1]), torch.randn(B, Hv), torch.randn(B, Hv), ours.A_log.detach(), ours.dt_bias.detach(),
+            state,
             torch.randn(B, Hv, dv), ours.norm.weight.detach(), 1e-6, ours.num_k_heads)
     out = gdn_decode(*args)
     assert out.shape == (B, Hv, dv)

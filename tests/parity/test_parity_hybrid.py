@@ -6,10 +6,15 @@ then the same prompt run through state slots and a paged KV cache made by hand �
 continuation chunk and single-token decode steps — against transformers' own cached generation
 (chunked prefill, then its recurrent step). LLM level, through the engine's hybrid cache (state slots
 beside paged KV): teacher-forced logits, and 32 greedy tokens one prompt at a time and as a
-mixed-length batch against transformers' `generate`, with every slot and block free afterwards.
+mixed-length batch against transformers' `generate`, with every slot and block free afterwards; and
+bf16 as far from fp32 as transformers' bf16 is (these tiny checkpoints are ill-conditioned in bf16:
+transformers' own bf16 moves their logits by 3-15% of the mean logit and changes the greedy tokens
+within a few steps, so bf16 greedy agreement is measured, not required — see the issue report).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -152,3 +157,20 @@ def test_llm_greedy_matches_transformers_one_at_a_time_and_batched(llm_pair):
     for out, want in zip(llm.generate(prompts, params), expected):
         assert out.outputs[0].token_ids == want, f"{name}: batched prompt of {len(out.prompt_token_ids)} tokens"
     _idle(llm)
+
+
+def test_bf16_is_as_close_to_fp32_as_transformers_bf16(llm_pair, tmp_path):
+    """Mean relative logit distance to fp32 over the prompts, ours (bf16 weights, the folded 1 + w norms,
+    fp32 state) vs transformers in bf16 (which multiplies by 1 + w in fp32)."""
+    name, llm, ref, prompts = llm_pair
+    bf16 = LLM(llm.checkpoint.path, dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20)
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+    ours = theirs = 0.0
+    for prompt in prompts:
+        fp32 = llm.logits(prompt)
+        with torch.no_grad():
+            ref_bf16 = ref16(torch.tensor([prompt])).logits[0].float()
+        ours += ((bf16.logits(prompt) - fp32).abs().mean() / fp32.abs().mean()).item()
+        theirs += ((ref_bf16 - fp32).abs().mean() / fp32.abs().mean()).item()
+    n = len(prompts)
+    assert 0 < ours <= 2 * theirs + 0.02 * n, f"{name}: bf16 {ours / n:.3f} vs transformers' {theirs / n:.3f}"

@@ -1,7 +1,7 @@
 """Rung (a), shared by the per-family smoke files: one model family run alone, no reference.
 
 Cheap checks that fail first and point at the family: every layer has a cache spec of the config's
-shape, logits have the vocabulary's shape and are finite in fp32 and bf16 (bf16 close to fp32),
+shape (KV or state slot), logits have the vocabulary's shape and are finite in fp32 and bf16 (bf16 close to fp32),
 decode through the cache picks the tokens a cache-free full forward picks, and a batch of several
 prompts returns one completion of the asked length each with the cache whole afterwards.
 """
@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from qwenrun import LLM, SamplingParams
+from qwenrun.layers.attention import KVCacheSpec
+from qwenrun.layers.recurrent import RecurrentStateSpec
 from tiny import make_checkpoint
 
 PROMPTS = ([5, 17, 3], list(range(30, 52)), [200, 7, 7, 7, 9, 1, 64])
@@ -22,30 +24,45 @@ def load(folder: Path, dtype: str) -> LLM:
     return LLM(folder, dtype=dtype, device="cpu", kv_cache_memory=4 << 20)
 
 
-def run_all(name: str, tmp_path: Path) -> None:
+def run_all(name: str, tmp_path: Path, bf16_tol: float | None = 0.1) -> None:
+    """`bf16_tol`: how far bf16 logits may be from fp32 (of the largest); None for families whose tiny
+    checkpoints are ill-conditioned in bf16 even in transformers (the hybrids: their bf16 is compared
+    with transformers' bf16 in tests/parity/test_parity_hybrid.py instead)."""
     folder, ref = make_checkpoint(name, tmp_path)
     cfg = ref.config
     fp32 = load(folder, "float32")
     check_cache_specs(fp32, cfg)
-    check_logits(fp32, load(folder, "bfloat16"), cfg.vocab_size)
+    check_logits(fp32, load(folder, "bfloat16"), cfg.vocab_size, bf16_tol)
     check_cache_vs_no_cache(fp32)
     check_batch(fp32)
 
 
 def check_cache_specs(llm: LLM, cfg) -> None:
+    """One spec per layer: paged KV for attention layers, a state slot for linear-attention ones
+    (hybrid configs say which by `layer_types`)."""
     specs = llm.model.cache_specs(torch.float32)
     assert len(specs) == cfg.num_hidden_layers
-    for spec in specs:
-        assert (spec.num_kv_heads, spec.head_dim) == (cfg.num_key_value_heads, cfg.head_dim)
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    for spec, kind in zip(specs, kinds):
+        if kind == "linear_attention":
+            assert isinstance(spec, RecurrentStateSpec)
+            key = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            conv_dim = 2 * key + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+            assert spec.conv_shape == (conv_dim, cfg.linear_conv_kernel_dim - 1)
+            assert spec.state_shape == (cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+            assert spec.state_dtype == torch.float32
+        else:
+            assert isinstance(spec, KVCacheSpec)
+            assert (spec.num_kv_heads, spec.head_dim) == (cfg.num_key_value_heads, cfg.head_dim)
 
 
-def check_logits(fp32: LLM, bf16: LLM, vocab: int) -> None:
+def check_logits(fp32: LLM, bf16: LLM, vocab: int, bf16_tol: float | None = 0.1) -> None:
     for prompt in PROMPTS:
         a, b = fp32.logits(prompt), bf16.logits(prompt)
         assert a.shape == b.shape == (len(prompt), vocab)
         assert a.dtype == b.dtype == torch.float32  # returned for scoring; bf16 computes in bf16
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
-        assert (a - b).abs().max() <= 0.1 * a.abs().max(), "bf16 far from fp32"
+        assert bf16_tol is None or (a - b).abs().max() <= bf16_tol * a.abs().max(), "bf16 far from fp32"
 
 
 def check_cache_vs_no_cache(llm: LLM) -> None:
@@ -61,5 +78,7 @@ def check_batch(llm: LLM) -> None:
     outs = llm.generate(list(PROMPTS), SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outs] == [6] * len(PROMPTS)
     assert [o.prompt_token_ids for o in outs] == list(PROMPTS)
-    llm.engine.pool.check_integrity()
+    llm.engine.cache.check_integrity()
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    slots = llm.engine.cache.slots
+    assert slots is None or slots.num_free + slots.num_checkpoints == slots.num_slots, "a state slot is still owned"

@@ -52,7 +52,8 @@ def test_missing_gdn_parameter(good, tmp_path, tensor):
 
 def test_conv_kernel_mismatch(good, tmp_path):
     message = _error(_variant(good, tmp_path, {"linear_conv_kernel_dim": 3}))
-    assert "tensor model.layers.0.linear_attn.conv1d.weight has shape" in message and "expects [160, 1, 3]" in message  # conv_dim 2·2·16 + 4·24
+    assert "tensor model.layers.0.linear_attn.conv1d.weight has shape" in message
+    assert "expects [160, 1, 3]" in message  # conv_dim 2·2·16 + 4·24
 
 
 def test_the_good_checkpoint_loads(good, tmp_path):
