@@ -188,3 +188,47 @@ def make_multimodal_checkpoint(name: str, folder: Path, seed: int = 0) -> tuple[
     folder.mkdir(parents=True, exist_ok=True)
     ref.save_pretrained(folder)
     return folder, ref
+
+
+# Vision-language checkpoints (facts sheet §3): Qwen3-VL dense / MoE with DeepStack, Qwen3.5(-MoE) on the
+# hybrid text model without it. Placeholder ids 500-503 inside the tiny vocab.
+VL_TOKENS = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+VL_VISION = dict(VISION, deepstack_visual_indexes=[0, 1])
+VL_TEXT = dict(BASE, head_dim=32, max_position_embeddings=1024,
+               rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
+                                "mrope_interleaved": True})
+for _key in ("eos_token_id", "bos_token_id", "rope_theta"):
+    VL_TEXT.pop(_key)
+# MoE: hidden 64 != 2 * 40 and != 40, so transformers' fused layout and its transpose differ in shape
+_VL_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40, decoder_sparse_step=1)
+_VL_NEXT = dict(num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                linear_value_head_dim=16, head_dim=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [3, 3, 2], "mrope_interleaved": True})
+# name -> (transformers kind, text config, vision config, outer config)
+VL_CONFIGS: dict[str, tuple[str, dict, dict, dict]] = {
+    "vl-untied": ("Qwen3VL", VL_TEXT, VL_VISION, dict(tie_word_embeddings=False)),
+    "vl-tied": ("Qwen3VL", dict(VL_TEXT, num_key_value_heads=4), VL_VISION, dict(tie_word_embeddings=True)),
+    "vl_moe-untied": ("Qwen3VLMoe", dict(VL_TEXT, **_VL_MOE), VL_VISION, dict(tie_word_embeddings=False)),
+    "qwen3_5_vl-untied": ("Qwen3_5", dict(VL_TEXT, **_VL_NEXT), VISION, dict(tie_word_embeddings=False)),
+    "qwen3_5_vl_moe-tied": ("Qwen3_5Moe", dict({k: v for k, v in VL_TEXT.items() if k != "intermediate_size"},
+                                               **_VL_NEXT, **_VL_MOE, shared_expert_intermediate_size=48),
+                            VISION, dict(tie_word_embeddings=True)),
+}
+
+
+def make_vl_checkpoint(name: str, folder: Path, seed: int = 0) -> tuple[Path, transformers.PreTrainedModel]:
+    """The `VL_CONFIGS` entry `name` as a *ForConditionalGeneration checkpoint with every parameter
+    perturbed; returns (folder, fp32 reference model in eval mode)."""
+    kind, text, vision, outer = VL_CONFIGS[name]
+    cfg = getattr(transformers, f"{kind}Config")(text_config=text, vision_config=vision, **VL_TOKENS, **outer)
+    cfg.initializer_range = 0.1  # perturb reads it from the outer config
+    torch.manual_seed(seed)
+    ref = getattr(transformers, f"{kind}ForConditionalGeneration")._from_config(
+        cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    if "Moe" in kind:
+        ref.set_experts_implementation("eager")
+    perturb(ref, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ref.save_pretrained(folder)
+    return folder, ref

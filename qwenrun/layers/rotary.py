@@ -2,6 +2,11 @@
 
 YaRN here is static, like transformers, vLLM and SGLang: the scaled frequencies and the attention
 factor apply at every position once `rope_scaling` is configured.
+
+Vision-language models (Qwen3-VL, Qwen3.5) give three position rows (temporal, height, width) and
+use interleaved MRoPE: frequency f reads the height row when f % 3 == 1 and f < 3·section[1], the
+width row when f % 3 == 2 and f < 3·section[2], the temporal row otherwise. With equal rows that is
+plain RoPE, so text-only steps may pass `[T]` positions to the same model.
 """
 
 from __future__ import annotations
@@ -58,13 +63,36 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
         # A plain tensor, not a buffer: models are built on `meta` and must not lose it.
         self.inv_freq, self.attention_scaling = rope_frequencies(rope, self.rotary_dim)
+        self.mrope_section = rope.mrope_section
+        self.mrope_axis: torch.Tensor | None = None  # built at the first 3-row step: text-only use never checks it
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[T]`, or `[3, T]` (t, h, w) for a model with `mrope_section`."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rd/2]
+        if positions.dim() == 1:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rd/2]
+        else:
+            if self.mrope_section is None:
+                raise ValueError("3-row positions need a model whose rope config has mrope_section")
+            if self.mrope_axis is None:
+                self.mrope_axis = mrope_axes(self.mrope_section, self.rotary_dim // 2)
+            # each frequency's position row, [T, rd/2]: the same products as per-axis then interleave
+            freqs = positions.float().T[:, self.mrope_axis.to(positions.device)] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, rd]
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def mrope_axes(section: tuple[int, ...], num_freqs: int) -> torch.Tensor:
+    """Which position row (0 t, 1 h, 2 w) each of the `num_freqs` frequencies reads, as transformers'
+    `Qwen3VLTextRotaryEmbedding.recomposition_frequencies` lays them out."""
+    if len(section) != 3 or sum(section) != num_freqs:
+        raise ValueError(f"mrope_section {list(section)} must be three sizes summing to the {num_freqs} rotary "
+                         "frequencies (head_dim * partial_rotary_factor / 2)")
+    axis = torch.zeros(num_freqs, dtype=torch.long, device="cpu")
+    for row in (1, 2):
+        axis[row : 3 * section[row] : 3] = row
+    return axis
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

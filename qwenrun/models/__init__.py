@@ -15,6 +15,8 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen3NextForCausalLM": ("qwenrun.models.qwen3_next", "Qwen3NextForCausalLM"),
     "Qwen3_5ForCausalLM": ("qwenrun.models.qwen3_5", "Qwen3_5ForCausalLM"),
     "Qwen3_5MoeForCausalLM": ("qwenrun.models.qwen3_5", "Qwen3_5MoeForCausalLM"),
+    "Qwen3VLForConditionalGeneration": ("qwenrun.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    "Qwen3VLMoeForConditionalGeneration": ("qwenrun.models.qwen3_vl", "Qwen3VLMoeForConditionalGeneration"),
     # real Qwen3.5 / 3.6 checkpoints: the language model loads, the vision tower not yet (logged)
     "Qwen3_5ForConditionalGeneration": ("qwenrun.models.qwen3_5", "Qwen3_5ForConditionalGeneration"),
     "Qwen3_5MoeForConditionalGeneration": ("qwenrun.models.qwen3_5", "Qwen3_5MoeForConditionalGeneration"),
