@@ -10,7 +10,8 @@ Prefill chunks run the chunked (UT-transform) form with chunk 64, decodes the re
 from the sequence's state slot (`layers.recurrent`), in transformers' rounding order: the reference
 is `torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule` / `causal_conv1d_update`.
 The whole single-token step (conv update, delta rule, gated norm) is one operation, `gdn_decode`,
-so a C++ kernel can do it in one pass over the state.
+so a C++ kernel can do it in one pass over the state; a sequence's prefill chunk is another,
+`gdn_prefill` (conv + delta rule, before the gated norm).
 
 Both checkpoint layouts load into one `in_proj` with rows `[q | k | v | z | b | a]`: Qwen3.5's
 split projections as they are, Qwen3-Next's per-key-head-group `in_proj_qkvz` / `in_proj_ba`
@@ -148,6 +149,34 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return out, S
 
 
+@kernels.op("gdn_prefill")
+def gdn_prefill(
+    mixed: torch.Tensor,  # [n, conv_dim] pre-conv
+    window: torch.Tensor | None,  # [conv_dim, K-1] the inputs before these; None: zeros
+    conv_weight: torch.Tensor,  # [conv_dim, K]
+    a: torch.Tensor,  # [n, Hv]
+    b: torch.Tensor,  # [n, Hv]
+    A_log: torch.Tensor,  # [Hv]
+    dt_bias: torch.Tensor,  # [Hv]
+    state: torch.Tensor | None,  # [Hv, dk, dv] fp32; None: zeros
+    num_v_heads: int,
+    k_head_dim: int,
+    num_k_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence's n new tokens from (conv window, state) -> (delta-rule output [n, Hv, dv] in the
+    model dtype, before the gated norm; the conv window and the state after them). The reference is
+    the chunked form; the C++ kernel runs the token loop with the state kept in cache."""
+    n = mixed.shape[0]
+    Hv, Hk, dk = num_v_heads, num_k_heads, k_head_dim
+    x, new_window = causal_conv(mixed, window, conv_weight)
+    q, k, v = x.split((Hk * dk, Hk * dk, x.shape[-1] - 2 * Hk * dk), dim=-1)
+    q = q.reshape(n, Hk, dk).repeat_interleave(Hv // Hk, dim=1)
+    k = k.reshape(n, Hk, dk).repeat_interleave(Hv // Hk, dim=1)
+    g, beta = decay_and_beta(a, b, A_log, dt_bias)
+    o, new_state = chunk_gated_delta_rule(q, k, v.reshape(n, Hv, -1), g, beta, state)
+    return o, new_window, new_state
+
+
 class GatedDeltaNet(nn.Module):
     """The linear-attention mixer. `in_proj` rows `[q | k | v | z | b | a]`; `sources` names the
     checkpoint tensors that fill them, in that order (see the module docstring)."""
@@ -203,29 +232,15 @@ class GatedDeltaNet(nn.Module):
             rows = slice(start, start + n)
             resume = cached and meta.has_initial_state[i]
             src = int(meta.slots[i]) if resume else None
-            o, window, state = self._prefill(mixed[rows], a[rows], b[rows], weight,
-                                             conv_states[src] if resume else None, states[src] if resume else None)
+            o, window, state = gdn_prefill(mixed[rows], conv_states[src] if resume else None, weight, a[rows], b[rows],
+                                           self.A_log, self.dt_bias, states[src] if resume else None, Hv,
+                                           self.k_head_dim, self.num_k_heads)
             out[rows] = gated_rms_norm(o, z[rows], self.norm.weight, self.eps)
             if cached:
                 dst = int(meta.out_slots[i])
                 conv_states[dst].copy_(window)
                 states[dst].copy_(state)
         return self.out_proj(out.reshape(T, Hv * dv))
-
-    def _prefill(self, mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
-                 window: torch.Tensor | None, state: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One sequence's n new tokens from (conv window, state) (None: zeros) -> (delta-rule output
-        [n, Hv, dv] before the gated norm, conv window and state after them)."""
-        n = mixed.shape[0]
-        Hk, Hv, dk, dv = self.num_k_heads, self.num_v_heads, self.k_head_dim, self.v_head_dim
-        x, new_window = causal_conv(mixed, window, weight)
-        q, k, v = x.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
-        q = q.reshape(n, Hk, dk).repeat_interleave(Hv // Hk, dim=1)
-        k = k.reshape(n, Hk, dk).repeat_interleave(Hv // Hk, dim=1)
-        g, beta = decay_and_beta(a, b, self.A_log, self.dt_bias)
-        o, new_state = chunk_gated_delta_rule(q, k, v.reshape(n, Hv, dv), g, beta, state)
-        return o, new_window, new_state
 
 
 def next_qkvz_to_split(num_k_heads: int, k_head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:

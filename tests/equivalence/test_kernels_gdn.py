@@ -5,7 +5,7 @@ Decode: `layers.gated_delta_net.gdn_decode.reference` is transformers' decode st
 kernel wrote wrong also shows in the next step's output; in place (out slot = read slot) and ping-pong (out
 slot elsewhere, the read slot left as it was).
 
-Prefill: the token-loop kernel against the layer's chunked form (`GatedDeltaNet._prefill`), from zeros and
+Prefill: the token-loop kernel against the chunked form (`gdn_prefill.reference`), from zeros and
 from a carried window and state, and split anywhere against whole.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qwenrun import kernels
-from qwenrun.layers.gated_delta_net import GatedDeltaNet, gdn_decode
+from qwenrun.layers.gated_delta_net import GatedDeltaNet, gdn_decode, gdn_prefill
 
 ops = kernels.cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="C++ kernels need x86 AVX512-BF16/VNNI and a compiler")
@@ -148,7 +148,9 @@ def test_prefill_kernel_matches_the_chunked_form(dtype, Hk, Hv, dk, dv, n, resum
     layer = prefill_layer(dtype, Hk, Hv, dk, dv, 4, gen)
     mixed, a, b, window, state = prefill_inputs(dtype, layer, n, resume, gen)
     with torch.no_grad():
-        o_ref, window_ref, state_ref = layer._prefill(mixed, a, b, layer.conv1d.weight[:, 0, :], window, state)
+        o_ref, window_ref, state_ref = gdn_prefill.reference(mixed, window, layer.conv1d.weight[:, 0, :], a, b,
+                                                             layer.A_log, layer.dt_bias, state, layer.num_v_heads,
+                                                             layer.k_head_dim, layer.num_k_heads)
         o, new_window, new_state = kernel_prefill(layer, mixed, a, b, window, state)
     assert o.dtype == dtype and o.shape == o_ref.shape
     close(o, o_ref, dtype)
