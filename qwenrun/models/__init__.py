@@ -17,9 +17,9 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen3_5MoeForCausalLM": ("qwenrun.models.qwen3_5", "Qwen3_5MoeForCausalLM"),
     "Qwen3VLForConditionalGeneration": ("qwenrun.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
     "Qwen3VLMoeForConditionalGeneration": ("qwenrun.models.qwen3_vl", "Qwen3VLMoeForConditionalGeneration"),
-    # real Qwen3.5 / 3.6 checkpoints: the language model loads, the vision tower not yet (logged)
-    "Qwen3_5ForConditionalGeneration": ("qwenrun.models.qwen3_5", "Qwen3_5ForConditionalGeneration"),
-    "Qwen3_5MoeForConditionalGeneration": ("qwenrun.models.qwen3_5", "Qwen3_5MoeForConditionalGeneration"),
+    # real Qwen3.5 / 3.6 checkpoints: the hybrid language model under the vision tower
+    "Qwen3_5ForConditionalGeneration": ("qwenrun.models.qwen3_5_vl", "Qwen3_5ForConditionalGeneration"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwenrun.models.qwen3_5_vl", "Qwen3_5MoeForConditionalGeneration"),
 }
 
 

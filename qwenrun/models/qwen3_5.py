@@ -1,20 +1,18 @@
-"""Qwen3.5 / 3.6 text models (`Qwen3_5ForCausalLM`, `Qwen3_5MoeForCausalLM`) and the language model of
-`Qwen3_5ForConditionalGeneration` / `Qwen3_5MoeForConditionalGeneration`, the architecture real
-checkpoints name. The Qwen3-Next block (models/qwen3_next.py) with these differences:
+"""Qwen3.5 / 3.6 text models (`Qwen3_5ForCausalLM`, `Qwen3_5MoeForCausalLM`), also the language model of
+`Qwen3_5ForConditionalGeneration` / `Qwen3_5MoeForConditionalGeneration` (models/qwen3_5_vl.py), the
+architectures real checkpoints name. The Qwen3-Next block (models/qwen3_next.py) with these differences:
 - the Gated DeltaNet projections are stored split (`in_proj_qkv`, `in_proj_z`, `in_proj_b`,
   `in_proj_a`), in the row order the layer holds, so they load as they are;
 - dense Qwen3.5 has no experts; Qwen3.5-MoE is sparse in every layer and its router always
   renormalises the top-k (both decided in `ModelConfig.from_hf`);
 - text positions are the same on MRoPE's t/h/w axes, which makes its rotary plain 1-D RoPE;
 - weights may sit under `model.language_model.` (multimodal checkpoints), beside `model.visual.*`
-  (not loaded yet) and `mtp.*` (skipped, counted in the load log); experts may be stored per
-  expert or fused (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`, or their
-  transposes, told apart by shape).
+  (the tower: skipped here, loaded by models/qwen3_5_vl.py) and `mtp.*` (skipped, counted in the
+  load log); experts may be stored per expert or fused (`experts.gate_up_proj [E, 2I, H]`,
+  `experts.down_proj [E, H, I]`, or their transposes, told apart by shape).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
@@ -22,8 +20,6 @@ from qwenrun.config import ModelConfig
 from qwenrun.errors import CheckpointError
 from qwenrun.layers.checkpoint import CheckpointRules, Transform
 from qwenrun.models.qwen3_next import Qwen3NextForCausalLM
-
-logger = logging.getLogger(__name__)
 
 
 class Qwen3_5ForCausalLM(Qwen3NextForCausalLM):
@@ -45,23 +41,6 @@ class Qwen3_5ForCausalLM(Qwen3NextForCausalLM):
 
 class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
     """Every layer sparse, with a shared expert (see `ModelConfig.from_hf`)."""
-
-
-class _TextOnly:
-    """The language model of a multimodal checkpoint; says once that images and video will not work."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)  # type: ignore[call-arg]
-        logger.warning("%s: loading the language model only; the vision tower (model.visual.*) is not "
-                       "loaded yet, so image and video inputs are not supported", cfg.architecture)
-
-
-class Qwen3_5ForConditionalGeneration(_TextOnly, Qwen3_5ForCausalLM):
-    pass
-
-
-class Qwen3_5MoeForConditionalGeneration(_TextOnly, Qwen3_5MoeForCausalLM):
-    pass
 
 
 def fused_experts(num_experts: int, rows: int, cols: int) -> Transform:
