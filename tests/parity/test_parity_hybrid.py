@@ -15,9 +15,11 @@ within a few steps, so bf16 greedy agreement is measured, not required — see t
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from qwenrun import LLM, SamplingParams
 from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec
@@ -174,3 +176,25 @@ def test_bf16_is_as_close_to_fp32_as_transformers_bf16(llm_pair, tmp_path):
         theirs += ((ref_bf16 - fp32).abs().mean() / fp32.abs().mean()).item()
     n = len(prompts)
     assert 0 < ours <= 2 * theirs + 0.02 * n, f"{name}: bf16 {ours / n:.3f} vs transformers' {theirs / n:.3f}"
+
+
+@pytest.mark.parametrize("a, b", [("in_proj_b", "in_proj_a"), ("A_log", "dt_bias"), ("q_norm", "k_norm"),
+                                  ("input_layernorm", "post_attention_layernorm")])
+def test_swapped_weights_fail_parity(tmp_path, a, b):
+    """Same-shape pairs a model could read one for the other without an error; each swap moves the
+    logits by far more than the parity tolerance, so the tests above would catch it."""
+    folder, ref = make_checkpoint("qwen3_5-interval4", tmp_path / "good")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(f".{a}.weight") or n.endswith(f".{a}")]:
+        other = name.replace(f".{a}", f".{b}")
+        tensors[name], tensors[other] = tensors[other], tensors[name]
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    shutil.copy(folder / "config.json", swapped / "config.json")
+    save_file(tensors, swapped / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(open_checkpoint(swapped), torch.float32, torch.device("cpu"))
+    ids = _tokens(PROMPT, 4)
+    with torch.no_grad():
+        theirs = ref(ids[None]).logits[0]
+        ours = model.compute_logits(model(ForwardBatch.without_cache(ids, torch.arange(PROMPT), [PROMPT])))
+    assert (ours - theirs).abs().max().item() > 100 * LOGITS_TOL * theirs.abs().max().item()
