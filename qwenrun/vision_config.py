@@ -124,7 +124,7 @@ class VisionConfig:
             t, h, w = grid[0], grid[1] // m, grid[2] // m
             count = t * h * w
             if token_ids[i:i + count] != [tok] * count:
-                raise ValueError(f"an {kind} block at token {i} has fewer than the {count} placeholders its "
+                raise ValueError(f"the {kind} block at token {i} has fewer than the {count} placeholders its "
                                  f"grid {list(grid)} needs")
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
             rows.append(torch.stack((tt, hh, ww)).reshape(3, -1) + pos)
@@ -132,7 +132,7 @@ class VisionConfig:
             i += count
         left = len(list(images)) + len(list(frames))
         if left:
-            raise ValueError(f"{left} image/video grid(s) (video: frames) have no placeholder block in the prompt")
+            raise ValueError(f"{left} image grid(s) or video frame(s) have no placeholder block in the prompt")
         positions = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
         delta = int(positions.max()) + 1 - n if n else 0
         return positions.long(), delta
