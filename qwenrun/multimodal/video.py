@@ -500,7 +500,7 @@ class VideoProcessor:
 
     def _frame_array(self, frame: Any, param: str | None) -> np.ndarray:
         if isinstance(frame, Image.Image):
-            return np.asarray(to_rgb(frame))
+            return np.array(to_rgb(frame))
         if isinstance(frame, np.ndarray) and frame.dtype == np.uint8:
             if frame.ndim == 2:
                 return np.repeat(frame[..., None], 3, axis=-1)
