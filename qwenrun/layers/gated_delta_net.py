@@ -217,14 +217,16 @@ class GatedDeltaNet(nn.Module):
         cached = conv_states is not None and states is not None and meta.slots is not None
         weight = self.conv1d.weight[:, 0, :]  # [C, K]
         decode = [i for i, n in enumerate(meta.query_lens) if cached and n == 1 and meta.has_initial_state[i]]
+        if cached and len(decode) == T:  # decode-only step: rows are the sequences, no gather
+            out = gdn_decode(mixed, conv_states, weight, meta.slots, meta.out_slots, a, b, self.A_log, self.dt_bias,
+                             states, z, self.norm.weight, self.eps, self.num_k_heads)
+            return self.out_proj(out.reshape(T, Hv * dv))
         out = x.new_empty(T, Hv, dv)
         if decode:
             rows = torch.tensor([meta.query_starts[i] for i in decode], device=x.device)
-            every = len(decode) == len(meta.query_lens)
-            slots = meta.slots if every else meta.slots[decode]
-            out_slots = meta.out_slots if every else meta.out_slots[decode]
-            out[rows] = gdn_decode(mixed[rows], conv_states, weight, slots, out_slots, a[rows], b[rows], self.A_log,
-                                   self.dt_bias, states, z[rows], self.norm.weight, self.eps, self.num_k_heads)
+            out[rows] = gdn_decode(mixed[rows], conv_states, weight, meta.slots[decode], meta.out_slots[decode],
+                                   a[rows], b[rows], self.A_log, self.dt_bias, states, z[rows], self.norm.weight,
+                                   self.eps, self.num_k_heads)
         done = set(decode)
         for i, (start, n) in enumerate(zip(meta.query_starts, meta.query_lens)):
             if i in done:
