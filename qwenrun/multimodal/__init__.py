@@ -8,6 +8,8 @@
   budget, timestamps), the arithmetic of transformers' `Qwen3VLVideoProcessor`.
 - `placeholders.py` — `VisionTokenIds`, `expand_placeholders`: one placeholder per item in the
   prompt's token ids becomes that item's pad tokens.
+- `processor.py` — `MultimodalProcessor` → `MultimodalPrompt`: the engine's one call (limits,
+  `mm_processor_kwargs`, preprocessing, expansion).
 """
 
 from qwenrun.multimodal.image import ImageFeatures, ImageProcessor
@@ -18,6 +20,7 @@ from qwenrun.multimodal.placeholders import (
     VisionTokenIds,
     expand_placeholders,
 )
+from qwenrun.multimodal.processor import MultimodalProcessor, MultimodalPrompt
 from qwenrun.multimodal.video import VideoFeatures, VideoProcessor
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "ImageFeatures",
     "ImageProcessor",
     "MediaLimits",
+    "MultimodalProcessor",
+    "MultimodalPrompt",
     "PlaceholderRange",
     "VideoFeatures",
     "VideoProcessor",

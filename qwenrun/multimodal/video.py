@@ -183,7 +183,7 @@ def _sniff_container(data: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class _Sampling:
-    fps: float | None
+    fps: float
     num_frames: int | None
     min_frames: int
     max_frames: int

@@ -37,6 +37,7 @@ from qwenrun.errors import InvalidRequestError
 from qwenrun.multimodal import (
     ImageProcessor,
     MediaLimits,
+    MultimodalProcessor,
     VideoProcessor,
     VisionTokenIds,
     expand_placeholders,
@@ -400,3 +401,41 @@ def test_limits_and_bad_inputs(mp4: bytes) -> None:
         MediaLimits(max_video_seconds=1.0),
         metadata={"fps": 1.0, "frames_indices": [0, 5]},
     )
+
+
+def test_multimodal_processor(tmp_path: Path, mp4: bytes) -> None:
+    """The engine's one call: counts, option routing, item names in errors, ready features pass through."""
+    (tmp_path / "config.json").write_text(
+        '{"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 502, '
+        '"vision_end_token_id": 503}'
+    )
+    limits = MediaLimits(max_images_per_prompt=2, max_videos_per_prompt=1)
+    processor = MultimodalProcessor.from_model_dir(tmp_path, limits)
+    assert processor.ids == VisionTokenIds(500, 501, 502, 503)
+    image = Image.fromarray(_frames(1)[0])
+    prompt = [1, 502, 500, 503, 2, 502, 501, 503, 3]
+    encode = lambda text: [7] * len(text)  # a stand-in tokenizer
+    out = processor(prompt, [image], [mp4], encode, {"fps": 4.0, "max_pixels": 32 * 32})
+    assert out.images[0].num_tokens == 1  # max_pixels reached the image ...
+    assert len(out.videos[0].frame_indices) == 12  # ... and fps the video,
+    assert out.videos[0].grid_thw == (6, 6, 8)  # which kept its own pixel range (class defaults)
+    again = processor(prompt, out.images, out.videos, encode)
+    assert again.token_ids == out.token_ids
+    assert [r.offset for r in again.ranges] == [r.offset for r in out.ranges]
+    with pytest.raises(InvalidRequestError, match="3 images"):
+        processor([500] * 3, [image] * 3)
+    with pytest.raises(InvalidRequestError, match="unknown mm_processor_kwargs key 'size'"):
+        processor(prompt, [image], [mp4], encode, {"size": 4})
+    with pytest.raises(InvalidRequestError, match="unknown image option"):
+        processor(prompt, [image], [mp4], encode, {"images_kwargs": {"fps": 1}})
+    with pytest.raises(InvalidRequestError, match="multi_modal_data.video") as info:
+        processor(prompt, [image], [b"junk" * 50], encode)
+    assert info.value.param == "multi_modal_data.video[0]"
+    video = processor(
+        prompt,
+        [image],
+        [mp4],
+        encode,
+        {"videos_kwargs": {"min_pixels": 4096, "max_pixels": 6 * 64 * 64}},
+    )
+    assert video.videos[0].grid_thw == (3, 4, 4)
