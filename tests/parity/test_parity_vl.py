@@ -132,6 +132,18 @@ def test_encode_vision_matches_the_reference_features(pair):
             assert _rel(item[1 + level], feats[i]) <= TOL, f"{name}: item {i} DeepStack level {level}"
 
 
+def test_a_video_encodes_frame_by_frame_as_a_whole(pair):
+    """Nothing in the tower mixes temporal patches (attention is per frame, positions repeat per frame),
+    so a video may be encoded, cached and placed one frame block at a time as grid (1, h, w) items."""
+    name, _, model, _ = pair
+    grid = (3, 8, 4)
+    pixels = torch.randn(3 * 8 * 4, PATCH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        [whole] = model.encode_vision(pixels, torch.tensor([grid]))
+        frames = model.encode_vision(pixels, torch.tensor([(1, 8, 4)] * 3))
+    assert _rel(torch.cat(frames, dim=1), whole) <= 1e-6, name
+
+
 @pytest.mark.parametrize("which", sorted(PROMPTS))
 def test_prompt_logits_and_positions_match_transformers(pair, which):
     name, _, model, ref = pair
