@@ -20,7 +20,8 @@ class MediaLimits:
 
     `max_image_pixels` is Pillow's own `Image.MAX_IMAGE_PIXELS` default (89.5 MP: a 1 GiB RGBA
     canvas), checked against the header before decoding; each video frame is held to it too.
-    `allow_http` is off by default: fetching URLs on a user's behalf reaches whatever the server can
+    `max_video_decoded_frames` bounds decoding work, which a header with a high frame rate could
+    otherwise inflate within the duration limit. `allow_http` is off by default: fetching URLs on a user's behalf reaches whatever the server can
     reach (SSRF), so the server exposes it as an explicit flag. `allow_local_paths` is on for the
     offline API (the user owns the files) and off for the server, where a path would read the
     server's disk.
@@ -33,6 +34,7 @@ class MediaLimits:
     max_videos_per_prompt: int = 4
     max_video_frames: int = 768
     max_video_seconds: float = 1800.0
+    max_video_decoded_frames: int = 108_000  # 30 min at 60 fps: frames decoded to reach the samples
     allow_http: bool = False
     allow_local_paths: bool = True
     fetch_timeout_s: float = 10.0

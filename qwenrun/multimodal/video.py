@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -530,6 +531,8 @@ class VideoProcessor:
             raise InvalidRequestError(f"{label} is corrupt or not a video ({e})", param) from e
         try:
             return self._decode_open(container, s, param)
+        except InvalidRequestError:
+            raise
         except (av.FFmpegError, ValueError, OSError, EOFError) as e:
             raise InvalidRequestError(f"{label} is corrupt ({e})", param) from e
         finally:
@@ -549,10 +552,17 @@ class VideoProcessor:
         self._check_frame(stream.height, stream.width, param)
         if container.duration is not None:
             self._check_duration(container.duration / 1_000_000, param)
+        cap = self.limits.max_video_decoded_frames
         total = int(stream.frames)
         if total == 0:
-            total = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            packets = (p for p in container.demux(stream) if p.size > 0)
+            total = sum(1 for _ in itertools.islice(packets, cap + 1))
             container.seek(0)
+        if total > cap:
+            raise InvalidRequestError(
+                f"{label} has more than {cap} frames, the most that are decoded for one video",
+                param,
+            )
         if total == 0:
             raise InvalidRequestError(f"{label} has no frames", param)
         self._check_duration(total / video_fps, param)

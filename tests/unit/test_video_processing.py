@@ -368,12 +368,17 @@ def _raises(video: object, match: str, limits: MediaLimits | None = None, **kwar
     with pytest.raises(InvalidRequestError, match=match) as info:
         VideoProcessor(limits=limits)(video, param="messages[1].content[0]", **kwargs)
     assert info.value.param == "messages[1].content[0]"
+    if "corrupt" not in match:  # a limit is reported as itself, not as a broken file
+        assert "corrupt" not in str(info.value)
 
 
 def test_limits_and_bad_inputs(mp4: bytes) -> None:
     _raises(mp4, "bytes", MediaLimits(max_video_bytes=len(mp4) - 1))
     _raises(mp4, "lasts 3.0 s", MediaLimits(max_video_seconds=2.5))
     _raises(mp4, "pixels per frame", MediaLimits(max_image_pixels=64 * 47))
+    _raises(mp4, "more than 29 frames", MediaLimits(max_video_decoded_frames=29))
+    webm = write_video("libvpx-vp9", "webm")
+    _raises(webm, "more than 28 frames", MediaLimits(max_video_decoded_frames=28))
     _raises(mp4, "more than the 5 frames", MediaLimits(max_video_frames=5), num_frames=6)
     _raises(mp4, "max_frames=9", MediaLimits(max_video_frames=8), max_frames=9)
     _raises(_frames(9), "9 frames", MediaLimits(max_video_frames=8))
