@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qwenrun.config import ModelConfig
+from qwenrun.config import HYBRID_MODEL_TYPES, ModelConfig
+from qwenrun.errors import CheckpointError
 from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec, attend, qk_norm_rope_store
 from qwenrun.layers.checkpoint import CheckpointRules, Transform
 from qwenrun.layers.forward_batch import ForwardBatch
@@ -129,7 +130,9 @@ class Qwen3NextForCausalLM(Qwen3MoeForCausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         nn.Module.__init__(self)
         if cfg.linear is None:
-            raise ValueError(f"{type(self).__name__} needs a hybrid config (ModelConfig.linear)")
+            raise CheckpointError(f"config.json model_type {cfg.model_type!r} is not a hybrid (Gated DeltaNet) "
+                                  f"type, but {cfg.architecture} needs one; expected one of "
+                                  f"{', '.join(HYBRID_MODEL_TYPES)}")
         self.config = cfg
         self.model = Qwen3NextModel(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
