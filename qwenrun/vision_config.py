@@ -86,6 +86,15 @@ class VisionConfig:
             vision_end_token_id=int(outer.get("vision_end_token_id", 151653)),
         )
 
+    def num_parameters(self) -> int:
+        """The tower's parameter count from the shapes (for `qwenrun info` and memory estimates; the text
+        model's is `ModelConfig.num_parameters`)."""
+        D, I, group = self.hidden_size, self.intermediate_size, self.hidden_size * self.spatial_merge_size**2
+        block = 4 * D + 3 * D * D + 3 * D + D * D + D + 2 * D * I + I + D
+        merger_fc = group * group + group + group * self.out_hidden_size + self.out_hidden_size
+        mergers = 2 * D + merger_fc + len(self.deepstack_visual_indexes) * (2 * group + merger_fc)
+        return (self.patch_dim + 1) * D + self.num_position_embeddings * D + self.depth * block + mergers
+
     def num_tokens(self, grid: Grid) -> int:
         """Placeholder tokens of one item: one per 2x2 merged patch group (all frames of a video)."""
         t, h, w = grid

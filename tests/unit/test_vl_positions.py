@@ -2,7 +2,8 @@
 layouts the parity prompts do not cover (adjacent items, non-square grids, several videos, the nested video
 markers transformers 5 writes, text only), its errors on placeholders that do not match the grids;
 interleaved MRoPE against transformers' Qwen3-VL and Qwen3.5 (partial rotary) text rotary embeddings;
-1-D positions equal to three equal rows bit for bit; the vision config read from released-shape configs.
+1-D positions equal to three equal rows bit for bit; the vision config read from released-shape configs
+and its tower parameter count against transformers.
 """
 
 from __future__ import annotations
@@ -142,3 +143,18 @@ def test_vision_config_of_released_shapes():
         VisionConfig.from_hf({"vision_config": {"num_position_embeddings": 2300}})
     with pytest.raises(CheckpointError, match="deepstack_visual_indexes"):
         VisionConfig.from_hf({"vision_config": {"depth": 4, "deepstack_visual_indexes": [4]}})
+
+
+@pytest.mark.parametrize("kind, vision", [
+    ("Qwen3VL", {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                 "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17]}),  # 2B/4B tower
+    ("Qwen3VL", {}),  # the class defaults: the 8B-235B tower
+    ("Qwen3_5", {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                 "out_hidden_size": 2048}),
+])
+def test_tower_parameter_count_equals_transformers(kind, vision):
+    cfg = getattr(transformers, f"{kind}Config")(vision_config=vision)
+    with torch.device("meta"):
+        tower = getattr(transformers, f"{kind}Model")(cfg).visual
+    ours = VisionConfig.from_hf(cfg.to_dict())
+    assert ours is not None and ours.num_parameters() == sum(p.numel() for p in tower.parameters())
