@@ -19,12 +19,14 @@ class MediaLimits:
     """Per-item and per-prompt limits, and the two switches that widen where media may come from.
 
     `max_image_pixels` is Pillow's own `Image.MAX_IMAGE_PIXELS` default (89.5 MP: a 1 GiB RGBA
-    canvas), checked against the header before decoding; each video frame is held to it too.
-    `max_video_decoded_frames` bounds decoding work, which a header with a high frame rate could
-    otherwise inflate within the duration limit. `allow_http` is off by default: fetching URLs on a user's behalf reaches whatever the server can
+    canvas), checked against the header before decoding; each video frame is held to it too
+    (Pillow itself still refuses images over twice its own limit). `max_video_frames` caps the frames
+    sampled (so the tokens); `max_video_decoded_frames` caps the frames decoded to reach them, which a
+    header with a high frame rate could otherwise inflate within `max_video_seconds`.
+    `allow_http` is off by default: fetching URLs on a user's behalf reaches whatever the server can
     reach (SSRF), so the server exposes it as an explicit flag. `allow_local_paths` is on for the
-    offline API (the user owns the files) and off for the server, where a path would read the
-    server's disk.
+    offline API (the user owns the files) and off for the server (`for_server`), where a path would
+    read the server's disk.
     """
 
     max_image_bytes: int = 20 * 1024 * 1024

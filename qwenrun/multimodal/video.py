@@ -545,6 +545,7 @@ class VideoProcessor:
         if not container.streams.video:
             raise InvalidRequestError(f"{label} has no video stream", param)
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # decoder threads: the same frames, sooner
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise InvalidRequestError(f"{label} does not say its frame rate", param)
