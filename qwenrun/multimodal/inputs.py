@@ -39,15 +39,20 @@ def check_size(n: int, kind: Kind, limits: MediaLimits, param: str | None) -> No
         )
 
 
-def decode_base64(text: str, kind: Kind, limits: MediaLimits, param: str | None) -> bytes:
-    """Strict base64 (whitespace allowed), refused by length before anything is decoded."""
+def decode_base64(
+    text: str, kind: Kind, limits: MediaLimits, param: str | None, hint: str = ""
+) -> bytes:
+    """Strict base64 (whitespace allowed), refused by length before anything is decoded.
+
+    `hint` is added to the error: what else the string could have been.
+    """
     compact = "".join(text.split())
     check_size(len(compact) * 3 // 4, kind, limits, param)
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidRequestError(
-            f"{_label(kind, param)} is not valid base64 ({e})", param=param
+            f"{_label(kind, param)} is not valid base64 ({e}){hint}", param=param
         ) from e
     if not data:
         raise InvalidRequestError(f"{_label(kind, param)} is empty", param=param)
@@ -192,4 +197,8 @@ def read_bytes(
         )
     if limits.allow_local_paths and len(source) < 4096 and os.path.isfile(source):
         return read_path(source, kind, limits, param)
-    return decode_base64(source, kind, limits, param)
+    if limits.allow_local_paths:
+        hint = "; nor is it an http(s) or data: URL or an existing file"
+    else:
+        hint = "; nor is it an http(s) or data: URL (local file paths are not accepted here)"
+    return decode_base64(source, kind, limits, param, hint)

@@ -277,7 +277,7 @@ def _raises(
     assert "messages[0].content[1]" in str(info.value)
 
 
-def test_limits_and_bad_inputs(tmp_path: Path) -> None:
+def test_limits_and_bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     png = encode(Image.fromarray(noise(100, 100, seed=12)), "PNG")
     _raises(png, "bytes", MediaLimits(max_image_bytes=len(png) - 1))
     _raises(base64.b64encode(png).decode(), "bytes", MediaLimits(max_image_bytes=len(png) // 2))
@@ -305,7 +305,9 @@ def test_limits_and_bad_inputs(tmp_path: Path) -> None:
     _raises("https://example.com/cat.png", "disabled")
     path = tmp_path / "a.png"
     path.write_bytes(png)
-    _raises(str(path), "not valid base64", MediaLimits.for_server())  # never read from disk
+    with monkeypatch.context() as m:  # the server's disk is never even probed for the string
+        m.setattr("qwenrun.multimodal.inputs.os.path.isfile", lambda p: pytest.fail("probed"))
+        _raises(str(path), "local file paths are not accepted", MediaLimits.for_server())
     _raises(f"file://{path}", "local file paths", MediaLimits.for_server())
     _raises(f"file://{tmp_path}/missing.png", "no such file")
 
