@@ -6,7 +6,7 @@ fed by `video_utils.read_video_pyav`, plus `Qwen3VLProcessor._calculate_timestam
 this is our own code doing the same arithmetic in the same order:
 
 1. Decode with PyAV. Frame count = the stream's `frames`, fps = its `average_rate` (as
-   `read_video_pyav`). Where the container does not record a frame count (WebM/Matroska), the
+   `read_video_pyav`; `guessed_rate` where that is missing, where the reference would fail). Where the container does not record a frame count (WebM/Matroska), the
    packets are counted first without decoding; the reference would see 0 frames there and fail.
 2. Sample: `n = int(total / video_fps * fps)` clamped to [min_frames, max_frames] and ≤ total, indices
    `linspace(0, total − 1, n).round()` (`Qwen3VLVideoProcessor.sample_frames`). An explicit `num_frames`
