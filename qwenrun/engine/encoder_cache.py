@@ -20,14 +20,15 @@ import torch
 
 @dataclass(frozen=True, eq=False)
 class MultimodalItem:
-    """One image or video of a prompt, preprocessed."""
+    """One image or video of a prompt, preprocessed. Its placeholder tokens form one run per image
+    and one per temporal patch of a video (timestamp text sits between a video's runs); the
+    encoder's output rows are those runs' tokens, in order."""
 
     kind: str  # "image" or "video"
     pixel_values: torch.Tensor  # [patches, channels * temporal * patch * patch]
     grid_thw: tuple[int, int, int]  # in patches
     content_hash: bytes  # of the pixels the encoder sees (equal hashes: equal encoder output)
-    offset: int  # index of its first placeholder token in the prompt
-    num_tokens: int  # its placeholder tokens, contiguous from `offset`
+    runs: tuple[tuple[int, int], ...]  # (offset in the prompt, length) of each placeholder run
 
     @staticmethod
     def hash_pixels(kind: str, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> bytes:
@@ -36,12 +37,30 @@ class MultimodalItem:
         return h.digest()
 
     @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    @property
+    def offset(self) -> int:
+        return self.runs[0][0]
+
+    @property
     def end(self) -> int:
-        return self.offset + self.num_tokens
+        return self.runs[-1][0] + self.runs[-1][1]
 
     def overlaps(self, start: int, end: int) -> bool:
         """Whether any of its placeholder tokens lies in [start, end)."""
-        return self.offset < end and self.end > start
+        return any(o < end and o + n > start for o, n in self.runs)
+
+    def rows_in(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(first prompt position, first output row, count) of its placeholder tokens in [start, end)."""
+        out, row = [], 0
+        for o, n in self.runs:
+            lo, hi = max(start, o), min(end, o + n)
+            if lo < hi:
+                out.append((lo, row + lo - o, hi - lo))
+            row += n
+        return out
 
 
 class EncoderCache:

@@ -172,9 +172,11 @@ class LLMEngine:
         if mm_items:
             if not self.is_multimodal:
                 raise InvalidRequestError(f"{self.config.architecture} is a text-only model: it takes no images or videos")
-            ends = [0] + [it.end for it in mm_items]
-            if any(it.offset < end for it, end in zip(mm_items, ends)) or ends[-1] > len(prompt):
-                raise InvalidRequestError("images and videos must cover disjoint placeholder runs inside the prompt")
+            runs = [run for it in mm_items for run in it.runs]
+            ends = [0] + [o + n for o, n in runs]
+            if any(o < end or n < 1 for (o, n), end in zip(runs, ends)) or ends[-1] > len(prompt):
+                raise InvalidRequestError("images and videos must cover disjoint placeholder runs inside the prompt, "
+                                          "in order")
             mrope = self.model.rope_positions(
                 prompt, [it.grid_thw for it in mm_items if it.kind == "image"],
                 [it.grid_thw for it in mm_items if it.kind == "video"])

@@ -82,16 +82,15 @@ class ModelRunner:
         """The encoder output at this step's placeholder rows; items not yet in the encoder cache are
         encoded first, all in one call."""
         assert self.encoder is not None
-        wanted: list[tuple[MultimodalItem, int, int]] = []  # (item, first, last token of it in the step)
+        wanted: list[tuple[MultimodalItem, int, int]] = []  # (item, first output row, count) in the step
         rows: list[int] = []
         row0 = 0
         for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed_tokens
             for item in req.mm_items:
-                if item.overlaps(start, start + n):
-                    lo, hi = max(start, item.offset), min(start + n, item.end)
-                    wanted.append((item, lo - item.offset, hi - item.offset))
-                    rows += range(row0 + lo - start, row0 + hi - start)
+                for pos, first, count in item.rows_in(start, start + n):
+                    wanted.append((item, first, count))
+                    rows += range(row0 + pos - start, row0 + pos - start + count)
             row0 += n
         if not wanted:
             return None
@@ -103,7 +102,7 @@ class ModelRunner:
             for it, out in zip(missing, self.model.encode_vision(pixels, grids)):
                 assert out.shape[1] == it.num_tokens, "the encoder's output does not match the placeholders"
                 self.encoder.put(it.content_hash, out)
-        outs = [self.encoder.get(it.content_hash)[:, a:b] for it, a, b in wanted]  # type: ignore[index]
+        outs = [self.encoder.get(it.content_hash)[:, a : a + k] for it, a, k in wanted]  # type: ignore[index]
         joined = torch.cat(outs, dim=1)  # [1 + deepstack, N, H]
         return VisualEmbeds(torch.tensor(rows, dtype=torch.long, device=self.device), joined[0],
                             joined[1:] if joined.shape[0] > 1 else None)

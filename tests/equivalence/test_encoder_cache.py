@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def _item(seed: int, offset: int, n: int) -> MultimodalItem:
     pixels = torch.randn(4 * n, 8, generator=torch.Generator().manual_seed(seed))
     grid = (1, 2, 2 * n)
-    return MultimodalItem("image", pixels, grid, MultimodalItem.hash_pixels("image", pixels, grid), offset, n)
+    return MultimodalItem("image", pixels, grid, MultimodalItem.hash_pixels("image", pixels, grid), ((offset, n),))
 
 
 def _request(tokens, items=(), rid="r", mrope=None) -> Request:
@@ -109,6 +109,15 @@ def test_runner_gives_each_chunk_its_rows_and_encodes_each_item_once():
     cm.free(req)
     cm.free(other)
     cm.check_integrity()
+
+
+def test_a_video_s_runs_map_to_consecutive_encoder_rows():
+    pixels = torch.randn(16, 8)
+    video = MultimodalItem("video", pixels, (2, 2, 4), b"v", ((3, 2), (8, 2)))  # timestamp text between runs
+    assert video.num_tokens == 4 and video.end == 10
+    assert video.rows_in(0, 20) == [(3, 0, 2), (8, 2, 2)]
+    assert video.rows_in(4, 9) == [(4, 1, 1), (8, 2, 1)]
+    assert not video.overlaps(5, 8) and video.overlaps(9, 12)
 
 
 def test_mrope_rows_continue_the_prompt_positions_with_its_delta():
