@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from qwenrun.engine.encoder_cache import MultimodalItem
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import CompletionOutput, Request, RequestOutput, think_open_in_prompt
 from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError, RequestFailedError
@@ -83,6 +84,7 @@ class LLM:
         self.dtype = resolve_dtype(dtype, ckpt.config, self.device)
         self.tokenizer = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").is_file() else None
         self._chat_template: ChatTemplate | None = None
+        self._mm_processor = None  # built when a prompt first brings images or videos
         self.model = load_model(ckpt, self.dtype, self.device)
         if quantization is not None:
             from qwenrun.quant import quantize_model
@@ -118,18 +120,47 @@ class LLM:
         return self._chat_template
 
     # ----------------------------------------------------------------------------------- generate
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int], list[MultimodalItem]]:
+        """(text, token ids, images and videos) of one prompt; a dict may carry vLLM's
+        `multi_modal_data` ({"image": one or a list, "video": ...}) and `mm_processor_kwargs`."""
         if isinstance(prompt, str):
-            return prompt, self._need_tokenizer().encode(prompt)
+            return prompt, self._need_tokenizer().encode(prompt), []
         if isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self._need_tokenizer().encode(prompt["prompt"])
-            raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                text, ids = prompt["prompt"], self._need_tokenizer().encode(prompt["prompt"])
+            else:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            media = prompt.get("multi_modal_data")
+            if not media:
+                return text, ids, []
+            ids, items = self.process_media(ids, media, prompt.get("mm_processor_kwargs"))
+            return text, ids, items
         if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+            return None, list(prompt), []
         raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def process_media(self, token_ids: list[int], media: Mapping[str, Any], options: Mapping[str, Any] | None = None,
+                      param: str = "multi_modal_data") -> tuple[list[int], list[MultimodalItem]]:
+        """Preprocess a prompt's images and videos and expand its placeholders (one
+        `<|vision_start|><|image_pad|><|vision_end|>` per image, `...<|video_pad|>...` per video, in
+        order) into the token ids and items the engine takes."""
+        if not self.engine.is_multimodal:
+            raise InvalidRequestError(f"{self.config.architecture} is a text-only model: it takes no images or videos",
+                                      param=param)
+        unknown = set(media) - {"image", "video"}
+        if unknown:
+            raise InvalidRequestError(f"{param} keys are 'image' and 'video', not {sorted(unknown)}", param=param)
+        as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else ([] if x is None else [x])  # noqa: E731
+        if self._mm_processor is None:
+            from qwenrun.multimodal import MediaLimits, MultimodalProcessor
+
+            self._mm_processor = MultimodalProcessor.from_model_dir(self.checkpoint.path, MediaLimits())
+        tok = self.tokenizer
+        mm = self._mm_processor(token_ids, as_list(media.get("image")), as_list(media.get("video")),
+                                encode=tok.encode if tok else None, options=options, param=param)
+        return mm.token_ids, multimodal_items(mm)
 
     @staticmethod
     def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -148,10 +179,10 @@ class LLM:
         encoded = [self._prompt_ids(p) for p in prompts]
         submitted: list[tuple[str | None, list[Request]]] = []
         try:
-            for (text, ids), p in zip(encoded, plist):
+            for (text, ids, items), p in zip(encoded, plist):
                 reqs = []
                 for i in range(p.n):
-                    reqs.append(self.engine.add_request(ids, p.for_choice(i)))
+                    reqs.append(self.engine.add_request(ids, p.for_choice(i), mm_items=items))
                 submitted.append((text, reqs))
         except Exception:
             for _, reqs in submitted:  # leave nothing half-queued
@@ -228,10 +259,7 @@ class LLM:
         parsed `tool_calls` (and `tool_call_errors` for malformed ones), token counts and finish reason."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         params = self._chat_params(sampling_params, thinking_budget)
-        prompts = [
-            self.render_chat(c, enable_thinking=enable_thinking, tools=tools, chat_template_kwargs=chat_template_kwargs)
-            for c in conversations
-        ]
+        prompts = [self._chat_prompt(c, enable_thinking, tools, chat_template_kwargs) for c in conversations]
         outputs = self.generate(prompts, params)
         for out in outputs:
             opened = self.think_open(out.prompt_token_ids)
@@ -251,8 +279,7 @@ class LLM:
     ) -> Iterator[ChatDelta]:
         """Streams reasoning and content deltas of one conversation; the last delta has the full output."""
         params = self._chat_params(sampling_params, thinking_budget)
-        prompt = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools,
-                                  chat_template_kwargs=chat_template_kwargs)
+        prompt = self._chat_prompt(messages, enable_thinking, tools, chat_template_kwargs)
         [(_, [req])] = self._submit([prompt], _with(params, n=1))
         opened = self.think_open(req.prompt_token_ids)
         parser = StreamingReasoningParser(think_open_in_prompt=opened)
@@ -274,6 +301,19 @@ class LLM:
                     yield ChatDelta(reasoning, content, False)
         finally:
             self.engine.abort(req.request_id)
+
+    def _chat_prompt(self, messages: Sequence[Mapping[str, Any]], enable_thinking: bool | None, tools: Tools,
+                     chat_template_kwargs: Mapping[str, Any] | None) -> Prompt:
+        """The rendered prompt, with the conversation's images and videos (OpenAI content parts) as
+        `multi_modal_data` when it has any."""
+        from qwenrun.multimodal.messages import extract_media
+
+        flat, images, videos = extract_media(messages)
+        text = self.render_chat(flat, enable_thinking=enable_thinking, tools=tools,
+                                chat_template_kwargs=chat_template_kwargs)
+        if not images and not videos:
+            return text
+        return {"prompt": text, "multi_modal_data": {"image": images, "video": videos}}
 
     def _chat_params(self, params: SamplingParams | None, thinking_budget: int | None) -> SamplingParams:
         params = params or self.get_default_sampling_params()
@@ -370,3 +410,17 @@ def _request_output(prompt: str | None, reqs: list[Request]) -> RequestOutput:
         outputs=[completion_output(i, r) for i, r in enumerate(reqs)],
         finished=all(r.finished for r in reqs),
     )
+
+
+def multimodal_items(mm: Any) -> list[MultimodalItem]:
+    """A `MultimodalPrompt`'s images and videos as engine items, in prompt order (a video's
+    placeholder runs, one per temporal patch, grouped under it)."""
+    runs: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for r in mm.ranges:
+        runs.setdefault((r.modality, r.item), []).append((r.offset, r.length))
+    items = []
+    for (kind, i), item_runs in runs.items():
+        feats = (mm.images if kind == "image" else mm.videos)[i]
+        items.append(MultimodalItem(kind, torch.from_numpy(feats.pixel_values), tuple(feats.grid_thw),
+                                    feats.content_hash.encode(), tuple(item_runs)))
+    return sorted(items, key=lambda it: it.offset)

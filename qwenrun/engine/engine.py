@@ -154,9 +154,10 @@ class LLMEngine:
         thinking.check_limits(0)
         return thinking
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    mm_items: Sequence[MultimodalItem] = ()) -> Request:
         """Validates against the context window and queues the request (ContextLengthError otherwise)."""
-        return self.add(self.make_request(prompt_token_ids, params, request_id))
+        return self.add(self.make_request(prompt_token_ids, params, request_id, mm_items))
 
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      mm_items: Sequence[MultimodalItem] = ()) -> Request:

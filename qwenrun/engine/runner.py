@@ -182,5 +182,5 @@ def _mrope_rows(req: Request, start: int, n: int) -> torch.Tensor:
     prompt_pos, delta = req.mrope
     p = prompt_pos.shape[1]
     head = prompt_pos[:, start : min(start + n, p)]
-    tail = torch.arange(max(start, p), start + n) + delta
+    tail = torch.arange(max(start, p), max(start + n, p)) + delta
     return torch.cat([head, tail.expand(3, -1)], dim=1)

@@ -127,6 +127,7 @@ def test_mrope_rows_continue_the_prompt_positions_with_its_delta():
     assert _mrope_rows(req, 3, 4).tolist() == [[2, 4, 4, 5], [3, 4, 4, 5], [3, 4, 4, 5]]
     plain = _request([1] * 5)
     assert _mrope_rows(plain, 2, 2).tolist() == [[2, 3]] * 3
+    assert _mrope_rows(req, 1, 2).tolist() == [[1, 2], [1, 2], [1, 2]]  # inside the prompt
 
 
 def test_text_only_models_refuse_images(tmp_path):
