@@ -158,6 +158,9 @@ class LLM:
 
             self._mm_processor = MultimodalProcessor.from_model_dir(self.checkpoint.path, MediaLimits())
         tok = self.tokenizer
+        if media.get("video") is not None and tok is None:
+            raise InvalidRequestError(f"{self.checkpoint.path} has no tokenizer.json, which videos need for their "
+                                      "timestamp text", param=f"{param}.video")
         mm = self._mm_processor(token_ids, as_list(media.get("image")), as_list(media.get("video")),
                                 encode=tok.encode if tok else None, options=options, param=param)
         return mm.token_ids, multimodal_items(mm)

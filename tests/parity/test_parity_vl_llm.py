@@ -17,6 +17,7 @@ from qwenrun import LLM, SamplingParams
 from tiny import VL_TOKENS, make_vl_checkpoint
 
 START, IMAGE, END = VL_TOKENS["vision_start_token_id"], VL_TOKENS["image_token_id"], VL_TOKENS["vision_end_token_id"]
+VIDEO = VL_TOKENS["video_token_id"]
 NEW = 12
 
 
@@ -118,3 +119,32 @@ def test_text_only_prompts_on_a_vl_model_match_transformers(pair):
     [out] = llm.generate([ids], SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
     want = ref.generate(torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert out.outputs[0].token_ids == want[0, len(ids):].tolist()
+
+
+class _CharTokenizer:
+    """Timestamp text ("<1.0 seconds>") to ids inside the tiny vocabulary, one per character: the tiny
+    checkpoints have no tokenizer, and the reference only needs the same ids qwenrun puts in."""
+
+    def encode(self, text: str) -> list[int]:
+        return [100 + ord(c) % 300 for c in text]
+
+
+def test_a_video_and_an_image_match_transformers(pair):
+    folder, ref = pair
+    llm = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=16)
+    llm.tokenizer = _CharTokenizer()  # only process_media reads it here (token-id prompts)
+    frames = np.stack([np.asarray(_image(10 + i, 64, 48)) for i in range(6)])  # pre-sampled frames
+    cat = _image(4, 40, 40)
+    ids = [1, 2] + [START, VIDEO, END] + [3, 4] + [START, IMAGE, END] + [5]
+    expanded, items = llm.process_media(ids, {"video": [frames], "image": [cat]})
+    assert [it.kind for it in items] == ["video", "image"] and len(items[0].runs) == 3  # 6 frames, 3 temporal patches
+    video, image = items
+    t = torch.tensor([expanded])
+    out = ref.generate(t, pixel_values=image.pixel_values, image_grid_thw=torch.tensor([image.grid_thw]),
+                       pixel_values_videos=video.pixel_values, video_grid_thw=torch.tensor([video.grid_thw]),
+                       mm_token_type_ids=(t == IMAGE).long() + 2 * (t == VIDEO).long(), max_new_tokens=NEW,
+                       min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    [ours] = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"video": [frames], "image": [cat]}}],
+                          SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    assert ours.outputs[0].token_ids == out[0, len(expanded):].tolist()
+    _idle(llm)
