@@ -4,11 +4,12 @@ parameters perturbed. `pixel_values` are random rows of patch values, as the pro
 (no processor needed): the tower sees the same numbers as the reference either way.
 
 Model level, through `ForwardBatch` made by hand: `encode_vision` against the reference's image/video
-features (and DeepStack features); whole-prompt logits with one image, two images of different grids, a
-video (stand-in timestamp tokens before each frame block) and an image plus a video, against the
-reference forward; positions against `get_rope_index`; the same prompt prefilled in two chunks split
-inside an image through paged KV (and state slots for the hybrid models), then greedy decode steps at
-L + delta, against the reference's `generate`. The engine is not involved.
+features (and DeepStack features), a video encoded frame by frame; whole-prompt logits with one image,
+two images of different grids, a video (stand-in timestamp tokens before each frame block) and an image
+plus a video, alone and two prompts in one flat batch, against the reference forward; positions against
+`get_rope_index`; the same prompt prefilled in two chunks split inside an image through paged KV (and
+state slots for the hybrid models), then greedy decode steps at L + delta, against the reference's
+`generate`. The engine is not involved.
 """
 
 from __future__ import annotations
@@ -92,13 +93,18 @@ class Prompt:
         return out
 
     def visual(self, feats: torch.Tensor, lo: int, hi: int) -> VisualEmbeds | None:
-        """The encoder output of the placeholders in tokens [lo, hi), rows relative to lo."""
-        ids = torch.tensor(self.ids[lo:hi])
-        rows = torch.nonzero((ids == IMAGE) | (ids == VIDEO))[:, 0]
-        if not len(rows):
-            return None
-        part = feats[:, lo + rows]
-        return VisualEmbeds(rows, part[0], part[1:] if part.shape[0] > 1 else None)
+        return _placed(self.ids, feats, lo, hi)
+
+
+def _placed(ids: list[int], feats: torch.Tensor, lo: int, hi: int) -> VisualEmbeds | None:
+    """The encoder output (`feats [1 + L, len(ids), H]`) of the placeholders in tokens [lo, hi) of `ids`,
+    rows relative to lo, as the runner gives a step."""
+    chunk = torch.tensor(ids[lo:hi])
+    rows = torch.nonzero((chunk == IMAGE) | (chunk == VIDEO))[:, 0]
+    if not len(rows):
+        return None
+    part = feats[:, lo + rows]
+    return VisualEmbeds(rows, part[0], part[1:] if part.shape[0] > 1 else None)
 
 
 PROMPTS = {
@@ -159,6 +165,22 @@ def test_prompt_logits_and_positions_match_transformers(pair, which):
         batch.visual = prompt.visual(prompt.features(model), 0, len(prompt.ids))
         got = model.compute_logits(model(batch))
     assert _rel(got, want) <= TOL, f"{name}, {which}: logits"
+
+
+def test_two_prompts_in_one_flat_batch(pair):
+    """Placeholder rows of both sequences in one step's `VisualEmbeds` (rows are flat batch rows)."""
+    name, _, model, ref = pair
+    a, b = PROMPTS["video"], PROMPTS["two images"]
+    want_a, want_b = _reference_logits(ref, a), _reference_logits(ref, b)
+    (pa, _), (pb, _) = (model.rope_positions(p.ids, p.images, p.videos) for p in (a, b))
+    with torch.no_grad():
+        feats = torch.cat((a.features(model), b.features(model)), dim=1)
+        batch = ForwardBatch.without_cache(torch.tensor(a.ids + b.ids), torch.cat((pa, pb), dim=1),
+                                           [len(a.ids), len(b.ids)])
+        batch.visual = _placed(a.ids + b.ids, feats, 0, len(a.ids) + len(b.ids))
+        got = model.compute_logits(model(batch))
+    n = len(a.ids)
+    assert _rel(got[:n], want_a) <= TOL and _rel(got[n:], want_b) <= TOL, name
 
 
 class _Cache:
