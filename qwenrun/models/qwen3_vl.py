@@ -27,7 +27,7 @@ from qwenrun.layers.vision import VisionTower, conv_kernel_as_linear
 from qwenrun.models.qwen3 import Qwen3ForCausalLM, Qwen3Model
 from qwenrun.models.qwen3_5 import fused_experts
 from qwenrun.models.qwen3_moe import Qwen3MoeForCausalLM
-from qwenrun.vision_config import Grid
+from qwenrun.vision_config import Grid, VisionConfig
 
 VISION_RENAMES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 VISION_TRANSFORMS = (("visual.patch_embed.proj.weight", conv_kernel_as_linear),)
@@ -76,7 +76,8 @@ class VisionLanguage:
         merged, deepstack = self.visual(pixel_values, grid_thw)
         stacked = torch.cat((merged[None], deepstack), dim=0)  # [1 + L, N, H]
         sizes = [self.config.vision.num_tokens(tuple(g)) for g in grid_thw.tolist()]
-        return list(stacked.split(sizes, dim=1))
+        # each item in its own storage: the encoder cache frees items one at a time
+        return [part.clone() for part in stacked.split(sizes, dim=1)]
 
     def rope_positions(self, token_ids: list[int], image_grids: list[Grid],
                        video_grids: list[Grid]) -> tuple[torch.Tensor, int]:
@@ -84,7 +85,7 @@ class VisionLanguage:
         return self.config.vision.rope_positions(token_ids, image_grids, video_grids)
 
 
-def _vision_config(cfg: ModelConfig):
+def _vision_config(cfg: ModelConfig) -> VisionConfig:
     if cfg.vision is None:
         raise ValueError(f"{cfg.architecture} needs a vision_config in config.json")
     return cfg.vision
