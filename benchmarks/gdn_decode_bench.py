@@ -11,7 +11,7 @@ bandwidth is measured in the same run: read (a sum over 1 GiB of fp32, as decode
 write (an in-place scale of the same tensor, both directions counted), sampled before and after.
 
 Prefill (one sequence, --prefill chunk lengths, from a carried window and state): the C++ token loop
-against the layer's torch chunked form (`GatedDeltaNet._prefill`), median (min / max) of --runs.
+against the op's torch reference, the chunked form (`gdn_prefill.reference`), median (min / max) of --runs.
 
     python benchmarks/gdn_decode_bench.py
     python benchmarks/gdn_decode_bench.py --batch 1 4 16 --dtype fp32 --runs 7 --prefill 16 64 512
@@ -27,7 +27,7 @@ import time
 import torch
 
 from qwenrun import kernels
-from qwenrun.layers.gated_delta_net import GatedDeltaNet, gdn_decode
+from qwenrun.layers.gated_delta_net import GatedDeltaNet, gdn_decode, gdn_prefill
 
 HK, HV, DK, DV, K = 16, 32, 128, 128, 4
 CONV_DIM = 2 * HK * DK + HV * DV  # 8192
@@ -97,7 +97,7 @@ def time_calls(fn, pool: dict, B: int, dtype: torch.dtype, calls: int, runs: int
     return out
 
 
-def time_prefill(lib, n: int, dtype: torch.dtype, runs: int, gen: torch.Generator) -> tuple[list[float], list[float]]:
+def time_prefill(n: int, dtype: torch.dtype, runs: int, gen: torch.Generator) -> tuple[list[float], list[float]]:
     """Seconds per n-token chunk of one layer: (C++ token loop, torch chunked form)."""
     layer = GatedDeltaNet(64, HK, HV, DK, DV, K, 1e-6)
     with torch.no_grad():
@@ -107,16 +107,14 @@ def time_prefill(lib, n: int, dtype: torch.dtype, runs: int, gen: torch.Generato
     weight = layer.conv1d.weight[:, 0, :]
     x, a, b = (torch.randn(n, d, generator=gen).to(dtype) for d in (CONV_DIM, HV, HV))
     window, state = torch.randn(CONV_DIM, K - 1, generator=gen).to(dtype), torch.randn(HV, DK, DV, generator=gen) * 0.05
-    calls = {
-        "kernel": lambda: lib.gdn_prefill(x, window, weight, a, b, layer.A_log, layer.dt_bias, state, HV, DK, HK),
-        "torch": lambda: layer._prefill(x, a, b, weight, window, state),
-    }
+    args = (x, window, weight, a, b, layer.A_log, layer.dt_bias, state, HV, DK, HK)
+    assert kernels.uses_kernel("gdn_prefill", *args)
     out = {}
-    for name, fn in calls.items():
+    for name, fn in (("kernel", gdn_prefill), ("torch", gdn_prefill.reference)):
         times = []
         for run in range(runs + 1):
             t = time.perf_counter()
-            fn()
+            fn(*args)
             if run:
                 times.append(time.perf_counter() - t)
         out[name] = times
@@ -160,7 +158,7 @@ def main() -> None:
                   f"{nbytes / 2**20:.1f} MiB; torch reference {fmt(ref, 1e6, 0)} µs/layer; "
                   f"speedup {statistics.median(ref) / statistics.median(kern):.1f}x", flush=True)
             del pool
-        prefill = [(n, *time_prefill(kernels.cpu_ops(), n, dtype, args.runs, gen)) for n in args.prefill]
+        prefill = [(n, *time_prefill(n, dtype, args.runs, gen)) for n in args.prefill]
     bw.append(bandwidth())
     print(f"bandwidth after: read {bw[1][0]:.1f} GB/s, read+write {bw[1][1]:.1f} GB/s\n")
     print("| batch | kernel µs/layer | torch reference µs/layer | speedup | kernel GB/s | of read bandwidth |")
