@@ -80,6 +80,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                           "id as given, a local folder by its folder name; its path is accepted too)")
     net.add_argument("--max-queue", type=_non_negative, default=256, metavar="N",
                      help="waiting requests accepted before answering 429 (default 256)")
+    net.add_argument("--allow-media-urls", action="store_true",
+                     help="let vision-language requests name images and videos by http(s) URL, which "
+                          "the server then fetches (size, time and redirects capped). Off by default: "
+                          "fetching reaches whatever this machine can reach; without it media come "
+                          "inline (data: URLs, base64)")
     net.add_argument("--log-level", default="info",
                      choices=("critical", "error", "warning", "info", "debug"))
     rt = p.add_argument_group("runtime")
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from qwenrun.llm import LLM
+    from qwenrun.multimodal import MediaLimits
     from qwenrun.server.app import create_app
 
     err = Console(stderr=True, highlight=False)
@@ -171,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
             tools = ToolRegistry()
             added = add_mcp_servers(tools, args.mcp_config)
         app = create_app(llm, served_model_name=names, accepted_model_names=accepted,
-                         api_key=args.api_key, max_queue=args.max_queue)
+                         api_key=args.api_key, max_queue=args.max_queue,
+                         media_limits=MediaLimits.for_server(allow_http=args.allow_media_urls))
         if tools is not None:
             from qwenrun.agent.server import AGENT_PATH, add_agent_route
 

@@ -10,7 +10,12 @@ Thinking: `{"type": "enabled", "budget_tokens": N}` -> thinking on with Qwen's t
 `{"type": "disabled"}` -> `enable_thinking=False`; absent or `adaptive` -> the template default
 (Qwen3 thinks) and the `/think` `/no_think` soft switches. Thinking blocks carry an empty
 `signature`: there is nothing to sign here. An assistant message last in `messages` is rendered as a
-finished turn, not continued (no prefill). Image and document blocks are refused (text models).
+finished turn, not continued (no prefill).
+
+Image blocks in user messages (`source` `{"type": "base64", "media_type": "image/png", "data": ...}`,
+or `{"type": "url", "url": ...}` when the server fetches URLs) go where they stand, as in the chat
+path (server/chat.py: placeholders, preprocessing off the engine thread, a 400 naming the block for
+a text-only model or a bad image). Document blocks, and images inside `tool_result`, are refused.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 
 from qwenrun.engine.request import Request
-from qwenrun.server.chat import ChatPlan, build_plan, parse_output, select_tools, template_messages
+from qwenrun.server.chat import (
+    PLACEHOLDERS,
+    ChatPlan,
+    MediaPart,
+    build_plan,
+    parse_output,
+    select_tools,
+    template_messages,
+)
 from qwenrun.server.protocol import (
     AnthropicBlock,
     AnthropicBlockDelta,
@@ -81,8 +94,22 @@ def _block_text(content: str | list[AnthropicBlock] | None, where: str) -> str:
     return "\n".join(parts)
 
 
-def _messages(body: AnthropicMessagesRequest) -> list[dict[str, Any]]:
+def _image(block: AnthropicBlock, param: str) -> MediaPart:
+    source = block.source
+    if source is None:
+        raise APIError(400, f"{param}: an image block needs a source", param=param)
+    if source.type == "url":
+        if not source.url:
+            raise APIError(400, f"{param}: a url source needs 'url'", param=param)
+        return MediaPart("image", source.url, param)
+    if not source.media_type or source.data is None:
+        raise APIError(400, f"{param}: a base64 source needs 'media_type' and 'data'", param=param)
+    return MediaPart("image", f"data:{source.media_type};base64,{source.data}", param)
+
+
+def _messages(body: AnthropicMessagesRequest) -> tuple[list[dict[str, Any]], list[MediaPart]]:
     out: list[dict[str, Any]] = []
+    media: list[MediaPart] = []
     if body.system:
         out.append({"role": "system", "content": _block_text(body.system, "system")})
     for i, m in enumerate(body.messages):
@@ -91,9 +118,13 @@ def _messages(body: AnthropicMessagesRequest) -> list[dict[str, Any]]:
             out.append({"role": m.role, "content": m.content})
             continue
         texts, reasoning, calls, results = [], [], [], []
+        found = len(media)
         for j, b in enumerate(m.content):
             if b.type == "text":
                 texts.append(b.text or "")
+            elif b.type == "image" and m.role == "user":
+                media.append(_image(b, f"{where}[{j}]"))
+                texts.append(PLACEHOLDERS["image"])
             elif b.type == "thinking" and m.role == "assistant":
                 reasoning.append(b.thinking or "")
             elif b.type == "redacted_thinking" and m.role == "assistant":
@@ -112,8 +143,8 @@ def _messages(body: AnthropicMessagesRequest) -> list[dict[str, Any]]:
                                f"{m.role} message", param=where)
         if m.role == "user":
             out += results
-            if texts or not results:
-                out.append({"role": "user", "content": "\n".join(texts)})
+            if texts or not results:  # with images: parts in order, as the chat path joins them
+                out.append({"role": "user", "content": ("" if len(media) > found else "\n").join(texts)})
         else:
             msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
             if reasoning:
@@ -121,7 +152,7 @@ def _messages(body: AnthropicMessagesRequest) -> list[dict[str, Any]]:
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
-    return out
+    return out, media
 
 
 def _tools(body: AnthropicMessagesRequest,
@@ -158,7 +189,8 @@ async def _plan(state: ServerState,
     model = state.check_model(body.model)
     if not body.messages:
         raise APIError(400, "messages is empty: provide at least one message", param="messages")
-    messages = template_messages(_messages(body))
+    converted, media = _messages(body)
+    messages, _ = template_messages(converted)  # string contents: the media are already taken out
     tools, parse_tools = _tools(body, raw)
     enable, budget = None, None
     if body.thinking is not None:
@@ -175,7 +207,7 @@ async def _plan(state: ServerState,
     plan = await asyncio.to_thread(
         build_plan, state, messages, tools=tools, parse_tools=parse_tools, params=params,
         chat_template_kwargs=body.chat_template_kwargs, enable_thinking=enable,
-        parallel_tool_calls=parallel)
+        parallel_tool_calls=parallel, media=media, mm_processor_kwargs=body.mm_processor_kwargs)
     return body, model, plan
 
 
@@ -199,7 +231,7 @@ async def messages(state: ServerState, request: HTTPRequest) -> Response:
     arrival = time.perf_counter()
     body, model, plan = await _plan(state, request)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"  # Anthropic's id shape
-    [req] = await make_requests(state, plan.prompt_ids, plan.params, msg_id, 1)
+    [req] = await make_requests(state, plan.prompt_ids, plan.params, msg_id, 1, plan.mm_items)
     if body.stream:
         return SSEResponse(_stream(state, plan, req, arrival, msg_id, model))
     result = await run_until_disconnect(request, _response(state, plan, req, arrival, msg_id, model))

@@ -43,6 +43,7 @@ import qwenrun
 
 from qwenrun.engine.async_engine import AsyncEngine
 from qwenrun.errors import QwenrunError
+from qwenrun.multimodal import MediaLimits, MultimodalProcessor
 from qwenrun.server import anthropic_api, openai_api
 from qwenrun.server.metrics import CONTENT_TYPE, Metrics
 from qwenrun.server.protocol import (
@@ -93,7 +94,8 @@ def _is_anthropic(path: str) -> bool:
 
 _ERRORS = {
     "400": "malformed or non-UTF-8 JSON, nesting too deep, a field of the wrong type or out of "
-           "range, a prompt plus max_tokens over the context window",
+           "range, a prompt plus max_tokens over the context window, an image or video that is "
+           "invalid, over a limit, or sent to a text-only model",
     "401": "missing or wrong API key (when the server has one)",
     "404": "a model this server does not serve",
     "413": "a body over the server's size limit",
@@ -232,7 +234,8 @@ class _HTTPMiddleware:
 
 def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str | None = None,
                max_queue: int = 256, accepted_model_names: Sequence[str] = (),
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES,
+               media_limits: MediaLimits | None = None) -> FastAPI:
     """The HTTP app for `llm`.
 
     Args:
@@ -242,6 +245,8 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         max_queue: waiting requests accepted before answering 429.
         accepted_model_names: further names accepted in `model` but not listed by `/v1/models`.
         max_body_bytes: larger request bodies are refused with 413, unread.
+        media_limits: what images and videos may be and come from (vision-language models only);
+            default `MediaLimits.for_server()`: inline data only, no URLs, no local paths.
 
     The AsyncEngine (engine loop thread) starts here and stops when the app's lifespan ends; its
     state is `app.state.qwenrun` (a `ServerState`), the engine `app.state.engine`.
@@ -258,11 +263,18 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
                            "first (one engine loop per engine)")
     if llm.tokenizer is not None and llm.tokenizer.chat_template is not None:
         _ = llm.chat_template  # compile once, here, rather than racing in worker threads
+    media = None
+    if llm.engine.is_multimodal:
+        limits = media_limits or MediaLimits.for_server()
+        if limits.allow_local_paths:
+            raise ValueError("media_limits must not allow local paths: requests would read the "
+                             "server's files (use MediaLimits.for_server)")
+        media = MultimodalProcessor.from_model_dir(llm.checkpoint.path, limits)
     engine = AsyncEngine(llm.engine, max_waiting=max_queue)
     _SERVED[llm.engine] = engine
     state = ServerState(llm=llm, engine=engine, model_names=names, api_key=api_key,
                         metrics=Metrics(engine),
-                        accepted_model_names=tuple(accepted_model_names))
+                        accepted_model_names=tuple(accepted_model_names), media=media)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

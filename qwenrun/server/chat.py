@@ -2,10 +2,21 @@
 reasoning, content and tool calls. Shared by `/v1/chat/completions` and `/v1/messages`.
 
 Messages are normalised for the Qwen3 templates before rendering: `developer` becomes `system`,
-list content is joined to text (image/audio parts are a 400: these are text models), `content: null`
-becomes "", assistant `reasoning_content`/`reasoning` is forwarded (the template keeps it for turns
+list content is joined to text (text parts with "\n"), `content: null` becomes "", assistant `reasoning_content`/`reasoning` is forwarded (the template keeps it for turns
 after the last user query, as Qwen recommends for multi-step tool use), and tool-call arguments
 given as a JSON string are passed as an object, which every Qwen3 template renders.
+
+Images and videos (`image_url` / `video_url` parts, Anthropic image blocks) need a vision-language
+model; a text-only one answers 400 naming the first such part. A message with media becomes the text
+Qwen3-VL's template writes for it: parts in order, no separator, each image
+`<|vision_start|><|image_pad|><|vision_end|>` and each video `...<|video_pad|>...` (the placeholders of
+qwenrun.multimodal.messages), so the prompt is the one `LLM.chat` builds from the same parts. The
+media are fetched, decoded and preprocessed in `build_plan`, on a worker thread like tokenization,
+never on the engine thread; every bad item is a 400 whose `param` names its part
+(`messages[i].content[j]`). Sources are the server's `MediaLimits`: data: URLs or base64, http(s)
+only with `qwenrun serve --allow-media-urls`, never local paths. `mm_processor_kwargs` (vLLM's field:
+`min_pixels`, `max_pixels`, `fps`, `num_frames`, `min_frames`, `max_frames`, `images_kwargs`,
+`videos_kwargs`) applies to every item of the request.
 
 Tool choice (no grammar engine, so nothing forces a call; Qwen3 follows the prompt well):
 * `auto` (default with tools): all tools rendered, calls parsed from the content after reasoning;
@@ -28,14 +39,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from qwenrun.engine.encoder_cache import MultimodalItem
+from qwenrun.multimodal.messages import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from qwenrun.sampling.params import SamplingParams
+from qwenrun.server.protocol import PromptTokensDetails
 from qwenrun.server.serving import APIError, ServerState
 from qwenrun.tokenizer.chat_output import ChatOutputParser, ChatStreamParser, ParsedChat
 
 _TEXT_PARTS = ("text", "input_text")
+_MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
+PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
+
+
+@dataclass(frozen=True)
+class MediaPart:
+    """An image or video of a request before preprocessing: where it is and the part it came from."""
+
+    kind: str  # "image" or "video"
+    source: str  # data: URL, base64 or http(s) URL
+    param: str  # the part, for errors: messages[i].content[j]
 
 
 @dataclass
@@ -43,32 +68,48 @@ class ChatPlan:
     """Everything needed to run one chat request and to shape its output."""
 
     prompt: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # placeholders expanded: one id per image / video token
     params: SamplingParams
     output: ChatOutputParser  # with the request's tools: they type Qwen3-Coder arguments
     json_mode: bool
+    mm_items: list[MultimodalItem] = field(default_factory=list)
 
     def stream_parser(self, state: ServerState) -> ChatStreamParser:
         return self.output.stream()
+
+    def prompt_details(self) -> PromptTokensDetails | None:
+        """How many prompt tokens are image and video features; None for a text-only prompt."""
+        if not self.mm_items:
+            return None
+        count = {"image": 0, "video": 0}
+        for item in self.mm_items:
+            count[item.kind] += item.num_tokens
+        return PromptTokensDetails(image_tokens=count["image"], video_tokens=count["video"])
 
 
 # ----------------------------------------------------------------------------------- messages
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_text(content: Any, where: str, media: list[MediaPart]) -> str:
+    """The text of a message's content; its media parts are appended to `media` (see the module
+    docstring for how a message with media is joined)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+    found = len(media)
+    for j, part in enumerate(content):  # validated: ContentPart (protocol.py)
+        kind = part["type"]
+        if kind in _TEXT_PARTS:
             texts.append(part["text"])
         else:
-            raise APIError(400, f"{where}.content[{j}]: content part type {kind!r} is not supported; "
-                           "this server takes text only", param=f"{where}.content")
-    return "\n".join(texts)
+            source = part[kind]
+            kind = _MEDIA_PARTS[kind]
+            media.append(MediaPart(kind, source["url"] if isinstance(source, Mapping) else source,
+                                   f"{where}.content[{j}]"))
+            texts.append(PLACEHOLDERS[kind])
+    return "".join(texts) if len(media) > found else "\n".join(texts)
 
 
 def _arguments(value: Any) -> Any:
@@ -81,16 +122,19 @@ def _arguments(value: Any) -> Any:
     return value
 
 
-def template_messages(raw_messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Validated OpenAI messages (raw dicts, unknown keys kept) -> what Qwen3 templates expect."""
+def template_messages(raw_messages: Sequence[Mapping[str, Any]]
+                      ) -> tuple[list[dict[str, Any]], list[MediaPart]]:
+    """Validated OpenAI messages (raw dicts, unknown keys kept) -> (what Qwen3 templates expect, the
+    images and videos in prompt order)."""
     if not raw_messages:
         raise APIError(400, "messages is empty: provide at least one message", param="messages")
     out = []
+    media: list[MediaPart] = []
     for i, raw in enumerate(raw_messages):
         msg = {k: v for k, v in raw.items() if v is not None}
         if msg["role"] == "developer":
             msg["role"] = "system"
-        msg["content"] = _content_text(raw.get("content"), f"messages[{i}]")
+        msg["content"] = _content_text(raw.get("content"), f"messages[{i}]", media)
         reasoning = raw.get("reasoning_content")
         if reasoning is None:
             reasoning = raw.get("reasoning")
@@ -105,7 +149,7 @@ def template_messages(raw_messages: Sequence[Mapping[str, Any]]) -> list[dict[st
                 calls.append({**call, "type": "function", "function": fn})
             msg["tool_calls"] = calls
         out.append(msg)
-    return out
+    return out, media
 
 
 def check_tools(raw_tools: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -171,19 +215,59 @@ def add_json_schema_instruction(messages: list[dict[str, Any]], schema: Mapping[
         messages.insert(0, {"role": "system", "content": text})
 
 
+def check_media(state: ServerState, media: Sequence[MediaPart]) -> None:
+    """400 before any work: media for a text-only model, or more items than the limits allow."""
+    if not media:
+        return
+    if state.media is None:
+        raise APIError(400, f"{state.llm.config.architecture} is a text-only model: it takes no "
+                       f"images or videos ({media[0].param} is a {media[0].kind})",
+                       param=media[0].param)
+    limits = state.media.limits
+    images = [m for m in media if m.kind == "image"]
+    videos = [m for m in media if m.kind == "video"]
+    over = images[limits.max_images_per_prompt:] or videos[limits.max_videos_per_prompt:]
+    limits.check_counts(len(images), len(videos), over[0].param if over else None)
+
+
+def preprocess_media(state: ServerState, ids: list[int], media: Sequence[MediaPart],
+                     options: Mapping[str, Any] | None) -> tuple[list[int], list[MultimodalItem]]:
+    """Decode and preprocess each item (errors name its part), then expand the prompt's placeholders."""
+    from qwenrun.llm import multimodal_items
+    from qwenrun.multimodal.processor import split_options
+
+    processor = state.media
+    assert processor is not None  # check_media ran first
+    image_options, video_options = split_options(options, "mm_processor_kwargs")
+    images = [processor.image(m.source, param=m.param, **image_options)
+              for m in media if m.kind == "image"]
+    videos = [processor.video(m.source, param=m.param, **video_options)
+              for m in media if m.kind == "video"]
+    tok = state.tokenizer()
+    mm = processor(ids, images, videos, encode=tok.encode, param="messages")
+    return mm.token_ids, multimodal_items(mm)
+
+
 def build_plan(state: ServerState, messages: list[dict[str, Any]], *,
                tools: list[dict[str, Any]] | None, parse_tools: bool, params: SamplingParams,
                chat_template_kwargs: Mapping[str, Any] | None, enable_thinking: bool | None,
-               parallel_tool_calls: bool = True, json_mode: bool = False) -> ChatPlan:
-    """Render and tokenize (runs in a worker thread: templates and long prompts take time)."""
+               parallel_tool_calls: bool = True, json_mode: bool = False,
+               media: Sequence[MediaPart] = (),
+               mm_processor_kwargs: Mapping[str, Any] | None = None) -> ChatPlan:
+    """Render, tokenize and preprocess the media (runs in a worker thread: templates, long prompts
+    and image decoding take time)."""
     tok = state.tokenizer()
+    check_media(state, media)
     # The explicit field (top-level `enable_thinking`, Anthropic `thinking`) wins over the kwargs.
     prompt = state.llm.render_chat(messages, tools=tools, enable_thinking=enable_thinking,
                                    chat_template_kwargs=chat_template_kwargs)
     ids = tok.encode(prompt)
+    items: list[MultimodalItem] = []
+    if media:
+        ids, items = preprocess_media(state, ids, media, mm_processor_kwargs)
     output = ChatOutputParser(state.llm.tool_parser if parse_tools else None, tools,
                               state.llm.think_open(ids), parallel_tool_calls)
-    return ChatPlan(prompt, ids, params, output, json_mode)
+    return ChatPlan(prompt, ids, params, output, json_mode, items)
 
 
 # ------------------------------------------------------------------------------------- output

@@ -48,6 +48,7 @@ from qwenrun.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCallOut,
+    PromptTokensDetails,
     TokenLogprob,
     ToolCallOut,
     TopLogprob,
@@ -77,12 +78,15 @@ DONE = "data: [DONE]\n\n"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
-def _usage(prompt_tokens: int, reqs: Sequence[Request], reasoning: int | None = None) -> Usage:
+def _usage(prompt_tokens: int, reqs: Sequence[Request], reasoning: int | None = None,
+           prompt_details: PromptTokensDetails | None = None) -> Usage:
     completion = sum(r.num_output_tokens for r in reqs)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                   total_tokens=prompt_tokens + completion)
     if reasoning is not None:
         usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=reasoning)
+    if prompt_details is not None:
+        usage.prompt_tokens_details = prompt_details
     return usage
 
 
@@ -128,7 +132,7 @@ async def chat_completions(state: ServerState, request: HTTPRequest) -> Response
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_logprobs(body.top_logprobs, "top_logprobs")
     k = (body.top_logprobs or 0) if body.logprobs else None
-    messages = template_messages(raw["messages"])
+    messages, media = template_messages(raw["messages"])
     tools, parse_tools = select_tools(raw.get("tools"), raw.get("tool_choice"))
     fmt = body.response_format
     json_mode = fmt is not None and fmt.type != "text"
@@ -149,9 +153,10 @@ async def chat_completions(state: ServerState, request: HTTPRequest) -> Response
     plan = await asyncio.to_thread(
         build_plan, state, messages, tools=tools, parse_tools=parse_tools, params=params,
         chat_template_kwargs=body.chat_template_kwargs, enable_thinking=body.enable_thinking,
-        parallel_tool_calls=body.parallel_tool_calls is not False, json_mode=json_mode)
+        parallel_tool_calls=body.parallel_tool_calls is not False, json_mode=json_mode,
+        media=media, mm_processor_kwargs=body.mm_processor_kwargs)
     resp_id = new_id("chatcmpl")
-    reqs = await make_requests(state, plan.prompt_ids, params, resp_id, params.n)
+    reqs = await make_requests(state, plan.prompt_ids, params, resp_id, params.n, plan.mm_items)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(_stream_chat(state, plan, reqs, arrival, resp_id, model, k,
@@ -189,7 +194,8 @@ async def _chat_response(state: ServerState, plan: ChatPlan, reqs: list[Request]
             choice.response_format_error = error
         choices.append(choice)
     response = ChatCompletionResponse(id=resp_id, model=model, choices=choices,
-                                      usage=_usage(len(plan.prompt_ids), reqs, n_reasoning))
+                                      usage=_usage(len(plan.prompt_ids), reqs, n_reasoning,
+                                                   plan.prompt_details()))
     return response.model_dump(mode="json")
 
 
@@ -249,7 +255,7 @@ async def _stream_chat(state: ServerState, plan: ChatPlan, reqs: list[Request], 
                 yield chunk(i, DeltaMessage(), "tool_calls" if parser.n_calls else req.finish_reason,
                             **extra)
         if include_usage:
-            usage = _usage(len(plan.prompt_ids), reqs, n_reasoning)
+            usage = _usage(len(plan.prompt_ids), reqs, n_reasoning, plan.prompt_details())
             yield sse(ChatCompletionChunk(id=resp_id, created=created, model=model, choices=[],
                                           usage=usage))
     except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band

@@ -8,8 +8,8 @@ those ranges (`_document_ranges`) from the same constants, for clients and fuzze
 
 Extensions accepted on chat and completions requests (vLLM / SGLang / Qwen spellings): `top_k`,
 `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
-`chat_template_kwargs`, `enable_thinking`, `thinking_budget` (alias `thinking_token_budget`),
-`include_reasoning`.
+`chat_template_kwargs`, `mm_processor_kwargs` (chat: image/video preprocessing options),
+`enable_thinking`, `thinking_budget` (alias `thinking_token_budget`), `include_reasoning`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,30 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
 
-class ContentPart(_In):
-    """One part of a list `content`: only `{"type": "text", "text": ...}` is supported."""
+class TextPart(_In):
+    type: Literal["text", "input_text"]
+    text: str
 
-    type: str
-    text: str | None = None
+
+class MediaURL(_In):
+    """Where an image or video is: a `data:` URL (base64), or http(s) when the server allows it."""
+
+    url: str
+    detail: str | None = None  # OpenAI's resolution hint; the processor's pixel range decides here
+
+
+class ImageURLPart(_In):
+    type: Literal["image_url"]
+    image_url: MediaURL | str
+
+
+class VideoURLPart(_In):
+    type: Literal["video_url"]
+    video_url: MediaURL | str
+
+
+# One part of a list `content`. Image and video parts need a vision-language model (400 otherwise).
+ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart, Field(discriminator="type")]
 
 
 class FunctionCallIn(_In):
@@ -173,6 +192,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
     thinking_token_budget: int | None = None
@@ -187,11 +207,21 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
 
 
+class AnthropicImageSource(_In):
+    """An image block's `source`: inline base64, or a URL when the server allows fetching."""
+
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
 class AnthropicBlock(_In):
     """A content block of an Anthropic message; which fields matter depends on `type`."""
 
     type: str
     text: str | None = None
+    source: AnthropicImageSource | None = None
     id: str | None = None
     name: str | None = None
     input: dict[str, Any] | None = None
@@ -248,6 +278,7 @@ class AnthropicMessagesRequest(_In):
     presence_penalty: float | None = None
     seed: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 def summarize_validation_error(error: ValidationError) -> tuple[str, str | None]:
@@ -410,13 +441,21 @@ class CompletionTokensDetails(_Out):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(_Out):
+    """Of the prompt tokens, those that stand for image and video features (sent when any do)."""
+
+    image_tokens: int = 0
+    video_tokens: int = 0
+
+
 class Usage(_Out):
-    _omit_unset = frozenset({"completion_tokens_details"})
+    _omit_unset = frozenset({"completion_tokens_details", "prompt_tokens_details"})
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatChoice(_Out):

@@ -50,7 +50,9 @@ from qwenrun.server.metrics import Metrics
 from qwenrun.server.protocol import MAX_LOGPROBS, MAX_N, summarize_validation_error
 
 if TYPE_CHECKING:
+    from qwenrun.engine.encoder_cache import MultimodalItem
     from qwenrun.llm import LLM
+    from qwenrun.multimodal.processor import MultimodalProcessor
     from qwenrun.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger("qwenrun.server")
@@ -212,6 +214,8 @@ class ServerState:
     api_key: str | None = None
     # Also accepted in `model`, never listed (the checkpoint's path, as `qwenrun serve` once named it).
     accepted_model_names: tuple[str, ...] = ()
+    # A vision-language model's preprocessing under the server's MediaLimits; None: text-only model.
+    media: MultimodalProcessor | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     token_texts: TokenTexts = field(init=False)
 
@@ -264,8 +268,10 @@ def new_id(prefix: str) -> str:
 
 
 async def make_requests(state: ServerState, prompt_ids: list[int], params: SamplingParams,
-                        request_id: str, n: int) -> list[Request]:
-    """n engine requests for one prompt (seeds seed, seed+1, ... as `LLM.generate` does).
+                        request_id: str, n: int,
+                        mm_items: Sequence[MultimodalItem] = ()) -> list[Request]:
+    """n engine requests for one prompt (seeds seed, seed+1, ... as `LLM.generate` does), with the
+    prompt's preprocessed images and videos.
 
     Raises:
         APIError: 429 when the queue has no room for n more, 400 for what the engine rejects.
@@ -279,7 +285,8 @@ async def make_requests(state: ServerState, prompt_ids: list[int], params: Sampl
     reqs = []
     for i in range(n):
         p = dataclasses.replace(params, n=n).for_choice(i)
-        reqs.append(state.llm.engine.make_request(prompt_ids, p, f"{request_id}-{i}"))
+        reqs.append(state.llm.engine.make_request(prompt_ids, p, f"{request_id}-{i}",
+                                                  mm_items=mm_items))
     return reqs
 
 
