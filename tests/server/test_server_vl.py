@@ -238,12 +238,12 @@ def test_every_bad_input_is_a_4xx_naming_its_part(llm, served, server):
         (chat(image_part(b"this is not an image at all")), part, "format"),
         (chat(image_part(ppm.getvalue(), "image/x-portable-pixmap")), part, "format"),  # PPM is not taken
         (chat(image_part(png(500, 500))), part, "pixels"),  # 250 000 > 200 000
-        (chat(image_part(bomb())), part, "pixels"),
+        (chat(image_part(bomb())), part, "decompression bomb"),
         (chat(ok, ok, ok), "messages[0].content[3]", "at most 2"),
         (chat({"type": "video_url", "video_url": {"url": data_url(mp4(20), "video/mp4")}}), part, "at most 1 s"),
-        (chat({"type": "video_url", "video_url": {"url": data_url(png(32, 32), "video/mp4")}}), part, "video"),
+        (chat({"type": "video_url", "video_url": {"url": data_url(png(32, 32), "video/mp4")}}), part, "container"),
         (chat({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}), part, "disabled"),
-        (chat({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), part, "base64"),  # never a path
+        (chat({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), part, "paths are not accepted"),
         (chat({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}), part, "image/*"),
         (chat(ok, mm_processor_kwargs={"colour": 1}), "mm_processor_kwargs", "colour"),
         (chat({"type": "input_audio", "input_audio": {"data": ""}}), None, "image_url"),
@@ -286,3 +286,43 @@ def test_text_only_model_refuses_images(tmp_path, qwen3_tokenizer_dir):
         assert "takes no images" in r.json()["error"]["message"]
         with pytest.raises(openai.BadRequestError, match="takes no images"):
             s.client().chat.completions.create(model="qwen-test", messages=user(image_part(png(8, 8))))
+
+
+def test_urls_are_fetched_only_with_allow_media_urls(llm, folder):
+    import http.server
+    import threading
+
+    from qwenrun.cli.main import build_parser
+
+    cat = png(40, 30, 5)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(cat)))
+            self.end_headers()
+            self.wfile.write(cat)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}/cat.png"
+    out = offline(llm, user("w50", image_part(cat)))
+    fetching = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    try:
+        with serve(fetching, media_limits=MediaLimits.for_server(allow_http=True)) as s:
+            r = s.client().chat.completions.create(
+                model="qwen-test", messages=user("w50", {"type": "image_url", "image_url": {"url": url}}),
+                temperature=0, max_tokens=NEW, logprobs=True, top_logprobs=0)
+            assert_same_tokens(llm, r, out)
+            body = {"model": "qwen-test", "max_tokens": NEW, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "w50"}, {"type": "image", "source": {"type": "url", "url": url}}]}]}
+            with s.http() as http_client:
+                msg = http_client.post("/v1/messages", json=body).json()
+            assert msg["content"] == [{"type": "text", "text": out.outputs[0].text}]
+    finally:
+        files.shutdown()
+    args = build_parser().parse_args(["serve", str(folder), "--allow-media-urls"])
+    assert args.allow_media_urls and not build_parser().parse_args(["serve", str(folder)]).allow_media_urls
