@@ -4,6 +4,11 @@ Input is plain `input()`, with readline for editing and history when stdin is a 
 stdin is a pipe, each line read is echoed after the prompt so the output reads as a transcript.
 Ctrl-C during an answer asks the stream to stop after the current step (the engine stays
 consistent); a second Ctrl-C interrupts at once.
+
+`/image PATH` and `/video PATH` (vision-language models) attach a local file to the next message,
+as content parts before its text; the files are read when that message is sent, so a bad one is
+reported then, and attachments go with that one message whether it succeeds or not. They stay in
+the conversation, so later turns still see them (the encoder and prefix caches spare the work).
 """
 
 from __future__ import annotations
@@ -11,13 +16,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
 from qwenrun.cli.common import (
-    DIM, THINKING_STYLE, ChatPrinter, console, line_editing, load_llm, note, parse_budget, repl,
-    sampling_params, stop_on_sigint,
+    DIM,
+    THINKING_STYLE,
+    ChatPrinter,
+    console,
+    line_editing,
+    load_llm,
+    note,
+    parse_budget,
+    repl,
+    sampling_params,
+    stop_on_sigint,
 )
 from qwenrun.errors import QwenrunError
 from qwenrun.tokenizer.chat import soft_thinking_switch
@@ -34,6 +49,8 @@ HELP = """\
 /think, /no_think   thinking on or off from now on (also inside a message, as Qwen's soft switch)
 /budget N           close the reasoning after N tokens; /budget off removes the limit
 /system TEXT        set the system prompt (/system alone shows it, /system off clears it)
+/image PATH         attach an image file to the next message (several allowed; vision models)
+/video PATH         attach a video file to the next message
 /show               print the last reasoning in full
 /hide               turn the live reasoning display off (again: on)
 /history            print the conversation
@@ -60,8 +77,10 @@ class ChatSession:
         self.thinking, self.budget = thinking, budget
         self.system, self.show_thinking = system, show_thinking
         # Assistant turns keep reasoning_content too; the template drops it from older turns itself.
-        self.history: list[dict[str, str]] = []
+        # A user turn with attachments has list content: the media parts, then the text part.
+        self.history: list[dict[str, Any]] = []
         self.last_reasoning: str | None = None
+        self.attachments: list[dict[str, str]] = []  # content parts for the next message
 
     def settings(self) -> str:
         budget = "" if self.budget is None else f", budget {self.budget} tokens"
@@ -71,7 +90,10 @@ class ChatSession:
         switch = soft_thinking_switch([{"role": "user", "content": text}])
         if switch is not None:  # like the model's soft switch, it holds for the following turns
             self.thinking = switch
-        user = {"role": "user", "content": text}
+        user: dict[str, Any] = {"role": "user", "content": text}
+        if self.attachments:
+            user["content"] = [*self.attachments, {"type": "text", "text": text}]
+            self.attachments = []
         system = [{"role": "system", "content": self.system}] if self.system else []
         printer = ChatPrinter(console, console if self.show_thinking else None)
         status = console.status("Thinking…")
@@ -158,6 +180,8 @@ class ChatSession:
             elif arg:
                 self.system = arg
             self._note(f"system prompt: {self.system or '(none)'}")
+        elif name in ("/image", "/video"):
+            self._attach(name[1:], arg)
         elif name == "/show":
             if self.last_reasoning:
                 console.print(Text(self.last_reasoning, style=THINKING_STYLE), soft_wrap=True)
@@ -170,6 +194,7 @@ class ChatSession:
             self._print_history()
         elif name == "/reset":
             self.history.clear()
+            self.attachments.clear()
             self.last_reasoning = None
             self._note("conversation cleared")
         elif name == "/help":
@@ -177,6 +202,24 @@ class ChatSession:
         else:
             self._note(f"unknown command {name}; /help lists them", error=True)
         return True
+
+    def _attach(self, kind: str, arg: str) -> None:
+        if not self.llm.engine.is_multimodal:
+            self._note(f"this model ({self.llm.config.architecture}) takes no {kind}s: it is "
+                       "text-only", error=True)
+            return
+        if not arg:
+            self._note(f"usage: /{kind} PATH", error=True)
+            return
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            self._note(f"no such file: {path}", error=True)
+            return
+        self.attachments.append({"type": kind, kind: str(path)})
+        kinds = [a["type"] for a in self.attachments]
+        pending = ", ".join(f"{kinds.count(k)} {k}{'s' * (kinds.count(k) > 1)}"
+                            for k in ("image", "video") if k in kinds)
+        self._note(f"attached {kind} {path.name} ({pending} for the next message)")
 
     def _print_history(self) -> None:
         if self.system:
@@ -190,11 +233,19 @@ class ChatSession:
                         style=DIM,
                     )
                 )
-            console.print(Text.assemble((f"{label}: ", "bold"), message["content"]), soft_wrap=True)
+            console.print(Text.assemble((f"{label}: ", "bold"), _shown(message["content"])), soft_wrap=True)
         if not self.history:
             self._note("(empty)")
 
     _note = staticmethod(note)
+
+
+def _shown(content: str | list[dict[str, str]]) -> str:
+    """A message's content as /history prints it: attachments as [image NAME] before the text."""
+    if isinstance(content, str):
+        return content
+    return " ".join(f"[{p['type']} {Path(p[p['type']]).name}]" if p["type"] != "text" else p["text"]
+                    for p in content)
 
 
 def run(args: argparse.Namespace) -> int:

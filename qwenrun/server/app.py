@@ -40,7 +40,6 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import qwenrun
-
 from qwenrun.engine.async_engine import AsyncEngine
 from qwenrun.errors import QwenrunError
 from qwenrun.multimodal import MediaLimits, MultimodalProcessor
