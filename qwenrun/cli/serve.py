@@ -189,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
         err.print(Text(f"serving {names[0]!r} at http://{shown}:{args.port}/v1 "
                        f"(OpenAI + Anthropic APIs; /health, /metrics)"
-                       + ("; API key required" if args.api_key else ""), style="bold"), soft_wrap=True)
+                       + ("; API key required" if args.api_key else "")
+                       + ("; fetches http(s) media URLs" if args.allow_media_urls else ""),
+                       style="bold"), soft_wrap=True)
         sys.stderr.flush()
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)
