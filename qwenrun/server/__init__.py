@@ -11,8 +11,8 @@ Modules, in the order a request meets them:
 
 Limitations, on purpose: no grammar engine (`tool_choice` required/named and `response_format`
 steer the prompt and are checked, not enforced: see `chat`), no prompt logprobs (`echo` with
-`logprobs` is refused), no `logit_bias`, no `suffix`, no audio or document parts, no CORS headers (a browser
-page on another origin cannot call the server), and one engine per app.
+`logprobs` is refused), no `logit_bias`, no `suffix`, no audio or document parts, no CORS headers
+(a browser page on another origin cannot call the server), and one engine per app.
 
 The `serve` subcommand that wires this server (and the agent route) together is `qwenrun.cli.serve`;
 nothing here imports `qwenrun.agent`. Nothing is imported in this file either, so the CLI can load
