@@ -383,6 +383,12 @@ class ImageProcessor:
     ) -> ImageFeatures:
         rgb = load_image(image, self.limits, param)
         height, width = self.resized_size(rgb.height, rgb.width, min_pixels, max_pixels, param)
+        if height * width > self.limits.max_image_pixels:  # a request's min_pixels can upscale
+            raise InvalidRequestError(
+                f"{_label(param)} would be resized to {width}×{height}; at most "
+                f"{self.limits.max_image_pixels} pixels are allowed (lower min_pixels)",
+                param=param,
+            )
         resized = np.asarray(rgb.resize((width, height), resample=Image.Resampling.BICUBIC))
         x = (resized.astype(np.float64) * self.rescale_factor).astype(np.float32)
         x = ((x - self.image_mean) / self.image_std).transpose(2, 0, 1)

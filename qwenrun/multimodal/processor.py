@@ -40,6 +40,9 @@ def split_options(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`mm_processor_kwargs` → (image options, video options)."""
     options = dict(options or {})
+    for key in ("images_kwargs", "videos_kwargs"):
+        if not isinstance(options.get(key) or {}, Mapping):
+            raise InvalidRequestError(f"mm_processor_kwargs.{key} must be an object", param=param)
     images = dict(options.pop("images_kwargs", None) or {})
     videos = dict(options.pop("videos_kwargs", None) or {})
     for key, value in options.items():

@@ -368,7 +368,7 @@ class VideoProcessor:
             frame_cap = self.max_video_tokens * self.factor * self.factor
             per_frame = max(min(frame_cap, s.max_pixels // num_frames), int(s.min_pixels * 1.05))
             max_pixels = per_frame * num_frames
-        return video_smart_resize(
+        h, w = video_smart_resize(
             num_frames,
             height,
             width,
@@ -378,6 +378,14 @@ class VideoProcessor:
             max_pixels,
             param,
         )
+        if num_frames * h * w > self.limits.max_image_pixels:  # a request's min_pixels can upscale
+            raise InvalidRequestError(
+                f"{_label(param)}: {num_frames} frames resized to {w}×{h} are "
+                f"{num_frames * h * w} pixels; at most {self.limits.max_image_pixels} are allowed "
+                "(lower min_pixels)",
+                param,
+            )
+        return h, w
 
     def __call__(
         self,

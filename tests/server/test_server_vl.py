@@ -246,6 +246,11 @@ def test_every_bad_input_is_a_4xx_naming_its_part(llm, served, server):
         (chat({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), part, "paths are not accepted"),
         (chat({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}), part, "image/*"),
         (chat(ok, mm_processor_kwargs={"colour": 1}), "mm_processor_kwargs", "colour"),
+        (chat(ok, mm_processor_kwargs={"images_kwargs": 5}), "mm_processor_kwargs", "must be an object"),
+        # a request's min_pixels would upscale past the pixel limit (memory): refused before resizing
+        (chat(ok, mm_processor_kwargs={"min_pixels": 10**12}), part, "would be resized"),
+        (chat({"type": "video_url", "video_url": {"url": data_url(mp4(4), "video/mp4")}},
+              mm_processor_kwargs={"videos_kwargs": {"min_pixels": 10**12}}), part, "lower min_pixels"),
         (chat({"type": "input_audio", "input_audio": {"data": ""}}), None, "image_url"),
     ]
     with server.http() as http:
