@@ -233,7 +233,8 @@ class ChatSession:
                         style=DIM,
                     )
                 )
-            console.print(Text.assemble((f"{label}: ", "bold"), _shown(message["content"])), soft_wrap=True)
+            text = _shown(message["content"])
+            console.print(Text.assemble((f"{label}: ", "bold"), text), soft_wrap=True)
         if not self.history:
             self._note("(empty)")
 

@@ -2,21 +2,23 @@
 reasoning, content and tool calls. Shared by `/v1/chat/completions` and `/v1/messages`.
 
 Messages are normalised for the Qwen3 templates before rendering: `developer` becomes `system`,
-list content is joined to text (text parts with "\n"), `content: null` becomes "", assistant `reasoning_content`/`reasoning` is forwarded (the template keeps it for turns
-after the last user query, as Qwen recommends for multi-step tool use), and tool-call arguments
-given as a JSON string are passed as an object, which every Qwen3 template renders.
+list content is joined to text (text parts with "\n"), `content: null` becomes "", assistant
+`reasoning_content`/`reasoning` is forwarded (the template keeps it for turns after the last user
+query, as Qwen recommends for multi-step tool use), and tool-call arguments given as a JSON string
+are passed as an object, which every Qwen3 template renders.
 
 Images and videos (`image_url` / `video_url` parts, Anthropic image blocks) need a vision-language
-model; a text-only one answers 400 naming the first such part. A message with media becomes the text
-Qwen3-VL's template writes for it: parts in order, no separator, each image
-`<|vision_start|><|image_pad|><|vision_end|>` and each video `...<|video_pad|>...` (the placeholders of
-qwenrun.multimodal.messages), so the prompt is the one `LLM.chat` builds from the same parts. The
+model; a text-only one answers 400 naming the first such part. A message with media becomes the
+text Qwen3-VL's template writes for it: parts in order, no separator, each image
+`<|vision_start|><|image_pad|><|vision_end|>` and each video `...<|video_pad|>...` (the
+placeholders of qwenrun.multimodal.messages), so the prompt is the one `LLM.chat` builds from the
+same parts. The
 media are fetched, decoded and preprocessed in `build_plan`, on a worker thread like tokenization,
 never on the engine thread; every bad item is a 400 whose `param` names its part
-(`messages[i].content[j]`). Sources are the server's `MediaLimits`: data: URLs or base64, http(s)
-only with `qwenrun serve --allow-media-urls`, never local paths. `mm_processor_kwargs` (vLLM's field:
-`min_pixels`, `max_pixels`, `fps`, `num_frames`, `min_frames`, `max_frames`, `images_kwargs`,
-`videos_kwargs`) applies to every item of the request.
+(`messages[i].content[j]`). Sources are the server's `MediaLimits`: data: URLs or base64,
+http(s) only with `qwenrun serve --allow-media-urls`, never local paths. `mm_processor_kwargs`
+(vLLM's field: `min_pixels`, `max_pixels`, `fps`, `num_frames`, `min_frames`, `max_frames`,
+`images_kwargs`, `videos_kwargs`) applies to every item of the request.
 
 Tool choice (no grammar engine, so nothing forces a call; Qwen3 follows the prompt well):
 * `auto` (default with tools): all tools rendered, calls parsed from the content after reasoning;
@@ -56,7 +58,7 @@ PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
 
 @dataclass(frozen=True)
 class MediaPart:
-    """An image or video of a request before preprocessing: where it is and the part it came from."""
+    """An image or video of a request, not yet preprocessed: its source and its part."""
 
     kind: str  # "image" or "video"
     source: str  # data: URL, base64 or http(s) URL
@@ -232,7 +234,7 @@ def check_media(state: ServerState, media: Sequence[MediaPart]) -> None:
 
 def preprocess_media(state: ServerState, ids: list[int], media: Sequence[MediaPart],
                      options: Mapping[str, Any] | None) -> tuple[list[int], list[MultimodalItem]]:
-    """Decode and preprocess each item (errors name its part), then expand the prompt's placeholders."""
+    """Decode and preprocess each item (errors name its part), then expand the placeholders."""
     from qwenrun.llm import multimodal_items
     from qwenrun.multimodal.processor import split_options
 

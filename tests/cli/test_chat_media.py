@@ -1,7 +1,7 @@
 """`qwenrun chat` attachments: `/image PATH` and `/video PATH` go with the next message as content
 parts; a text-only model says it takes none. In process: a scripted LLM records what each turn
-sends, and a tiny Qwen3-VL checkpoint (tests/server/test_server_vl.py's tokenizer) answers a real turn
-with the tokens `LLM.chat` gives for the same parts."""
+sends, and a tiny Qwen3-VL checkpoint (with tests/server/test_server_vl.py's tokenizer) answers a
+real turn with the tokens `LLM.chat` gives for the same parts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from qwenrun.cli.chat import ChatSession
 from qwenrun.cli.common import TagFilter
 from qwenrun.sampling.params import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the VL server test's helpers
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "server")
+)  # the VL server test's helpers
 from test_cli import ScriptedLLM
 
 
@@ -23,22 +25,35 @@ class MediaLLM(ScriptedLLM):
     def __init__(self, multimodal: bool) -> None:
         super().__init__()
         self.engine = SimpleNamespace(is_multimodal=multimodal)
-        self.config = SimpleNamespace(architecture="Qwen3VLForConditionalGeneration" if multimodal
-                                      else "Qwen3ForCausalLM")
+        self.config = SimpleNamespace(
+            architecture="Qwen3VLForConditionalGeneration" if multimodal else "Qwen3ForCausalLM"
+        )
 
 
 def session(llm: ScriptedLLM) -> ChatSession:
-    return ChatSession(llm, SamplingParams(), thinking=False, budget=None, system=None,  # type: ignore[arg-type]
-                       show_thinking=True)
+    return ChatSession(
+        llm,
+        SamplingParams(),
+        thinking=False,
+        budget=None,
+        system=None,  # type: ignore[arg-type]
+        show_thinking=True,
+    )
 
 
-def test_attachments_go_with_the_next_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_attachments_go_with_the_next_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cat, clip = tmp_path / "cat.png", tmp_path / "clip.mp4"
     cat.write_bytes(b"png")
     clip.write_bytes(b"mp4")
     llm = MediaLLM(multimodal=True)
     chat = session(llm)
-    assert chat.command(f"/image {cat}") and chat.command(f"/image {cat}") and chat.command(f"/video {clip}")
+    assert (
+        chat.command(f"/image {cat}")
+        and chat.command(f"/image {cat}")
+        and chat.command(f"/video {clip}")
+    )
     out = capsys.readouterr().out
     assert "attached image cat.png (1 image for the next message)" in out
     assert "attached video clip.mp4 (2 images, 1 video for the next message)" in out
@@ -46,21 +61,33 @@ def test_attachments_go_with_the_next_message(tmp_path: Path, capsys: pytest.Cap
     assert "no such file" in capsys.readouterr().out
     chat.turn("What is this?")
     image = {"type": "image", "image": str(cat)}
-    first = [image, image, {"type": "video", "video": str(clip)}, {"type": "text", "text": "What is this?"}]
+    first = [
+        image,
+        image,
+        {"type": "video", "video": str(clip)},
+        {"type": "text", "text": "What is this?"},
+    ]
     assert llm.calls[-1]["messages"] == [{"role": "user", "content": first}]
-    chat.turn("And now?")  # the attachments went with the first message only, and stay in the history
+    chat.turn(
+        "And now?"
+    )  # the attachments went with the first message only, and stay in the history
     assert llm.calls[-1]["messages"][0]["content"] == first
     assert llm.calls[-1]["messages"][-1] == {"role": "user", "content": "And now?"}
     capsys.readouterr()
     chat.command("/history")
-    assert "you: [image cat.png] [image cat.png] [video clip.mp4] What is this?" in capsys.readouterr().out
+    assert (
+        "you: [image cat.png] [image cat.png] [video clip.mp4] What is this?"
+        in capsys.readouterr().out
+    )
     chat.command(f"/image {cat}")
     chat.command("/reset")
     chat.turn("hi")
     assert llm.calls[-1]["messages"] == [{"role": "user", "content": "hi"}]
 
 
-def test_text_only_model_takes_no_attachments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_text_only_model_takes_no_attachments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cat = tmp_path / "cat.png"
     cat.write_bytes(b"png")
     llm = MediaLLM(multimodal=False)
@@ -73,7 +100,9 @@ def test_text_only_model_takes_no_attachments(tmp_path: Path, capsys: pytest.Cap
     assert llm.calls[-1]["messages"] == [{"role": "user", "content": "hi"}]
 
 
-def test_a_real_vl_turn_answers_as_llm_chat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_real_vl_turn_answers_as_llm_chat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from test_server_vl import png, write_tokenizer
     from tiny import make_vl_checkpoint
 
@@ -88,10 +117,22 @@ def test_a_real_vl_turn_answers_as_llm_chat(tmp_path: Path, capsys: pytest.Captu
     chat = ChatSession(llm, params, thinking=False, budget=None, system=None, show_thinking=True)
     chat.command(f"/image {cat}")
     chat.turn("w5 w6")
-    [want] = llm.chat([{"role": "user", "content": [{"type": "image", "image": str(cat)},
-                                                    {"type": "text", "text": "w5 w6"}]}], params)
+    [want] = llm.chat(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(cat)},
+                    {"type": "text", "text": "w5 w6"},
+                ],
+            }
+        ],
+        params,
+    )
     tags = TagFilter()
-    shown = "".join(t for kind, t in tags.feed(want.outputs[0].text) + tags.finish() if kind == "content")
+    shown = "".join(
+        t for kind, t in tags.feed(want.outputs[0].text) + tags.finish() if kind == "content"
+    )
     assert chat.history[-1]["content"] == shown.strip()
     assert "8 tokens" in capsys.readouterr().out
     chat.command(f"/image {tmp_path / 'cat.png'}")

@@ -1,10 +1,10 @@
 """Images and videos through the HTTP server: a tiny Qwen3-VL checkpoint (tests/tiny.py "vl-untied",
 every parameter perturbed) behind a real uvicorn, driven by the official `openai` client and httpx.
 
-The tiny vocabulary (512) has no tokenizer, so the test writes one: a WordLevel vocabulary where id i
-is the word `w{i}`, except the vision tokens at the checkpoint's ids (<|image_pad|> 500, <|video_pad|>
-501, <|vision_start|> 502, <|vision_end|> 503), <|im_start|>, <|im_end|> and the role names, plus a
-minimal ChatML template. Every generated id then decodes to its own token text, so the server's
+The tiny vocabulary (512) has no tokenizer, so the test writes one: a WordLevel vocabulary where
+id i is the word `w{i}`, except the vision tokens at the checkpoint's ids (<|image_pad|> 500,
+<|video_pad|> 501, <|vision_start|> 502, <|vision_end|> 503), <|im_start|>, <|im_end|> and the
+role names, plus a minimal ChatML template. Every generated id then decodes to its own token text, so the server's
 logprob tokens name the generated ids, and "same tokens as `LLM.chat`" is an exact comparison.
 """
 
@@ -34,14 +34,23 @@ from qwenrun import LLM, SamplingParams
 from qwenrun.multimodal import MediaLimits
 
 NEW = 8
-SPECIAL = {VL_TOKENS["image_token_id"]: "<|image_pad|>", VL_TOKENS["video_token_id"]: "<|video_pad|>",
-           VL_TOKENS["vision_start_token_id"]: "<|vision_start|>",
-           VL_TOKENS["vision_end_token_id"]: "<|vision_end|>", 504: "<|im_start|>", 505: "<|im_end|>"}
+SPECIAL = {
+    VL_TOKENS["image_token_id"]: "<|image_pad|>",
+    VL_TOKENS["video_token_id"]: "<|video_pad|>",
+    VL_TOKENS["vision_start_token_id"]: "<|vision_start|>",
+    VL_TOKENS["vision_end_token_id"]: "<|vision_end|>",
+    504: "<|im_start|>",
+    505: "<|im_end|>",
+}
 WORDS = {506: "user", 507: "assistant", 508: "system", 509: "[UNK]"}
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # The server's limits, small enough to test each one with small files.
-LIMITS = MediaLimits.for_server(max_image_pixels=200_000, max_images_per_prompt=2, max_video_seconds=1.0)
+LIMITS = MediaLimits.for_server(
+    max_image_pixels=200_000, max_images_per_prompt=2, max_video_seconds=1.0
+)
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -53,7 +62,9 @@ def write_tokenizer(folder: Path) -> None:
         vocab[text] = i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL.values()])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL.values()]
+    )
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
 
@@ -95,8 +106,12 @@ def image_part(data: bytes, media_type: str = "image/png") -> dict:
 
 
 def user(*parts: dict | str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else p
-                                         for p in parts]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +145,12 @@ def offline(llm: LLM, messages: list[dict]):
 
 
 def assert_same_tokens(llm: LLM, response, out) -> None:
-    """The server's answer names the same generated ids, with the same logprobs, as the offline one."""
+    """The server's answer names the same generated ids, with the same logprobs, as offline."""
     comp = out.outputs[0]
     choice = response.choices[0]
-    assert [t.token for t in choice.logprobs.content] == [llm.tokenizer.decode([i]) for i in comp.token_ids]
+    assert [t.token for t in choice.logprobs.content] == [
+        llm.tokenizer.decode([i]) for i in comp.token_ids
+    ]
     got = [t.logprob for t in choice.logprobs.content]
     want = [lp[i] for lp, i in zip(comp.logprobs, comp.token_ids)]
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
@@ -150,23 +167,47 @@ def test_openai_client_images_match_llm_chat(llm, served, server):
     pads = out.prompt_token_ids.count(VL_TOKENS["image_token_id"])
     assert pads > 2  # the placeholders were expanded to the images' feature tokens
     client = server.client()
-    r = client.chat.completions.create(model="qwen-test", messages=messages, temperature=0, max_tokens=NEW,
-                                       logprobs=True, top_logprobs=0)
+    r = client.chat.completions.create(
+        model="qwen-test",
+        messages=messages,
+        temperature=0,
+        max_tokens=NEW,
+        logprobs=True,
+        top_logprobs=0,
+    )
     assert_same_tokens(llm, r, out)
     assert r.usage.prompt_tokens_details.image_tokens == pads
     assert r.usage.prompt_tokens_details.video_tokens == 0
     # streamed: the same text, usage with the image tokens
-    stream = client.chat.completions.create(model="qwen-test", messages=messages, temperature=0,
-                                            max_tokens=NEW, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="qwen-test",
+        messages=messages,
+        temperature=0,
+        max_tokens=NEW,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == r.choices[0].message.content
+    )
     assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
     # a bare URL string as image_url, and a second turn: still LLM.chat's tokens
-    turns = [*user(image_part(cat)), {"role": "assistant", "content": "w20 w21"},
-             *user("w22", {"type": "image_url", "image_url": data_url(dog, "image/png")})]
+    turns = [
+        *user(image_part(cat)),
+        {"role": "assistant", "content": "w20 w21"},
+        *user("w22", {"type": "image_url", "image_url": data_url(dog, "image/png")}),
+    ]
     out = offline(llm, turns)
-    r = client.chat.completions.create(model="qwen-test", messages=turns, temperature=0, max_tokens=NEW,
-                                       logprobs=True, top_logprobs=0)
+    r = client.chat.completions.create(
+        model="qwen-test",
+        messages=turns,
+        temperature=0,
+        max_tokens=NEW,
+        logprobs=True,
+        top_logprobs=0,
+    )
     assert_same_tokens(llm, r, out)
     wait_idle(served)
 
@@ -176,34 +217,79 @@ def test_video_and_mm_processor_kwargs_match_llm_chat(llm, served, server):
     messages = user("w30", {"type": "video_url", "video_url": {"url": clip}}, "w31")
     out = offline(llm, messages)
     client = server.client()
-    r = client.chat.completions.create(model="qwen-test", messages=messages, temperature=0, max_tokens=NEW,
-                                       logprobs=True, top_logprobs=0)
+    r = client.chat.completions.create(
+        model="qwen-test",
+        messages=messages,
+        temperature=0,
+        max_tokens=NEW,
+        logprobs=True,
+        top_logprobs=0,
+    )
     assert_same_tokens(llm, r, out)
-    assert r.usage.prompt_tokens_details.video_tokens == out.prompt_token_ids.count(VL_TOKENS["video_token_id"]) > 0
-    # vLLM's mm_processor_kwargs: a smaller pixel budget gives fewer image tokens, as it does offline
+    assert (
+        r.usage.prompt_tokens_details.video_tokens
+        == out.prompt_token_ids.count(VL_TOKENS["video_token_id"])
+        > 0
+    )
+    # vLLM's mm_processor_kwargs: a smaller pixel budget, fewer image tokens, as offline
     cat = png(200, 160, 3)
     kwargs = {"max_pixels": 64 * 64}
-    small = llm.generate([{"prompt": llm.render_chat([{"role": "user", "content": "w1<|vision_start|><|image_pad|><|vision_end|>"}]),
-                           "multi_modal_data": {"image": [Image.open(io.BytesIO(cat))]}, "mm_processor_kwargs": kwargs}],
-                         SamplingParams(temperature=0, max_tokens=NEW, logprobs=0))[0]
-    full = client.chat.completions.create(model="qwen-test", messages=user("w1", image_part(cat)),
-                                          temperature=0, max_tokens=1)
-    r = client.chat.completions.create(model="qwen-test", messages=user("w1", image_part(cat)), temperature=0,
-                                       max_tokens=NEW, logprobs=True, top_logprobs=0,
-                                       extra_body={"mm_processor_kwargs": kwargs})
+    small = llm.generate(
+        [
+            {
+                "prompt": llm.render_chat(
+                    [{"role": "user", "content": "w1<|vision_start|><|image_pad|><|vision_end|>"}]
+                ),
+                "multi_modal_data": {"image": [Image.open(io.BytesIO(cat))]},
+                "mm_processor_kwargs": kwargs,
+            }
+        ],
+        SamplingParams(temperature=0, max_tokens=NEW, logprobs=0),
+    )[0]
+    full = client.chat.completions.create(
+        model="qwen-test", messages=user("w1", image_part(cat)), temperature=0, max_tokens=1
+    )
+    r = client.chat.completions.create(
+        model="qwen-test",
+        messages=user("w1", image_part(cat)),
+        temperature=0,
+        max_tokens=NEW,
+        logprobs=True,
+        top_logprobs=0,
+        extra_body={"mm_processor_kwargs": kwargs},
+    )
     assert r.usage.prompt_tokens == len(small.prompt_token_ids) < full.usage.prompt_tokens
-    assert [t.token for t in r.choices[0].logprobs.content] == [llm.tokenizer.decode([i])
-                                                                 for i in small.outputs[0].token_ids]
+    assert [t.token for t in r.choices[0].logprobs.content] == [
+        llm.tokenizer.decode([i]) for i in small.outputs[0].token_ids
+    ]
     wait_idle(served)
 
 
 def test_anthropic_image_block_matches_llm_chat(llm, served, server):
     cat = png(48, 64, 4)
-    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                         "data": base64.b64encode(cat).decode()}}
-    body = {"model": "qwen-test", "max_tokens": NEW, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "w40"}, block,
-                                                      {"type": "text", "text": "w41"}]}]}
+    block = {
+        "type": "image",
+        "source": {
+            "type": "base64",
+            "media_type": "image/png",
+            "data": base64.b64encode(cat).decode(),
+        },
+    }
+    body = {
+        "model": "qwen-test",
+        "max_tokens": NEW,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "w40"},
+                    block,
+                    {"type": "text", "text": "w41"},
+                ],
+            }
+        ],
+    }
     out = offline(llm, user("w40", image_part(cat), "w41"))
     with server.http() as http:
         r = http.post("/v1/messages", json=body)
@@ -233,24 +319,64 @@ def test_every_bad_input_is_a_4xx_naming_its_part(llm, served, server):
     ppm = io.BytesIO()
     Image.new("RGB", (32, 32)).save(ppm, "PPM")
     cases = [
-        (chat({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not base64"}}), part, "base64"),
+        (
+            chat(
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not base64"}}
+            ),
+            part,
+            "base64",
+        ),
         (chat(image_part(png(32, 32)[:60])), part, "corrupt"),  # truncated PNG
         (chat(image_part(b"this is not an image at all")), part, "format"),
-        (chat(image_part(ppm.getvalue(), "image/x-portable-pixmap")), part, "format"),  # PPM is not taken
+        (
+            chat(image_part(ppm.getvalue(), "image/x-portable-pixmap")),
+            part,
+            "format",
+        ),  # PPM is not taken
         (chat(image_part(png(500, 500))), part, "pixels"),  # 250 000 > 200 000
         (chat(image_part(bomb())), part, "decompression bomb"),
         (chat(ok, ok, ok), "messages[0].content[3]", "at most 2"),
-        (chat({"type": "video_url", "video_url": {"url": data_url(mp4(20), "video/mp4")}}), part, "at most 1 s"),
-        (chat({"type": "video_url", "video_url": {"url": data_url(png(32, 32), "video/mp4")}}), part, "container"),
-        (chat({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}), part, "disabled"),
-        (chat({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), part, "paths are not accepted"),
-        (chat({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}), part, "image/*"),
+        (
+            chat({"type": "video_url", "video_url": {"url": data_url(mp4(20), "video/mp4")}}),
+            part,
+            "at most 1 s",
+        ),
+        (
+            chat({"type": "video_url", "video_url": {"url": data_url(png(32, 32), "video/mp4")}}),
+            part,
+            "container",
+        ),
+        (
+            chat({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}),
+            part,
+            "disabled",
+        ),
+        (
+            chat({"type": "image_url", "image_url": {"url": "/etc/passwd"}}),
+            part,
+            "paths are not accepted",
+        ),
+        (
+            chat({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}),
+            part,
+            "image/*",
+        ),
         (chat(ok, mm_processor_kwargs={"colour": 1}), "mm_processor_kwargs", "colour"),
-        (chat(ok, mm_processor_kwargs={"images_kwargs": 5}), "mm_processor_kwargs", "must be an object"),
-        # a request's min_pixels would upscale past the pixel limit (memory): refused before resizing
+        (
+            chat(ok, mm_processor_kwargs={"images_kwargs": 5}),
+            "mm_processor_kwargs",
+            "must be an object",
+        ),
+        # a request's min_pixels would upscale past the pixel limit: refused before resizing
         (chat(ok, mm_processor_kwargs={"min_pixels": 10**12}), part, "would be resized"),
-        (chat({"type": "video_url", "video_url": {"url": data_url(mp4(4), "video/mp4")}},
-              mm_processor_kwargs={"videos_kwargs": {"min_pixels": 10**12}}), part, "lower min_pixels"),
+        (
+            chat(
+                {"type": "video_url", "video_url": {"url": data_url(mp4(4), "video/mp4")}},
+                mm_processor_kwargs={"videos_kwargs": {"min_pixels": 10**12}},
+            ),
+            part,
+            "lower min_pixels",
+        ),
         (chat({"type": "input_audio", "input_audio": {"data": ""}}), None, "image_url"),
     ]
     with server.http() as http:
@@ -261,36 +387,69 @@ def test_every_bad_input_is_a_4xx_naming_its_part(llm, served, server):
             else:
                 _error(r, param, word)
         anthropic = [
-            ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "%%%"}},
-             "base64"),
+            (
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": "%%%"},
+                },
+                "base64",
+            ),
             ({"type": "image", "source": {"type": "base64", "data": "aGk="}}, "media_type"),
             ({"type": "image"}, "source"),
-            ({"type": "image", "source": {"type": "url", "url": "http://127.0.0.1/x.png"}}, "disabled"),
+            (
+                {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1/x.png"}},
+                "disabled",
+            ),
         ]
         for block, word in anthropic:
-            body = {"model": "qwen-test", "max_tokens": 2,
-                    "messages": [{"role": "user", "content": [{"type": "text", "text": "w1"}, block]}]}
+            body = {
+                "model": "qwen-test",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "w1"}, block]}],
+            }
             r = http.post("/v1/messages", json=body)
             assert r.status_code == 400 and r.json()["type"] == "error", r.text
-            assert r.json()["error"]["param"] == "messages[0].content[1]" and word in r.json()["error"]["message"]
+            assert (
+                r.json()["error"]["param"] == "messages[0].content[1]"
+                and word in r.json()["error"]["message"]
+            )
         assert http.get("/health").status_code == 200
     wait_idle(served)
 
 
 def test_text_only_model_refuses_images(tmp_path, qwen3_tokenizer_dir):
     folder = make_steered_checkpoint(tmp_path / "text", qwen3_tokenizer_dir, CHAT_TABLE)
-    text_llm = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=16 << 20, max_model_len=256)
+    text_llm = LLM(
+        folder, dtype="float32", device="cpu", kv_cache_memory=16 << 20, max_model_len=256
+    )
     with serve(text_llm) as s, s.http() as http:
-        r = http.post("/v1/chat/completions", json={"model": "qwen-test", "messages": user("Hi", image_part(png(8, 8)))})
+        r = http.post(
+            "/v1/chat/completions",
+            json={"model": "qwen-test", "messages": user("Hi", image_part(png(8, 8)))},
+        )
         _error(r, "messages[0].content[1]", "text-only", "takes no images")
-        block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                             "data": base64.b64encode(png(8, 8)).decode()}}
-        r = http.post("/v1/messages", json={"model": "qwen-test", "max_tokens": 4,
-                                            "messages": [{"role": "user", "content": [block]}]})
+        block = {
+            "type": "image",
+            "source": {
+                "type": "base64",
+                "media_type": "image/png",
+                "data": base64.b64encode(png(8, 8)).decode(),
+            },
+        }
+        r = http.post(
+            "/v1/messages",
+            json={
+                "model": "qwen-test",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": [block]}],
+            },
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"
         assert "takes no images" in r.json()["error"]["message"]
         with pytest.raises(openai.BadRequestError, match="takes no images"):
-            s.client().chat.completions.create(model="qwen-test", messages=user(image_part(png(8, 8))))
+            s.client().chat.completions.create(
+                model="qwen-test", messages=user(image_part(png(8, 8)))
+            )
 
 
 def test_urls_are_fetched_only_with_allow_media_urls(llm, folder):
@@ -319,15 +478,35 @@ def test_urls_are_fetched_only_with_allow_media_urls(llm, folder):
     try:
         with serve(fetching, media_limits=MediaLimits.for_server(allow_http=True)) as s:
             r = s.client().chat.completions.create(
-                model="qwen-test", messages=user("w50", {"type": "image_url", "image_url": {"url": url}}),
-                temperature=0, max_tokens=NEW, logprobs=True, top_logprobs=0)
+                model="qwen-test",
+                messages=user("w50", {"type": "image_url", "image_url": {"url": url}}),
+                temperature=0,
+                max_tokens=NEW,
+                logprobs=True,
+                top_logprobs=0,
+            )
             assert_same_tokens(llm, r, out)
-            body = {"model": "qwen-test", "max_tokens": NEW, "temperature": 0, "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "w50"}, {"type": "image", "source": {"type": "url", "url": url}}]}]}
+            body = {
+                "model": "qwen-test",
+                "max_tokens": NEW,
+                "temperature": 0,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "w50"},
+                            {"type": "image", "source": {"type": "url", "url": url}},
+                        ],
+                    }
+                ],
+            }
             with s.http() as http_client:
                 msg = http_client.post("/v1/messages", json=body).json()
             assert msg["content"] == [{"type": "text", "text": out.outputs[0].text}]
     finally:
         files.shutdown()
     args = build_parser().parse_args(["serve", str(folder), "--allow-media-urls"])
-    assert args.allow_media_urls and not build_parser().parse_args(["serve", str(folder)]).allow_media_urls
+    assert (
+        args.allow_media_urls
+        and not build_parser().parse_args(["serve", str(folder)]).allow_media_urls
+    )
