@@ -510,3 +510,24 @@ def test_urls_are_fetched_only_with_allow_media_urls(llm, folder):
         args.allow_media_urls
         and not build_parser().parse_args(["serve", str(folder)]).allow_media_urls
     )
+
+
+def test_preprocessing_runs_off_the_engine_and_event_loop_threads(served, server, monkeypatch):
+    import threading
+
+    from qwenrun.multimodal.image import ImageProcessor
+
+    seen: list[str] = []
+    call = ImageProcessor.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageProcessor, "__call__", spy)
+    server.client().chat.completions.create(
+        model="qwen-test", messages=user("w1", image_part(png(40, 40))), max_tokens=1
+    )
+    loop_thread = server.thread.name  # uvicorn's event loop runs on the Server's thread
+    assert len(seen) == 1 and seen[0] not in ("qwenrun-engine", loop_thread), seen
+    wait_idle(served)
