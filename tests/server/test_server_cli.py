@@ -53,9 +53,9 @@ def test_run_serve_in_a_process(tmp_path, qwen3_tokenizer_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import sys; from tests.test_server_cli import _parser; from qwenrun.cli.serve import run; "
+    code = ("import sys; from test_server_cli import _parser; from qwenrun.cli.serve import run; "
             "sys.exit(run(_parser().parse_args(sys.argv[1:])))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO), str(_REPO / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO), str(_REPO / "tests"), str(_REPO / "tests" / "server")])}
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", str(folder), "--port", str(port), "--served-model-name", "tiny",
          "--api-key", "k", "--kv-cache-memory", "4MiB", "--max-model-len", "512", "--dtype", "float32",
