@@ -214,7 +214,7 @@ KERNELS: dict[str, Kernel] = {
     # (mixed [n, conv_dim], window [conv_dim, K-1] | None, conv_weight [conv_dim, K], a [n, Hv], b [n, Hv],
     #  A_log [Hv], dt_bias [Hv], state [Hv, dk, dv] fp32 | None, num_v_heads, k_head_dim, num_k_heads)
     #  -> (o [n, Hv, dv] before the gated norm, window, state after the n tokens): one sequence's prefill
-    #  chunk as a token loop, ~5-10x faster than the torch chunked form on CPU (benchmarks/RESULTS.md)
+    #  chunk as a token loop, ~6x faster than the torch chunked form on CPU (benchmarks/RESULTS.md)
     "gdn_prefill": Kernel(
         lambda x, window, cw, a, b, A_log, dt_bias, state, hv, dk, hk: _inference(x) and dk % 16 == 0
         and ((x.shape[-1] - 2 * hk * dk) // hv) % 16 == 0 and cw.dtype == a.dtype == b.dtype == x.dtype
