@@ -54,6 +54,8 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
             "num_experts_per_tok": cfg.moe.num_experts_per_tok,
             "moe_intermediate_size": cfg.moe.moe_intermediate_size,
             "norm_topk_prob": cfg.moe.norm_topk_prob,
+            "shared_expert_intermediate_size": cfg.moe.shared_expert_intermediate_size,
+            "num_sparse_layers": sum(cfg.moe.is_sparse(i) for i in range(cfg.num_hidden_layers)),
         }
     params = cfg.num_parameters()
     with torch.device("meta"):
@@ -89,6 +91,7 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "num_parameters": params,
         "num_active_parameters": cfg.num_active_parameters(),
+        "vision_parameters": cfg.vision.num_parameters() if cfg.vision is not None else 0,  # not in the totals above
         "weight_bytes": {"bfloat16": 2 * params, "float32": 4 * params},
         "kv_cache_bytes_per_token": {"bfloat16": 2 * kv_elems, "float32": 4 * kv_elems},
         "num_linear_attention_layers": len(state),
@@ -109,14 +112,21 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
     params = f"{d['num_parameters']:,} ({human(d['num_parameters'])})"
     if d["moe"] is not None:
         params += f", active {d['num_active_parameters']:,} ({human(d['num_active_parameters'])})"
+    if d["vision_parameters"]:
+        params += f"; vision tower {d['vision_parameters']:,} ({human(d['vision_parameters'])}) more"
     kv = d["kv_cache_bytes_per_token"]["bfloat16"]
     context = d["max_position_embeddings"]
     rows = [
         ("model", d["path"] if d["path"] == d["model"] else f"{d['model']} ({d['path']})"),
         ("architecture", f"{d['architecture']} ({d['model_type']})"),
         ("parameters", params),
-        ("layers", str(d["num_hidden_layers"])),
-        ("hidden size", f"{d['hidden_size']} (MLP {d['intermediate_size']})"),
+        ("layers", str(d["num_hidden_layers"]) + (
+            f" ({d['num_linear_attention_layers']} linear-attention, "
+            f"{d['num_hidden_layers'] - d['num_linear_attention_layers']} full attention)"
+            if d["num_linear_attention_layers"] else "")),
+        ("hidden size", f"{d['hidden_size']}" + (
+            "" if d["moe"] is not None and d["moe"]["num_sparse_layers"] == d["num_hidden_layers"]
+            else f" (MLP {d['intermediate_size']})")),
         (
             "attention heads",
             f"{d['num_attention_heads']} q / {d['num_key_value_heads']} kv, "
@@ -133,7 +143,9 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
                 "experts",
                 f"{moe['num_experts']}, top-{moe['num_experts_per_tok']}, "
                 f"expert MLP {moe['moe_intermediate_size']}, "
-                f"norm_topk_prob {str(moe['norm_topk_prob']).lower()}",
+                + (f"shared expert {moe['shared_expert_intermediate_size']}, "
+                   if moe["shared_expert_intermediate_size"] else "")
+                + f"norm_topk_prob {str(moe['norm_topk_prob']).lower()}",
             )
         )
     gen = ", ".join(f"{k} {v}" for k, v in d["generation_defaults"].items())
