@@ -342,6 +342,24 @@ def _decode_calls(dtype=torch.bfloat16) -> dict[str, tuple]:
         "quantized_linear": (x, "int8", q8, 0, None, "none"),
         "dequantize": ("int8", q8, 0, dtype),
         "routed_experts": (x, torch.ones(T, 2, dtype=dtype), torch.tensor([[0, 3]]), experts),
+        **_gdn_calls(dtype),
+    }
+
+
+def _gdn_calls(dtype) -> dict[str, tuple]:
+    """The Gated DeltaNet operations at a hybrid layer's shapes: 2 key heads, 4 value heads, dk = dv = 32,
+    conv kernel 4; a decode step of two sequences (ping-pong slots) and a 5-token prefill from a state."""
+    Hk, Hv, d, K, n = 2, 4, 32, 4, 5
+    conv_dim = 2 * Hk * d + Hv * d
+    states = randn(6, Hv, d, d) * 0.1
+    return {
+        "gdn_decode": (randn(2, conv_dim, dtype=dtype), randn(6, conv_dim, K - 1, dtype=dtype),
+                       randn(conv_dim, K, dtype=dtype), torch.tensor([0, 1]), torch.tensor([2, 3]),
+                       randn(2, Hv, dtype=dtype), randn(2, Hv, dtype=dtype), randn(Hv), randn(Hv), states,
+                       randn(2, Hv, d, dtype=dtype), randn(d, dtype=dtype), 1e-6, Hk),
+        "gdn_prefill": (randn(n, conv_dim, dtype=dtype), randn(conv_dim, K - 1, dtype=dtype),
+                        randn(conv_dim, K, dtype=dtype), randn(n, Hv, dtype=dtype), randn(n, Hv, dtype=dtype),
+                        randn(Hv), randn(Hv), randn(Hv, d, d) * 0.1, Hv, d, Hk),
     }
 
 
@@ -395,6 +413,7 @@ def test_every_operation_matches_its_torch_reference_at_decode_shapes():
     """Each operation of the table, dispatched to its kernel, against its own `.reference`: equal where the
     kernel rounds as torch does, within the kernel's activation quantization (int8) or accumulation order."""
     from qwenrun.layers.attention import decode_attention, qk_norm_rope_store
+    from qwenrun.layers.gated_delta_net import gdn_decode, gdn_prefill
     from qwenrun.layers.moe import routed_experts
     from qwenrun.layers.norm import rms_norm
     from qwenrun.layers.packed import bf16_matmul
@@ -403,7 +422,8 @@ def test_every_operation_matches_its_torch_reference_at_decode_shapes():
 
     operations = {"rms_norm": rms_norm, "qk_norm_rope_store": qk_norm_rope_store, "decode_attention": decode_attention,
                   "argmax": _argmax, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
-                  "dequantize": expand, "routed_experts": routed_experts}
+                  "dequantize": expand, "routed_experts": routed_experts, "gdn_decode": gdn_decode,
+                  "gdn_prefill": gdn_prefill}
     assert set(operations) == set(kernels.KERNELS)
     exact = {"rms_norm", "qk_norm_rope_store", "argmax"}
     with torch.inference_mode():
