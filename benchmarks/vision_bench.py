@@ -5,8 +5,9 @@ an image + question on a Qwen3-VL-4B-shaped model with a few decoder layers, and
    medians of --runs after one warm-up.
 2. TTFT: `LLM.chat` with one image and a question, max_tokens 1, the 4B text shape (hidden 2560, 32/8 heads,
    head_dim 128) cut to --layers decoder layers; the tower is the whole real one.
-3. Video: a 60 s 640x352 clip at 10 fps made with PyAV in memory, default sampling (fps 2): frames kept,
-   placeholder tokens, seconds to decode + preprocess, seconds to encode.
+3. Video: a 60 s 640x352 clip at 10 fps made with PyAV in memory, default sampling (fps 2), with the video
+   processor's class defaults and with the released checkpoints' pixel range: frames kept, placeholder
+   tokens, seconds to decode + preprocess, seconds to encode.
 
     python benchmarks/vision_bench.py
     python benchmarks/vision_bench.py --runs 3 --layers 2
@@ -137,17 +138,22 @@ def main() -> None:
         results["ttft_1024x768_s"] = ttft
         print(f"TTFT, 1024x768 image + question, {args.layers} decoder layers of the 4B shape: {ttft:.2f} s", flush=True)
     data = _video()
-    vproc = VideoProcessor.from_model_dir(folder, MediaLimits())
-    t = time.perf_counter()
-    vf = vproc(data)
-    pre = time.perf_counter() - t
-    t = time.perf_counter()
-    model.encode_vision(torch.from_numpy(vf.pixel_values).to(torch.bfloat16), torch.tensor([vf.grid_thw]))
-    enc = time.perf_counter() - t
-    results["video_60s"] = {"frames": len(vf.frame_indices), "tokens": vf.num_tokens, "grid": vf.grid_thw,
-                            "decode_preprocess_s": pre, "encode_s": enc}
-    print(f"60 s of 640x352 video: {len(vf.frame_indices)} frames kept, grid {vf.grid_thw}, {vf.num_tokens} tokens; "
-          f"decode + preprocess {pre:.2f} s, ViT {enc:.2f} s", flush=True)
+    # transformers' Qwen3VLVideoProcessor class defaults (a checkpoint without video_preprocessor_config.json),
+    # then the pixel range of the released checkpoints' video_preprocessor_config.json
+    for label, config in (("class defaults", None), ("released config", {"size": {"shortest_edge": 4096,
+                                                                                    "longest_edge": 25165824}})):
+        vproc = (VideoProcessor.from_model_dir(folder, MediaLimits()) if config is None
+                 else VideoProcessor.from_config(config, MediaLimits()))
+        t = time.perf_counter()
+        vf = vproc(data)
+        pre = time.perf_counter() - t
+        t = time.perf_counter()
+        model.encode_vision(torch.from_numpy(vf.pixel_values).to(torch.bfloat16), torch.tensor([vf.grid_thw]))
+        enc = time.perf_counter() - t
+        results[f"video_60s {label}"] = {"frames": len(vf.frame_indices), "tokens": vf.num_tokens,
+                                         "grid": vf.grid_thw, "decode_preprocess_s": pre, "encode_s": enc}
+        print(f"60 s of 640x352 video, {label}: {len(vf.frame_indices)} frames kept, grid {vf.grid_thw}, "
+              f"{vf.num_tokens} tokens; decode + preprocess {pre:.2f} s, ViT {enc:.2f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
