@@ -59,6 +59,10 @@ class LLM:
         quantization: None, "int8" (per channel) or "int4" (group-wise, `quant_group_size` 32/64/128/256)
             weight-only; `quantize_lm_head=False` keeps the LM head in the model dtype.
         tool_parser: tool-call output format ("hermes" for Qwen3).
+        speculative_config: vLLM's shape; {"method": "ngram", "num_speculative_tokens": k,
+            "prompt_lookup_min": 1, "prompt_lookup_max": 3} drafts by prompt lookup, verified in each
+            decode step (greedy output unchanged, sampling from the same distribution). Dense, MoE
+            and vision-language models; hybrid models refuse it. Counts: `engine.scheduler.stats`.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class LLM:
         quant_group_size: int = 128,
         quantize_lm_head: bool = True,
         tool_parser: str = "hermes",
+        speculative_config: dict | None = None,
     ) -> None:
         ckpt = open_checkpoint(model, revision)
         self.checkpoint = ckpt
@@ -97,6 +102,7 @@ class LLM:
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            speculative_config=speculative_config,
         )
         self.tool_parser = get_tool_parser(tool_parser)
 

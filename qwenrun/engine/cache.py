@@ -253,8 +253,9 @@ class CacheManager:
         the two slots) and checkpoint it when it ends a block of the prompt.
 
         Call it only for tokens that are final (after acceptance): a committed block may be shared
-        and is never written again."""
-        full = req.num_computed_tokens // self.block_size
+        and is never written again. Accepted draft tokens are computed before the engine appends
+        them, so only blocks within the request's tokens are named; the next commit names the rest."""
+        full = min(req.num_computed_tokens, len(req.token_ids)) // self.block_size
         self._name_blocks(req, full)
         h = req.cache
         for i in range(h.num_registered_blocks, full):

@@ -35,6 +35,7 @@ from qwenrun.errors import ContextLengthError, InvalidRequestError, RequestFaile
 from qwenrun.loading.loader import Checkpoint
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.sampling.sampler import make_generator
+from qwenrun.spec_decode import SpeculativeConfig, make_proposer
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,13 @@ class LLMEngine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
+        speculative_config: dict | SpeculativeConfig | None = None,
     ) -> None:
+        """`speculative_config`: vLLM's shape, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        "prompt_lookup_max": 3}; InvalidRequestError for a bad field or a hybrid model (its
+        recurrent state would need a slot per draft position to roll back: not built yet)."""
         cfg = ckpt.config
+        spec = SpeculativeConfig.parse(speculative_config) if speculative_config is not None else None
         self.config, self.tokenizer, self.device = cfg, tokenizer, device
         if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
             raise InvalidRequestError(
@@ -93,7 +99,13 @@ class LLMEngine:
             max_num_seqs, device, enable_prefix_caching, context_required=max_model_len is not None,
             encoder_cache_bytes=min(budget // 8, ENCODER_CACHE_MAX) if self.is_multimodal else 0,
         )
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        if spec is not None and self.cache.is_hybrid:
+            raise InvalidRequestError(
+                f"speculative decoding is not supported for {cfg.architecture}: its recurrent (linear "
+                "attention) layers cannot roll back rejected draft tokens yet", param="speculative_config")
+        self.speculative_config = spec
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
+                                   make_proposer(spec) if spec else None, spec.num_speculative_tokens if spec else 0)
         gen = ckpt.generation_config.get("eos_token_id")
         eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -267,7 +279,8 @@ class LLMEngine:
                 return StepResult([[]], [[]], [e])
             logger.warning("a step of %d requests failed (%s: %s); running them one at a time to "
                            "find the failing one", len(batch.requests), type(e).__name__, e)
-        alone = [self._execute(ScheduledBatch([req], [n])) for req, n in zip(batch.requests, batch.num_tokens)]
+        alone = [self._execute(ScheduledBatch([req], [n], [d]))
+                 for req, n, d in zip(batch.requests, batch.num_tokens, batch.drafts)]
         return StepResult([r.token_ids[0] for r in alone], [r.logprobs[0] for r in alone],
                           [r.errors[0] for r in alone])
 
@@ -293,12 +306,17 @@ class LLMEngine:
         the first token), and the next step prefills them in one forward instead of one each.
         """
         tokens: list[int] = []
+        base = len(req.token_ids)
         if not req.thinking.forced:
             for token, logprob in zip(sampled, logprobs):
                 tokens.append(token)
                 self._accept(req, token, logprob, forced=False)
                 if req.finish_reason is not None or req.thinking.forced:
                     break  # tokens past the end, or past a forced close, are not the request's
+        # Accepted drafts past the tokens kept were computed at positions that forced tokens now take.
+        excess = req.num_computed_tokens - (base + len(tokens))
+        if excess > 0 and req.finish_reason is None:
+            self.scheduler.rollback(req, excess)
         while req.thinking.forced and req.finish_reason is None:
             tokens.append(req.thinking.forced.popleft())
             self._accept(req, tokens[-1], None, forced=True)

@@ -134,17 +134,23 @@ class Request:
 class ScheduledBatch:
     """One step's plan: run `num_tokens[i]` new tokens of `requests[i]` (their blocks are allocated).
 
-    A request samples a token only when its chunk reaches the end of its tokens (`samples`)."""
+    A request samples a token only when its chunk reaches the end of its tokens (`samples`).
+    `drafts[i]`: proposed tokens that follow request i's last token, verified in the same step; they
+    are the last `len(drafts[i])` of its `num_tokens[i]` (a decoding request only)."""
 
     requests: list[Request]
     num_tokens: list[int]
+    drafts: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        assert len(self.requests) == len(self.num_tokens) and self.requests
+        if not self.drafts:
+            self.drafts = [[] for _ in self.requests]
+        assert len(self.requests) == len(self.num_tokens) == len(self.drafts) and self.requests
 
     @property
     def samples(self) -> list[bool]:
-        return [r.num_computed_tokens + n == len(r.token_ids) for r, n in zip(self.requests, self.num_tokens)]
+        return [r.num_computed_tokens + n - len(d) == len(r.token_ids)
+                for r, n, d in zip(self.requests, self.num_tokens, self.drafts)]
 
 
 @dataclass

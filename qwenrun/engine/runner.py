@@ -44,16 +44,16 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """The step's tensors: each request's next chunk, and its last row for logits when the chunk
-        reaches the end of its tokens (`ScheduledBatch.samples`)."""
+        reaches the end of its tokens (`ScheduledBatch.samples`), followed by a row per draft token."""
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
-        for req, n, samples in zip(batch.requests, batch.num_tokens, batch.samples):
+        for req, n, samples, drafts in zip(batch.requests, batch.num_tokens, batch.samples, batch.drafts):
             start = req.num_computed_tokens
-            ids += req.token_ids[start : start + n]
+            ids += req.token_ids[start : start + n - len(drafts)] + drafts
             positions += range(start, start + n)
             if samples:
-                rows.append(len(ids) - 1)
+                rows += range(len(ids) - 1 - len(drafts), len(ids))
         meta = AttentionMetadata.build(
             batch.num_tokens,
             [r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens)],
@@ -75,7 +75,7 @@ class ModelRunner:
                             dim=1).to(self.device)
             visual = self._visual(batch)
         return ForwardBatch(as_tensor(ids), pos, meta, self.layers, as_tensor(rows),
-                            [int(s) for s in batch.samples], recurrent, visual)
+                            [(1 + len(d)) * s for s, d in zip(batch.samples, batch.drafts)], recurrent, visual)
 
     @torch.inference_mode()
     def _visual(self, batch: ScheduledBatch) -> VisualEmbeds | None:
@@ -117,29 +117,33 @@ class ModelRunner:
         """
         hidden = self.model(fb)  # [T, H]
         owners = [r for r, c in zip(batch.requests, fb.logits_counts) for _ in range(c)]
+        # Row j of a request with drafts samples as if drafts[:j] were already its output (penalties, min_tokens).
+        prefixes = [d[:j] for d, c in zip(batch.drafts, fb.logits_counts) for j in range(c)]
         if not owners:
             return StepResult([[] for _ in batch.requests], [[] for _ in batch.requests])
         logits = mask_vocab(self.model.compute_logits(hidden[fb.logits_rows]), self.valid_vocab_size)  # [N, V]
         generators = [r.generator for r in owners if r.generator is not None]
         states = [g.get_state() for g in generators]
         try:
-            tokens, logprobs = self._sample(owners, logits)
+            tokens, logprobs = self._sample(owners, prefixes, logits)
         except Exception:
             for g, state in zip(generators, states):
                 g.set_state(state)
             raise
         out_tokens, out_logprobs, i = [], [], 0
-        for c in fb.logits_counts:
-            out_tokens.append(tokens[i : i + c])
-            out_logprobs.append(logprobs[i : i + c])
+        for c, drafts in zip(fb.logits_counts, batch.drafts):
+            row = tokens[i : i + c]
+            kept = c and 1 + _num_accepted(drafts, row)
+            out_tokens.append(row[:kept])
+            out_logprobs.append(logprobs[i : i + kept])
             i += c
         return StepResult(out_tokens, out_logprobs)
 
-    def _sample(self, reqs: list[Request],
+    def _sample(self, reqs: list[Request], prefixes: list[list[int]],
                 logits: torch.Tensor) -> tuple[list[int], list[dict[int, float] | None]]:
         sbatch = SamplingBatch.build(
             [r.params for r in reqs],
-            [r.output_token_ids for r in reqs],
+            [r.output_token_ids + p for r, p in zip(reqs, prefixes)],
             [r.prompt_token_ids for r in reqs],
             [r.generator for r in reqs],
             logits.shape[-1],
@@ -172,6 +176,22 @@ class ModelRunner:
         recurrent = RecurrentMetadata.build([T], None, None, [False], self.device) if self.hybrid else None
         fb = ForwardBatch(ids, rows, meta, self.layers, rows, [T], recurrent)
         return self.model.compute_logits(self.model(fb))
+
+
+def _num_accepted(drafts: list[int], sampled: list[int]) -> int:
+    """How many drafts stand: the leading ones equal to the token the target sampled after the
+    tokens before them.
+
+    This is speculative sampling's rule for a point-mass proposal (prompt lookup proposes one
+    token, not a distribution): accepting draft d with probability p(d) and, on rejection,
+    drawing from p without d renormalised, is exactly drawing t ~ p and accepting iff t == d
+    (then t itself is the replacement). Greedy rows are the case p = one-hot argmax. So output
+    is distributed as the target's, and greedy output equals non-speculative greedy.
+    """
+    n = 0
+    while n < len(drafts) and drafts[n] == sampled[n]:
+        n += 1
+    return n
 
 
 def _mrope_rows(req: Request, start: int, n: int) -> torch.Tensor:

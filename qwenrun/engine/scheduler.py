@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from qwenrun.engine.cache import CacheManager
 from qwenrun.engine.request import Request, ScheduledBatch, Status, StepResult
+from qwenrun.spec_decode.ngram import Proposer
 
 
 @dataclass
@@ -22,14 +23,20 @@ class SchedulerStats:
     preemptions: int = 0
     prompt_tokens_seen: int = 0  # prompt (or recomputed) tokens of admitted requests
     prefix_hit_tokens: int = 0  # of those, tokens served from the prefix cache
+    draft_tokens: int = 0  # speculative tokens verified (each one a scheduled position)
+    accepted_tokens: int = 0  # of those, the ones the target model agreed with
 
 
 class Scheduler:
     """Owns the request queues and the `CacheManager`; checks the cache's integrity whenever the
     last request leaves (nothing running or waiting)."""
 
-    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 proposer: Proposer | None = None, num_speculative_tokens: int = 0) -> None:
+        """`proposer`: drafts up to `num_speculative_tokens` tokens for each decoding request, verified
+        in its step (`ModelRunner.execute`)."""
         self.cache = cache
+        self.proposer, self.num_speculative_tokens = proposer, num_speculative_tokens
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -45,15 +52,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         reqs: list[Request] = []
         counts: list[int] = []
+        drafts: list[list[int]] = []
         for req in list(self.running):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self.cache.chunk(req, min(req.num_new_tokens, budget))
+            draft = self._propose(req, budget - 1)
+            n = self.cache.chunk(req, min(req.num_new_tokens, budget)) + len(draft)
             if self._grow(req, n):
                 reqs.append(req)
                 counts.append(n)
+                drafts.append(draft)
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -64,8 +74,22 @@ class Scheduler:
             self.running.append(req)
             reqs.append(req)
             counts.append(n)
+            drafts.append([])
             budget -= n
-        return ScheduledBatch(reqs, counts) if reqs else None
+        return ScheduledBatch(reqs, counts, drafts) if reqs else None
+
+    def _propose(self, req: Request, budget: int) -> list[int]:
+        """Drafts for a decoding request: no more than fit the token budget and its max_tokens (so no
+        position passes the context window), none while a forced thinking close is queued (those
+        tokens replace whatever the step samples), and none when their blocks are not free (a
+        draft never preempts anyone)."""
+        if self.proposer is None or req.num_new_tokens != 1 or req.thinking.forced:
+            return []
+        k = min(self.num_speculative_tokens, budget, req.max_new_tokens - req.num_output_tokens - 1)
+        draft = self.proposer.propose(req.token_ids, k) if k > 0 else []
+        if draft and not self.cache.can_allocate(req, 1 + len(draft)):
+            return []
+        return draft
 
     def _grow(self, req: Request, n: int) -> bool:
         """Blocks for n more tokens of a running request, preempting from the back; False if req itself went."""
@@ -101,10 +125,22 @@ class Scheduler:
         failed (`result.errors`) stays as it was scheduled, so it can be run again or failed. What
         the sampled tokens mean (forced text, stops) is the engine's part; it appends them after.
         """
-        for req, n, error in zip(batch.requests, batch.num_tokens, result.errors):
+        for req, n, drafts, tokens, error in zip(batch.requests, batch.num_tokens, batch.drafts, result.token_ids,
+                                                  result.errors):
             if error is None:
                 req.num_computed_tokens += n
+                if drafts:
+                    accepted = len(tokens) - 1
+                    self.stats.draft_tokens += len(drafts)
+                    self.stats.accepted_tokens += accepted
+                    self.rollback(req, len(drafts) - accepted)
                 self.cache.commit(req)
+
+    def rollback(self, req: Request, num_tokens: int) -> None:
+        """Forget the K/V of `req`'s last `num_tokens` computed tokens: rejected drafts, or accepted
+        ones the engine did not keep (a forced thinking close replaces them)."""
+        self.cache.rollback(req, num_tokens)
+        req.num_computed_tokens -= num_tokens
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -1,0 +1,46 @@
+"""`speculative_config`, with vLLM's field names, validated before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qwenrun.errors import InvalidRequestError
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
+        """InvalidRequestError naming the field for anything vLLM's names do not allow (or qwenrun
+        does not implement yet: only "ngram")."""
+        if isinstance(raw, SpeculativeConfig):
+            return raw
+        if not isinstance(raw, dict):
+            raise InvalidRequestError("speculative_config must be a dict", param="speculative_config")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+        for key in raw:
+            if key not in known:
+                raise InvalidRequestError(f"speculative_config has an unknown field {key!r}", param=key)
+        method = raw.get("method")
+        if method not in METHODS:
+            raise InvalidRequestError(f"speculative_config.method must be one of {METHODS}, got {method!r}",
+                                      param="method")
+        ints: dict[str, int] = {}
+        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = raw.get(key, getattr(cls, key, None))
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequestError(f"speculative_config.{key} must be a positive integer, got {value!r}",
+                                          param=key)
+            ints[key] = value
+        if ints["prompt_lookup_min"] > ints["prompt_lookup_max"]:
+            raise InvalidRequestError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max",
+                                      param="prompt_lookup_min")
+        return cls(method, **ints)
