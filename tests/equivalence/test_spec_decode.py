@@ -1,0 +1,145 @@
+"""Speculative decoding by prompt lookup: greedy output equals non-speculative greedy whatever the
+batch, chunking, prefix hits or preemption; sampling keeps the target's distribution; the cache
+is whole after."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from qwenrun import LLM, SamplingParams
+from qwenrun.engine import runner
+from qwenrun.errors import InvalidRequestError
+from tiny import make_checkpoint
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module", params=["dense-untied-gqa2", "moe-norm-topk"])
+def folder(request, tmp_path_factory):
+    return make_checkpoint(request.param, tmp_path_factory.mktemp(request.param))[0]
+
+
+def _repeating(lens, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a random phrase, so lookup finds drafts the model agrees with."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lens:
+        phrase = torch.randint(0, 512, (n,), generator=gen).tolist()
+        out.append(phrase * 3 + phrase[: n // 2])
+    return out
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _ids(llm: LLM, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def _assert_idle_and_whole(llm: LLM) -> None:
+    llm.engine.cache.check_integrity()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_greedy_identical_alone_batched_chunked_prefix_hit(folder):
+    plain = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, enable_prefix_caching=False)
+    prompts = _repeating((7, 13, 5, 20))
+    expected = _ids(plain, prompts, _greedy(30))
+    alone = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, speculative_config=SPEC)
+    assert [_ids(alone, [p], _greedy(30))[0] for p in prompts] == expected
+    # the second batch starts from the first's cached blocks; a 9-token budget chunks the prompts
+    # and squeezes the drafts of four decoding requests
+    chunked = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=9,
+                  speculative_config=SPEC)
+    assert _ids(chunked, prompts, _greedy(30)) == expected
+    assert _ids(chunked, prompts, _greedy(30)) == expected
+    assert chunked.engine.scheduler.stats.prefix_hit_tokens > 0
+    for llm in (alone, chunked):
+        stats = llm.engine.scheduler.stats
+        assert 0 < stats.accepted_tokens < stats.draft_tokens
+        _assert_idle_and_whole(llm)
+
+
+def test_greedy_identical_under_preemption(folder):
+    plain = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, enable_prefix_caching=False)
+    prompts = _repeating((9, 4, 7, 12), seed=3)
+    expected = _ids(plain, prompts, _greedy(40))
+    per_block = 2 * 3 * 16 * 2 * 24 * 4  # K and V, 3 layers, 16 tokens, 2 heads of 24, fp32
+    llm = LLM(folder, dtype="float32", kv_cache_memory=12 * per_block, block_size=16, max_model_len=192,
+              speculative_config=SPEC)
+    assert _ids(llm, prompts, _greedy(40)) == expected
+    stats = llm.engine.scheduler.stats
+    assert stats.preemptions > 0 and stats.accepted_tokens > 0
+    _assert_idle_and_whole(llm)
+
+
+def test_config_is_validated_and_hybrid_models_refuse(tmp_path):
+    folder = make_checkpoint("dense-tied-mha", tmp_path / "dense")[0]
+    for bad, field in (({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+                       ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+                         "prompt_lookup_max": 2}, "prompt_lookup_min"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "lookahead")):
+        with pytest.raises(InvalidRequestError) as err:
+            LLM(folder, dtype="float32", kv_cache_memory=4 << 20, speculative_config=bad)
+        assert err.value.param == field
+    hybrid = make_checkpoint("next-interval4-moe", tmp_path / "hybrid")[0]
+    with pytest.raises(InvalidRequestError, match="recurrent"):
+        LLM(hybrid, dtype="float32", kv_cache_memory=16 << 20, speculative_config=SPEC)
+
+
+# Sampling: the three-token continuations of one prompt at top_k=3 (27 outcomes), drawn N times
+# with and without speculation, against the exact target probabilities from teacher-forced logits.
+# A mild repetition penalty: the distribution sampled is the processed one, as without drafts.
+N, TOP_K, TEMPERATURE, REPETITION = 1500, 3, 1.0, 1.05
+
+
+def _exact(llm: LLM, prompt: list[int]) -> dict[tuple[int, ...], float]:
+    def step(prefix: tuple[int, ...]) -> dict[int, float]:
+        logits = llm.engine.prompt_logits(prompt + list(prefix))[-1].float()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[prompt + list(prefix)] = True
+        penalised = torch.where(logits < 0, logits * REPETITION, logits / REPETITION)
+        top = torch.where(seen, penalised, logits).div(TEMPERATURE).topk(TOP_K)
+        return dict(zip(top.indices.tolist(), top.values.softmax(-1).tolist()))
+
+    probs: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(3):
+        probs = {pre + (t,): p * q for pre, p in probs.items() for t, q in step(pre).items()}
+    return probs
+
+
+def _total_variation(llm: LLM, prompt: list[int], exact: dict[tuple[int, ...], float]) -> float:
+    params = [SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, repetition_penalty=REPETITION, max_tokens=3,
+                             ignore_eos=True, seed=s) for s in range(N)]
+    counts: dict[tuple[int, ...], int] = {}
+    for ids in _ids(llm, [prompt] * N, params):
+        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
+    outside = sum(c for k, c in counts.items() if k not in exact) / N  # top-k forbids these
+    return 0.5 * (sum(abs(counts.get(k, 0) / N - p) for k, p in exact.items()) + outside)
+
+
+def test_speculative_sampling_keeps_the_target_distribution(monkeypatch, tmp_path):
+    folder = make_checkpoint("dense-untied-gqa2", tmp_path)[0]
+    plain = LLM(folder, dtype="float32", kv_cache_memory=32 << 20)
+    # the model's own greedy text (a tiny random model soon loops): its likely next tokens are in it
+    seed_prompt = _repeating((6,), seed=1)[0]
+    prompt = seed_prompt + _ids(plain, [seed_prompt], _greedy(40))[0]
+    spec = LLM(folder, dtype="float32", kv_cache_memory=32 << 20, speculative_config=SPEC)
+    exact = _exact(plain, prompt)
+    # Sampling noise of 1500 draws over 27 outcomes is ~0.05 TV here (0.055 plain, 0.046 speculative; fixed seeds).
+    bound = 0.08
+    assert _total_variation(plain, prompt, exact) < bound
+    assert _total_variation(spec, prompt, exact) < bound
+    stats = spec.engine.scheduler.stats
+    assert stats.accepted_tokens > N // 10, stats
+    _assert_idle_and_whole(spec)
+    # the bound has teeth: accepting every draft is far off
+    monkeypatch.setattr(runner, "_num_accepted", lambda drafts, sampled: len(drafts))
+    broken = LLM(folder, dtype="float32", kv_cache_memory=32 << 20, speculative_config=SPEC)
+    assert _total_variation(broken, prompt, exact) > 2 * bound
