@@ -59,13 +59,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--max-n", type=int, default=3, help="prompt_lookup_max")
+    ap.add_argument("--min-n", type=int, default=1, help="prompt_lookup_min")
     ap.add_argument("--n", type=int, default=8, help="arithmetic prompts")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 1,
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.min_n,
             "prompt_lookup_max": args.max_n}
     print(f"# {_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {MODEL.name} fp32, "
           f"batch 1, greedy, max_tokens {args.max_tokens}; speculative_config={spec}")

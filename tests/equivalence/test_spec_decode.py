@@ -4,7 +4,7 @@ is whole after."""
 
 from __future__ import annotations
 
-import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +143,31 @@ def test_speculative_sampling_keeps_the_target_distribution(monkeypatch, tmp_pat
     monkeypatch.setattr(runner, "_num_accepted", lambda drafts, sampled: len(drafts))
     broken = LLM(folder, dtype="float32", kv_cache_memory=32 << 20, speculative_config=SPEC)
     assert _total_variation(broken, prompt, exact) > 2 * bound
+
+
+BUNDLED = Path(__file__).resolve().parents[2] / "qwenrun" / "assets" / "qwen3-tiny-thinker"
+
+
+def test_thinking_budget_stop_strings_and_logprobs_with_drafts():
+    """The bundled model's reasoning restates the question's digits, so drafts are accepted; a forced
+    close of the reasoning (thinking_budget) can land inside a run of accepted drafts, whose K/V the
+    engine must then forget."""
+    plain = LLM(BUNDLED, dtype="float32", kv_cache_memory=16 << 20)
+    spec = LLM(BUNDLED, dtype="float32", kv_cache_memory=16 << 20,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2})
+    convs = [[{"role": "user", "content": q}] for q in ("What is 347 * 86?", "Compute 4821 + 3779.",
+                                                       "What is 905 - 478?")]
+    # budgets 10 and 33, and max_tokens 70 (its reserve closes the reasoning), land inside accepted drafts
+    cases = [SamplingParams(temperature=0, max_tokens=160, thinking_budget=b, logprobs=2) for b in (4, 10, 33)]
+    cases += [SamplingParams(temperature=0, max_tokens=70), SamplingParams(temperature=0, max_tokens=160,
+                                                                          stop=["*", "0\n"])]
+    for params in cases:
+        want, got = plain.chat(convs, params), spec.chat(convs, params)
+        for w, g in zip(want, got):
+            assert (g.outputs[0].token_ids, g.outputs[0].text, g.outputs[0].finish_reason) == \
+                (w.outputs[0].token_ids, w.outputs[0].text, w.outputs[0].finish_reason)
+            if params.logprobs is not None:
+                for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+                    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    assert spec.engine.scheduler.stats.accepted_tokens > 0
+    _assert_idle_and_whole(spec)
