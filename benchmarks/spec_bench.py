@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--max-n", type=int, default=3, help="prompt_lookup_max")
-    ap.add_argument("--min-n", type=int, default=1, help="prompt_lookup_min")
+    ap.add_argument("--min-n", type=int, default=2, help="prompt_lookup_min")
     ap.add_argument("--n", type=int, default=8, help="arithmetic prompts")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from qwenrun import LLM, SamplingParams
 from qwenrun.engine import runner
 from qwenrun.errors import InvalidRequestError
-from tiny import make_checkpoint
+from tiny import VL_TOKENS, make_checkpoint, make_vl_checkpoint
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 
@@ -171,3 +173,23 @@ def test_thinking_budget_stop_strings_and_logprobs_with_drafts():
                     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
     assert spec.engine.scheduler.stats.accepted_tokens > 0
     _assert_idle_and_whole(spec)
+
+
+def test_vision_language_greedy_identical_with_drafts(tmp_path):
+    """Drafts are text tokens after the prompt's images: their 3-row rotary positions continue the
+    prompt's offset, and a prefix-hit second request shares the image blocks."""
+    folder = make_vl_checkpoint("vl-untied", tmp_path)[0]
+    START, IMAGE, END = (VL_TOKENS[k] for k in ("vision_start_token_id", "image_token_id", "vision_end_token_id"))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    phrase = torch.randint(0, IMAGE, (6,), generator=torch.Generator().manual_seed(2)).tolist()
+    prompts = [{"prompt_token_ids": phrase + [START, IMAGE, END] + phrase * 2, "multi_modal_data": {"image": [image]}},
+               {"prompt_token_ids": [START, IMAGE, END] + phrase * 3, "multi_modal_data": {"image": [image]}}]
+    plain = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, enable_prefix_caching=False)
+    spec = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, speculative_config=SPEC, max_num_batched_tokens=8)
+    expected = _ids(plain, prompts, _greedy(24))
+    assert _ids(spec, prompts, _greedy(24)) == expected
+    assert [_ids(spec, [p], _greedy(24))[0] for p in prompts] == expected
+    assert spec.engine.scheduler.stats.accepted_tokens > 0
+    spec.engine.cache.check_integrity()
+    assert spec.engine.pool.num_free == spec.engine.pool.num_blocks and spec.engine.cache.encoder.pins == {}
