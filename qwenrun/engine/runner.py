@@ -131,13 +131,26 @@ class ModelRunner:
                 g.set_state(state)
             raise
         out_tokens, out_logprobs, i = [], [], 0
-        for c, drafts in zip(fb.logits_counts, batch.drafts):
+        for req, c, drafts in zip(batch.requests, fb.logits_counts, batch.drafts):
             row = tokens[i : i + c]
             kept = c and 1 + _num_accepted(drafts, row)
             out_tokens.append(row[:kept])
             out_logprobs.append(logprobs[i : i + kept])
+            if kept < c and req.generator is not None and not req.params.greedy:
+                self._rewind(req.generator, states[generators.index(req.generator)], kept, logits.shape[-1])
             i += c
         return StepResult(out_tokens, out_logprobs)
+
+    def _rewind(self, generator: torch.Generator, state: torch.Tensor, draws: int, vocab: int) -> None:
+        """Leave a seeded request's generator as if it had drawn only for its kept tokens.
+
+        Each sampled row draws one [V] exponential vector (`_draw`), so the i-th output token of a
+        seeded request always comes from the generator's i-th draw: its tokens do not depend on how
+        many drafts a step verified (the batch, the token budget), and equal non-speculative
+        sampling with the same seed."""
+        generator.set_state(state)
+        for _ in range(draws):
+            torch.empty(vocab, dtype=torch.float32, device=self.device).exponential_(generator=generator)
 
     def _sample(self, reqs: list[Request], prefixes: list[list[int]],
                 logits: torch.Tensor) -> tuple[list[int], list[dict[int, float] | None]]:

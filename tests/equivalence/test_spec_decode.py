@@ -193,3 +193,18 @@ def test_vision_language_greedy_identical_with_drafts(tmp_path):
     assert spec.engine.scheduler.stats.accepted_tokens > 0
     spec.engine.cache.check_integrity()
     assert spec.engine.pool.num_free == spec.engine.pool.num_blocks and spec.engine.cache.encoder.pins == {}
+
+
+def test_seeded_sampling_equals_non_speculative_in_any_batch(folder):
+    """A seeded request's i-th token comes from its generator's i-th draw whatever the drafts, so
+    seeded sampling gives the very tokens of plain sampling, alone or batched, budget-squeezed."""
+    prompts = _repeating((5, 9, 14), seed=4)
+    params = [SamplingParams(temperature=0.7, top_k=4, max_tokens=30, ignore_eos=True, seed=s) for s in (1, 2, 3)]
+    plain = LLM(folder, dtype="float32", kv_cache_memory=16 << 20)
+    expected = [_ids(plain, [p], q)[0] for p, q in zip(prompts, params)]
+    spec = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=6, speculative_config=SPEC)
+    assert _ids(spec, prompts, params) == expected
+    assert [_ids(spec, [p], q)[0] for p, q in zip(prompts, params)] == expected
+    stats = spec.engine.scheduler.stats
+    assert 0 < stats.accepted_tokens < stats.draft_tokens
+    _assert_idle_and_whole(spec)
