@@ -199,7 +199,10 @@ def test_seeded_sampling_equals_non_speculative_in_any_batch(folder):
     """A seeded request's i-th token comes from its generator's i-th draw whatever the drafts, so
     seeded sampling gives the very tokens of plain sampling, alone or batched, budget-squeezed."""
     prompts = _repeating((5, 9, 14), seed=4)
-    params = [SamplingParams(temperature=0.7, top_k=4, max_tokens=30, ignore_eos=True, seed=s) for s in (1, 2, 3)]
+    # penalties see the drafts before a row as output: a row processed without them would differ
+    params = [SamplingParams(temperature=0.7, top_k=4, max_tokens=30, ignore_eos=True, seed=s,
+                             frequency_penalty=f, repetition_penalty=r)
+              for s, f, r in ((1, 0.0, 1.0), (2, 0.3, 1.0), (3, 0.0, 1.1))]
     plain = LLM(folder, dtype="float32", kv_cache_memory=16 << 20)
     expected = [_ids(plain, [p], q)[0] for p, q in zip(prompts, params)]
     spec = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=6, speculative_config=SPEC)
