@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import VL_TOKENS, make_checkpoint, make_vl_checkpoint
 
 from qwenrun import LLM, SamplingParams
 from qwenrun.engine import runner
 from qwenrun.errors import InvalidRequestError
-from tiny import VL_TOKENS, make_checkpoint, make_vl_checkpoint
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 
