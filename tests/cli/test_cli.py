@@ -326,6 +326,7 @@ def test_chat_commands_shape_the_next_request(capsys: pytest.CaptureFixture[str]
 
 
 def test_chat_ctrl_c_keeps_the_partial_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     llm = ScriptedLLM(interrupt_after=len(ScriptedLLM.REASONING) + 1)
     chat = session(llm)
     chat.turn("What is 2+2?")
@@ -336,7 +337,7 @@ def test_chat_ctrl_c_keeps_the_partial_answer(capsys: pytest.CaptureFixture[str]
         "reasoning_content": "Two plus two.",
     }
     assert "[stopped after" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the turn restored the handler it found
 
 
 def test_generate_chat_text_keeps_reasoning_off_stdout(
