@@ -10,7 +10,6 @@ running request holds the item and otherwise evicted least recently used past th
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,12 +28,6 @@ class MultimodalItem:
     grid_thw: tuple[int, int, int]  # in patches
     content_hash: bytes  # of the pixels the encoder sees (equal hashes: equal encoder output)
     runs: tuple[tuple[int, int], ...]  # (offset in the prompt, length) of each placeholder run
-
-    @staticmethod
-    def hash_pixels(kind: str, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> bytes:
-        h = hashlib.blake2b(f"{kind}:{grid_thw}:{pixel_values.dtype}".encode(), digest_size=16)
-        h.update(pixel_values.detach().contiguous().cpu().numpy().tobytes())
-        return h.digest()
 
     @property
     def num_tokens(self) -> int:

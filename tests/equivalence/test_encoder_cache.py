@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def _item(seed: int, offset: int, n: int) -> MultimodalItem:
     pixels = torch.randn(4 * n, 8, generator=torch.Generator().manual_seed(seed))
     grid = (1, 2, 2 * n)
-    return MultimodalItem("image", pixels, grid, MultimodalItem.hash_pixels("image", pixels, grid), ((offset, n),))
+    return MultimodalItem("image", pixels, grid, b"image %d" % seed, ((offset, n),))  # the features' hash
 
 
 def _request(tokens, items=(), rid="r", mrope=None) -> Request:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from qwenrun import LLM, SamplingParams
+from engine_cases import greedy as _greedy
+from engine_cases import random_prompts as _prompts
+from engine_cases import solo_runner
 from tiny import add_tokenizer, make_checkpoint
 
 
@@ -18,30 +20,10 @@ def checkpoint(tmp_path_factory):
     return folder, ref.config.vocab_size
 
 
-def _prompts(vocab: int, lens, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lens]
-
-
-def _greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-
-
 @pytest.fixture(scope="module")
 def solo(checkpoint):
     """Reference: each prompt alone, no chunking, no prefix cache."""
-    folder, _ = checkpoint
-    llm = LLM(folder, dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=4096,
-              enable_prefix_caching=False)
-    cache: dict[tuple, list[int]] = {}
-
-    def run(prompt: list[int], max_tokens: int) -> list[int]:
-        key = (tuple(prompt), max_tokens)
-        if key not in cache:
-            cache[key] = llm.generate([prompt], _greedy(max_tokens))[0].outputs[0].token_ids
-        return cache[key]
-
-    return run
+    return solo_runner(checkpoint[0])
 
 
 def _assert_idle_and_whole(llm: LLM) -> None:
