@@ -22,10 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwenrun import LLM, SamplingParams
-from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec
 from qwenrun.layers.forward_batch import ForwardBatch
-from qwenrun.layers.recurrent import RecurrentMetadata, RecurrentStateSpec
 from qwenrun.loading.loader import load_model, open_checkpoint
+from hand_cache import HandCache
 from tiny import HYBRID, make_checkpoint
 
 LOGITS_TOL = 1e-4  # of the largest reference logit
@@ -60,32 +59,6 @@ def test_whole_prompt_logits_match_transformers(pair):
     assert _close(both[:37], want_b) and _close(both[37:], want_a), f"{name}: two prompts in one flat batch"
 
 
-class _Cache:
-    """Per-layer caches the way the engine lays them out: head-major paged K/V for attention layers
-    (blocks of 16, given out in a shuffled order), `[slots, ...]` conv and state tensors for the rest."""
-
-    BLOCK = 16
-
-    def __init__(self, specs, num_blocks: int = 16, num_slots: int = 3) -> None:
-        self.views = []
-        for spec in specs:
-            if isinstance(spec, RecurrentStateSpec):
-                self.views.append((torch.full((num_slots, *spec.conv_shape), float("nan")),
-                                   torch.full((num_slots, *spec.state_shape), float("nan"))))
-            else:
-                assert isinstance(spec, KVCacheSpec)
-                shape = (spec.num_kv_heads, num_blocks * self.BLOCK, spec.head_dim)
-                self.views.append((torch.zeros(shape), torch.zeros(shape)))
-        self.table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
-
-    def batch(self, ids: torch.Tensor, start: int, slot: int, out_slot: int) -> ForwardBatch:
-        """The next len(ids) tokens of one sequence after `start` computed ones."""
-        n = len(ids)
-        attn = AttentionMetadata.build([n], [start + n], [self.table], self.BLOCK, torch.device("cpu"))
-        rec = RecurrentMetadata.build([n], [slot], [out_slot], [start > 0], torch.device("cpu"))
-        return ForwardBatch(ids, torch.arange(start, start + n), attn, self.views, torch.tensor([n - 1]), [1], rec)
-
-
 def test_chunks_and_decode_through_the_cache_match_transformers(pair):
     """Prefix 70 + continuation 80 (crossing chunk boundaries) + 8 decode steps, the state ping-ponging
     between two slots, against transformers' generate-style cached run (prefill 150, recurrent steps)."""
@@ -99,7 +72,7 @@ def test_chunks_and_decode_through_the_cache_match_transformers(pair):
             want.append(out.logits[0, -1])
         whole = ref(ids[None]).logits[0, PROMPT - 1 : PROMPT + 7]
 
-        kv = _Cache(model.cache_specs(torch.float32))
+        kv = HandCache(model.cache_specs(torch.float32))
         model(kv.batch(ids[:70], 0, 0, 1))
         got = [model.compute_logits(model(kv.batch(ids[70:PROMPT], 70, 1, 2)))[-1]]
         slot = 2

@@ -18,11 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec
 from qwenrun.layers.forward_batch import ForwardBatch
-from qwenrun.layers.recurrent import RecurrentMetadata, RecurrentStateSpec
 from qwenrun.layers.visual import VisualEmbeds
 from qwenrun.loading.loader import load_model, open_checkpoint
+from hand_cache import HandCache
 from tiny import VL_CONFIGS, VL_TOKENS, make_vl_checkpoint
 
 TOL = 1e-4  # of the largest reference value
@@ -183,33 +182,6 @@ def test_two_prompts_in_one_flat_batch(pair):
     assert _rel(got[:n], want_a) <= TOL and _rel(got[n:], want_b) <= TOL, name
 
 
-class _Cache:
-    """Per-layer caches laid out as the engine does: head-major paged K/V (blocks of 16, in shuffled
-    order) for attention layers, `[slots, ...]` conv and state tensors for linear-attention ones."""
-
-    BLOCK = 16
-
-    def __init__(self, specs, num_blocks: int = 16, num_slots: int = 3) -> None:
-        self.views = []
-        for spec in specs:
-            if isinstance(spec, RecurrentStateSpec):
-                self.views.append((torch.full((num_slots, *spec.conv_shape), float("nan")),
-                                   torch.full((num_slots, *spec.state_shape), float("nan"))))
-            else:
-                assert isinstance(spec, KVCacheSpec)
-                shape = (spec.num_kv_heads, num_blocks * self.BLOCK, spec.head_dim)
-                self.views.append((torch.zeros(shape), torch.zeros(shape)))
-        self.table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
-
-    def batch(self, ids: list[int], positions: torch.Tensor, start: int, slot: int, out_slot: int,
-              visual: VisualEmbeds | None) -> ForwardBatch:
-        n = len(ids)
-        attn = AttentionMetadata.build([n], [start + n], [self.table], self.BLOCK, torch.device("cpu"))
-        rec = RecurrentMetadata.build([n], [slot], [out_slot], [start > 0], torch.device("cpu"))
-        return ForwardBatch(torch.tensor(ids), positions, attn, self.views, torch.tensor([n - 1]), [1], rec,
-                            visual)
-
-
 @pytest.mark.parametrize("which", ["two images", "image and video"])
 def test_chunked_prefill_through_an_image_then_decode_match_generate(pair, which):
     """Two prefill chunks split inside the first image (each given only its own placeholder rows and
@@ -232,9 +204,9 @@ def test_chunked_prefill_through_an_image_then_decode_match_generate(pair, which
     assert prompt.ids[split - 1] == prompt.ids[split] == IMAGE
     with torch.no_grad():
         feats = prompt.features(model)
-        kv = _Cache(model.cache_specs(torch.float32))
-        model(kv.batch(prompt.ids[:split], positions[:, :split], 0, 0, 1, prompt.visual(feats, 0, split)))
-        last = kv.batch(prompt.ids[split:], positions[:, split:], split, 1, 2, prompt.visual(feats, split, n))
+        kv = HandCache(model.cache_specs(torch.float32))
+        model(kv.batch(prompt.ids[:split], 0, 0, 1, positions[:, :split], prompt.visual(feats, 0, split)))
+        last = kv.batch(prompt.ids[split:], split, 1, 2, positions[:, split:], prompt.visual(feats, split, n))
         got = [model.compute_logits(model(last))[-1]]
         whole = ForwardBatch.without_cache(torch.tensor(prompt.ids), positions, [n])
         whole.visual = prompt.visual(feats, 0, n)
@@ -243,7 +215,7 @@ def test_chunked_prefill_through_an_image_then_decode_match_generate(pair, which
         for step in range(DECODE - 1):
             length = n + step
             nxt = 1 if slot == 2 else 2
-            step_batch = kv.batch([tokens[-1]], torch.full((3, 1), length + delta), length, slot, nxt, None)
+            step_batch = kv.batch([tokens[-1]], length, slot, nxt, torch.full((3, 1), length + delta))
             got.append(model.compute_logits(model(step_batch))[-1])
             tokens.append(int(got[-1].argmax()))
             slot = nxt
