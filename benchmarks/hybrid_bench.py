@@ -123,21 +123,22 @@ def decode_part(args: argparse.Namespace, out: Path) -> dict:
     return results
 
 
-def _tokenizer_dir() -> Path:
+def tokenizer_dir() -> Path | None:
+    """The real Qwen3 tokenizer, found as the tests find it ($QWENRUN_TOKENIZER_DIR, then ../shared/assets)."""
     env = os.environ.get("QWENRUN_TOKENIZER_DIR")
     cands = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "assets" / "qwen3-tokenizer"]
-    for cand in cands:
-        if (cand / "tokenizer.json").is_file():
-            return cand
-    sys.exit("the real Qwen3 tokenizer is needed: set QWENRUN_TOKENIZER_DIR")
+    return next((c for c in cands if (c / "tokenizer.json").is_file()), None)
 
 
 def ttft_part(args: argparse.Namespace, out: Path) -> dict:
     import shutil
 
     folder = build_checkpoint("qwen3-next", args.layers, out)
+    tok = tokenizer_dir()
+    if tok is None:
+        sys.exit("the real Qwen3 tokenizer is needed: set QWENRUN_TOKENIZER_DIR")
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(_tokenizer_dir() / f, folder / f)
+        shutil.copy(tok / f, folder / f)
     words = " ".join(f"item{i} is {i * 7 % 1000}" for i in range(450))  # ~4K tokens
     results: dict = {}
     for prefix in (False, True):  # the first run also pays the process warm-up

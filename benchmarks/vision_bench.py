@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hybrid_bench import tokenizer_dir  # a sibling script: benchmarks/ is on sys.path
 from qwenrun import LLM, SamplingParams
 from qwenrun.multimodal import ImageProcessor, MediaLimits, VideoProcessor
 
@@ -41,7 +42,7 @@ TEXT = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_att
 SIZES = ((256, 256), (512, 512), (1024, 768), (1920, 1080))
 
 
-def build_checkpoint(layers: int, out: Path, tokenizer_dir: Path | None) -> Path:
+def build_checkpoint(layers: int, out: Path, tokenizer: Path | None) -> Path:
     import shutil
 
     import transformers
@@ -58,18 +59,10 @@ def build_checkpoint(layers: int, out: Path, tokenizer_dir: Path | None) -> Path
             for name, p in model.named_parameters():
                 p.fill_(1.0) if "norm" in name and p.dim() == 1 else p.normal_(0, 0.02, generator=gen)
         model.save_pretrained(folder)
-    if tokenizer_dir is not None:
+    if tokenizer is not None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(tokenizer_dir / f, folder / f)
+            shutil.copy(tokenizer / f, folder / f)
     return folder
-
-
-def _tokenizer_dir() -> Path | None:
-    env = os.environ.get("QWENRUN_TOKENIZER_DIR")
-    for cand in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "assets" / "qwen3-tokenizer"]:
-        if (cand / "tokenizer.json").is_file():
-            return cand
-    return None
 
 
 def _image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -107,7 +100,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("QWENRUN_BENCH_DIR", "/tmp/qwenrun-bench"))
     ap.add_argument("--json")
     args = ap.parse_args()
-    folder = build_checkpoint(args.layers, Path(args.cache_dir), _tokenizer_dir())
+    folder = build_checkpoint(args.layers, Path(args.cache_dir), tokenizer_dir())
     llm = LLM(folder, dtype="bfloat16", device="cpu", max_model_len=16384, kv_cache_memory=2 << 30)
     model = llm.model
     proc = ImageProcessor.from_model_dir(folder, MediaLimits())
