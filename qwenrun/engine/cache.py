@@ -90,7 +90,8 @@ class CachePlan:
             num_slots = 2 * running + checkpoints
             budget -= num_slots * per_slot
         per_block = KVCache.bytes_per_block([s for s in specs if isinstance(s, KVCacheSpec)], block_size)
-        num_blocks = min(budget // per_block, -(-context // block_size) * running)
+        full = -(-context // block_size) * running  # every running sequence's whole context
+        num_blocks = min(budget // per_block, full) if per_block else full  # no attention layer: blocks cost nothing
         capacity = num_blocks * block_size
         if capacity < context and (context_required or capacity < min(context, 256)):
             raise InvalidRequestError(

@@ -201,3 +201,8 @@ def test_from_budget_puts_state_first_and_refuses_a_budget_without_room_for_one_
     assert cm.slots.num_slots == 16
     with pytest.raises(InvalidRequestError, match="recurrent state of one sequence"):
         CacheManager.from_budget(SPECS, 3 * per_slot, BS, 64, 8, CPU)
+
+
+def test_a_model_without_attention_layers_gets_blocks_for_free():
+    cm, context = CacheManager.from_budget([REC, REC], 1 << 20, BS, 64, 8, CPU)
+    assert cm.pool.num_blocks == 16 * 8 and context == 64
