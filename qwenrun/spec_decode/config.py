@@ -16,6 +16,11 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    # No drafts in a step with at least this many decoding requests: their rows alone already make the
+    # step compute-bound, so drafts would cost what they save (vLLM's name; None: never off).
+    disable_by_batch_size: int | None = 8
+    # Each request's draft length follows its acceptance rate (`spec_decode.policy`); False: always k.
+    adaptive_draft_length: bool = True
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
@@ -25,7 +30,8 @@ class SpeculativeConfig:
             return raw
         if not isinstance(raw, dict):
             raise InvalidRequestError("speculative_config must be a dict", param="speculative_config")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                 "disable_by_batch_size", "adaptive_draft_length"}
         for key in raw:
             if key not in known:
                 raise InvalidRequestError(f"speculative_config has an unknown field {key!r}", param=key)
@@ -33,14 +39,21 @@ class SpeculativeConfig:
         if method not in METHODS:
             raise InvalidRequestError(f"speculative_config.method must be one of {METHODS}, got {method!r}",
                                       param="method")
-        ints: dict[str, int] = {}
-        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+        ints: dict[str, Any] = {}
+        for key in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size"):
             value = raw.get(key, getattr(cls, key, None))
+            if key == "disable_by_batch_size" and value is None:
+                ints[key] = None
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidRequestError(f"speculative_config.{key} must be a positive integer, got {value!r}",
                                           param=key)
             ints[key] = value
+        adaptive = raw.get("adaptive_draft_length", True)
+        if not isinstance(adaptive, bool):
+            raise InvalidRequestError(f"speculative_config.adaptive_draft_length must be true or false, got "
+                                      f"{adaptive!r}", param="adaptive_draft_length")
         if ints["prompt_lookup_min"] > ints["prompt_lookup_max"]:
             raise InvalidRequestError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max",
                                       param="prompt_lookup_min")
-        return cls(method, **ints)
+        return cls(method, **ints, adaptive_draft_length=adaptive)
