@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from qwenrun.errors import InvalidRequestError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model", "mtp")
 
 
 @dataclass(frozen=True)
@@ -21,17 +22,19 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = 8
     # Each request's draft length follows its acceptance rate (`spec_decode.policy`); False: always k.
     adaptive_draft_length: bool = True
+    # "draft_model": the drafter's checkpoint (a folder or hub id, loaded like the target's)
+    model: str | None = None
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
         """InvalidRequestError naming the field for anything vLLM's names do not allow (or qwenrun
-        does not implement yet: only "ngram")."""
+        does not implement)."""
         if isinstance(raw, SpeculativeConfig):
             return raw
         if not isinstance(raw, dict):
             raise InvalidRequestError("speculative_config must be a dict", param="speculative_config")
         known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-                 "disable_by_batch_size", "adaptive_draft_length"}
+                 "disable_by_batch_size", "adaptive_draft_length", "model"}
         for key in raw:
             if key not in known:
                 raise InvalidRequestError(f"speculative_config has an unknown field {key!r}", param=key)
@@ -56,4 +59,11 @@ class SpeculativeConfig:
         if ints["prompt_lookup_min"] > ints["prompt_lookup_max"]:
             raise InvalidRequestError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max",
                                       param="prompt_lookup_min")
-        return cls(method, **ints, adaptive_draft_length=adaptive)
+        model = raw.get("model")
+        if method == "draft_model" and not (isinstance(model, (str, os.PathLike)) and os.fspath(model)):
+            raise InvalidRequestError("speculative_config.model must name the draft model's checkpoint (a folder "
+                                      "or hub id) for method \"draft_model\"", param="model")
+        if method != "draft_model" and model is not None:
+            raise InvalidRequestError(f"speculative_config.model is only for method \"draft_model\" ({method!r} "
+                                      "drafts without a separate model)", param="model")
+        return cls(method, **ints, adaptive_draft_length=adaptive, model=model and os.fspath(model))
