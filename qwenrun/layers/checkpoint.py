@@ -28,8 +28,9 @@ class CheckpointRules:
     """How a model family's stored tensor names and values map onto its `weight_targets`.
 
     The loader applies them to each stored tensor in this order: the first `renames` entry whose
-    stored prefix matches replaces it; a name matching an `ignore` pattern is skipped (never
-    "unexpected", never loaded); the first `transforms` entry whose pattern matches maps the
+    stored prefix matches replaces it; a name matching an `ignore` pattern that the model has no
+    parameter for is skipped (never "unexpected": `mtp.*` loads only into a model given its MTP
+    head); the first `transforms` entry whose pattern matches maps the
     tensor, as stored (its dtype too), before the rank's slice is taken and it is cast to the model
     dtype. Patterns are `fnmatch` globs over the renamed name (`*` crosses dots).
     """

@@ -16,7 +16,7 @@ from qwenrun import kernels
 from qwenrun.config import ModelConfig
 from qwenrun.errors import InvalidRequestError
 from qwenrun.loading.source import read_json, resolve_model_path
-from qwenrun.loading.weights import load_weights
+from qwenrun.loading.weights import checkpoint_files, load_weights, stored_names
 from qwenrun.models import create_model, model_class
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -67,13 +67,38 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: bool = False) -> nn.Module:
     """Build on `meta` (no init cost), allocate on `device`, then stream the weights in; on CPU, find
-    or build the C++ kernels the model will call (a ~30 s compile the first time)."""
+    or build the C++ kernels the model will call (a ~30 s compile the first time).
+
+    `mtp=True` (speculative method "mtp") also loads the checkpoint's MTP head, as `model.mtp`;
+    otherwise its `mtp.*` tensors are skipped unread."""
     kernels.prepare(device, dtype)
+    if mtp:
+        check_mtp_head(ckpt)
     with torch.device("meta"), _default_dtype(dtype):
         model = create_model(ckpt.config)
+        if mtp:
+            model.mtp = model.make_mtp()
     model.to_empty(device=device)
     with torch.no_grad():
         load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings)
     return model.eval()
+
+
+def check_mtp_head(ckpt: Checkpoint) -> None:
+    """InvalidRequestError unless the checkpoint stores a one-layer MTP head (`mtp.layers.0.*`, as
+    every released Qwen3-Next and Qwen3.5 checkpoint: `num_nextn_predict_layers` /
+    `mtp_num_hidden_layers` 1)."""
+    names = [n for n in stored_names(checkpoint_files(ckpt.path)) if n.startswith("mtp.")]
+    if not names:
+        raise InvalidRequestError(f"speculative method 'mtp' needs an MTP head, but {ckpt.path} stores no "
+                                  "mtp.* tensors; use method 'ngram' for this model", param="method")
+    own = sorted(n for n in names if n.startswith(("mtp.embed_tokens.", "mtp.lm_head.")))
+    if own:
+        raise InvalidRequestError(f"{ckpt.path} stores an MTP head with its own embedding or LM head "
+                                  f"({', '.join(own)}); qwenrun runs heads that share the model's", param="method")
+    layers = sorted({n.split(".")[2] for n in names if n.startswith("mtp.layers.")})
+    if layers != ["0"]:
+        raise InvalidRequestError(f"{ckpt.path} stores an MTP head with layers {layers}; qwenrun runs "
+                                  "one-layer heads (mtp.layers.0)", param="method")

@@ -60,10 +60,27 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(
-                f"cannot read {path.name}: {e} (the file is corrupt or truncated; download it again)"
-            ) from None
+        except _READ_ERRORS as e:
+            raise _unreadable(path, e) from None
+
+
+def stored_names(files: list[Path]) -> list[str]:
+    """Every tensor name of the checkpoint, read from the safetensors headers only."""
+    names: list[str] = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names += f.keys()
+        except _READ_ERRORS as e:
+            raise _unreadable(path, e) from None
+    return names
+
+
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError)
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read {path.name}: {e} (the file is corrupt or truncated; download it again)")
 
 
 def weight_targets(model: nn.Module) -> dict[str, WeightTarget]:
@@ -95,7 +112,7 @@ def load_weights(
     for stored, tensor in iter_tensors(checkpoint_files(folder)):
         name = rules.rename(stored)
         target = targets.get(name)
-        pattern = rules.ignore_pattern(name)
+        pattern = None if target is not None else rules.ignore_pattern(name)
         if pattern is not None:
             skipped[pattern] += 1
             continue

@@ -11,6 +11,7 @@ from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec, attend, qk_
 from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.layers.linear import MergedLinear, gated_silu
+from qwenrun.layers.mtp import MtpHead
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding
 
@@ -92,8 +93,9 @@ class Qwen3ForCausalLM(nn.Module):
     run only for the rows that need logits. `ForwardBatch.without_cache` runs whole sequences
     (training, scoring)."""
 
-    # transformers may serialise the RoPE inverse frequencies, which qwenrun recomputes
-    checkpoint_rules = CheckpointRules(ignore=("*rotary_emb.inv_freq",))
+    # transformers may serialise the RoPE inverse frequencies, which qwenrun recomputes; `mtp.*` loads
+    # only into a model given its MTP head (`make_mtp`)
+    checkpoint_rules = CheckpointRules(ignore=("*rotary_emb.inv_freq", "mtp.*"))
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -105,6 +107,12 @@ class Qwen3ForCausalLM(nn.Module):
     @staticmethod
     def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
         return Qwen3DecoderLayer(cfg, Qwen3MLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def make_mtp(self) -> MtpHead:
+        """The head a checkpoint's `mtp.*` tensors fill (qwen3-tiny-thinker's), one decoder layer of
+        this model's kind; the loader attaches it as `mtp` when speculative decoding asks for it."""
+        return MtpHead(self.config, self.make_layer(self.config, 0), False, self.model.embed_tokens.forward,
+                       self.compute_logits)
 
     def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec]:
         """One spec per layer, in layer order: every layer is full attention with a paged KV cache."""

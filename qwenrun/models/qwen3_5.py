@@ -7,9 +7,10 @@ architectures real checkpoints name. The Qwen3-Next block (models/qwen3_next.py)
   renormalises the top-k (both decided in `ModelConfig.from_hf`);
 - text positions are the same on MRoPE's t/h/w axes, which makes its rotary plain 1-D RoPE;
 - weights may sit under `model.language_model.` (multimodal checkpoints), beside `model.visual.*`
-  (the tower: skipped here, loaded by models/qwen3_5_vl.py) and `mtp.*` (skipped, counted in the
-  load log); experts may be stored per expert or fused (`experts.gate_up_proj [E, 2I, H]`,
-  `experts.down_proj [E, H, I]`, or their transposes, told apart by shape).
+  (the tower: skipped here, loaded by models/qwen3_5_vl.py) and `mtp.*` (the MTP head, loaded when
+  asked for, else skipped and counted in the load log); experts may be stored per expert or fused
+  (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`, or their transposes, told apart
+  by shape).
 """
 
 from __future__ import annotations

@@ -12,30 +12,34 @@ What differs from Qwen3 / Qwen3-MoE:
 
 The checkpoint mapping depends on head counts (Next's grouped `in_proj_qkvz`, the per-head
 query/gate interleave of `q_proj`), so `checkpoint_rules` is built per model from its config.
-`mtp.*` (the multi-token-prediction head) is not run yet and is skipped at load with a count.
+`mtp.*` (the multi-token-prediction head, `make_mtp`) loads when the loader is asked for it, and is
+skipped with a count otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from qwenrun.config import HYBRID_MODEL_TYPES, ModelConfig
+from qwenrun.config import FULL, HYBRID_MODEL_TYPES, ModelConfig
 from qwenrun.errors import CheckpointError
 from qwenrun.layers.attention import AttentionMetadata, KVCacheSpec, attend, qk_norm_rope_store
 from qwenrun.layers.checkpoint import CheckpointRules, Transform
 from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.layers.gated_delta_net import GatedDeltaNet, next_ba_to_split, next_qkvz_to_split
 from qwenrun.layers.linear import MergedLinear
+from qwenrun.layers.mtp import MtpHead
 from qwenrun.layers.norm import RMSNorm, zero_centred
 from qwenrun.layers.recurrent import RecurrentStateSpec
 from qwenrun.models.qwen3 import Qwen3MLP, Qwen3Model
 from qwenrun.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock
 
 ZERO_CENTRED_NORMS = ("*.input_layernorm.weight", "*.post_attention_layernorm.weight", "model.norm.weight",
-                      "*.self_attn.q_norm.weight", "*.self_attn.k_norm.weight")
+                      "*.self_attn.q_norm.weight", "*.self_attn.k_norm.weight", "mtp.norm.weight",
+                      "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight")
 
 
 class Qwen3NextAttention(nn.Module):
@@ -154,6 +158,14 @@ class Qwen3NextForCausalLM(Qwen3MoeForCausalLM):
         else:
             mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
         return Qwen3NextDecoderLayer(cfg, index, mlp, cls.gdn_sources(cfg))
+
+    def make_mtp(self) -> MtpHead:
+        """The MTP head: one full-attention layer of this family (gated attention, the MLP layer 0
+        would have, as vLLM builds `mtp.layers.0`)."""
+        lin = self.config.linear
+        assert lin is not None
+        cfg = replace(self.config, linear=replace(lin, layer_types=(FULL,)))
+        return MtpHead(cfg, self.make_layer(cfg, 0), True, self.model.embed_tokens.forward, self.compute_logits)
 
     @classmethod
     def rules(cls, cfg: ModelConfig) -> CheckpointRules:
