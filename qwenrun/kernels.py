@@ -1,9 +1,11 @@
 """The C++ decode kernels (`qwenrun/csrc/cpu_kernels.cpp`), compiled for this CPU once, when a model loads.
 
 Built with torch's extension builder into a per-user cache (about 30 s once; later processes import
-the cached library). They need an x86 CPU with AVX512-BF16 and AVX512-VNNI (Zen 4, Sapphire Rapids
-and newer) and a C++ compiler; without either, every caller falls back to torch kernels and this
-module logs why, once. `QWENRUN_CPU_KERNELS=0` turns them off (for comparisons).
+the cached library). They need a C++ compiler and an x86 CPU with either AVX512-BF16 and AVX512-VNNI
+(Zen 4, Sapphire Rapids and newer) or AVX2, FMA and F16C (Haswell, Zen 1-3 and later: most servers
+and laptops, on which torch's own decode ops stream far below memory bandwidth); -march=native picks
+the instruction set when the library compiles. Without either, every caller falls back to torch
+kernels and this module logs why, once. `QWENRUN_CPU_KERNELS=0` turns them off (for comparisons).
 
 The loader calls `prepare` so the build happens while a model loads (before `qwenrun serve` reports
 healthy), never inside a request. The cache directory is named by a hash of everything the library
@@ -19,7 +21,8 @@ Model and layer code never names a kernel: it calls operations (`rms_norm`, `qk_
 `decode_attention`, `argmax`, the bf16 and quantized linears, `dequantize`, `routed_experts`,
 `gdn_decode`, `gdn_prefill`), each a torch reference wrapped by `op`. `KERNELS` is the one table that
 says, per operation, on which arguments (device, dtype, shape) the C++ kernel computes it instead;
-everything else runs the reference.
+everything else runs the reference, as does an operation whose kernel this CPU's build lacks (the
+AVX2 build has no Gated DeltaNet kernels).
 """
 
 from __future__ import annotations
@@ -49,12 +52,15 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 NAME = "qwenrun_cpu_kernels"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+# either set of /proc/cpuinfo flags runs the kernels (cpu_kernels.cpp compiles the first one present)
+REQUIRED_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+                  "avx2": ("avx2", "fma", "f16c")}
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # decode attention
 # Up to this many activation rows, streaming the weight beats a oneDNN GEMM (for int8/int4, a GEMM over
-# the weight expanded to bf16); measured crossovers on a Zen 4 core pair: ~10, ~40 and ~56 rows.
-GEMV_MAX_ROWS = {"bf16": 8, "int8": 32, "int4": 48}
+# the weight expanded to bf16); measured crossovers on a Zen 4 core pair (AVX-512): ~10, ~40 and ~56
+# rows; on a Zen 3 core pair (AVX2, where oneDNN's bf16 GEMM has no bf16 dot product either): see below.
+_MAX_ROWS = {"avx512": {"bf16": 8, "int8": 32, "int4": 48}, "avx2": {"bf16": 8, "int8": 32, "int4": 48}}
 BUILD_WAIT_S = 600.0  # for another process's build; QWENRUN_KERNEL_BUILD_WAIT overrides
 _DONE, _LOCK, _TORCH_BATON = "built", "qwenrun.lock", "lock"
 
@@ -68,12 +74,24 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def _isa() -> str | None:
+    """The instruction set the kernels build for on this CPU (cpu_kernels.cpp's choice), or None."""
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return next((isa for isa, needed in REQUIRED_FLAGS.items() if flags.issuperset(needed)), None)
+
+
 def _unsupported() -> str | None:
     """Why this machine cannot run the kernels, or None."""
-    missing = [f for f in REQUIRED_FLAGS if f not in _cpu_flags()]
-    if platform.machine() not in ("x86_64", "AMD64") or missing:
-        return f"missing: {', '.join(missing) or platform.machine()}"
-    return None
+    if _isa() is not None:
+        return None
+    flags = _cpu_flags()
+    missing = [f for f in REQUIRED_FLAGS["avx2"] if f not in flags]
+    return f"missing: {', '.join(missing) or platform.machine()}"
+
+
+GEMV_MAX_ROWS = _MAX_ROWS[_isa() or "avx512"]
 
 
 def build_identity() -> dict[str, str]:
@@ -103,7 +121,8 @@ def cpu_ops() -> ModuleType | None:
         return None
     reason = _unsupported()
     if reason is not None:
-        logger.warning("C++ decode kernels need x86 AVX-512 with BF16 and VNNI (%s); using torch kernels", reason)
+        logger.warning("C++ decode kernels need x86 AVX2 with FMA and F16C, or AVX-512 with BF16 and VNNI (%s); "
+                       "using torch kernels", reason)
         return None
     try:
         return load_or_build(build_dir(), float(os.environ.get("QWENRUN_KERNEL_BUILD_WAIT", BUILD_WAIT_S)))
@@ -153,17 +172,19 @@ class Kernel:
     """Where the C++ kernel computes an operation. Both callables take the operation's own arguments.
 
     `applies(*args)`: whether the kernel takes these arguments (device, dtype, shape); `call(library,
-    *args)`: runs it and returns what the operation's torch reference returns."""
+    *args)`: runs it and returns what the operation's torch reference returns; `functions`: the library
+    functions it calls, all of which this CPU's build must have."""
 
     applies: Callable[..., bool]
     call: Callable[..., Any]
+    functions: tuple[str, ...]
 
 
 # operation -> when and how its C++ kernel runs; the arguments are those of the reference (see each op)
 KERNELS: dict[str, Kernel] = {
     # (x, residual, weight, eps) -> (normed, new residual)
     "rms_norm": Kernel(lambda x, residual, weight, eps: _inference(x),
-                       lambda lib, x, residual, weight, eps: lib.rms_norm(x, residual, weight, eps)),
+                       lambda lib, x, residual, weight, eps: lib.rms_norm(x, residual, weight, eps), ("rms_norm",)),
     # (qkv, q_weight, k_weight, cos, sin, eps, nh, nkv, k_cache, v_cache, slots) -> (q, k_cache, v_cache):
     # the kernel needs a cache to write to and rotates whole heads (no partial rotary)
     "qk_norm_rope_store": Kernel(
@@ -171,33 +192,39 @@ KERNELS: dict[str, Kernel] = {
         and _inference(qkv),
         lambda lib, qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots: (
             lib.qk_norm_rope(qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots), kc, vc),
+        ("qk_norm_rope",),
     ),
     # (q [B, nh, d], k_cache, v_cache, group: DecodeGroup, scale) -> [B, nh*d]
     "decode_attention": Kernel(
         lambda q, kc, vc, g, scale: q.device.type == "cpu" and q.shape[-1] in KERNEL_HEAD_DIMS
         and q.dtype in KERNEL_DTYPES,
         lambda lib, q, kc, vc, g, scale: lib.decode_attention(q, kc, vc, g.key_slots, g.context_lens, scale),
+        ("decode_attention",),
     ),
     # (x [B, V],) -> [B]; torch's CPU argmax over a 152k vocabulary costs ~0.5 ms a step
-    "argmax": Kernel(lambda x: _inference(x), lambda lib, x: lib.argmax(x)),
+    "argmax": Kernel(lambda x: _inference(x), lambda lib, x: lib.argmax(x), ("argmax",)),
     # (x [..., K], weight [N, K] bf16, bias, act) -> [..., N] (act "silu_mul": [..., N/2])
     "bf16_linear": Kernel(
         lambda x, w, bias, act="none": _streams(x, "bf16"),
         lambda lib, x, w, bias, act="none": lib.gemv_bf16(_rows(x), w, bias, act).view(*x.shape[:-1], -1),
+        ("gemv_bf16",),
     ),
     # (x [..., K], fmt, parts, group_size, bias, act) -> [..., N]; the int8 kernel reads 32-input blocks
     "quantized_linear": Kernel(
         lambda x, fmt, parts, group_size, bias, act="none": (fmt == "int4" or x.shape[-1] % 32 == 0)
         and _streams(x, fmt),
         _gemv_quantized,
+        ("gemv_int8", "gemv_int4"),
     ),
     # (fmt, parts, group_size, dtype) -> the dense weight [N, K]
-    "dequantize": Kernel(lambda fmt, parts, group_size, dtype: parts[0].device.type == "cpu", _dequantize),
+    "dequantize": Kernel(lambda fmt, parts, group_size, dtype: parts[0].device.type == "cpu", _dequantize,
+                         ("dequantize_int8", "dequantize_int4")),
     # (x [T, H], weights [T, k], experts [T, k], module: layers.moe.Experts) -> [T, H]: a lone token shares
     # no expert with another, so one call runs all its chosen experts, for modules whose weights it reads
     "routed_experts": Kernel(
         lambda x, weights, experts, m: x.shape[0] == 1 and m.fused_format is not None and _streams(x, m.fused_format),
         lambda lib, x, weights, experts, m: lib.moe_gemv(x, experts, weights, m.fused_format, *m.fused_weights()),
+        ("moe_gemv",),
     ),
     # (mixed_qkv [B, conv_dim], conv_states [S, conv_dim, K-1], conv_weight [conv_dim, K], slots [B] (read),
     #  out_slots [B] (written), a [B, Hv], b [B, Hv], A_log [Hv], dt_bias [Hv], states [S, Hv, dk, dv] fp32,
@@ -210,6 +237,7 @@ KERNELS: dict[str, Kernel] = {
         and cs.is_contiguous() and states.is_contiguous()
         and cs.dtype == cw.dtype == a.dtype == b.dtype == z.dtype == nw.dtype == x.dtype,
         lambda lib, *args: lib.gdn_decode(*args),
+        ("gdn_decode",),
     ),
     # (mixed [n, conv_dim], window [conv_dim, K-1] | None, conv_weight [conv_dim, K], a [n, Hv], b [n, Hv],
     #  A_log [Hv], dt_bias [Hv], state [Hv, dk, dv] fp32 | None, num_v_heads, k_head_dim, num_k_heads)
@@ -220,6 +248,7 @@ KERNELS: dict[str, Kernel] = {
         and ((x.shape[-1] - 2 * hk * dk) // hv) % 16 == 0 and cw.dtype == a.dtype == b.dtype == x.dtype
         and (window is None or window.dtype == x.dtype) and (state is None or state.dtype == torch.float32),
         lambda lib, *args: tuple(lib.gdn_prefill(*args)),
+        ("gdn_prefill",),
     ),
 }
 
@@ -231,15 +260,15 @@ def op(name: str) -> Callable[[Reference], Reference]:
     kernel where `KERNELS[name]` applies to the call's (positional) arguments and the kernels are
     available, else the reference itself (kept as `.reference`, the oracle tests compare against).
 
-    The decision is two Python calls per op (the predicate, the cached `cpu_ops`), as cheap as the
-    inline checks it replaces."""
+    The decision is three Python calls per op (the predicate, the cached `cpu_ops`, the library's
+    functions check), as cheap as the inline checks it replaces."""
     kernel = KERNELS[name]
-    applies, call = kernel.applies, kernel.call
+    applies, call, functions = kernel.applies, kernel.call, kernel.functions
 
     def register(reference: Reference) -> Reference:
         def dispatch(*args: Any) -> Any:
             if applies(*args):
-                lib = cpu_ops()
+                lib = _library(functions)
                 if lib is not None:
                     return call(lib, *args)
             return reference(*args)
@@ -251,9 +280,16 @@ def op(name: str) -> Callable[[Reference], Reference]:
     return register
 
 
+def _library(functions: tuple[str, ...]) -> ModuleType | None:
+    """The kernels library if it has all of `functions` (this CPU's build may lack some), else None."""
+    lib = cpu_ops()
+    return lib if lib is not None and all(hasattr(lib, f) for f in functions) else None
+
+
 def uses_kernel(name: str, *args: Any) -> bool:
     """Whether operation `name` on these arguments runs its C++ kernel (the choice `op` makes)."""
-    return KERNELS[name].applies(*args) and cpu_ops() is not None
+    kernel = KERNELS[name]
+    return kernel.applies(*args) and _library(kernel.functions) is not None
 
 
 def load_or_build(directory: Path, wait_s: float) -> ModuleType:

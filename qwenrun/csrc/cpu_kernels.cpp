@@ -13,10 +13,23 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+// The instruction set, fixed at build time by -march=native: AVX-512 where the CPU has BF16 and VNNI,
+// else AVX2 + FMA (Haswell, Zen 1-3 and every x86 laptop of the last decade), whose inner loops sit in
+// the #else branches below; the argument checks, threading and bindings around them are shared.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) && \
+    defined(__AVX512VNNI__)
+#define QWENRUN_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QWENRUN_AVX512 0
+#else
+#error "qwenrun's CPU kernels need AVX512-BF16 and VNNI, or AVX2, FMA and F16C"
+#endif
 
 namespace {
 // Software prefetch distance (bytes ahead in the weight stream) for the integer kernels: their
@@ -26,6 +39,7 @@ constexpr int kPrefetch = 4096;
 
 using bf16 = at::BFloat16;
 
+#if QWENRUN_AVX512
 // ---------------------------------------------------------------------------------------------
 // loads and stores between fp32 registers and bf16 / fp32 memory
 
@@ -298,6 +312,290 @@ struct Int4Weights {
   }
 };
 
+#else  // AVX2 + FMA: 8 fp32 lanes, no masked 16-bit loads and no VNNI
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+// the first min(n, 8) values and zeros: AVX2 masks no 16-bit loads or stores, so a tail goes through a buffer
+template <class T>
+inline __m256 load8(const T* p, int64_t n) {
+  if (n >= 8) return load8(p);
+  T buf[8];
+  std::fill_n(buf, 8, static_cast<T>(0.f));
+  std::copy(p, p + n, buf);
+  return load8(static_cast<const T*>(buf));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  // round to nearest even, as c10::BFloat16 does
+  __m256i i = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_or_si256(i, _mm256_set1_epi32(0x400000)), nan), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+template <class T>
+inline void store8(T* p, __m256 v, int64_t n) {
+  if (n >= 8) return store8(p, v);
+  T buf[8];
+  store8(buf, v);
+  std::copy(buf, buf + n, p);
+}
+// v rounded to the nearest bf16 (ties to even) and widened back: what a bf16 op would have stored
+inline __m256 round_bf16(__m256 v) {
+  __m256i i = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+template <class T>
+inline __m256 vrnd(__m256 v) {
+  if constexpr (std::is_same_v<T, bf16>) return round_bf16(v);
+  else return v;
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline int hsum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+// lanes below n (as the mask of _mm256_maskload_ps)
+inline __m256i first8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// exp for x <= 0 as exp512: 2^n * p(r), with 2^n built in the exponent field (n >= -126, a normal)
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// ---------------------------------------------------------------------------------------------
+// weight formats, as above: out[i][j] = x_i . W[rows[j]] for MB activation rows and NB weight rows
+
+// bf16 weights [N, K], bf16 activations. A bf16 in the high half of a 32-bit lane is its fp32 value,
+// so 16 inputs split into their even (shifted up) and odd (masked) halves at two instructions each;
+// products of bf16 are exact in fp32, as with AVX512-BF16
+struct Bf16Weights {
+  const uint16_t* w;
+  int64_t K;
+  const uint16_t* x;  // [M, K] bf16 activations
+
+  template <int MB, int NB>
+  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+    __m256 acc[MB][NB][2];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
+    const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const uint16_t* wr[NB];
+    for (int j = 0; j < NB; ++j) wr[j] = w + rows[j] * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m256 we[NB], wo[NB];
+      for (int j = 0; j < NB; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+        we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (m0 + i) * K + k));
+        const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+        for (int j = 0; j < NB; ++j) {
+          acc[i][j][0] = _mm256_fmadd_ps(xe, we[j], acc[i][j][0]);
+          acc[i][j][1] = _mm256_fmadd_ps(xo, wo[j], acc[i][j][1]);
+        }
+      }
+    }
+    const auto f = [](uint16_t b) { return c10::detail::f32_from_bits(b); };
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) {
+        float s = hsum8(_mm256_add_ps(acc[i][j][0], acc[i][j][1]));
+        for (int64_t t = k; t < K; ++t) s += f(x[(m0 + i) * K + t]) * f(wr[j][t]);
+        out[i][j] = s;
+      }
+  }
+};
+
+// Integer formats, as llama.cpp's AVX2 Q8_0/Q4_0 dots: activations quantized per token in blocks of 32
+// (see the AVX-512 path), `vpmaddubsw` (u8 x s8 pairs summed to s16) then `vpmaddwd` by ones to s32.
+struct QuantizedActivations {
+  at::Tensor q;     // [M, K] int8
+  at::Tensor s;     // [M, K/32] fp32 scale of each block of 32 inputs
+  at::Tensor gsum;  // [M, K/G] fp32 sums of the quantized x per weight group (int4's minimums); G = 0: none
+};
+
+template <class T>
+QuantizedActivations quantize_activations(const at::Tensor& x, int64_t G, int64_t AB) {
+  const int64_t M = x.size(0), K = x.size(1), nb = K / 32;
+  const auto f32 = x.options().dtype(at::kFloat);
+  QuantizedActivations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, nb}, f32),
+                         G ? at::zeros({M, K / G}, f32) : at::Tensor()};
+  const T* xp = x.data_ptr<T>();
+  int8_t* qp = a.q.data_ptr<int8_t>();
+  float* sp = a.s.data_ptr<float>();
+  float* gp = G ? a.gsum.data_ptr<float>() : nullptr;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' per-lane interleave
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t per = AB / 32;  // 32-wide pieces per scale block
+    for (int64_t b0 = 0; b0 < nb; b0 += per) {
+      __m256 amax = _mm256_setzero_ps();
+      for (int64_t k = b0 * 32; k < (b0 + per) * 32; k += 8)
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(xp + m * K + k)));
+      const float mx = hmax8(amax), scale = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
+      for (int64_t b = b0; b < b0 + per; ++b) {
+        const T* xb = xp + m * K + b * 32;
+        __m256i q[4];
+        for (int c = 0; c < 4; ++c) q[c] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(xb + 8 * c), _mm256_set1_ps(inv)));
+        const float qsum = static_cast<float>(hsum8(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]))));
+        if (G) gp[m * (K / G) + b * 32 / G] += scale * qsum;
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qp + m * K + b * 32), _mm256_permutevar8x32_epi32(packed, order));
+        sp[m * nb + b] = scale;
+      }
+    }
+  }
+  return a;
+}
+
+// AB: inputs sharing one activation scale (32, or 128 where the weights' groups are at least that long)
+QuantizedActivations quantize_activations(const at::Tensor& x, int64_t G, int64_t AB) {
+  return x.scalar_type() == at::kBFloat16 ? quantize_activations<bf16>(x, G, AB) : quantize_activations<float>(x, G, AB);
+}
+
+// the s32 dot products of u8 `u` and s8 `s` (32 each), in 8 lanes: pairs meet in s16 first, so |u s| sums of
+// two must stay below 2^15 (int4 codes, or int8 magnitudes against int8)
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// int8 weights [N, K] with a per-row scale. `vpmaddubsw` wants one unsigned side, so the weights give
+// their magnitudes and their signs move onto the activations (|w| <= 128 and |x| <= 127: no saturation)
+struct Int8Weights {
+  const int8_t* w;
+  const float* scale;  // [N]
+  int64_t K;
+  const int8_t* xq;
+  const float* xs;  // [M, K/32]
+
+  template <int MB, int NB>
+  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+    const int64_t nb = K / 32;
+    __m256 acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i wv[NB], wa[NB];
+      for (int j = 0; j < NB; ++j) {
+        const int8_t* wp = w + rows[j] * K + b * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch, _MM_HINT_T0);
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+        wa[j] = _mm256_abs_epi8(wv[j]);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (m0 + i) * K + b * 32));
+        const __m256 sv = _mm256_set1_ps(xs[(m0 + i) * nb + b]);
+        for (int j = 0; j < NB; ++j)
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wa[j], _mm256_sign_epi8(xv, wv[j]))), sv, acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) out[i][j] = hsum8(acc[i][j]) * scale[rows[j]];
+  }
+};
+
+// int4 weights in the AVX-512 path's layout (byte t of every 128 inputs: input t low, t + 64 high), read
+// as two 32-byte halves: their low nibbles are inputs 0-31 and 32-63, their high ones 64-95 and 96-127
+struct Int4Weights {
+  const uint8_t* w;
+  const float* scale;  // [N, K/G]
+  const float* mins;   // [N, K/G]
+  int64_t K, G, ng;  // ng = K / G, precomputed: an integer division per row costs as much as the row
+  const int8_t* xq;
+  const float* xs;    // [M, K/32]
+  const float* xsum;  // [M, K/G] per-group sums of the quantized x
+
+  template <int MB, int NB>
+  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+    const int64_t nb = K / 32, blocks_per_group = G / 128;
+    const int shift = G == 64 ? 1 : 0;  // groups of 32 or 64: a 32-input block's group is its index >> shift
+    const __m256i low = _mm256_set1_epi8(0xf);
+    __m256 acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k0 = 0, g = 0, bg = 0; k0 < K; k0 += 128) {
+      __m256i q[NB][4];  // codes of inputs k0 + 32 c ...
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* wp = w + rows[j] * (K / 2) + k0 / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch, _MM_HINT_T0);
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
+        q[j][0] = _mm256_and_si256(b0, low);
+        q[j][1] = _mm256_and_si256(b1, low);
+        q[j][2] = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+        q[j][3] = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xr = xq + (m0 + i) * K + k0;
+        __m256i xv[4];
+        for (int c = 0; c < 4; ++c) xv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * c));
+        const float* sa = xs + (m0 + i) * nb + k0 / 32;
+        for (int j = 0; j < NB; ++j) {
+          if (G >= 128) {
+            // one activation and one weight scale for all 128: the four s16 pair sums (each |.| <= 2*15*127)
+            // add up before widening
+            const __m256i p = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(q[j][0], xv[0]), _mm256_maddubs_epi16(q[j][1], xv[1])),
+                _mm256_add_epi16(_mm256_maddubs_epi16(q[j][2], xv[2]), _mm256_maddubs_epi16(q[j][3], xv[3])));
+            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+            acc[i][j] = _mm256_fmadd_ps(d, _mm256_set1_ps(sa[0] * scale[rows[j] * ng + g]), acc[i][j]);
+            continue;
+          }
+          const float* sr = scale + rows[j] * ng;
+          for (int c = 0; c < 4; ++c)
+            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q[j][c], xv[c])),
+                                        _mm256_set1_ps(sa[c] * sr[(k0 / 32 + c) >> shift]), acc[i][j]);
+        }
+      }
+      if (G >= 128 && ++bg == blocks_per_group) bg = 0, ++g;
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) {
+        const float* mr = mins + rows[j] * ng;
+        const float* xr = xsum + (m0 + i) * ng;
+        float minpart = 0.f;
+        for (int64_t g = 0; g < ng; ++g) minpart += mr[g] * xr[g];
+        out[i][j] = hsum8(acc[i][j]) + minpart;
+      }
+  }
+};
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // the GEMV driver: output rows split over threads in blocks; `epilogue` sees finished dot products
 
@@ -406,8 +704,12 @@ at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   QuantizedActivations a = quantize_activations(x, 0, 32);
   Epilogue ep = parse_epilogue(act);
   at::Tensor y = new_output(x_, w.size(0), ep);
+#if QWENRUN_AVX512
   Int8Weights wt{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(),
                  a.s.data_ptr<float>(), a.comp.data_ptr<float>()};
+#else
+  Int8Weights wt{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(), a.s.data_ptr<float>()};
+#endif
   run(wt, x, ep, bias_f32(bias), y);
   return y;
 }
@@ -440,6 +742,7 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::Sca
   const int8_t* q = w.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#if QWENRUN_AVX512
     for (int64_t n = n0; n < n1; ++n) {
       const __m512 sv = _mm512_set1_ps(s[n]);
       for (int64_t k = 0; k < K; k += 16) {
@@ -451,6 +754,24 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::Sca
           store16(out.data_ptr<float>() + n * K + k, v, m);
       }
     }
+#else
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m256 sv = _mm256_set1_ps(s[n]);
+      for (int64_t k = 0; k < K; k += 8) {
+        int8_t tail[8] = {};
+        const int8_t* src = q + n * K + k;
+        if (K - k < 8) {
+          std::copy(src, src + (K - k), tail);
+          src = tail;
+        }
+        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)))), sv);
+        if (dtype == at::kBFloat16)
+          store8(out.data_ptr<bf16>() + n * K + k, v, K - k);
+        else
+          store8(out.data_ptr<float>() + n * K + k, v, K - k);
+      }
+    }
+#endif
   });
   return out;
 }
@@ -465,6 +786,7 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
   const float* s = scale.data_ptr<float>();
   const float* mn = mins.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#if QWENRUN_AVX512
     alignas(64) uint8_t codes[128];
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k0 = 0; k0 < K; k0 += 128) {
@@ -483,6 +805,30 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
         }
       }
     }
+#else
+    alignas(32) uint8_t codes[128];
+    const __m256i low = _mm256_set1_epi8(0xf);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t k0 = 0; k0 < K; k0 += 128) {
+        const uint8_t* p = q + n * (K / 2) + k0 / 2;
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes), _mm256_and_si256(b0, low));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 32), _mm256_and_si256(b1, low));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 64), _mm256_and_si256(_mm256_srli_epi16(b0, 4), low));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 96), _mm256_and_si256(_mm256_srli_epi16(b1, 4), low));
+        for (int64_t t = 0; t < 128; t += 8) {  // 8 inputs, all in one group (groups are >= 32)
+          const int64_t g = n * ng + (k0 + t) / group_size;
+          const __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + t)))),
+                                           _mm256_set1_ps(s[g]), _mm256_set1_ps(mn[g]));
+          if (dtype == at::kBFloat16)
+            store8(out.data_ptr<bf16>() + n * K + k0 + t, r);
+          else
+            store8(out.data_ptr<float>() + n * K + k0 + t, r);
+        }
+      }
+    }
+#endif
   });
   return out;
 }
@@ -490,6 +836,7 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
 // ---------------------------------------------------------------------------------------------
 // single-query attention over a paged, head-major cache
 
+#if QWENRUN_AVX512
 template <class T, int ND>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
                            const at::Tensor& lens, double scale, at::Tensor& out) {
@@ -569,6 +916,91 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
     }
   });
 }
+#else
+template <class T, int ND>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
+                           const at::Tensor& lens, double scale, at::Tensor& out) {
+  constexpr int64_t d = ND * 16;
+  constexpr int NV = 2 * ND;              // 8-wide vectors per head
+  constexpr int CV = NV < 4 ? NV : 4;     // vectors of value columns per pass: two heads' sums fit the 16 registers
+  const int64_t B = q.size(0), nh = q.size(1), nkv = kc.size(0), S = kc.size(1);
+  const int64_t G = nh / nkv, L = slots.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = kc.data_ptr<T>();
+  const T* vp = vc.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(G * d), scores(G * L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nkv, h = t % nkv, n = lp[b];
+      const int64_t* srow = sp + b * L;
+      const T* kh = kp + h * S * d;
+      const T* vh = vp + h * S * d;
+      for (int64_t g = 0; g < G; ++g)
+        for (int c = 0; c < NV; ++c)
+          _mm256_storeu_ps(&qf[g * d + c * 8], _mm256_mul_ps(load8(qp + (b * nh + h * G + g) * d + c * 8), _mm256_set1_ps(float(scale))));
+      // scores: the key row stays in L1 for all G query heads
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const T* kr = kh + srow[pos] * d;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = &qf[g * d];
+          __m256 s0 = _mm256_mul_ps(load8(kr), _mm256_loadu_ps(qg)), s1 = _mm256_setzero_ps();
+          for (int c = 1; c < NV; ++c) {
+            if (c & 1) s1 = _mm256_fmadd_ps(load8(kr + c * 8), _mm256_loadu_ps(qg + c * 8), s1);
+            else s0 = _mm256_fmadd_ps(load8(kr + c * 8), _mm256_loadu_ps(qg + c * 8), s0);
+          }
+          scores[g * L + pos] = hsum8(_mm256_add_ps(s0, s1));
+        }
+      }
+      // softmax in fp32
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = &scores[g * L];
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        for (int64_t p = 0; p < n; p += 8) {
+          const __m256i m = first8(n - p);
+          mx = _mm256_max_ps(mx, _mm256_blendv_ps(mx, _mm256_maskload_ps(sc + p, m), _mm256_castsi256_ps(m)));
+        }
+        const __m256 mxv = _mm256_set1_ps(hmax8(mx));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t p = 0; p < n; p += 8) {
+          const __m256i m = first8(n - p);
+          const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(sc + p, m), mxv)), _mm256_castsi256_ps(m));
+          sum = _mm256_add_ps(sum, e);
+          _mm256_maskstore_ps(sc + p, m, e);
+        }
+        const float inv = 1.f / hsum8(sum);
+        for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
+      }
+      // weighted values, two query heads and CV vectors of columns at a time with their sums in registers;
+      // each pass reads its columns' cache lines of every value row, so the rows are read once in all
+      for (int64_t g0 = 0; g0 < G; g0 += 2) {
+        const bool two = g0 + 1 < G;
+        const float* p0 = &scores[g0 * L];
+        const float* p1 = two ? &scores[(g0 + 1) * L] : p0;
+        for (int c0 = 0; c0 < NV; c0 += CV) {
+          __m256 a0[CV], a1[CV];
+          for (int c = 0; c < CV; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
+          for (int64_t pos = 0; pos < n; ++pos) {
+            const T* vr = vh + srow[pos] * d + c0 * 8;
+            const __m256 w0 = _mm256_set1_ps(p0[pos]), w1 = _mm256_set1_ps(p1[pos]);
+            for (int c = 0; c < CV; ++c) {
+              const __m256 vv = load8(vr + c * 8);
+              a0[c] = _mm256_fmadd_ps(w0, vv, a0[c]);
+              a1[c] = _mm256_fmadd_ps(w1, vv, a1[c]);
+            }
+          }
+          for (int c = 0; c < CV; ++c) {
+            store8(op + (b * nh + h * G + g0) * d + (c0 + c) * 8, a0[c]);
+            if (two) store8(op + (b * nh + h * G + g0 + 1) * d + (c0 + c) * 8, a1[c]);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
 
 template <class T>
 void decode_attention_dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
@@ -618,6 +1050,7 @@ inline float rnd(float v) {
 
 // Qwen3RMSNorm: w * T(x * rsqrt(mean(x^2) + eps)), statistics in fp32; with a residual, x = T(x + res)
 // is normalised and also written to res_out (the next residual stream)
+#if QWENRUN_AVX512
 template <class T>
 void rms_norm_impl(const T* x, const T* res, T* res_out, const T* w, T* y, int64_t rows, int64_t H, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
@@ -642,6 +1075,29 @@ void rms_norm_impl(const T* x, const T* res, T* res_out, const T* w, T* y, int64
     }
   });
 }
+#else
+template <class T>
+void rms_norm_impl(const T* x, const T* res, T* res_out, const T* w, T* y, int64_t rows, int64_t H, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * H;
+      T* src = res ? res_out + r * H : const_cast<T*>(xr);  // the values being normalised
+      __m256 ss = _mm256_setzero_ps();
+      for (int64_t i = 0; i < H; i += 8) {
+        __m256 v = load8(xr + i, H - i);
+        if (res) {
+          v = vrnd<T>(_mm256_add_ps(v, load8(res + r * H + i, H - i)));
+          store8(src + i, v, H - i);
+        }
+        ss = _mm256_fmadd_ps(v, v, ss);
+      }
+      const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum8(ss) / H + eps));
+      for (int64_t i = 0; i < H; i += 8)
+        store8(y + r * H + i, _mm256_mul_ps(vrnd<T>(_mm256_mul_ps(load8(src + i, H - i), inv)), load8(w + i, H - i)), H - i);
+    }
+  });
+}
+#endif
 
 // returns (normed, x + residual); residual may be None (then the second output is x itself)
 std::vector<at::Tensor> rms_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& residual, const at::Tensor& w,
@@ -693,6 +1149,7 @@ void qk_norm_rope_impl(const at::Tensor& qkv, const at::Tensor& qw, const at::Te
       T* dst = h < nh ? qp + (t * nh + h) * d : kp + ((h - nh) * S + slot[t]) * d;
       const T* c = cp + t * d;
       const T* sn = sp + t * d;
+#if QWENRUN_AVX512
       if (d % 32 == 0) {  // whole vectors in each half
         __m512 ssv = _mm512_setzero_ps();
         for (int64_t j = 0; j < d; j += 16) ssv = _mm512_fmadd_ps(load16(x + j), load16(x + j), ssv);
@@ -707,6 +1164,22 @@ void qk_norm_rope_impl(const at::Tensor& qkv, const at::Tensor& qw, const at::Te
         }
         continue;
       }
+#else
+      if (d % 16 == 0) {  // whole vectors in each half
+        __m256 ssv = _mm256_setzero_ps();
+        for (int64_t j = 0; j < d; j += 8) ssv = _mm256_fmadd_ps(load8(x + j), load8(x + j), ssv);
+        const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum8(ssv) / d + eps));
+        for (int64_t j = 0; j < d; j += 8)
+          _mm256_storeu_ps(&nw[j], vrnd<T>(_mm256_mul_ps(vrnd<T>(_mm256_mul_ps(load8(x + j), inv)), load8(w + j))));
+        for (int64_t j = 0; j < d; j += 8) {
+          const __m256 rot = j < half ? _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(&nw[j + half])) : _mm256_loadu_ps(&nw[j - half]);
+          const __m256 v = _mm256_add_ps(vrnd<T>(_mm256_mul_ps(_mm256_loadu_ps(&nw[j]), load8(c + j))),
+                                         vrnd<T>(_mm256_mul_ps(rot, load8(sn + j))));
+          store8(dst + j, v);
+        }
+        continue;
+      }
+#endif
       float ss = 0.f;
       for (int64_t j = 0; j < d; ++j) ss += static_cast<float>(x[j]) * static_cast<float>(x[j]);
       const float inv = 1.f / std::sqrt(ss / d + eps);
@@ -790,6 +1263,7 @@ at::Tensor moe_gemv(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
 // ---------------------------------------------------------------------------------------------
 // greedy sampling: torch's CPU argmax takes ~0.5 ms over a 152k vocabulary, 2% of a decode step
 
+#if QWENRUN_AVX512
 template <class T>
 int64_t argmax_row(const T* x, int64_t V) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -804,6 +1278,24 @@ int64_t argmax_row(const T* x, int64_t V) {
   }
   return 0;  // all NaN or empty: torch would return a NaN's index; logits never are
 }
+#else
+template <class T>
+int64_t argmax_row(const T* x, int64_t V) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) mx = _mm256_max_ps(mx, load8(x + i));
+  float m = hmax8(mx);
+  for (int64_t j = i; j < V; ++j) m = std::max(m, static_cast<float>(x[j]));
+  const __m256 mv = _mm256_set1_ps(m);
+  for (i = 0; i + 8 <= V; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load8(x + i), mv, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (; i < V; ++i)
+    if (static_cast<float>(x[i]) == m) return i;
+  return 0;  // all NaN or empty: torch would return a NaN's index; logits never are
+}
+#endif
 
 // first index of each row's maximum, as torch.argmax(dim=-1)
 at::Tensor argmax(const at::Tensor& x_) {
@@ -821,6 +1313,7 @@ at::Tensor argmax(const at::Tensor& x_) {
   return out;
 }
 
+#if QWENRUN_AVX512  // no AVX2 version yet: the Gated DeltaNet operations run torch's there
 // ---------------------------------------------------------------------------------------------
 // Gated DeltaNet decode: one new token per sequence through the causal depthwise conv, the delta rule
 // on the sequence's fp32 state and the gated RMSNorm, rounding where transformers' ops in the model
@@ -1180,6 +1673,7 @@ std::vector<at::Tensor> gdn_prefill(const at::Tensor& mixed_, const c10::optiona
     TORCH_CHECK(false, "gdn_prefill supports bf16 and fp32");
   return {o, new_win, new_state};
 }
+#endif
 
 }  // namespace
 
@@ -1196,6 +1690,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("argmax", &argmax);
   m.def("moe_gemv", &moe_gemv);
+#if QWENRUN_AVX512
   m.def("gdn_decode", &gdn_decode);
   m.def("gdn_prefill", &gdn_prefill);
+#endif
 }

@@ -18,7 +18,7 @@ from qwenrun.layers.rotary import apply_rotary
 from qwenrun.quant.linear import dequantize_int4, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
 ops = kernels.cpu_ops()
-needs_kernels = pytest.mark.skipif(ops is None, reason="C++ kernels need x86 AVX512-BF16/VNNI and a compiler")
+needs_kernels = pytest.mark.skipif(ops is None, reason="C++ kernels need x86 AVX2 or AVX512-BF16/VNNI and a compiler")
 gen = torch.Generator().manual_seed(0)
 
 
@@ -90,10 +90,74 @@ def test_int4_gemv_matches_dequantized_matmul(group, m):
     assert rel_err(got, ref) < 0.015
 
 
+def _quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [M, K] as the integer kernels see it: per `block` inputs, round(x * 127/amax) * amax/127 (fp64)."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # a true division, as the kernels' (a Python number over a tensor multiplies by its reciprocal)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv).double() * (amax / 127.0).double()).reshape(M, K)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 32])
+@pytest.mark.parametrize("k", [32, 96, 1056])
+def test_int8_gemv_exact_given_its_quantized_activations(m, k):
+    """The integer dot products are exact: against the same activation rounding in fp64 the only error is
+    fp32 accumulation. Weights and activations at full scale with matching signs are the worst case for
+    AVX2's s16 pair sums (127 * 127 * 2), which must not saturate."""
+    w = randn(40, k)
+    w[:8] = torch.where(randn(8, k) > 0, 1.0, -1.0)
+    q, scale = quantize_int8(w)
+    x = randn(m, k, dtype=torch.bfloat16)
+    x[0] = torch.where(q[0] > 0, 1.0, -1.0)  # every |x| quantizes to 127, signs as row 0's
+    ref = _quantized_activations(x, 32) @ (q.double() * scale.double()[:, None]).T
+    got = ops.gemv_int8(x, q, scale, None, "none" if m > 4 else "silu_mul")
+    if m <= 4:
+        ref = F.silu(ref[:, :20]) * ref[:, 20:]
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("group, k", [(32, 128), (64, 384), (128, 256), (256, 512), (384, 768)])
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 48])
+def test_int4_gemv_exact_given_its_quantized_activations(group, k, m):
+    """As int8, for every group size (activations share a scale per 128 inputs when groups are that
+    long), with all-15 codes against full-scale activations (the largest s16 sums) in row 0."""
+    w = randn(24, k)
+    w[0] = torch.where(torch.arange(k) % group == 0, -1.0, 1.0)  # per group: one minimum, the rest code 15
+    q, scale, mins = quantize_int4(w, group)
+    x = randn(m, k)
+    x[0] = 1.0
+    ref = _quantized_activations(x, 128 if group >= 128 else 32) @ dequantize_int4(q, scale, mins, group).double().T
+    got = ops.gemv_int4(x, pack_int4(q), scale, mins, group, None, "none")
+    assert got.dtype == torch.float32
+    assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 7, 15, 17, 33, 1000])
+@pytest.mark.parametrize("m", range(1, kernels.GEMV_MAX_ROWS["bf16"] + 1))
+def test_bf16_gemv_any_k_and_row_count(m, k):
+    """K with a tail past the last whole vector (AVX2 takes 16 inputs a step, AVX-512 32), every row count
+    that streams, plain and fused."""
+    w, x = randn(2 * 12, k, dtype=torch.bfloat16), randn(m, k, dtype=torch.bfloat16)
+    ref = x.double() @ w.double().T
+    got = ops.gemv_bf16(x, w, None, "none")
+    assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
+    gate, up = ref.chunk(2, dim=-1)
+    fused = ops.gemv_bf16(x, w, None, "silu_mul")
+    assert ((fused.double() - F.silu(gate) * up).abs() <= (F.silu(gate) * up).abs() * 2**-7 + 1e-4).all()
+
+
 @needs_kernels
 def test_dequantize_kernels_match_python():
-    q8, s8 = quantize_int8(randn(17, 96))
-    torch.testing.assert_close(ops.dequantize_int8(q8, s8, torch.float32), q8.float() * s8[:, None])
+    for k in (96, 13):  # 13: a tail past the last whole vector
+        q8, s8 = quantize_int8(randn(17, k))
+        torch.testing.assert_close(ops.dequantize_int8(q8, s8, torch.float32), q8.float() * s8[:, None])
+        assert torch.equal(ops.dequantize_int8(q8, s8, torch.bfloat16), (q8.float() * s8[:, None]).bfloat16())
     q4, s4, m4 = quantize_int4(randn(9, 256), 64)
     packed = pack_int4(q4)
     assert torch.equal(unpack_int4(packed), q4)
@@ -115,13 +179,14 @@ def test_kernels_reject_bad_shapes():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_kernel_rounds_like_transformers(dtype, with_residual):
+@pytest.mark.parametrize("H", [96, 13])  # 13: a tail past the last whole vector
+def test_rms_norm_kernel_rounds_like_transformers(dtype, with_residual, H):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    ref_norm = Qwen3RMSNorm(96, eps=1e-6)
-    ref_norm.weight.data = randn(96).to(dtype)
+    ref_norm = Qwen3RMSNorm(H, eps=1e-6)
+    ref_norm.weight.data = randn(H).to(dtype)
     ref_norm = ref_norm.to(dtype)
-    x, res = randn(5, 96, dtype=dtype) * 3, randn(5, 96, dtype=dtype)
+    x, res = randn(5, H, dtype=dtype) * 3, randn(5, H, dtype=dtype)
     with torch.no_grad():
         y, new_res = ops.rms_norm(x, res if with_residual else None, ref_norm.weight, 1e-6)
         expect_in = x + res if with_residual else x
@@ -161,6 +226,9 @@ def test_argmax_kernel_matches_torch(dtype):
     x[3] = -torch.inf
     x[3, 999] = -1e30
     assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
+    for V in (1, 5, 8, 9):  # shorter than one vector, exactly one, one and a tail
+        short = randn(3, V, dtype=dtype)
+        assert torch.equal(ops.argmax(short), short.argmax(dim=-1))
 
 
 def _reference(q, ks, vs, ctx, qlen, scale):
@@ -218,11 +286,11 @@ def test_paged_attention_matches_reference_for_any_batch_mix(seed, heads, use_ke
 def test_bf16_decode_attention_kernel_close_to_reference():
     nh, nkv, d, L = 8, 2, 128, 300
     k_cache, v_cache = randn(nkv, 512, d, dtype=torch.bfloat16), randn(nkv, 512, d, dtype=torch.bfloat16)
-    q = randn(2, nh, d, dtype=torch.bfloat16)
-    slots = torch.stack([torch.arange(100, 100 + L), torch.arange(L).flip(0)])
-    lens = torch.tensor([L, 123])
+    q = randn(3, nh, d, dtype=torch.bfloat16)
+    slots = torch.stack([torch.arange(100, 100 + L), torch.arange(L).flip(0), torch.arange(L)])
+    lens = torch.tensor([L, 123, 5])  # 5: fewer scores than one vector
     out = ops.decode_attention(q, k_cache, v_cache, slots, lens, d**-0.5)
-    for b in range(2):
+    for b in range(3):
         s = slots[b, : lens[b]]
         ref = _reference(q[b : b + 1], k_cache[:, s].transpose(0, 1), v_cache[:, s].transpose(0, 1), int(lens[b]), 1,
                          d**-0.5)
@@ -370,12 +438,15 @@ def _copies(args: tuple) -> tuple:
 
 def test_dispatch_picks_the_kernels_at_bf16_decode_shapes(monkeypatch):
     """Where the CPU runs them, every operation of a bf16 decode step takes its C++ kernel; with
-    QWENRUN_CPU_KERNELS=0 (or no AVX-512) every one takes its torch reference."""
+    QWENRUN_CPU_KERNELS=0 (or neither AVX-512 nor AVX2) every one takes its torch reference. The
+    AVX2 build has no Gated DeltaNet kernels: those two run torch there."""
     calls = _decode_calls()
     assert set(calls) == set(kernels.KERNELS)  # every operation in the table is checked
+    avx512_only = {"gdn_decode", "gdn_prefill"}
     with torch.inference_mode():
         for name, args in calls.items():
-            assert kernels.uses_kernel(name, *args) == (ops is not None), name
+            built = ops is not None and (kernels._isa() == "avx512" or name not in avx512_only)
+            assert kernels.uses_kernel(name, *args) == built, name
         monkeypatch.setenv("QWENRUN_CPU_KERNELS", "0")
         monkeypatch.setattr(kernels, "cpu_ops", kernels.cpu_ops.__wrapped__)  # uncached: reads the switch now
         for name, args in calls.items():
