@@ -399,12 +399,24 @@ inline __m256 exp256(__m256 x) {
 // weight formats, as above: out[i][j] = x_i . W[rows[j]] for MB activation rows and NB weight rows
 
 // bf16 weights [N, K], bf16 activations. A bf16 in the high half of a 32-bit lane is its fp32 value,
-// so 16 inputs split into their even (shifted up) and odd (masked) halves at two instructions each;
-// products of bf16 are exact in fp32, as with AVX512-BF16
+// so 16 weights split into their even (shifted up) and odd (masked) halves at two instructions; the
+// activations are split the same way once, up front. Products of bf16 are exact in fp32, as with
+// AVX512-BF16.
 struct Bf16Weights {
   const uint16_t* w;
   int64_t K;
-  const uint16_t* x;  // [M, K] bf16 activations
+  const uint16_t* x;      // [M, K] bf16 activations
+  std::vector<float> xf;  // [M, K / 16 * 16] x in fp32, per 16 inputs the 8 even ones, then the 8 odd
+
+  Bf16Weights(const uint16_t* w_, int64_t K_, const uint16_t* x_, int64_t M) : w(w_), K(K_), x(x_), xf(M * (K_ / 16 * 16)) {
+    const int64_t K16 = K / 16 * 16;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K16; k += 16)
+        for (int t = 0; t < 8; ++t) {
+          xf[m * K16 + k + t] = c10::detail::f32_from_bits(x[m * K + k + 2 * t]);
+          xf[m * K16 + k + 8 + t] = c10::detail::f32_from_bits(x[m * K + k + 2 * t + 1]);
+        }
+  }
 
   template <int MB, int NB>
   void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
@@ -414,8 +426,9 @@ struct Bf16Weights {
     const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     const uint16_t* wr[NB];
     for (int j = 0; j < NB; ++j) wr[j] = w + rows[j] * K;
+    const int64_t K16 = K / 16 * 16;
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
+    for (; k < K16; k += 16) {
       __m256 we[NB], wo[NB];
       for (int j = 0; j < NB; ++j) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
@@ -423,11 +436,10 @@ struct Bf16Weights {
         wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
       }
       for (int i = 0; i < MB; ++i) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (m0 + i) * K + k));
-        const __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+        const float* xr = xf.data() + (m0 + i) * K16 + k;
         for (int j = 0; j < NB; ++j) {
-          acc[i][j][0] = _mm256_fmadd_ps(xe, we[j], acc[i][j][0]);
-          acc[i][j][1] = _mm256_fmadd_ps(xo, wo[j], acc[i][j][1]);
+          acc[i][j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), we[j], acc[i][j][0]);
+          acc[i][j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), wo[j], acc[i][j][1]);
         }
       }
     }
@@ -689,7 +701,11 @@ at::Tensor gemv_bf16(const at::Tensor& x_, const at::Tensor& w, const c10::optio
   at::Tensor x = x_.to(at::kBFloat16).contiguous();
   Epilogue ep = parse_epilogue(act);
   at::Tensor y = new_output(x_, w.size(0), ep);
+#if QWENRUN_AVX512
   Bf16Weights wt{reinterpret_cast<const uint16_t*>(w.data_ptr()), w.size(1), reinterpret_cast<const uint16_t*>(x.data_ptr())};
+#else
+  Bf16Weights wt(reinterpret_cast<const uint16_t*>(w.data_ptr()), w.size(1), reinterpret_cast<const uint16_t*>(x.data_ptr()), x.size(0));
+#endif
   run(wt, x, ep, bias_f32(bias), y);
   return y;
 }
