@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="low-LR steps on conversations (1-4 turns) and off-topic messages",
     )
     train.add_argument(
+        "--mtp-steps",
+        type=_int_at_least(0),
+        default=200,
+        metavar="N",
+        help="steps training an MTP head (speculative method 'mtp') on the frozen model, last",
+    )
+    train.add_argument(
         "--init",
         metavar="MODEL",
         help="an exported model of this recipe (e.g. the bundled one) standing for stages 1-2",

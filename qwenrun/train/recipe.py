@@ -8,6 +8,11 @@ teaches conversations (1-4 turns, history as the template renders it) and off-to
 
 Stage 3 came after the first release, and the tokenizer is still trained on stage-1 chats only, so
 `--init` can start it from an exported stage-1+2 model (the bundled one was made that way).
+
+The MTP stage trains a multi-token-prediction head (`qwenrun.layers.mtp`) on the finished, frozen
+model: from the final hidden state h_t and the token x_{t+1} it predicts x_{t+2}, so speculative
+decoding with method "mtp" has a drafter that learned something. It is stored under Qwen's `mtp.*`
+names beside untouched trunk tensors, and its held-out next-next-token accuracy goes in the log.
 """
 
 from __future__ import annotations
@@ -25,12 +30,24 @@ import tokenizers
 import torch
 
 from qwenrun.config import ModelConfig
-from qwenrun.demo.data import examples, tokenizer_corpus
+from qwenrun.layers.forward_batch import ForwardBatch
+from qwenrun.demo.data import MODES, OPS, examples, make_example, sample_problem, tokenizer_corpus
 from qwenrun.loading.weights import load_weights
 from qwenrun.tokenizer.chat import ChatTemplate
 from qwenrun.train.chat_template import QWEN3_CHAT_TEMPLATE
 from qwenrun.train.tokenizer import save_tokenizer, train_tokenizer
-from qwenrun.train.trainer import Sample, TrainConfig, Trainer, export_hf, hf_config, init_model
+from qwenrun.train.trainer import (
+    Sample,
+    TrainConfig,
+    Trainer,
+    add_mtp_head,
+    export_hf,
+    hf_config,
+    init_model,
+    loss_on,
+    mtp_loss_on,
+    mtp_rows,
+)
 
 BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "qwen3-tiny-thinker"
 
@@ -79,12 +96,58 @@ def batch_fn(
 ) -> list[Sample]:
     """The samples of `step`: a pure function of (seed, step), so resumed runs see the same data."""
     key = f"{seed}:{step}" if stage == 1 else f"{seed}:{stage}:{step}"
+    return _samples(tok, key, batch_size, stage)
+
+
+def mtp_batch_fn(tok: tokenizers.Tokenizer, seed: int, batch_size: int, step: int) -> list[Sample]:
+    """The MTP stage's samples: the three stages' mixes in turn, chats the trunk never saw."""
+    return _samples(tok, f"{seed}:mtp:{step}", batch_size, 1 + step % 3)
+
+
+def _samples(tok: tokenizers.Tokenizer, key: str, batch_size: int, stage: int) -> list[Sample]:
     stream = examples(random.Random(key).getrandbits(63), template(), stage)
     out = []
     for _ in range(batch_size):
         ex = next(stream)
         out.append((tok.encode(ex.prompt).ids, tok.encode(ex.completion).ids))
     return out
+
+
+def heldout_samples(tok: tokenizers.Tokenizer, n: int, seed: int = 0) -> list[Sample]:
+    """`n` stage-1 chats (every mode) on held-out problems, which no stage trained on."""
+    rng = random.Random(f"heldout:{seed}")
+    modes, mode_weights = zip(*MODES.items())
+    ops, op_weights = zip(*OPS.items())
+    out = []
+    for _ in range(n):
+        mode = rng.choices(modes, mode_weights)[0]
+        p = sample_problem(rng, rng.choices(ops, op_weights)[0], heldout=True)
+        ex = make_example(rng, template(), mode, p)
+        out.append((tok.encode(ex.prompt).ids, tok.encode(ex.completion).ids))
+    return out
+
+
+@torch.no_grad()
+def mtp_accuracy(model: torch.nn.Module, samples: list[Sample], batch: int = 32) -> dict[str, float]:
+    """Teacher-forced over the completion tokens of `samples`: `top1`, how often the head's argmax
+    from (h_t, x_{t+1}) is x_{t+2}; `agrees_with_target`, how often it is the model's own greedy
+    token after x_{t+1} (a greedy draft's chance of being accepted); `target_top1`, the model's
+    next-token accuracy on the same positions."""
+    model.eval()
+    hits = torch.zeros(3)
+    total = 0
+    for i in range(0, len(samples), batch):
+        ids, pos, lens, rows, head, tgt = mtp_rows(samples[i : i + batch], torch.device("cpu"))
+        hidden = model(ForwardBatch.without_cache(ids, pos, lens))
+        draft = model.mtp.compute_logits(model.mtp(head, hidden[rows])).argmax(-1)
+        greedy = model.compute_logits(hidden[rows + 1]).argmax(-1)  # the target's token after x_{t+1}
+        keep = tgt != -100
+        d, g, t = draft[keep], greedy[keep], tgt[keep]
+        hits += torch.tensor([(d == t).sum(), (d == g).sum(), (g == t).sum()], dtype=torch.float)
+        total += int(keep.sum())
+    top1, agree, target = (hits / total).tolist()
+    return {"top1": round(top1, 4), "agrees_with_target": round(agree, 4), "target_top1": round(target, 4),
+            "tokens": total}
 
 
 def train_demo(
@@ -100,11 +163,14 @@ def train_demo(
     compile: bool = True,
     stage3_steps: int = 0,
     init: Path | None = None,
+    mtp_steps: int = 0,
+    mtp_eval_chats: int = 200,
 ) -> Path:
     """Train and export; the run's checkpoint lives in `out/checkpoint`, the HF model in `out`.
 
     With `init` (an exported model of this recipe), its tokenizer and weights stand for stages 1-2,
-    which are skipped."""
+    which are skipped. `mtp_steps` trains the MTP head last, on the frozen model (asserted: every
+    trunk tensor leaves the stage bit for bit as it came)."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
@@ -135,27 +201,43 @@ def train_demo(
             stage(2, TrainConfig(steps=stage2_steps, lr=lr / 4, min_lr=lr / 100, warmup=10))
     if stage3_steps:
         stage(3, TrainConfig(steps=stage3_steps, lr=lr / 4, min_lr=lr / 100, warmup=10))
+    log = {
+        "steps": 0 if init is not None else steps,
+        "stage2_steps": 0 if init is not None else stage2_steps,
+        "stage3_steps": stage3_steps,
+        "init": None if init is None else str(init),
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "size": size.__dict__,
+        "final_loss": sum(history[-20:]) / max(1, len(history[-20:])),
+    }
+    if init is not None and not stage3_steps and (init / "train_log.json").is_file():
+        log = {**json.loads((init / "train_log.json").read_text()), "init": str(init)}  # its trunk, as trained
+    if mtp_steps:
+        t_mtp = time.perf_counter()
+        trunk = {k: v.clone() for k, v in model.state_dict().items()}
+        add_mtp_head(model, seed)
+        mtp_history: list[float] = []
+        _stage(model, tok, seed, batch_size, ckpt, resume, progress, compile, mtp_history, "mtp",
+               TrainConfig(steps=mtp_steps, lr=lr, min_lr=lr / 20, warmup=20))
+        after = model.state_dict()
+        assert all(_same_bytes(v, after[k]) for k, v in trunk.items()), "the MTP stage changed the trunk"
+        cfg["num_nextn_predict_layers"] = 1
+        log["mtp"] = {
+            "steps": mtp_steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "final_loss": sum(mtp_history[-20:]) / max(1, len(mtp_history[-20:])),
+            "heldout": mtp_accuracy(model, heldout_samples(tok, mtp_eval_chats, seed)),
+            "heldout_chats": mtp_eval_chats,
+            "wall_s": round(time.perf_counter() - t_mtp, 1),
+        }
+        print(f"MTP head on {mtp_eval_chats} held-out chats: {log['mtp']['heldout']}")
     export_hf(model, cfg, out)
     save_tokenizer(tok, QWEN3_CHAT_TEMPLATE, out)
-    (out / "train_log.json").write_text(
-        json.dumps(
-            {
-                "steps": 0 if init is not None else steps,
-                "stage2_steps": 0 if init is not None else stage2_steps,
-                "stage3_steps": stage3_steps,
-                "init": None if init is None else str(init),
-                "batch_size": batch_size,
-                "lr": lr,
-                "seed": seed,
-                "size": size.__dict__,
-                "final_loss": sum(history[-20:]) / max(1, len(history[-20:])),
-                "wall_s_this_run": round(time.perf_counter() - t0, 1),
-                "threads": torch.get_num_threads(),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    log.update(wall_s_this_run=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
+    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(f"exported to {out} in {time.perf_counter() - t0:.0f}s")
     return out
 
@@ -170,20 +252,31 @@ def _stage(
     progress: bool,
     compile: bool,
     history: list[float],
-    stage: int,
+    stage: int | str,
     cfg: TrainConfig,
 ) -> None:
     """Run one stage (its own optimizer and LR schedule) to the end; stage 1 checkpoints in `ckpt`,
-    later ones in `ckpt/stage<n>`, so each resumes where it stopped."""
+    later ones in `ckpt/stage<n>`, the MTP stage ("mtp") in `ckpt/mtp`, so each resumes where it
+    stopped."""
     cfg.batch_size, cfg.seed, cfg.compile = batch_size, seed, compile
-    folder = ckpt if stage == 1 else ckpt / f"stage{stage}"
-    trainer = Trainer(model, cfg, functools.partial(batch_fn, tok, seed, batch_size, stage=stage))
+    if stage == "mtp":
+        folder, loss = ckpt / "mtp", mtp_loss_on
+        batches = functools.partial(mtp_batch_fn, tok, seed, batch_size)
+    else:
+        folder, loss = ckpt if stage == 1 else ckpt / f"stage{stage}", loss_on
+        batches = functools.partial(batch_fn, tok, seed, batch_size, stage=stage)
+    trainer = Trainer(model, cfg, batches, loss)
     if resume and (folder / "state.json").is_file():
         trainer.load(folder)
         print(f"stage {stage} resumed at step {trainer.step}")
     print(f"stage {stage}: {cfg.steps} steps x {batch_size} chats")
     trainer.fit(folder, progress=progress)
     history += trainer.history
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         stage2_steps=args.stage2_steps,
         stage3_steps=args.stage3_steps,
         init=Path(args.init) if args.init else None,
+        mtp_steps=args.mtp_steps,
     )
     if args.install:
         for name in (

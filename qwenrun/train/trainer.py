@@ -126,6 +126,49 @@ def loss_on(model: Qwen3ForCausalLM, samples: Sequence[Sample], bf16: bool = Fal
     return F.cross_entropy(logits.float(), tgt[keep])
 
 
+def mtp_rows(samples: Sequence[Sample], device: torch.device):
+    """The packed batch and the MTP head's rows over it: row t of a sequence reads (h_t, x_{t+1}) at
+    position t and predicts x_{t+2} (-100 where that is not a completion token); a sequence's last
+    token has no row. Returns the packed ids, positions and lengths, the row indices into that batch,
+    the rows' own batch and their targets."""
+    ids, pos, tgt, lens = pack(samples, device)
+    last = torch.tensor(lens, device=device).cumsum(0) - 1
+    has_next = torch.ones_like(ids, dtype=torch.bool)
+    has_next[last] = False
+    rows = has_next.nonzero().squeeze(1)
+    head = ForwardBatch.without_cache(ids[rows + 1], pos[rows], [n - 1 for n in lens])
+    return ids, pos, lens, rows, head, tgt[rows + 1]
+
+
+def mtp_loss_on(model: Qwen3ForCausalLM, samples: Sequence[Sample], bf16: bool = False) -> torch.Tensor:
+    """Cross-entropy of the MTP head (`model.mtp`) through the shared LM head, on completion tokens;
+    the trunk runs without gradients (it is frozen)."""
+    device = next(model.parameters()).device
+    ids, pos, lens, rows, head, tgt = mtp_rows(samples, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            hidden = model(ForwardBatch.without_cache(ids, pos, lens))[rows]
+        out = model.mtp(head, hidden)
+        keep = tgt != -100
+        logits = model.mtp.compute_logits(out[keep])
+    return F.cross_entropy(logits.float(), tgt[keep])
+
+
+def add_mtp_head(model: Qwen3ForCausalLM, seed: int) -> None:
+    """Attach a fresh MTP head as `model.mtp` and freeze everything else. The head's layer starts as a
+    copy of the trunk's last layer (it already reads final-layer features), `fc` as `init_model`'s
+    matrices, its norms at 1."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.mtp = model.make_mtp()
+    with torch.no_grad():
+        model.mtp.layers[0].load_state_dict(model.model.layers[-1].state_dict())
+        model.mtp.fc.weight.normal_(0.0, 0.02)
+        for norm in (model.mtp.pre_fc_norm_embedding, model.mtp.pre_fc_norm_hidden, model.mtp.norm):
+            norm.weight.fill_(1.0)
+
+
 class Trainer:
     """Owns model, optimizer and step; `batch_fn(step)` returns that step's samples.
 
@@ -133,11 +176,18 @@ class Trainer:
     """
 
     def __init__(
-        self, model: Qwen3ForCausalLM, cfg: TrainConfig, batch_fn: Callable[[int], list[Sample]]
+        self,
+        model: Qwen3ForCausalLM,
+        cfg: TrainConfig,
+        batch_fn: Callable[[int], list[Sample]],
+        loss: Callable[..., torch.Tensor] = loss_on,
     ):
-        self.model, self.cfg, self.batch_fn = model, cfg, batch_fn
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        """`loss(model, samples, bf16)`; only parameters that require grad are trained (the MTP stage
+        freezes the trunk)."""
+        self.model, self.cfg, self.batch_fn, self.loss = model, cfg, batch_fn, loss
+        trained = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.dim() >= 2]
+        no_decay = [p for p in trained if p.dim() < 2]
         self.opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -158,7 +208,7 @@ class Trainer:
             g["lr"] = self.cfg.lr_at(self.step)
         samples = self.batch_fn(self.step)
         self.model.train()
-        loss = loss_on(self.forward_model, samples, self.cfg.bf16)
+        loss = self.loss(self.forward_model, samples, self.cfg.bf16)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

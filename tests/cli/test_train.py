@@ -267,3 +267,48 @@ def test_stage3_continues_from_an_exported_model(tok, tmp_path):
     stage3 = [tok.decode(p, skip_special_tokens=False) for p, _ in batch_fn(tok, 0, 40, 0, stage=3)]
     queries = [t.count("<|im_start|>user\n") - t.count("<|im_start|>user\n<tool_response>") for t in stage3]
     assert max(queries) >= 3 and min(queries) == 1, queries  # conversations, and single turns too
+
+
+def test_mtp_stage_trains_only_the_head(tok, tmp_path):
+    """The MTP stage on a frozen model: the head's loss (x_{t+2} from h_t and x_{t+1}) goes down, the
+    export adds Qwen's `mtp.*` tensors beside trunk tensors equal bit for bit to the init model's, the
+    config gets the depth key, and the head loads back for speculative decoding."""
+    from safetensors.torch import load_file
+
+    from qwenrun.loading.loader import load_model, open_checkpoint
+    from qwenrun.train.recipe import mtp_batch_fn, train_demo
+    from qwenrun.train.tokenizer import save_tokenizer
+    from qwenrun.train.trainer import add_mtp_head, mtp_loss_on
+
+    tr = _trainer(tok, steps=3)
+    for _ in range(3):
+        tr.train_step()
+    export_hf(tr.model, model_config(tok, TINY), tmp_path / "init")
+    save_tokenizer(tok, QWEN3_CHAT_TEMPLATE, tmp_path / "init")
+
+    model = tr.model
+    add_mtp_head(model, seed=0)
+    trunk = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("mtp.")}
+    held = mtp_batch_fn(tok, 1, 16, 0)  # another seed: chats the head never trains on
+    with torch.no_grad():
+        before = mtp_loss_on(model, held).item()
+    head = Trainer(model, TrainConfig(steps=20, batch_size=8, lr=1e-2, warmup=2, threads=None),
+                   functools.partial(mtp_batch_fn, tok, 0, 8), mtp_loss_on)
+    for _ in range(20):
+        head.train_step()
+    with torch.no_grad():
+        after = mtp_loss_on(model, held).item()
+    assert after < before - 0.15, (before, after)  # a 3-step trunk leaves the head little to read
+    assert all(torch.equal(p, trunk[n]) for n, p in model.named_parameters() if n in trunk)
+
+    out = train_demo(tmp_path / "mtp", steps=5, resume=False, size=TINY, batch_size=4, progress=False,
+                     compile=False, init=tmp_path / "init", mtp_steps=2, mtp_eval_chats=4)
+    start, end = load_file(str(tmp_path / "init" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(start[k].view(torch.uint8), end[k].view(torch.uint8)) for k in start)
+    assert {k for k in end if k not in start} >= {"mtp.fc.weight", "mtp.norm.weight", "mtp.pre_fc_norm_hidden.weight",
+                                                   "mtp.pre_fc_norm_embedding.weight", "mtp.layers.0.mlp.up_proj.weight"}
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    acc = json.loads((out / "train_log.json").read_text())["mtp"]["heldout"]
+    assert acc["tokens"] > 0 and 0 <= acc["top1"] <= 1
+    loaded = load_model(open_checkpoint(out), torch.float32, torch.device("cpu"), mtp=True)
+    assert torch.equal(loaded.mtp.fc.weight, end["mtp.fc.weight"])
