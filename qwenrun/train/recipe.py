@@ -212,8 +212,9 @@ def train_demo(
         "size": size.__dict__,
         "final_loss": sum(history[-20:]) / max(1, len(history[-20:])),
     }
-    if init is not None and not stage3_steps and (init / "train_log.json").is_file():
-        log = {**json.loads((init / "train_log.json").read_text()), "init": str(init)}  # its trunk, as trained
+    carried = init is not None and not stage3_steps and (init / "train_log.json").is_file()
+    if carried:  # the trunk is init's, unchanged: its own log describes it
+        log = json.loads((init / "train_log.json").read_text())
     if mtp_steps:
         t_mtp = time.perf_counter()
         trunk = {k: v.clone() for k, v in model.state_dict().items()}
@@ -232,11 +233,13 @@ def train_demo(
             "heldout": mtp_accuracy(model, heldout_samples(tok, mtp_eval_chats, seed)),
             "heldout_chats": mtp_eval_chats,
             "wall_s": round(time.perf_counter() - t_mtp, 1),
+            "threads": torch.get_num_threads(),
         }
         print(f"MTP head on {mtp_eval_chats} held-out chats: {log['mtp']['heldout']}")
     export_hf(model, cfg, out)
     save_tokenizer(tok, QWEN3_CHAT_TEMPLATE, out)
-    log.update(wall_s_this_run=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
+    if not carried:
+        log.update(wall_s_this_run=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads())
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(f"exported to {out} in {time.perf_counter() - t0:.0f}s")
     return out
