@@ -3,7 +3,9 @@
 Memory figures come from the shapes: weights are parameters × bytes per element; the cache figures
 from the model's own per-layer cache specs (built on the meta device, so nothing is allocated): K and V
 per token for attention layers, a fixed state per sequence for linear-attention layers, and how the
-default cache memory splits between them (`CachePlan`, what the engine will do).
+default cache memory splits between them (`CachePlan`, what the engine will do). A hybrid model's
+running sequence holds that state 2 + k times with k speculative tokens (one slot per draft to roll
+back to), so speculation lowers how many sequences fit: shown for `SPECULATIVE_TOKENS` drafts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ GENERATION_KEYS = (
     "repetition_penalty",
     "max_new_tokens",
 )
+SPECULATIVE_TOKENS = 4  # the draft length `info` shows the cost of (a common num_speculative_tokens)
 
 
 def describe(model: str, revision: str | None) -> dict[str, Any]:
@@ -68,10 +71,20 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         fits: dict[str, Any] | str = {
             "cache_memory": budget, "kv_tokens": plan.num_blocks * 16, "context": plan.context,
             "max_running_sequences": plan.max_running,  # max_num_seqs 64 unless state slots allow fewer
-            "state_checkpoints": plan.num_state_slots - 2 * plan.max_running if state else 0,
+            "state_checkpoints": plan.num_checkpoint_slots,
         }
     except InvalidRequestError as e:
         fits = str(e)
+    speculative: dict[str, Any] | str | None = None
+    if state:
+        try:
+            plan = CachePlan.make(specs, budget, 16, cfg.max_position_embeddings, 64,
+                                  num_speculative_tokens=SPECULATIVE_TOKENS)
+            speculative = {"num_speculative_tokens": SPECULATIVE_TOKENS,
+                           "state_slots_per_sequence": plan.state_slots_per_sequence,
+                           "max_running_sequences": plan.max_running}
+        except InvalidRequestError as e:
+            speculative = str(e)
     gen = ckpt.generation_config
     return {
         "model": model,
@@ -97,6 +110,7 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         "num_linear_attention_layers": len(state),
         "recurrent_state_bytes_per_sequence": sum(s.bytes_per_slot for s in state),  # bf16 conv, fp32 state
         "default_cache": fits,
+        "default_cache_speculative": speculative,  # hybrid models: the same budget with draft slots
         "checkpoint_dtype": cfg.torch_dtype,
         "generation_defaults": {k: gen[k] for k in GENERATION_KEYS if k in gen},
     }
@@ -177,6 +191,13 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
                      f"up to {fits['max_running_sequences']} sequences at once")
         if d["num_linear_attention_layers"]:
             fits_text += f" (by state slots), {fits['state_checkpoints']} state checkpoints for prefix reuse"
+    spec = d["default_cache_speculative"]
+    if isinstance(spec, dict):
+        fits_text += (f"; with {spec['num_speculative_tokens']} speculative tokens a sequence holds "
+                      f"{spec['state_slots_per_sequence']} states (one per draft to roll back to): up to "
+                      f"{spec['max_running_sequences']} at once")
+    elif spec is not None:
+        fits_text += f"; speculative decoding with {SPECULATIVE_TOKENS} tokens does not fit: {spec}"
     rows += [
         ("cache memory", fits_text),
         ("generation defaults", gen or "none (generation_config.json sets no sampling values)"),

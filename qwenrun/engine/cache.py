@@ -13,6 +13,13 @@ give back. The manager keeps state checkpoints at block boundaries of each promp
 prefill chunk, which it aligns to blocks (`chunk`), and at the last block boundary of the prompt —
 the junction where the next turn of a chat diverges, since the template drops the reasoning the model
 wrote after it. A hit resumes at the latest checkpoint whose blocks are all cached.
+
+Speculative decoding rolls rejected draft tokens back. K/V is paged, so that is dropping blocks; the
+recurrent state is not, so a hybrid model's running sequence owns 2 + k state slots (k: the most
+drafts a step verifies) instead of two, the step writes the state after each draft into its own slot
+(layers/recurrent.py), and `commit` keeps the one after the last accepted token by relabelling.
+Rejected tokens never reach a checkpoint or a named block: `commit` drops them before naming or
+checkpointing anything.
 """
 
 from __future__ import annotations
@@ -60,13 +67,20 @@ class CachePlan:
     max_running: int  # sequences that can run at once (max_num_seqs for attention-only models)
     context: int  # the context window the blocks allow
     state_bytes_per_sequence: int  # one state slot, all linear-attention layers (0: none)
+    state_slots_per_sequence: int = 0  # what a running sequence owns: 2 + the drafts a step verifies
+
+    @property
+    def num_checkpoint_slots(self) -> int:
+        return self.num_state_slots - self.state_slots_per_sequence * self.max_running
 
     @classmethod
     def make(cls, specs: Sequence[CacheSpec], budget: int, block_size: int, context: int, max_num_seqs: int,
-             enable_prefix_caching: bool = True, context_required: bool = False) -> CachePlan:
+             enable_prefix_caching: bool = True, context_required: bool = False,
+             num_speculative_tokens: int = 0) -> CachePlan:
         """At most `budget` bytes, and no more KV blocks than `max_num_seqs` full contexts.
 
-        A hybrid model's state slots come first: two per running sequence for up to half the
+        A hybrid model's state slots come first: 2 + `num_speculative_tokens` per running sequence
+        (the state it reads, the one after its step, one before each draft) for up to half the
         budget (so fewer than `max_num_seqs` may fit: the scheduler admits by free slots), and, with
         prefix caching, checkpoint slots for up to a quarter more (at most four per running
         sequence); the KV blocks get the rest.
@@ -77,17 +91,18 @@ class CachePlan:
                 budget holds not even one sequence's state.
         """
         per_slot = StateCache.bytes_per_slot(s for s in specs if isinstance(s, RecurrentStateSpec))
-        num_slots, running = 0, max_num_seqs
+        num_slots, running, per_seq = 0, max_num_seqs, 0
         if per_slot:
-            running = min(max_num_seqs, budget // 2 // (2 * per_slot))
+            per_seq = 2 + num_speculative_tokens
+            running = min(max_num_seqs, budget // 2 // (per_seq * per_slot))
             if running < 1:
                 raise InvalidRequestError(
                     f"the cache memory ({budget / 2**20:.0f} MiB) cannot hold the recurrent state of one sequence "
-                    f"({2 * per_slot / 2**20:.1f} MiB with its step buffer, at most half the budget); "
+                    f"({per_seq * per_slot / 2**20:.1f} MiB with its step buffers, at most half the budget); "
                     "raise kv_cache_memory"
                 )
             checkpoints = min(budget // 4 // per_slot, 4 * running) if enable_prefix_caching else 0
-            num_slots = 2 * running + checkpoints
+            num_slots = per_seq * running + checkpoints
             budget -= num_slots * per_slot
         per_block = KVCache.bytes_per_block([s for s in specs if isinstance(s, KVCacheSpec)], block_size)
         full = -(-context // block_size) * running  # every running sequence's whole context
@@ -98,7 +113,7 @@ class CachePlan:
                 f"the KV cache ({budget / 2**20:.0f} MiB) holds {capacity} tokens, fewer than "
                 f"max_model_len {context}; raise kv_cache_memory or lower max_model_len"
             )
-        return cls(num_blocks, num_slots, running, min(context, capacity), per_slot)
+        return cls(num_blocks, num_slots, running, min(context, capacity), per_slot, per_seq)
 
 
 class CacheManager:
@@ -106,12 +121,15 @@ class CacheManager:
 
     Invariants (`check_integrity`): each pool's own; every block's ref count equals the number of
     live handles whose table holds it; a handle's registered blocks are named and in its table; a
-    hybrid model's live requests own two distinct state slots each.
+    hybrid model's live requests own 2 + k distinct state slots each and can roll their state back
+    by at most k tokens (k: `num_speculative_tokens`).
     """
 
     def __init__(self, specs: Sequence[CacheSpec], num_blocks: int, block_size: int, device: torch.device,
-                 enable_prefix_caching: bool = True, num_state_slots: int = 0, encoder_cache_bytes: int = 0) -> None:
+                 enable_prefix_caching: bool = True, num_state_slots: int = 0, encoder_cache_bytes: int = 0,
+                 num_speculative_tokens: int = 0) -> None:
         self.specs, self.block_size = list(specs), block_size
+        self.num_speculative_tokens = num_speculative_tokens
         self.enable_prefix_caching = enable_prefix_caching
         attention = {i: s for i, s in enumerate(self.specs) if isinstance(s, KVCacheSpec)}
         recurrent = {i: s for i, s in enumerate(self.specs) if isinstance(s, RecurrentStateSpec)}
@@ -129,24 +147,30 @@ class CacheManager:
     def is_hybrid(self) -> bool:
         return self.state is not None
 
+    @property
+    def slots_per_sequence(self) -> int:
+        """State slots a running request owns (0 without linear-attention layers)."""
+        return 2 + self.num_speculative_tokens if self.slots is not None else 0
+
     @classmethod
     def from_budget(cls, specs: Sequence[CacheSpec], budget: int, block_size: int, context: int,
                     max_num_seqs: int, device: torch.device, enable_prefix_caching: bool = True,
-                    context_required: bool = False, encoder_cache_bytes: int = 0) -> tuple[CacheManager, int]:
+                    context_required: bool = False, encoder_cache_bytes: int = 0,
+                    num_speculative_tokens: int = 0) -> tuple[CacheManager, int]:
         """A cache laid out by `CachePlan.make` (which raises when the budget is too small), and the
         context window it allows; a smaller cache than `context` shrinks the window, with a warning.
         `encoder_cache_bytes` (vision-language models) come out of the budget first."""
         budget -= encoder_cache_bytes
         plan = CachePlan.make(specs, budget, block_size, context, max_num_seqs, enable_prefix_caching,
-                              context_required)
+                              context_required, num_speculative_tokens)
         if plan.context < context:
             logger.warning("context window limited to %d tokens by the KV cache memory", plan.context)
         manager = cls(specs, plan.num_blocks, block_size, device, enable_prefix_caching, plan.num_state_slots,
-                      encoder_cache_bytes)
+                      encoder_cache_bytes, num_speculative_tokens)
         if plan.num_state_slots:
-            logger.info("recurrent state: %.1f MiB per sequence; %d sequences can run at once, %d state "
-                        "checkpoints for prefix reuse", plan.state_bytes_per_sequence / 2**20, plan.max_running,
-                        plan.num_state_slots - 2 * plan.max_running)
+            logger.info("recurrent state: %.1f MiB per slot, %d slots per running sequence; %d sequences can run "
+                        "at once, %d state checkpoints for prefix reuse", plan.state_bytes_per_sequence / 2**20,
+                        plan.state_slots_per_sequence, plan.max_running, plan.num_checkpoint_slots)
         return manager, plan.context
 
     # ------------------------------------------------------------------------------ admission
@@ -166,8 +190,8 @@ class CacheManager:
 
     def can_admit(self, hit: PrefixHit, num_tokens: int) -> bool:
         """Whether a request starting with `hit` can have `num_tokens` more tokens in blocks (and,
-        for a hybrid model, its two state slots) now."""
-        if self.slots is not None and self.slots.num_available(keep=hit.checkpoint) < 2:
+        for a hybrid model, its state slots) now."""
+        if self.slots is not None and self.slots.num_available(keep=hit.checkpoint) < self.slots_per_sequence:
             return False
         need = -(-(hit.num_tokens + num_tokens) // self.block_size) - len(hit.blocks)
         return need <= self.pool.num_free_after_share(hit.blocks)
@@ -180,7 +204,7 @@ class CacheManager:
         self.pool.share(hit.blocks)
         h.block_table = list(hit.blocks)
         if self.slots is not None:
-            h.state_slots = self.slots.allocate(2, keep=hit.checkpoint)
+            h.state_slots = self.slots.allocate(self.slots_per_sequence, keep=hit.checkpoint)
             if hit.checkpoint is not None:
                 self.state.copy(hit.checkpoint, h.state_slots[0])  # type: ignore[union-attr]
         if self.encoder is not None and req.mm_items:
@@ -244,27 +268,41 @@ class CacheManager:
         if handle.encoder_keys:
             self.encoder.release(handle.encoder_keys)  # type: ignore[union-attr]
         handle.block_table, handle.state_slots, handle.encoder_keys = [], [], []
-        handle.num_registered_blocks = 0
+        handle.num_registered_blocks = handle.state_rewind = 0
         self._live.pop(id(handle), None)
 
     # ------------------------------------------------------------------------- prefix index
-    def commit(self, req: Request) -> None:
-        """After a step of `req` succeeded: name the blocks its computed tokens filled, so later
-        prompts can reuse them; for a hybrid model, make the state the step wrote current (swap
-        the two slots) and checkpoint it when it ends a block of the prompt.
+    def commit(self, req: Request, num_drafts: int = 0, num_accepted: int = 0) -> None:
+        """After a step of `req` succeeded: drop what it computed for rejected drafts, name the
+        blocks its computed tokens filled, so later prompts can reuse them, and, for a hybrid model,
+        make the state after its last kept token current and checkpoint it when it ends a block of
+        the prompt.
 
-        Call it only for tokens that are final (after acceptance): a committed block may be shared
-        and is never written again. Accepted draft tokens are computed before the engine appends
-        them, so only blocks within the request's tokens are named; the next commit names the rest."""
+        The step verified `num_drafts` drafts and kept `num_accepted`; the caller has already taken
+        the rejected ones off `num_computed_tokens`, so nothing here sees them. Slots: the step read
+        `state_slots[0]` and wrote the state after its chunk into [1] and the state j tokens before
+        that into [1 + j] (`RecurrentMetadata.rewind_slots`); rotating the list left by one plus the
+        rejected count puts the kept state first, and leaves in [j] the state j tokens before it,
+        for j up to `num_accepted` (`rollback`). A plain step is the ping-pong swap.
+
+        Call it only for tokens that are final: a committed block may be shared and is never written
+        again. Accepted draft tokens are computed before the engine appends them, so only blocks
+        within the request's tokens are named; the next commit names the rest."""
+        h = req.cache
+        rejected = num_drafts - num_accepted
+        assert 0 <= num_accepted <= num_drafts
+        assert self.slots is None or num_drafts <= self.num_speculative_tokens, "more drafts than state slots"
+        if rejected:
+            self._truncate(req, req.num_computed_tokens)
         full = min(req.num_computed_tokens, len(req.token_ids)) // self.block_size
         self._name_blocks(req, full)
-        h = req.cache
         for i in range(h.num_registered_blocks, full):
             self.pool.register(h.block_table[i], h.block_hashes[i])
         h.num_registered_blocks = max(h.num_registered_blocks, full)
         if self.slots is None:
             return
-        h.state_slots.reverse()
+        h.state_slots[:] = h.state_slots[1 + rejected :] + h.state_slots[: 1 + rejected]
+        h.state_rewind = num_accepted
         computed = req.num_computed_tokens
         if self.enable_prefix_caching and computed % self.block_size == 0 and 0 < computed <= req.num_prompt_tokens:
             slot = self.slots.checkpoint_slot(h.block_hashes[full - 1])
@@ -272,18 +310,27 @@ class CacheManager:
                 self.state.copy(h.state_slots[0], slot)  # type: ignore[union-attr]
 
     def rollback(self, req: Request, num_tokens: int) -> None:
-        """Forget the K/V of `req`'s last `num_tokens` computed tokens (rejected draft tokens).
+        """Forget `req`'s last `num_tokens` computed tokens (accepted drafts the engine does not
+        keep, e.g. where a forced thinking close takes their positions), after their `commit`.
 
         Paged KV makes this cheap: blocks wholly past the new length go back to the pool and the
         names past it are dropped; slots left in a kept block are simply overwritten later. Only
-        uncommitted tokens can go (committed blocks may be shared). The caller (the scheduler)
-        then lowers `num_computed_tokens` by `num_tokens`: it alone changes request state.
+        uncommitted tokens can go (committed blocks may be shared). A hybrid model's state goes
+        back to the one `commit` left j tokens back, by rotating the slot list, up to the accepted
+        drafts of the last step (the next step overwrites those states). The caller (the
+        scheduler) then lowers `num_computed_tokens` by `num_tokens`: it alone changes request state.
         """
-        if self.slots is not None and num_tokens:
-            raise NotImplementedError("recurrent state cannot be rolled back by tokens")
-        keep = req.num_computed_tokens - num_tokens
         h = req.cache
-        assert 0 <= num_tokens and keep >= h.num_registered_blocks * self.block_size, \
+        if self.slots is not None and num_tokens:
+            assert num_tokens <= h.state_rewind, "the state cannot roll back past the last step's drafts"
+            h.state_slots[:] = h.state_slots[num_tokens:] + h.state_slots[:num_tokens]
+            h.state_rewind -= num_tokens
+        self._truncate(req, req.num_computed_tokens - num_tokens)
+
+    def _truncate(self, req: Request, keep: int) -> None:
+        """Drop the K/V blocks and names of `req`'s tokens past the first `keep`."""
+        h = req.cache
+        assert 0 <= keep <= req.num_computed_tokens and keep >= h.num_registered_blocks * self.block_size, \
             "rollback past committed blocks"
         kept = -(-keep // self.block_size)
         self.pool.free(h.block_table[kept:])
@@ -317,7 +364,8 @@ class CacheManager:
                 "a handle registered blocks it does not hold"
             for b in h.block_table:
                 refs[b] += 1
-            assert len(h.state_slots) == (2 if self.slots is not None else 0), "a handle without its two state slots"
+            assert len(h.state_slots) == self.slots_per_sequence, "a handle without its state slots"
+            assert 0 <= h.state_rewind <= self.num_speculative_tokens, "a state rolls back past its slots"
             slots += h.state_slots
         assert refs == self.pool.ref_counts, "block ref counts disagree with the requests' block tables"
         if self.encoder is not None:

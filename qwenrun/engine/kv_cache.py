@@ -27,8 +27,9 @@ class CacheHandle:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # names of the full blocks of the token ids
     num_registered_blocks: int = 0  # leading blocks named in the prefix index
-    # hybrid models: [read, write] state slots (the next step reads the first, writes the second)
+    # hybrid models: the state slots it owns, in the order CacheManager keeps them (`commit`)
     state_slots: list[int] = field(default_factory=list)
+    state_rewind: int = 0  # hybrid models: tokens the state can still be rolled back by (`rollback`)
     # vision-language models: the content hashes of its items, pinned in the encoder cache
     encoder_keys: list[bytes] = field(default_factory=list)
 

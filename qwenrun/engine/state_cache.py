@@ -6,7 +6,8 @@ per layer, whatever the context length (`RecurrentStateSpec`). `StateCache` hold
 
 `SlotPool` says what each slot is for:
 - *running*: a running sequence owns two (ping-pong: a step reads one and writes the other, and
-  the scheduler swaps them once the step succeeded — see layers/recurrent.py);
+  the scheduler swaps them once the step succeeded — see layers/recurrent.py), and one more per
+  draft token with speculative decoding (the state before each draft, to roll back to);
 - *checkpoint*: a copy of some sequence's state right after a full block of tokens, named like the
   KV block that ends there (`block_hash`), so a later prompt that starts with the same blocks
   resumes from it instead of recomputing the whole prefix. Recurrent state cannot be rebuilt from

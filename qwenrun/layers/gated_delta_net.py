@@ -7,8 +7,12 @@ causal depthwise conv1d + SiLU over `[q | k | v]` and L2-normalised q, k:
 `Hv / Hk` consecutive value heads.
 
 Prefill chunks run the chunked (UT-transform) form with chunk 64, decodes the recurrent step, both
-from the sequence's state slot (`layers.recurrent`), in transformers' rounding order: the reference
-is `torch_chunk_gated_delta_rule` / `torch_recurrent_gated_delta_rule` / `causal_conv1d_update`.
+from the sequence's state slot (`layers.recurrent`); a speculative step's draft rows run the
+recurrent step row by row after the rest of their chunk, batched across sequences, so the state
+after each draft is kept for rollback (a kernel that ran a sequence's rows in one pass over its
+state, writing it out after each row, would save re-reading it per row). Transformers' rounding
+order throughout: the reference is `torch_chunk_gated_delta_rule` /
+`torch_recurrent_gated_delta_rule` / `causal_conv1d_update`.
 The whole single-token step (conv update, delta rule, gated norm) is one operation, `gdn_decode`,
 so a C++ kernel can do it in one pass over the state; a sequence's prefill chunk is another,
 `gdn_prefill` (conv + delta rule, before the gated norm).
@@ -216,19 +220,22 @@ class GatedDeltaNet(nn.Module):
         conv_states, states = cache
         cached = conv_states is not None and states is not None and meta.slots is not None
         weight = self.conv1d.weight[:, 0, :]  # [C, K]
-        decode = [i for i, n in enumerate(meta.query_lens) if cached and n == 1 and meta.has_initial_state[i]]
-        if cached and len(decode) == T:  # decode-only step: rows are the sequences, no gather
-            out = gdn_decode(mixed, conv_states, weight, meta.slots, meta.out_slots, a, b, self.A_log, self.dt_bias,
-                             states, z, self.norm.weight, self.eps, self.num_k_heads)
-            return self.out_proj(out.reshape(T, Hv * dv))
+
+        def decode(rows: torch.Tensor | slice, slots: torch.Tensor, out_slots: torch.Tensor) -> torch.Tensor:
+            """The recurrent step for one row of each of some sequences."""
+            return gdn_decode(mixed[rows], conv_states, weight, slots, out_slots, a[rows], b[rows], self.A_log,
+                              self.dt_bias, states, z[rows], self.norm.weight, self.eps, self.num_k_heads)
+
+        if cached and meta.is_decode_only:  # rows are the sequences, no gather
+            return self.out_proj(decode(slice(None), meta.slots, meta.out_slots).reshape(T, Hv * dv))
         out = x.new_empty(T, Hv, dv)
-        if decode:
-            rows = torch.tensor([meta.query_starts[i] for i in decode], device=x.device)
-            out[rows] = gdn_decode(mixed[rows], conv_states, weight, meta.slots[decode], meta.out_slots[decode],
-                                   a[rows], b[rows], self.A_log, self.dt_bias, states, z[rows], self.norm.weight,
-                                   self.eps, self.num_k_heads)
-        done = set(decode)
-        for i, (start, n) in enumerate(zip(meta.query_starts, meta.query_lens)):
+        heads = meta.head_lens()
+        decodes = [i for i, n in enumerate(heads) if cached and n == 1 and meta.has_initial_state[i]]
+        if decodes:
+            rows = torch.tensor([meta.query_starts[i] for i in decodes], device=x.device)
+            out[rows] = decode(rows, meta.slots[decodes], meta.head_out_slots[decodes])
+        done = set(decodes)
+        for i, (start, n) in enumerate(zip(meta.query_starts, heads)):
             if i in done:
                 continue
             rows = slice(start, start + n)
@@ -239,9 +246,11 @@ class GatedDeltaNet(nn.Module):
                                            self.k_head_dim, self.num_k_heads)
             out[rows] = gated_rms_norm(o, z[rows], self.norm.weight, self.eps)
             if cached:
-                dst = int(meta.out_slots[i])
+                dst = int(meta.head_out_slots[i])
                 conv_states[dst].copy_(window)
                 states[dst].copy_(state)
+        for r in meta.draft_rounds:  # each round reads the states the one before wrote
+            out[r.rows] = decode(r.rows, r.slots, r.out_slots)
         return self.out_proj(out.reshape(T, Hv * dv))
 
 

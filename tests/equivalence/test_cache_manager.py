@@ -1,5 +1,6 @@
-"""CacheManager unit tests: allocate/free, prefix match and commit, rollback, scratch blocks,
-integrity checks (also run by the scheduler when it goes idle), and sizing from a memory budget."""
+"""CacheManager unit tests: allocate/free, prefix match and commit (of a step with drafts too),
+rollback, scratch blocks, integrity checks (also run by the scheduler when it goes idle), and sizing
+from a memory budget."""
 
 from __future__ import annotations
 
@@ -107,6 +108,27 @@ def test_rollback_drops_the_last_tokens_and_their_blocks():
         cm.rollback(req, 1)
     cm.rollback(req, 0)
     assert len(req.cache.block_table) == 2
+    cm.free(req)
+    _whole(cm)
+
+
+def test_commit_drops_rejected_drafts_before_naming_blocks():
+    cm = _manager()
+    req = _request(list(range(7)))
+    cm.allocate(req, 7)
+    req.num_computed_tokens = 7
+    cm.commit(req)
+    req.token_ids.append(70)
+    cm.allocate(req, 5)  # position 7 and four drafts: 12 tokens, three blocks
+    req.num_computed_tokens += 5 - 4  # the scheduler's part: no draft stands
+    cm.commit(req, 4, 0)
+    assert len(req.cache.block_table) == 2 and cm.pool.num_free == 14
+    assert req.cache.num_registered_blocks == 2 and len(req.cache.block_hashes) == 2
+    cm.allocate(req, 5)
+    req.num_computed_tokens += 5  # every draft stands: nothing to drop, no block of drafts named
+    cm.commit(req, 4, 4)
+    assert len(req.cache.block_table) == 4 and req.cache.num_registered_blocks == 2
+    cm.check_integrity()
     cm.free(req)
     _whole(cm)
 

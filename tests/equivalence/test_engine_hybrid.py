@@ -10,28 +10,8 @@ import pytest
 from qwenrun import LLM
 from engine_cases import greedy as _greedy
 from engine_cases import random_prompts as _prompts
-from engine_cases import solo_runner
-from tiny import make_checkpoint
-
-
-@pytest.fixture(scope="module", params=["next-interval4-moe", "qwen3_5-interval4"])
-def checkpoint(request, tmp_path_factory):
-    folder, ref = make_checkpoint(request.param, tmp_path_factory.mktemp("hybrid"))
-    return folder, ref.config.vocab_size
-
-
-@pytest.fixture(scope="module")
-def solo(checkpoint):
-    """Reference: each prompt alone, in one chunk, without prefix caching (so without checkpoints)."""
-    return solo_runner(checkpoint[0])
-
-
-def _assert_idle_and_whole(llm: LLM) -> None:
-    cache = llm.engine.cache
-    cache.check_integrity()
-    assert cache.pool.num_free == cache.pool.num_blocks and cache.num_live == 0
-    assert cache.slots.num_free + cache.slots.num_checkpoints == cache.slots.num_slots
-    assert not llm.engine.has_unfinished_requests()
+from hybrid_cases import assert_idle_and_whole as _assert_idle_and_whole
+from hybrid_cases import checkpoint, solo  # noqa: F401 (module fixtures)
 
 
 @pytest.mark.parametrize("chunk", [7, 33, 64, 200])

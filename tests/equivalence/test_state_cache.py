@@ -1,6 +1,7 @@
 """The hybrid cache without a model: state slots (two per running sequence, swapped per successful
-step), checkpoints at block boundaries of the prompt, resume from the latest one whose blocks are
-cached, LRU eviction in favour of running sequences, chunk alignment, sizing, integrity."""
+step; 2 + k with k speculative tokens, the kept state chosen by the accepted count), checkpoints at
+block boundaries of the prompt (never from a rejected draft), resume from the latest one whose
+blocks are cached, LRU eviction in favour of running sequences, chunk alignment, sizing, integrity."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ REC = RecurrentStateSpec(conv_dim=12, conv_kernel=4, num_heads=2, k_head_dim=3, 
 SPECS = [REC, REC, KVCacheSpec(2, 8, torch.float32)]
 
 
-def _manager(num_blocks: int = 32, num_slots: int = 6, prefix: bool = True) -> CacheManager:
-    return CacheManager(SPECS, num_blocks, BS, CPU, prefix, num_slots)
+def _manager(num_blocks: int = 32, num_slots: int = 6, prefix: bool = True, drafts: int = 0) -> CacheManager:
+    return CacheManager(SPECS, num_blocks, BS, CPU, prefix, num_slots, num_speculative_tokens=drafts)
 
 
 def _request(tokens: list[int], rid: str = "r", junction: int | None = None) -> Request:
@@ -38,16 +39,17 @@ def _admit(cm: CacheManager, req: Request) -> int:
     return hit.num_tokens
 
 
-def _run(cm: CacheManager, req: Request, n: int, mark: float) -> None:
-    """One successful step of n tokens: the 'model' writes `mark` + position into the write slot."""
+def _run(cm: CacheManager, req: Request, n: int, mark: float, drafts: int = 0, accepted: int = 0) -> None:
+    """One successful step of n tokens, the last `drafts` of them drafts of which `accepted` stand:
+    the 'model' writes `mark` + position into the slot of each state it keeps (the state after the
+    chunk into [1], the one j tokens before its end into [1 + j]), the scheduler's part follows."""
     cm.allocate(req, n)
-    read, write = req.cache.state_slots
-    for conv, state in cm.state.layers.values():
-        conv[write] = state[write] = 0
-        conv[write] += mark + req.num_computed_tokens + n
-        state[write] += mark + req.num_computed_tokens + n
-    req.num_computed_tokens += n
-    cm.commit(req)
+    slots = req.cache.state_slots
+    for j in range(drafts + 1):
+        for conv, state in cm.state.layers.values():
+            conv[slots[1 + j]] = state[slots[1 + j]] = mark + req.num_computed_tokens + n - j
+    req.num_computed_tokens += n - (drafts - accepted)
+    cm.commit(req, drafts, accepted)
 
 
 def _state_of(cm: CacheManager, slot: int) -> float:
@@ -206,3 +208,71 @@ def test_from_budget_puts_state_first_and_refuses_a_budget_without_room_for_one_
 def test_a_model_without_attention_layers_gets_blocks_for_free():
     cm, context = CacheManager.from_budget([REC, REC], 1 << 20, BS, 64, 8, CPU)
     assert cm.pool.num_blocks == 16 * 8 and context == 64
+
+
+def test_a_verify_step_keeps_the_state_after_its_last_accepted_draft():
+    cm = _manager(num_slots=5, drafts=3)
+    req = _request(list(range(6)))
+    _admit(cm, req)
+    assert len(req.cache.state_slots) == 5  # the state read, the one after the chunk, one before each draft
+    _run(cm, req, 6, 0.0)
+    req.token_ids.append(60)
+    owned = set(req.cache.state_slots)
+    _run(cm, req, 4, 0.0, drafts=3, accepted=1)  # positions 6..9: the sampled token 60, drafts 7, 8, 9
+    assert req.num_computed_tokens == 8 and _state_of(cm, req.cache.state_slots[0]) == 8.0
+    assert set(req.cache.state_slots) == owned and req.cache.state_rewind == 1
+    assert len(req.cache.block_table) == 2  # the rejected drafts' block went back
+    cm.check_integrity()
+    # the engine drops the accepted draft too (a forced close takes its position): one token back
+    cm.rollback(req, 1)
+    req.num_computed_tokens -= 1
+    assert _state_of(cm, req.cache.state_slots[0]) == 7.0 and req.cache.state_rewind == 0
+    with pytest.raises(AssertionError, match="past the last step"):
+        cm.rollback(req, 1)
+    _run(cm, req, 4, 0.0, drafts=3, accepted=3)  # every draft stands: the state after the chunk
+    assert _state_of(cm, req.cache.state_slots[0]) == 11.0 and req.cache.state_rewind == 3
+    _run(cm, req, 3, 0.0, drafts=2, accepted=0)  # fewer drafts than k: the sampled token alone stands
+    assert _state_of(cm, req.cache.state_slots[0]) == 12.0
+    cm.check_integrity()
+
+
+def test_a_draft_rejected_at_the_prompt_end_leaves_no_checkpoint_and_no_name():
+    """The last prompt token verified with drafts: the checkpoint at the prompt's block boundary
+    holds the state after the prompt, not after a rejected draft, and no block of drafts is named."""
+    cm = _manager(num_slots=8, drafts=3)
+    req = _request(list(range(8)))
+    _admit(cm, req)
+    _run(cm, req, 7, 0.0)
+    _run(cm, req, 4, 0.0, drafts=3, accepted=0)  # position 7 and drafts at 8..10: all rejected
+    assert req.num_computed_tokens == 8 and cm.slots.num_checkpoints == 1
+    assert _state_of(cm, cm.slots.find(req.cache.block_hashes[1])) == 8.0
+    assert req.cache.num_registered_blocks == 2 and len(req.cache.block_hashes) == 2
+    cm.free(req)
+    cm.check_integrity()
+
+
+def test_check_integrity_catches_a_state_rewind_past_the_slots():
+    cm = _manager(num_slots=5, drafts=2)
+    req = _request([1, 2, 3])
+    _admit(cm, req)
+    cm.check_integrity()
+    req.cache.state_rewind = 3
+    with pytest.raises(AssertionError, match="rolls back past"):
+        cm.check_integrity()
+    req.cache.state_rewind = 0
+    req.cache.state_slots.pop()
+    with pytest.raises(AssertionError, match="state slots"):
+        cm.check_integrity()
+
+
+def test_speculative_tokens_take_state_slots_from_the_running_sequences():
+    per_slot = 2 * REC.bytes_per_slot
+    cm, _ = CacheManager.from_budget(SPECS, 100 * per_slot, BS, 64, 8, CPU, num_speculative_tokens=4)
+    assert cm.slots_per_sequence == 6
+    assert cm.slots.num_slots == 6 * 8 + 25  # 8 running sequences still fit in half the budget
+    cm, _ = CacheManager.from_budget(SPECS, 60 * per_slot, BS, 32, 8, CPU, num_speculative_tokens=4)
+    assert cm.slots.num_slots == 6 * 5 + 15  # 30 slots for state: five sequences
+    plain, _ = CacheManager.from_budget(SPECS, 60 * per_slot, BS, 32, 8, CPU)
+    assert plain.slots.num_slots == 2 * 8 + 15
+    with pytest.raises(InvalidRequestError, match="recurrent state of one sequence"):
+        CacheManager.from_budget(SPECS, 10 * per_slot, BS, 64, 8, CPU, num_speculative_tokens=4)
