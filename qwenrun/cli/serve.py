@@ -7,6 +7,7 @@ imports torch, FastAPI or the model until the command actually runs, so `--help`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -15,6 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qwenrun.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -56,6 +61,24 @@ def _port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a port in [1, 65535], got {value}")
     return value
+
+
+def parse_speculative_config(text: str) -> SpeculativeConfig:
+    """`--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'` (vLLM's flag) as a
+    validated `SpeculativeConfig`; a usage error naming the bad field otherwise.
+
+    Imported only when the flag is given, so `--help` stays instant."""
+    from qwenrun.errors import InvalidRequestError
+    from qwenrun.spec_decode.config import SpeculativeConfig
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    try:
+        return SpeculativeConfig.parse(raw)
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -105,6 +128,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     help="tokens per step; longer prompts prefill in chunks (default 512)")
     rt.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                     help="do not reuse the KV cache of repeated prompt prefixes")
+    rt.add_argument("--speculative-config", type=parse_speculative_config, metavar="JSON",
+                    help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", '
+                         '"num_speculative_tokens": 4}\' (prompt lookup; also "draft_model" with "model", '
+                         'and "mtp"); greedy output is unchanged')
     rt.add_argument("--tool-call-parser", default="hermes", help="tool-call format (default hermes)")
     rt.add_argument("--mcp-config", metavar="FILE",
                     help="also serve POST /v1/agent/chat/completions, which runs these MCP servers' tools "
@@ -158,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                   max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
-                  quantization=args.quantization)
+                  quantization=args.quantization, speculative_config=args.speculative_config)
     names, accepted = model_names(args.model, args.served_model_name)
     slots = llm.engine.cache.slots
     state = "" if slots is None else (

@@ -2,7 +2,9 @@
 
 Request counters, latency histograms and token counters are updated as requests run; the engine
 gauges (queue, running, KV cache use, prefix-cache hit rate, preemptions) are read from
-`AsyncEngine.stats()` at scrape time, so they are never stale.
+`AsyncEngine.stats()` at scrape time, so they are never stale. With speculative decoding, vLLM's
+`spec_decode` counters (drafts, draft tokens, accepted tokens, accepted per draft position) and two
+gauges derived from them (acceptance rate, mean acceptance length) are read from the scheduler.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from qwenrun.engine.async_engine import AsyncEngine
+    from qwenrun.engine.scheduler import Scheduler
+    from qwenrun.spec_decode.policy import DraftPolicy
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,6 +48,32 @@ class _EngineCollector(Collector):
                                 value=float(getattr(stats, "prefix_cache_hit_rate", 0.0)))
         yield CounterMetricFamily("qwenrun_num_preemptions", "Requests preempted for KV space.",
                                   value=getattr(stats, "preemptions", 0))
+        if self.engine.engine.speculative_config is not None:
+            yield from _spec_decode(self.engine.engine.scheduler)
+
+
+def _spec_decode(scheduler: Scheduler) -> Iterator[Metric]:
+    """vLLM's names (`vllm:spec_decode_*`); mean acceptance length counts the sampled token too, as
+    vLLM's log line does: 1 + accepted / drafts."""
+    drafted, accepted = scheduler.stats.draft_tokens, scheduler.stats.accepted_tokens
+    yield CounterMetricFamily("qwenrun_spec_decode_num_draft_tokens", "Draft tokens verified.", value=drafted)
+    yield CounterMetricFamily("qwenrun_spec_decode_num_accepted_tokens", "Draft tokens accepted.", value=accepted)
+    yield GaugeMetricFamily("qwenrun_spec_decode_draft_acceptance_rate",
+                            "Accepted draft tokens / verified draft tokens, since start.",
+                            value=accepted / drafted if drafted else 0.0)
+    policy: DraftPolicy | None = getattr(scheduler, "policy", None)  # the adaptive draft length's counters
+    if policy is None:
+        return
+    yield CounterMetricFamily("qwenrun_spec_decode_num_drafts", "Steps in which a request had drafts verified.",
+                              value=policy.num_drafts)
+    per_pos = CounterMetricFamily("qwenrun_spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by their position in the draft.", labels=["position"])
+    for position, count in enumerate(policy.accepted_per_position):
+        per_pos.add_metric([str(position)], count)
+    yield per_pos
+    yield GaugeMetricFamily("qwenrun_spec_decode_mean_acceptance_length",
+                            "Tokens a verified draft yields (1 + accepted per draft), since start.",
+                            value=1 + accepted / policy.num_drafts if policy.num_drafts else 0.0)
 
 
 class Metrics:
