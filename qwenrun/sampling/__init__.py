@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from qwenrun.sampling.params import SamplingParams
+from qwenrun.structured.params import StructuredOutputsParams
 
 _SAMPLER_NAMES = ("SamplingBatch", "sample", "compute_logprobs", "mask_vocab", "make_generator")
 
-__all__ = ["SamplingParams", *_SAMPLER_NAMES]
+__all__ = ["SamplingParams", "StructuredOutputsParams", *_SAMPLER_NAMES]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenrun.errors import InvalidRequestError
+from qwenrun.structured.params import StructuredOutputsParams
 
 # Temperatures below this are treated as greedy, as in vLLM: dividing logits by ~0 overflows.
 _GREEDY_EPS = 1e-5
@@ -95,6 +96,8 @@ class SamplingParams:
     - seed in [-2**63, 2**64) (what torch.Generator.manual_seed takes); max_tokens >= 1;
       0 <= min_tokens <= max_tokens; logprobs >= 0 (more than the vocabulary returns it whole);
       thinking_budget >= 0.
+    - structured_outputs: a StructuredOutputsParams (or a dict of its fields), checked as it
+      documents; the grammar itself compiles when the request is admitted.
     - stop: at most 64 non-empty strings of at most 1024 characters, since every one is
       searched for after each token; stop_token_ids: at most 1024 ids in [0, 2**31).
 
@@ -119,6 +122,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     thinking_budget: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n",
@@ -155,6 +159,7 @@ class SamplingParams:
                f"skip_special_tokens must be a bool, got {_show(self.skip_special_tokens)}")
         self.stop = self._stop_list(self.stop)
         self.stop_token_ids = self._stop_token_id_list(self.stop_token_ids)
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     @staticmethod
     def _stop_list(stop: object) -> list[str]:

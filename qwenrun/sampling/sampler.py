@@ -5,6 +5,10 @@ it turns per-request parameters into [B] device tensors. `sample` then runs tens
 the logits' device, with no `.item()`, `.tolist()` or data-dependent shapes, so the host never
 waits on the device. A transform that no row needs is `None` in the batch and is skipped, and an
 all-greedy batch without penalties is one argmax.
+
+A grammar's token bitmask (qwenrun/structured) is one more per-row transform, applied first and
+only to the rows that carry one: every other transform is row-wise, so the other rows sample
+exactly as in a batch without it.
 """
 
 from __future__ import annotations
@@ -154,6 +158,8 @@ class SamplingBatch:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows [N], ids [N]) forced to -inf
     seeded: list[tuple[int, torch.Generator]]  # sampled rows that draw from their own generator
     any_unseeded: bool  # some sampled row draws from the global generator
+    bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32; bit clear = token disallowed
+    bitmask_rows: list[int] | None = None  # the rows `bitmask` constrains; None with it
 
     @property
     def has_penalties(self) -> bool:
@@ -163,7 +169,9 @@ class SamplingBatch:
     def build(cls, params_list: Sequence[SamplingParams], output_token_ids: Sequence[Sequence[int]],
               prompt_token_ids: Sequence[Sequence[int]],
               generators: Sequence[torch.Generator | None], vocab_size: int,
-              device: torch.device | str, eos_token_ids: Sequence[int] = ()) -> SamplingBatch:
+              device: torch.device | str, eos_token_ids: Sequence[int] = (),
+              bitmask: torch.Tensor | None = None,
+              bitmask_rows: Sequence[int] = ()) -> SamplingBatch:
         """Gather one step's per-request parameters into device tensors.
 
         Args:
@@ -174,9 +182,15 @@ class SamplingBatch:
             vocab_size: the logits' width V.
             device: the logits' device.
             eos_token_ids: the model's EOS ids, banned with stop_token_ids until min_tokens.
+            bitmask: [B, ceil(V / 32)] int32 host tensor of allowed tokens (GrammarMatcher
+                .fill_bitmask), read at `bitmask_rows` only; a row whose grammar allows no token
+                that min_tokens leaves gets an arbitrary id, as a row without a finite logit.
+            bitmask_rows: the constrained rows; empty (the default) means none, and `bitmask`
+                is not read.
 
         Raises:
-            ValueError: the per-row lists differ in length.
+            ValueError: the per-row lists differ in length, or `bitmask` does not cover B rows
+                of V tokens.
         """
         rows = len(params_list)
         if not len(output_token_ids) == len(prompt_token_ids) == len(generators) == rows:
@@ -184,6 +198,12 @@ class SamplingBatch:
                 f"per-row inputs differ in length: {rows} params, {len(output_token_ids)} outputs, "
                 f"{len(prompt_token_ids)} prompts, {len(generators)} generators")
         device = torch.device(device)
+        constrained = None
+        if bitmask_rows:
+            if bitmask is None or bitmask.shape != (rows, (vocab_size + 31) // 32):
+                raise ValueError(f"bitmask must be [{rows}, {(vocab_size + 31) // 32}] int32, got "
+                                 f"{None if bitmask is None else tuple(bitmask.shape)}")
+            constrained = bitmask.to(device, non_blocking=device.type == "cuda")
         greedy = [p.greedy for p in params_list]
         all_greedy = all(greedy)
         temperatures = [1.0 if g else p.temperature for p, g in zip(params_list, greedy)]
@@ -209,6 +229,8 @@ class SamplingBatch:
             seeded=[(row, gen) for row, (gen, g) in enumerate(zip(generators, greedy))
                     if gen is not None and not g],
             any_unseeded=any(gen is None and not g for gen, g in zip(generators, greedy)),
+            bitmask=constrained,
+            bitmask_rows=list(bitmask_rows) if constrained is not None else None,
         )
 
 
@@ -270,10 +292,16 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The fp32 logits that `sample` draws from: min_tokens bans, penalties, then (unless the
-    batch is all greedy) temperature, top-k, top-p and min-p. Never modifies `logits`.
+    """The fp32 logits that `sample` draws from: the grammar bitmask, min_tokens bans, penalties,
+    then (unless the batch is all greedy) temperature, top-k, top-p and min-p. Never modifies
+    `logits`.
     """
     x = logits.to(torch.float32, copy=True)  # [B, V]; a copy so the model's buffer stays intact
+    if batch.bitmask is not None and batch.bitmask_rows:
+        # xgrammar loads only once a row needs it
+        from qwenrun.structured import apply_token_bitmask
+
+        apply_token_bitmask(x, batch.bitmask, batch.bitmask_rows)
     if batch.banned is not None:
         x[batch.banned] = _NEG_INF
     if batch.penalties is not None:
@@ -327,7 +355,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     finite logit gets an arbitrary id (possibly a padded column): the caller decides what
     such a row means.
     """
-    if batch.all_greedy and batch.penalties is None and batch.banned is None:
+    if batch.all_greedy and batch.penalties is None and batch.banned is None and batch.bitmask is None:
         return _argmax(logits)
     x = process_logits(logits, batch)  # [B, V] fp32
     if batch.all_greedy:

@@ -602,3 +602,81 @@ def test_choices_take_consecutive_seeds_within_the_seed_range(seed):
         assert seeds[0] == seed
     assert all(params.for_choice(i).n == 1 for i in range(4))
     assert SamplingParams(n=1, seed=seed).for_choice(0).seed == seed
+
+
+# --- grammar bitmask --------------------------------------------------------------------------
+
+def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool -> [B, ceil(V / 32)] int32, bit j of word j // 32 = token j (xgrammar's layout)."""
+    rows, vocab = allowed.shape
+    width = (vocab + 31) // 32
+    bits = torch.zeros(rows, width * 32, dtype=torch.int64)
+    bits[:, :vocab] = allowed.long()
+    words = (bits.view(rows, width, 32) << torch.arange(32)).sum(-1)  # [B, W] in [0, 2**32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+MASK_PARAMS = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0, repetition_penalty=1.3, min_tokens=2),
+    SamplingParams(temperature=1.2, top_k=40, top_p=0.9, seed=3),
+    SamplingParams(temperature=0.8, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3),
+]
+
+
+@pytest.mark.parametrize("params", MASK_PARAMS)
+def test_a_constrained_row_samples_only_allowed_tokens(params: SamplingParams) -> None:
+    vocab = 3000
+    allowed = torch.rand(1, vocab, generator=torch.Generator().manual_seed(0)) < 0.01
+    allowed[0, 5] = False  # the stop token min_tokens bans stays banned
+    bitmask = pack_bitmask(allowed)
+    for step in range(200):
+        logits = random_logits(1, vocab, seed=step)
+        batch = SamplingBatch.build([params], [[1, 2, 3][: step % 3]], [[4, 7]],
+                                    [make_generator(params.seed, "cpu")], vocab, "cpu",
+                                    eos_token_ids=(5,), bitmask=bitmask, bitmask_rows=[0])
+        token = int(sample(logits, batch)[0])
+        assert allowed[0, token]
+        if params.greedy and params.repetition_penalty == 1.0:
+            assert token == int(logits[0].masked_fill(~allowed[0], -math.inf).argmax())
+
+
+def test_unconstrained_rows_sample_as_without_a_constrained_row() -> None:
+    vocab, steps = 2000, 30
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.2),
+              SamplingParams(seed=11, top_k=50, top_p=0.95), SamplingParams(seed=12, min_p=0.1)]
+    constrained = SamplingParams(seed=13, temperature=1.0)
+    allowed = torch.zeros(1, vocab, dtype=torch.bool)
+    allowed[0, 100:140] = True
+
+    def run(with_constrained: bool) -> list[list[int]]:
+        rows = params + [constrained] if with_constrained else params
+        generators = [make_generator(p.seed, "cpu") for p in rows]
+        bitmask = pack_bitmask(torch.cat([torch.ones(len(params), vocab, dtype=torch.bool),
+                                          allowed])) if with_constrained else None
+        out: list[list[int]] = [[] for _ in rows]
+        for step in range(steps):
+            logits = random_logits(len(params) + 1, vocab, seed=step)[: len(rows)]
+            batch = SamplingBatch.build(rows, out, [[9, 9]] * len(rows), generators, vocab, "cpu",
+                                        bitmask=bitmask,
+                                        bitmask_rows=[len(params)] if with_constrained else ())
+            for row, token in enumerate(sample(logits, batch).tolist()):
+                out[row].append(token)
+        if with_constrained:
+            assert all(allowed[0, t] for t in out[-1])
+        return out[: len(params)]
+
+    alone = run(False)
+    assert run(True) == alone
+    assert len({tuple(o) for o in alone}) == len(params)
+
+
+def test_no_bitmask_rows_means_no_bitmask_work() -> None:
+    batch = build([SamplingParams(temperature=0)] * 2, 100)
+    assert batch.bitmask is None and batch.bitmask_rows is None
+    ignored = SamplingBatch.build([SamplingParams(temperature=0)] * 2, [[], []], [[], []], [None, None], 100,
+                                  "cpu", bitmask=torch.zeros(2, 4, dtype=torch.int32))
+    assert ignored.bitmask is None
+    with pytest.raises(ValueError, match=r"bitmask must be \[2, 4\] int32, got \(1, 4\)"):
+        SamplingBatch.build([SamplingParams()] * 2, [[], []], [[], []], [None, None], 100, "cpu",
+                            bitmask=torch.zeros(1, 4, dtype=torch.int32), bitmask_rows=[0])
