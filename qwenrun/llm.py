@@ -17,6 +17,7 @@ from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestEr
 from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.sampling.params import SamplingParams
+from qwenrun.spec_decode import ModelDrafter, SpeculativeConfig
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
 from qwenrun.tokenizer.chat_output import ChatOutputParser
 from qwenrun.tokenizer.reasoning import StreamingReasoningParser
@@ -60,9 +61,12 @@ class LLM:
             weight-only; `quantize_lm_head=False` keeps the LM head in the model dtype.
         tool_parser: tool-call output format ("hermes" for Qwen3).
         speculative_config: vLLM's shape; {"method": "ngram", "num_speculative_tokens": k,
-            "prompt_lookup_min": 1, "prompt_lookup_max": 3} drafts by prompt lookup, verified in each
-            decode step (greedy output unchanged, sampling from the same distribution). Dense, MoE
-            and vision-language models; hybrid models refuse it. Counts: `engine.scheduler.stats`.
+            "prompt_lookup_min": 1, "prompt_lookup_max": 3} drafts by prompt lookup, {"method":
+            "draft_model", "model": path or hub id, "num_speculative_tokens": k} with a smaller Qwen3
+            of the same tokenizer (loaded, quantized and packed like the target), {"method": "mtp",
+            ...} with the checkpoint's MTP head; drafts are verified in each decode step (greedy
+            output unchanged, sampling from the same distribution). Dense, MoE, hybrid and
+            vision-language models. Counts: `engine.scheduler.stats`.
     """
 
     def __init__(
@@ -90,20 +94,27 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(ckpt.path) if (ckpt.path / "tokenizer.json").is_file() else None
         self._chat_template: ChatTemplate | None = None
         self._mm_processor = None  # built when a prompt first brings images or videos
-        self.model = load_model(ckpt, self.dtype, self.device)
-        if quantization is not None:
-            from qwenrun.quant import quantize_model
+        spec = SpeculativeConfig.parse(speculative_config) if speculative_config is not None else None
+        self.model = load_model(ckpt, self.dtype, self.device, mtp=spec is not None and spec.method == "mtp")
 
-            quantize_model(self.model, quantization, quant_group_size, quantize_lm_head)
-        if cpu_packing_available(self.dtype, self.device):
-            pack_linears(self.model)  # whatever quantization left in bf16
+        def prepare_weights(model: torch.nn.Module) -> None:
+            if quantization is not None:
+                from qwenrun.quant import quantize_model
+
+                quantize_model(model, quantization, quant_group_size, quantize_lm_head)
+            if cpu_packing_available(self.dtype, self.device):
+                pack_linears(model)  # whatever quantization left in bf16
+
+        prepare_weights(self.model)
         self.engine = LLMEngine(
             self.model, ckpt, self.tokenizer, self.dtype, self.device,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            speculative_config=speculative_config,
+            speculative_config=spec,
         )
+        if isinstance(self.engine.drafter, ModelDrafter):
+            prepare_weights(self.engine.drafter.model)  # a draft model runs in the target's precision
         self.tool_parser = get_tool_parser(tool_parser)
 
     @property

@@ -35,7 +35,7 @@ from qwenrun.errors import ContextLengthError, InvalidRequestError, RequestFaile
 from qwenrun.loading.loader import Checkpoint
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.sampling.sampler import make_generator
-from qwenrun.spec_decode import SpeculativeConfig, make_proposer
+from qwenrun.spec_decode import SpeculativeConfig, make_drafter, make_proposer
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,10 @@ class LLMEngine:
         speculative_config: dict | SpeculativeConfig | None = None,
     ) -> None:
         """`speculative_config`: vLLM's shape, e.g. {"method": "ngram", "num_speculative_tokens": 4,
-        "prompt_lookup_max": 3}; InvalidRequestError for a bad field or a hybrid model (its
-        recurrent state would need a slot per draft position to roll back: not built yet)."""
+        "prompt_lookup_max": 3}, {"method": "draft_model", "model": path, ...} (loaded here, in
+        `dtype` on `device`) or {"method": "mtp", ...} (the head `model` was loaded with);
+        InvalidRequestError for a bad field. A hybrid model's running sequences then hold a state
+        slot per draft besides their two (`CachePlan`), so fewer may fit."""
         cfg = ckpt.config
         spec = SpeculativeConfig.parse(speculative_config) if speculative_config is not None else None
         self.config, self.tokenizer, self.device = cfg, tokenizer, device
@@ -94,26 +96,31 @@ class LLMEngine:
             )
         budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(device)
         self.model = model
+        self.drafter = make_drafter(spec, model, ckpt, dtype, device) if spec is not None else None
+        target_specs = model.cache_specs(dtype)
+        drafter_specs = self.drafter.cache_specs(dtype) if self.drafter is not None else []
+        # the drafter's K/V layers follow the target's in the one plan: same blocks, same block tables
         self.cache, self.max_model_len = CacheManager.from_budget(
-            model.cache_specs(dtype), budget, block_size, max_model_len or cfg.max_position_embeddings,
+            target_specs + drafter_specs, budget, block_size, max_model_len or cfg.max_position_embeddings,
             max_num_seqs, device, enable_prefix_caching, context_required=max_model_len is not None,
             encoder_cache_bytes=min(budget // 8, ENCODER_CACHE_MAX) if self.is_multimodal else 0,
+            num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
         )
-        if spec is not None and self.cache.is_hybrid:
-            raise InvalidRequestError(
-                f"speculative decoding is not supported for {cfg.architecture}: its recurrent (linear "
-                "attention) layers cannot roll back rejected draft tokens yet", param="speculative_config")
         self.speculative_config = spec
+        k = spec.num_speculative_tokens if spec else 0
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
-                                   make_proposer(spec) if spec else None, spec.num_speculative_tokens if spec else 0)
+                                   make_proposer(spec) if spec and self.drafter is None else None, k,
+                                   k - self.drafter.token_shift if self.drafter is not None else 0)
         gen = ckpt.generation_config.get("eos_token_id")
         eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         vocab = tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size
-        self.runner = ModelRunner(model, cfg, self.cache.layers, block_size, self.cache.is_hybrid, self.cache.encoder,
-                                  vocab, self.eos_token_ids, device)
+        layers = self.cache.layers
+        self.runner = ModelRunner(model, cfg, layers[: len(target_specs)], block_size, self.cache.is_hybrid,
+                                  self.cache.encoder, vocab, self.eos_token_ids, device, self.drafter,
+                                  layers[len(target_specs) :], k)
         self.early_stop_ids: tuple[int, ...] = tuple(tokenizer.encode(EARLY_STOP_TEXT)) if tokenizer else ()
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
@@ -282,7 +289,7 @@ class LLMEngine:
         alone = [self._execute(ScheduledBatch([req], [n], [d]))
                  for req, n, d in zip(batch.requests, batch.num_tokens, batch.drafts)]
         return StepResult([r.token_ids[0] for r in alone], [r.logprobs[0] for r in alone],
-                          [r.errors[0] for r in alone])
+                          [r.errors[0] for r in alone], [r.drafts[0] for r in alone])
 
     def fail(self, req: Request, exc: BaseException) -> StepDelta:
         """End `req` with finish_reason "error" and `error` set, freeing its blocks at once.

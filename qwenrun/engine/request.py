@@ -100,6 +100,8 @@ class Request:
     stop_reason: str | int | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)  # why, when finish_reason is "error"
     logprobs: list[dict[int, float]] | None = field(default=None, init=False)
+    # a drafter's proposal to follow token_ids, made in the step that sampled its last token
+    drafts: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -160,16 +162,20 @@ class StepResult:
     A request gets a list of tokens: empty while its prompt is still prefilling, one when decoding,
     several once a step verifies draft tokens. `errors[i]` is why request i failed (the batch failed
     and so did its rerun alone); its tokens are then empty and its state must not advance.
+    `drafts[i]`: a drafter's proposal to follow request i's tokens once they are appended.
     """
 
     token_ids: list[list[int]]
     logprobs: list[list[dict[int, float] | None]]
     errors: list[Exception | None] = field(default_factory=list)
+    drafts: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.errors:
             self.errors = [None] * len(self.token_ids)
-        assert len(self.token_ids) == len(self.logprobs) == len(self.errors)
+        if not self.drafts:
+            self.drafts = [[] for _ in self.token_ids]
+        assert len(self.token_ids) == len(self.logprobs) == len(self.errors) == len(self.drafts)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""ScheduledBatch -> ForwardBatch -> one forward -> sampled token ids (a StepResult). Owns the model
-and the KV cache tensors; changes no request (the scheduler does, in `update`)."""
+"""ScheduledBatch -> ForwardBatch -> one forward -> sampled token ids (a StepResult), and, with a
+drafter, the drafts for each request's next step. Owns the model and the KV cache tensors; changes
+no request (the scheduler does, in `update`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from qwenrun.layers.forward_batch import ForwardBatch, LayerCache
 from qwenrun.layers.recurrent import RecurrentMetadata
 from qwenrun.layers.visual import VisualEmbeds
 from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab, sample
+from qwenrun.spec_decode.drafter import Drafter
 
 
 class ModelRunner:
@@ -30,17 +32,23 @@ class ModelRunner:
         valid_vocab_size: int,
         eos_token_ids: tuple[int, ...],
         device: torch.device,
+        drafter: Drafter | None = None,
+        drafter_layers: list[LayerCache] | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
         """`layers`: the cache's view per model layer; `hybrid`: some layers keep recurrent state, so
         each step also says which state slots each sequence reads and writes; `encoder`: a
         vision-language model's encoder cache (its steps also get 3-row positions and the encoder
-        output at placeholder rows)."""
+        output at placeholder rows); `drafter`, over its own views `drafter_layers` of the same
+        blocks: drafts up to `num_speculative_tokens` tokens per request after each step (`_draft`)."""
         self.model, self.config = model, config
         self.layers, self.block_size, self.hybrid = layers, block_size, hybrid
         self.encoder = encoder
         self.valid_vocab_size = min(valid_vocab_size, config.vocab_size)
         self.eos_token_ids = eos_token_ids
         self.device = device
+        self.drafter, self.drafter_layers = drafter, drafter_layers or []
+        self.num_speculative_tokens = num_speculative_tokens
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """The step's tensors: each request's next chunk, and its last row for logits when the chunk
@@ -67,6 +75,7 @@ class ModelRunner:
                 batch.num_tokens, [r.cache.state_slots[0] for r in batch.requests],
                 [r.cache.state_slots[1] for r in batch.requests],
                 [r.num_computed_tokens > 0 for r in batch.requests], self.device,
+                [r.cache.state_slots[2 : 2 + len(d)] for r, d in zip(batch.requests, batch.drafts)],
             )
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long).to(self.device)  # noqa: E731
         pos, visual = as_tensor(positions), None
@@ -119,17 +128,26 @@ class ModelRunner:
         owners = [r for r, c in zip(batch.requests, fb.logits_counts) for _ in range(c)]
         # Row j of a request with drafts samples as if drafts[:j] were already its output (penalties, min_tokens).
         prefixes = [d[:j] for d, c in zip(batch.drafts, fb.logits_counts) for j in range(c)]
-        if not owners:
-            return StepResult([[] for _ in batch.requests], [[] for _ in batch.requests])
-        logits = mask_vocab(self.model.compute_logits(hidden[fb.logits_rows]), self.valid_vocab_size)  # [N, V]
         generators = [r.generator for r in owners if r.generator is not None]
         states = [g.get_state() for g in generators]
         try:
-            tokens, logprobs = self._sample(owners, prefixes, logits)
+            out_tokens, out_logprobs = self._verify(batch, fb, hidden, owners, prefixes, generators, states)
+            drafts = self._draft(batch, hidden, out_tokens) if self.drafter is not None else []
         except Exception:
             for g, state in zip(generators, states):
                 g.set_state(state)
             raise
+        return StepResult(out_tokens, out_logprobs, drafts=drafts)
+
+    def _verify(self, batch: ScheduledBatch, fb: ForwardBatch, hidden: torch.Tensor, owners: list[Request],
+                prefixes: list[list[int]], generators: list[torch.Generator],
+                states: list[torch.Tensor]) -> tuple[list[list[int]], list[list[dict[int, float] | None]]]:
+        """Each request's kept tokens (its sampled token, after the drafts the target agreed with)
+        and their logprobs."""
+        if not owners:
+            return [[] for _ in batch.requests], [[] for _ in batch.requests]
+        logits = mask_vocab(self.model.compute_logits(hidden[fb.logits_rows]), self.valid_vocab_size)  # [N, V]
+        tokens, logprobs = self._sample(owners, prefixes, logits)
         out_tokens, out_logprobs, i = [], [], 0
         for req, c, drafts in zip(batch.requests, fb.logits_counts, batch.drafts):
             row = tokens[i : i + c]
@@ -139,7 +157,81 @@ class ModelRunner:
             if kept < c and req.generator is not None and not req.params.greedy:
                 self._rewind(req.generator, states[generators.index(req.generator)], kept, logits.shape[-1])
             i += c
-        return StepResult(out_tokens, out_logprobs)
+        return out_tokens, out_logprobs
+
+    def _draft(self, batch: ScheduledBatch, hidden: torch.Tensor, out_tokens: list[list[int]]) -> list[list[int]]:
+        """The drafter's proposals for each request's next step ([] for one still prefilling).
+
+        Catch-up: one drafter forward over every position the target kept this step, which writes
+        the drafter's K/V there, so that every block the target fills has the drafter's K/V too
+        (a prefix hit shares both). Row i reads token x_{i + token_shift}; the token sampled this
+        step is the one after the last kept position, so a draft model (shift 0) also runs that
+        position: its row predicts the first draft. Then one forward per further draft, a row per
+        request still drafting, reading the previous draft. Those rows write K/V past the kept
+        positions; each is rewritten by the catch-up of the step that keeps its position, before
+        anything attends it as kept. A request's chain ends with its allocated blocks (the
+        scheduler's lookahead) and with its max_tokens: its drafts never need a block of their own.
+        """
+        assert self.drafter is not None
+        shift = self.drafter.token_shift
+        starts, counts, lengths = [], [], []  # per request: catch-up rows from starts[i], drafts it may get
+        ids, hidden_rows = [], []  # per catch-up row
+        offset = 0
+        for req, n, samples, drafts, out in zip(batch.requests, batch.num_tokens, batch.samples, batch.drafts,
+                                                out_tokens):
+            start = req.num_computed_tokens
+            kept = n - len(drafts) + len(out) - 1 if samples else n
+            # the token at position start + j is tokens[j]
+            tokens = req.token_ids[start : start + n - len(drafts)] + out if samples else \
+                req.token_ids[start : start + n + shift]
+            capacity = len(req.cache.block_table) * self.block_size
+            rows = min(kept + 1 - shift if samples else kept, capacity - start)
+            length = 0
+            if samples and rows == kept + 1 - shift:
+                remaining = req.max_new_tokens - req.num_output_tokens - len(out) - 1
+                length = max(0, min(self.num_speculative_tokens, remaining, capacity - (start + rows - 1)))
+            starts.append(start)
+            counts.append(rows)
+            ids += tokens[shift : shift + rows]
+            hidden_rows += range(offset, offset + rows)
+            lengths.append(length)
+            offset += n
+        h = self._drafter_forward(batch.requests, starts, counts, ids, hidden[hidden_rows] if shift else None)
+        drafting = [i for i, k in enumerate(lengths) if k > 0]
+        ends = torch.tensor(counts).cumsum(0) - 1
+        h = h[ends[drafting].to(h.device)]  # each drafting request's last catch-up row
+        drafts: list[list[int]] = [[] for _ in batch.requests]
+        while drafting:
+            logits = mask_vocab(self.drafter.compute_logits(h), self.valid_vocab_size)
+            for i, t in zip(drafting, logits.argmax(-1).tolist()):
+                drafts[i].append(t)
+            going = [j for j, i in enumerate(drafting) if len(drafts[i]) < lengths[i]]
+            if not going:
+                break
+            drafting = [drafting[j] for j in going]
+            h = self._drafter_forward([batch.requests[i] for i in drafting],
+                                      [starts[i] + counts[i] - 1 + len(drafts[i]) for i in drafting],
+                                      [1] * len(drafting), [drafts[i][-1] for i in drafting],
+                                      h[going] if shift else None)
+        return drafts
+
+    def _drafter_forward(self, reqs: list[Request], starts: list[int], counts: list[int], ids: list[int],
+                         hidden: torch.Tensor | None) -> torch.Tensor:
+        """The drafter's hidden [T, H] for `counts[b]` rows of request b from position `starts[b]`.
+
+        An MTP head (token_shift 1) is part of the target and shares its rotary positions (3-row
+        for a vision-language target); a draft model is a text model of its own and counts 1-D."""
+        assert self.drafter is not None
+        ends = [s + c for s, c in zip(starts, counts)]
+        meta = AttentionMetadata.build(counts, ends, [r.cache.block_table for r in reqs], self.block_size,
+                                       self.device)
+        if self.encoder is not None and self.drafter.token_shift:
+            pos = torch.cat([_mrope_rows(r, s, c) for r, s, c in zip(reqs, starts, counts)], dim=1)
+        else:
+            pos = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)])
+        fb = ForwardBatch(torch.tensor(ids, dtype=torch.long).to(self.device), pos.to(self.device), meta,
+                          self.drafter_layers, torch.empty(0, dtype=torch.long, device=self.device), [0] * len(reqs))
+        return self.drafter.forward(fb, hidden)
 
     def _rewind(self, generator: torch.Generator, state: torch.Tensor, draws: int, vocab: int) -> None:
         """Leave a seeded request's generator as if it had drawn only for its kept tokens.

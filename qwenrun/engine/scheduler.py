@@ -32,11 +32,14 @@ class Scheduler:
     last request leaves (nothing running or waiting)."""
 
     def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 proposer: Proposer | None = None, num_speculative_tokens: int = 0) -> None:
-        """`proposer`: drafts up to `num_speculative_tokens` tokens for each decoding request, verified
-        in its step (`ModelRunner.execute`)."""
+                 proposer: Proposer | None = None, num_speculative_tokens: int = 0, lookahead: int = 0) -> None:
+        """Up to `num_speculative_tokens` drafts per decoding request, verified in its step
+        (`ModelRunner.execute`): the `proposer`'s, or else a drafter's (`Request.drafts`, made by the
+        runner in the step before), whose chain runs into `lookahead` positions past a sampling
+        chunk, allocated when blocks are free after everything else is scheduled."""
         self.cache = cache
         self.proposer, self.num_speculative_tokens = proposer, num_speculative_tokens
+        self.lookahead = lookahead
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -76,17 +79,27 @@ class Scheduler:
             counts.append(n)
             drafts.append([])
             budget -= n
-        return ScheduledBatch(reqs, counts, drafts) if reqs else None
+        if not reqs:
+            return None
+        batch = ScheduledBatch(reqs, counts, drafts)
+        for req, n, samples in zip(reqs, counts, batch.samples):
+            # no slot past the request's last possible position
+            extra = min(self.lookahead, req.num_prompt_tokens + req.max_new_tokens - req.num_computed_tokens - n)
+            if samples and extra > 0 and self.cache.can_allocate(req, n + extra):
+                self.cache.allocate(req, n + extra)
+        return batch
 
     def _propose(self, req: Request, budget: int) -> list[int]:
         """Drafts for a decoding request: no more than fit the token budget and its max_tokens (so no
         position passes the context window), none while a forced thinking close is queued (those
         tokens replace whatever the step samples), and none when their blocks are not free (a
         draft never preempts anyone)."""
-        if self.proposer is None or req.num_new_tokens != 1 or req.thinking.forced:
+        if not self.num_speculative_tokens or req.num_new_tokens != 1 or req.thinking.forced:
             return []
         k = min(self.num_speculative_tokens, budget, req.max_new_tokens - req.num_output_tokens - 1)
-        draft = self.proposer.propose(req.token_ids, k) if k > 0 else []
+        if k < 1:
+            return []
+        draft = self.proposer.propose(req.token_ids, k) if self.proposer is not None else req.drafts[:k]
         if draft and not self.cache.can_allocate(req, 1 + len(draft)):
             return []
         return draft
@@ -125,16 +138,17 @@ class Scheduler:
         failed (`result.errors`) stays as it was scheduled, so it can be run again or failed. What
         the sampled tokens mean (forced text, stops) is the engine's part; it appends them after.
         """
-        for req, n, drafts, tokens, error in zip(batch.requests, batch.num_tokens, batch.drafts, result.token_ids,
-                                                  result.errors):
+        for req, n, drafts, tokens, error, proposal in zip(batch.requests, batch.num_tokens, batch.drafts,
+                                                            result.token_ids, result.errors, result.drafts):
             if error is None:
                 req.num_computed_tokens += n
+                req.drafts = proposal
+                accepted = len(tokens) - 1 if drafts else 0
                 if drafts:
-                    accepted = len(tokens) - 1
                     self.stats.draft_tokens += len(drafts)
                     self.stats.accepted_tokens += accepted
-                    self.rollback(req, len(drafts) - accepted)
-                self.cache.commit(req)
+                    req.num_computed_tokens -= len(drafts) - accepted
+                self.cache.commit(req, len(drafts), accepted)
 
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Forget the K/V of `req`'s last `num_tokens` computed tokens: rejected drafts, or accepted

@@ -12,7 +12,8 @@ from qwenrun.spec_decode.config import SpeculativeConfig
 
 class Proposer(Protocol):
     """Guesses up to `k` tokens to follow `token_ids` (prompt + output so far); fewer, or none, is
-    always allowed. Draft-model and MTP proposers will implement the same call."""
+    always allowed. Drafters (drafter.py) propose inside the runner's step instead: they need the
+    step's K/V."""
 
     def propose(self, token_ids: list[int], k: int) -> list[int]: ...
 
