@@ -40,7 +40,7 @@ _LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
 _MAP = ("properties", "patternProperties", "$defs", "definitions")
 
 
-def _subschemas(schema: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
+def subschemas(schema: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
     for key in _ONE:
         if key in schema:
             value = schema[key]
@@ -109,7 +109,7 @@ def unenforced_feature(schema: Any, path: str = "schema") -> str | None:
             pair = _enum_outside_siblings(node)
         if pair is not None:
             return f"{where}: {pair} cannot be enforced while decoding"
-        stack.extend(_subschemas(node, where))
+        stack.extend(subschemas(node, where))
     return None
 
 

@@ -201,6 +201,17 @@ def test_draft_rows_get_the_masks_of_their_prefixes(backend, tok) -> None:
         assert matcher.accept(tokens[i])
 
 
+def test_length_bounded_strings_stay_json(backend, tok) -> None:
+    """xgrammar alone lets a raw tab into a maxLength string; the backend's rewrite does not."""
+    schema = {"type": "object", "properties": {"c": {"type": "string", "minLength": 2, "maxLength": 4}},
+              "required": ["c"]}
+    compiled = backend.compile(StructuredOutputsParams(json=schema))
+    for text, ok in [('{"c": "a\tb"}', False), ('{"c": "ab"}', True), ('{"c": "abcde"}', False),
+                     ('{"c": "a"}', False), ('{"c": "日本😀"}', True)]:
+        matcher = backend.matcher(compiled)
+        assert (all(matcher.accept(t) for t in tok.encode(text)) and matcher.accept(STOP[0])) == ok, text
+
+
 def test_a_rejected_token_changes_nothing(backend, tok) -> None:
     matcher = backend.matcher(backend.compile(StructuredOutputsParams(choice=["yes", "no"])))
     assert not matcher.accept(tok.encode("maybe")[0]) and matcher.num_accepted == 0

@@ -1,0 +1,209 @@
+"""xgrammar vs llguidance on Qwen3's vocabulary (151936 logits): what a constrained request pays.
+
+python benchmarks/grammar_bench.py [--runs 5] [--threads N] [--schemas nested,enum]
+
+Needs llguidance besides the project's xgrammar: pip install llguidance==1.9.1.
+
+For each engine: the tokenizer conversion (once per tokenizer), then per test schema
+(tests/structured_cases.py, the ones the structured-output tests decode under): compile time,
+first mask (matcher creation + the first fill, what a request's first step waits for), and the
+per-step mask cost at batch 1 and 16: every row's fill, and apart, the bitmask applied to [B, V]
+fp32 logits by the engine's own kernel (xgrammar's C++ one; llguidance's is torch.compile'd). Each figure is a median over `--runs` repetitions; per-step figures are medians (and
+the 99th percentile) over every step of a valid output replayed token by token. The outputs
+are sampled once from random logits under the grammar (compact JSON, which both engines' default
+any-whitespace grammars accept), 16 different ones for batch 16.
+Prints markdown tables; measure on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' schemas
+
+from hybrid_bench import tokenizer_dir  # a sibling script: benchmarks/ is on sys.path
+from structured_cases import SCHEMAS
+
+from qwenrun.sampling import SamplingBatch, SamplingParams, make_generator, mask_vocab, sample
+from qwenrun.structured import StructuredOutputsParams, backend_for
+from qwenrun.tokenizer.tokenizer import Tokenizer
+
+V = 151936
+STOP = [151645, 151643]
+BATCH = 16
+
+
+def outputs(tok: Tokenizer, schema: dict, count: int) -> list[list[int]]:
+    """`count` valid outputs (stop token included) sampled from random logits under `schema`."""
+    backend = backend_for(tok, V, STOP)
+    compiled = backend.compile(StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    bitmask = backend.allocate_bitmask(1)
+    found = []
+    for seed in range(count):
+        matcher, out, rng = backend.matcher(compiled), [], torch.Generator().manual_seed(seed)
+        params = SamplingParams(seed=seed)
+        generator = make_generator(seed, "cpu")
+        while not matcher.is_terminated:
+            matcher.fill_bitmask(bitmask, 0)
+            logits = mask_vocab(torch.randn(1, V, generator=rng) * 3, tok.vocab_size)
+            token = int(sample(logits, SamplingBatch.build([params], [out], [[]], [generator], V, "cpu",
+                                                          bitmask=bitmask, bitmask_rows=[0]))[0])
+            matcher.accept(token)
+            out.append(token)
+        found.append(out)
+    return found
+
+
+class XGrammar:
+    name = "xgrammar"
+
+    def __init__(self, tok: Tokenizer, threads: int) -> None:
+        import xgrammar as xgr
+
+        from qwenrun.structured.xgrammar_backend import _lengths_as_patterns, _tokenizer_info
+
+        self.xgr = xgr
+        self.rewrite = _lengths_as_patterns
+        start = time.perf_counter()
+        info = _tokenizer_info(tok, V, STOP)
+        self.setup_ms = 1e3 * (time.perf_counter() - start)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+
+    def compile(self, schema: dict):
+        # as the backend serves it (length bounds rewritten, see _lengths_as_patterns)
+        return self.compiler.compile_json_schema(json.dumps(self.rewrite(schema)))
+
+    def matcher(self, grammar):
+        return self.xgr.GrammarMatcher(grammar)
+
+    def fill(self, matcher, bitmask: torch.Tensor, row: int) -> None:
+        matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, matcher, token: int) -> None:
+        assert matcher.accept_token(token)
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask)
+
+
+class LLGuidance:
+    name = "llguidance"
+
+    def __init__(self, tok: Tokenizer, threads: int) -> None:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+        from transformers import AutoTokenizer
+
+        self.ll = llguidance
+        hf = AutoTokenizer.from_pretrained(tokenizer_dir())
+        start = time.perf_counter()
+        self.tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=V)
+        self.setup_ms = 1e3 * (time.perf_counter() - start)
+
+    def compile(self, schema: dict):
+        # lazy: the work happens in LLMatcher(), which the first-mask figure includes
+        return self.ll.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+
+    def matcher(self, grammar):
+        matcher = self.ll.LLMatcher(self.tokenizer, grammar)
+        assert not matcher.is_error(), matcher.get_error()
+        return matcher
+
+    def fill(self, matcher, bitmask: torch.Tensor, row: int) -> None:
+        self.ll.torch.fill_next_token_bitmask(matcher, bitmask, row)
+
+    def accept(self, matcher, token: int) -> None:
+        if not matcher.is_stopped():  # it stops by itself once nothing can follow, before EOS
+            assert matcher.consume_token(token), matcher.get_error()
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+        self.ll.torch.apply_token_bitmask_inplace(logits, bitmask)
+
+
+def step_times(engine, grammar, sequences: list[list[int]]) -> tuple[list[float], list[float]]:
+    """ms per decode step: every row's fill, and the mask applied to the batch's logits (the
+    kernels differ as much as the matchers, and either kernel takes either engine's bitmask)."""
+    matchers = [engine.matcher(grammar) for _ in sequences]
+    bitmask = torch.zeros(len(sequences), (V + 31) // 32, dtype=torch.int32)
+    logits = torch.zeros(len(sequences), V)
+    fills, applies = [], []
+    for step in range(min(map(len, sequences))):
+        start = time.perf_counter()
+        for row, m in enumerate(matchers):
+            engine.fill(m, bitmask, row)
+        filled = time.perf_counter()
+        engine.apply(logits, bitmask)
+        fills.append(1e3 * (filled - start))
+        applies.append(1e3 * (time.perf_counter() - filled))
+        for m, seq in zip(matchers, sequences):
+            engine.accept(m, seq[step])
+    return fills, applies
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
+
+
+def bench(engine, runs: int, cases: dict[str, list[list[int]]]) -> dict[str, dict[str, float]]:
+    rows = {}
+    for name, sequences in cases.items():
+        schema = SCHEMAS[name]
+        compile_ms, first_ms = [], []
+        steps: dict[str, list[list[float]]] = {}
+        bitmask = torch.zeros(1, (V + 31) // 32, dtype=torch.int32)
+        for _ in range(runs):
+            start = time.perf_counter()
+            grammar = engine.compile(schema)
+            compile_ms.append(1e3 * (time.perf_counter() - start))
+            start = time.perf_counter()
+            engine.fill(engine.matcher(grammar), bitmask, 0)
+            first_ms.append(1e3 * (time.perf_counter() - start))
+            for batch, rows_ in (("b1", sequences[:1]), ("b16", sequences)):
+                fills, applies = step_times(engine, grammar, rows_)
+                steps.setdefault(f"{batch}_fill", []).append(fills)
+                steps.setdefault(f"{batch}_apply", []).append(applies)
+        rows[name] = {"compile": statistics.median(compile_ms), "first": statistics.median(first_ms)}
+        for key, runs_ in steps.items():
+            rows[name][key] = statistics.median(statistics.median(t) for t in runs_)
+            rows[name][key + "_p99"] = statistics.median(p99(t) for t in runs_)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--schemas", default=",".join(SCHEMAS), help="comma-separated subset")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = tokenizer_dir()
+    if folder is None:
+        sys.exit("the real Qwen3 tokenizer is needed: set QWENRUN_TOKENIZER_DIR")
+    tok = Tokenizer.from_dir(folder)
+    cases = {name: outputs(tok, SCHEMAS[name], BATCH) for name in args.schemas.split(",")}
+    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, vocab {V}, "
+          f"median of {args.runs} runs; steps = tokens of the replayed outputs\n")
+    for engine_cls in (XGrammar, LLGuidance):
+        engine = engine_cls(tok, args.threads)
+        print(f"### {engine.name}: tokenizer conversion {engine.setup_ms:.0f} ms\n")
+        print("| schema | steps | compile ms | first mask ms | fill ms b1 (p99) | apply ms b1 | "
+              "fill ms b16 (p99) | apply ms b16 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, row in bench(engine, args.runs, cases).items():
+            print(f"| {name} | {min(map(len, cases[name]))} | {row['compile']:.1f} | {row['first']:.2f} | "
+                  f"{row['b1_fill']:.3f} ({row['b1_fill_p99']:.3f}) | {row['b1_apply']:.3f} | "
+                  f"{row['b16_fill']:.3f} ({row['b16_fill_p99']:.3f}) | {row['b16_apply']:.3f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
