@@ -5,10 +5,13 @@ head of one sequence are contiguous rows: CPU matmuls over them run at memory sp
 token-major layout made bf16 kernels several times slower. A sequence owns whole blocks listed in its
 block table. Per step the engine builds one `AttentionMetadata` shared by all layers.
 
-Decode rows (one query each) take a path without SDPA (which costs ~2 ms per call on CPU for a single
-query): on CPU the C++ kernel, which reads each cached key and value row once for all the query heads
-of its group; elsewhere two batched matmuls and a softmax, reading a lone sequence's keys in place
-when its blocks are consecutive. Prefill chunks run through SDPA, padded into a `[B, L]` grid per group.
+Decode rows (one query each, whose context ends at its own position) take a path without SDPA (which
+costs ~2 ms per call on CPU for a single query): on CPU the C++ kernel, which reads each cached key and
+value row once for all the query heads of its group; elsewhere two batched matmuls and a softmax,
+reading a lone sequence's keys in place when its blocks are consecutive. A short chunk (a decode step
+verifying drafts: 1 + k rows) is split into decode rows, one per token, so verifying k drafts costs
+about k + 1 decode rows instead of an SDPA call. Longer chunks run through SDPA, padded into a `[B, L]`
+grid per group.
 
 Before attention, `qk_norm_rope_store` normalises and rotates q and k and writes K/V into the cache:
 one C++ kernel where `qwenrun.kernels.KERNELS` says it applies, else the torch reference here.
@@ -16,6 +19,7 @@ one C++ kernel where `qwenrun.kernels.KERNELS` says it applies, else the torch r
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,10 @@ import torch.nn.functional as F
 
 from qwenrun import kernels
 from qwenrun.layers.rotary import apply_rotary
+
+# Chunks of up to this many tokens attend as decode rows: below it SDPA's fixed cost per call (~2 ms
+# on CPU) outweighs reading the context once per row (measured: benchmarks/spec_bench.py --attention).
+DECODE_CHUNK_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,11 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
     ) -> AttentionMetadata:
-        """query_lens[b] new tokens of sequence b end at context position context_lens[b] (exclusive)."""
+        """query_lens[b] new tokens of sequence b end at context position context_lens[b] (exclusive).
+
+        A chunk of at most `DECODE_CHUNK_MAX` tokens (a decode step, 1 + k verified drafts, a short
+        prefill tail) becomes that many decode rows, row i attending to the context up to its own
+        position; longer chunks go to SDPA."""
         starts = [0]
         for n in query_lens[:-1]:
             starts.append(starts[-1] + n)
@@ -84,14 +96,15 @@ class AttentionMetadata:
         for q, c, table in zip(query_lens, context_lens, block_tables):
             pos = torch.arange(c - q, c)
             slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
-        dec = [i for i, q in enumerate(query_lens) if q == 1]
-        pre = [i for i, q in enumerate(query_lens) if q > 1]
+        dec = [b for b, q in enumerate(query_lens) if q <= DECODE_CHUNK_MAX]
+        pre = [b for b, q in enumerate(query_lens) if q > DECODE_CHUNK_MAX]
         pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+        rows = [starts[b] + i for b in dec for i in range(query_lens[b])]
+        lens = [context_lens[b] - query_lens[b] + 1 + i for b in dec for i in range(query_lens[b])]
+        tables = [block_tables[b] for b in dec for _ in range(query_lens[b])]
         return cls(
             slot_mapping=torch.cat(slots).to(device),
-            decode=_decode_group(pick(starts, dec), pick(context_lens, dec), pick(block_tables, dec), block_size, device)
-            if dec
-            else None,
+            decode=_decode_group(rows, lens, tables, len(dec) == 1, block_size, device) if dec else None,
             prefill=_prefill_group(
                 pick(query_lens, pre), pick(context_lens, pre), pick(block_tables, pre), pick(starts, pre),
                 block_size, device,
@@ -100,7 +113,6 @@ class AttentionMetadata:
             else None,
             num_tokens=sum(query_lens),
         )
-
 
     @classmethod
     def without_cache(cls, seq_lens: list[int], device: torch.device) -> AttentionMetadata:
@@ -122,22 +134,24 @@ def _key_slots(context_lens: list[int], block_tables: list[list[int]], block_siz
     return tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
 
 
-def _decode_group(rows, context_lens, block_tables, block_size, device) -> DecodeGroup:
+def _decode_group(rows, context_lens, block_tables, one_sequence, block_size, device) -> DecodeGroup:
+    """`one_sequence`: every row belongs to the same sequence (one decode step or one short chunk),
+    whose keys are then read in place when its blocks are consecutive."""
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     lens = torch.tensor(context_lens, dtype=torch.long)
-    if len(rows) == 1:
-        table, L = block_tables[0], context_lens[0]
-        used = table[: -(-L // block_size)]
-        if used[-1] - used[0] == len(used) - 1 and all(b - a == 1 for a, b in zip(used, used[1:])):
-            start = used[0] * block_size
-            slots = torch.arange(start, start + L, device=device)[None]
-            return DecodeGroup(rows_t, slots, lens.to(device), (start, L), None)
-    key_slots = _key_slots(context_lens, block_tables, block_size)
+    B, L = len(rows), max(context_lens)
     bias = None
-    if min(context_lens) != max(context_lens):
-        valid = torch.arange(key_slots.shape[1])[None, :] < lens[:, None]
+    if min(context_lens) != L:
+        valid = torch.arange(L)[None, :] < lens[:, None]
         bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, :].to(device)
-    return DecodeGroup(rows_t, key_slots.to(device), lens.to(device), None, bias)
+    if one_sequence:
+        used = block_tables[0][: -(-L // block_size)]
+        if all(b - a == 1 for a, b in itertools.pairwise(used)):
+            start = used[0] * block_size
+            slots = torch.arange(start, start + L, device=device)[None].expand(B, L)
+            return DecodeGroup(rows_t, slots, lens.to(device), (start, L), bias)
+    return DecodeGroup(rows_t, _key_slots(context_lens, block_tables, block_size).to(device), lens.to(device), None,
+                       bias)
 
 
 def _prefill_group(query_lens, context_lens, block_tables, starts, block_size, device) -> PrefillGroup:
@@ -169,7 +183,10 @@ def _prefill_group(query_lens, context_lens, block_tables, starts, block_size, d
 @kernels.op("decode_attention")
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
                      scale: float) -> torch.Tensor:
-    """q [B, nh, d] -> [B, nh*d]; softmax in fp32 like transformers' eager attention."""
+    """q [B, nh, d] -> [B, nh*d]; softmax in fp32 like transformers' eager attention.
+
+    With a span (the rows of one sequence, keys in place) the keys are read once for every row:
+    the rows' query heads stack into one matmul per kv head, each row masked to its own length."""
     B, nh, d = q.shape
     nkv = k_cache.shape[0]
     if g.span is not None:
@@ -180,13 +197,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         L = g.key_slots.shape[1]
         keys = k_cache[:, g.key_slots].reshape(nkv * B, L, d)  # [nkv*B, L, d] gathered
         values = v_cache[:, g.key_slots].reshape(nkv * B, L, d)
-    qg = q.view(B, nkv, nh // nkv, d).transpose(0, 1).reshape(nkv * B, nh // nkv, d)
+    # [nkv, B, g, d] laid out as [nkv, B*g, d] against a span, [nkv*B, g, d] against gathered keys
+    qg = q.view(B, nkv, nh // nkv, d).transpose(0, 1).reshape(keys.shape[0], -1, d)
     # keys as the left operand, untransposed: bf16 bmm against a transposed [L, d] view is ~10x slower
-    scores = torch.bmm(keys, qg.transpose(1, 2)).transpose(1, 2).float() * scale  # [nkv*B, g, L]
+    scores = torch.bmm(keys, qg.transpose(1, 2)).transpose(1, 2).float() * scale  # [nkv*B, g, L] or [nkv, B*g, L]
     if g.bias is not None:
         scores = scores.view(nkv, B, -1, L) + g.bias
-    probs = scores.softmax(dim=-1).to(q.dtype).view(nkv * B, -1, L)
-    out = torch.bmm(probs, values)  # [nkv*B, g, d]
+    probs = scores.softmax(dim=-1).to(q.dtype).view(keys.shape[0], -1, L)
+    out = torch.bmm(probs, values)  # [nkv*B, g, d] or [nkv, B*g, d]
     return out.view(nkv, B, nh // nkv, d).transpose(0, 1).reshape(B, nh * d)
 
 
