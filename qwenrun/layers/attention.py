@@ -29,7 +29,8 @@ from qwenrun import kernels
 from qwenrun.layers.rotary import apply_rotary
 
 # Chunks of up to this many tokens attend as decode rows: below it SDPA's fixed cost per call (~2 ms
-# on CPU) outweighs reading the context once per row (measured: benchmarks/spec_bench.py --attention).
+# on CPU) outweighs reading the context once per row. Measured with the fp32 torch reference (Zen 3,
+# 0.6B heads, contexts 512 and 4096): decode rows faster up to 16, SDPA from 24 at context 512.
 DECODE_CHUNK_MAX = 16
 
 
