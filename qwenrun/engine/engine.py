@@ -36,6 +36,7 @@ from qwenrun.loading.loader import Checkpoint
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.sampling.sampler import make_generator
 from qwenrun.spec_decode import SpeculativeConfig, make_drafter, make_proposer
+from qwenrun.spec_decode.policy import DraftPolicy
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class LLMEngine:
         self.speculative_config = spec
         k = spec.num_speculative_tokens if spec else 0
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens,
-                                   make_proposer(spec) if spec and self.drafter is None else None, k,
+                                   DraftPolicy.from_config(spec) if spec else None,
+                                   make_proposer(spec) if spec and self.drafter is None else None,
                                    k - self.drafter.token_shift if self.drafter is not None else 0)
         gen = ckpt.generation_config.get("eos_token_id")
         eos = set(cfg.eos_token_id) | set(gen if isinstance(gen, list) else [gen] if gen is not None else [])

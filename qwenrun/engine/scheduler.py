@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from qwenrun.engine.cache import CacheManager
 from qwenrun.engine.request import Request, ScheduledBatch, Status, StepResult
 from qwenrun.spec_decode.ngram import Proposer
+from qwenrun.spec_decode.policy import DraftPolicy
 
 
 @dataclass
@@ -32,14 +33,14 @@ class Scheduler:
     last request leaves (nothing running or waiting)."""
 
     def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 proposer: Proposer | None = None, num_speculative_tokens: int = 0, lookahead: int = 0) -> None:
-        """Up to `num_speculative_tokens` drafts per decoding request, verified in its step
-        (`ModelRunner.execute`): the `proposer`'s, or else a drafter's (`Request.drafts`, made by the
-        runner in the step before), whose chain runs into `lookahead` positions past a sampling
-        chunk, allocated when blocks are free after everything else is scheduled."""
+                 policy: DraftPolicy | None = None, proposer: Proposer | None = None, lookahead: int = 0) -> None:
+        """With a `policy`, drafts for each decoding request as many as it says, verified in the
+        request's step (`ModelRunner.execute`): the `proposer`'s, or else a drafter's
+        (`Request.drafts`, made by the runner in the step before), whose chain runs into `lookahead`
+        positions past a sampling chunk, allocated when blocks are free after everything else is
+        scheduled."""
         self.cache = cache
-        self.proposer, self.num_speculative_tokens = proposer, num_speculative_tokens
-        self.lookahead = lookahead
+        self.policy, self.proposer, self.lookahead = policy, proposer, lookahead
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -56,12 +57,13 @@ class Scheduler:
         reqs: list[Request] = []
         counts: list[int] = []
         drafts: list[list[int]] = []
+        num_decoding = sum(r.num_new_tokens == 1 for r in self.running)
         for req in list(self.running):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            draft = self._propose(req, budget - 1)
+            draft = self._propose(req, budget - 1, num_decoding)
             n = self.cache.chunk(req, min(req.num_new_tokens, budget)) + len(draft)
             if self._grow(req, n):
                 reqs.append(req)
@@ -89,14 +91,16 @@ class Scheduler:
                 self.cache.allocate(req, n + extra)
         return batch
 
-    def _propose(self, req: Request, budget: int) -> list[int]:
+    def _propose(self, req: Request, budget: int, num_decoding: int) -> list[int]:
         """Drafts for a decoding request: no more than fit the token budget and its max_tokens (so no
         position passes the context window), none while a forced thinking close is queued (those
         tokens replace whatever the step samples), and none when their blocks are not free (a
-        draft never preempts anyone)."""
-        if not self.num_speculative_tokens or req.num_new_tokens != 1 or req.thinking.forced:
+        draft never preempts anyone); the policy's length first (the request's acceptance rate, and
+        none in a step of `num_decoding` requests that is compute-bound already)."""
+        if self.policy is None or req.num_new_tokens != 1 or req.thinking.forced:
             return []
-        k = min(self.num_speculative_tokens, budget, req.max_new_tokens - req.num_output_tokens - 1)
+        k = min(self.policy.draft_length(req.request_id, num_decoding), budget,
+                req.max_new_tokens - req.num_output_tokens - 1)
         if k < 1:
             return []
         draft = self.proposer.propose(req.token_ids, k) if self.proposer is not None else req.drafts[:k]
@@ -147,6 +151,7 @@ class Scheduler:
                 if drafts:
                     self.stats.draft_tokens += len(drafts)
                     self.stats.accepted_tokens += accepted
+                    self.policy.observe(req.request_id, len(drafts), accepted)  # type: ignore[union-attr]
                     req.num_computed_tokens -= len(drafts) - accepted
                 self.cache.commit(req, len(drafts), accepted)
 
@@ -175,5 +180,7 @@ class Scheduler:
             self.waiting.remove(req)
         self._release(req)
         req.status = Status.FINISHED
+        if self.policy is not None:
+            self.policy.forget(req.request_id)
         if not self.has_unfinished():
             self.cache.check_integrity()

@@ -84,7 +84,7 @@ def test_the_target_as_its_own_draft_model_has_every_draft_accepted(tmp_path):
 def test_a_smaller_model_of_another_shape_drafts_and_other_vocabularies_are_refused(tmp_path):
     """A separately random MoE draft with fewer, narrower layers and heads than the (dense) target:
     its cache specs differ from the target's in the one plan; it agrees with the target on nothing,
-    so every draft is rolled back."""
+    so every draft is rolled back, and the adaptive draft length (`DraftPolicy`) drafts far less."""
     folder = make_checkpoint("dense-untied-gqa2", tmp_path / "target")[0]
     draft = make_checkpoint("moe-norm-topk", tmp_path / "draft", seed=5, num_hidden_layers=1, hidden_size=32,
                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
@@ -95,6 +95,12 @@ def test_a_smaller_model_of_another_shape_drafts_and_other_vocabularies_are_refu
     assert ids(llm, prompts, greedy(20)) == ids(plain, prompts, greedy(20))
     assert llm.engine.scheduler.stats.draft_tokens > 0
     assert_idle_and_whole(llm)
+    # the adaptive draft length soon stops drafting what is never accepted (a probe now and then)
+    adaptive = LLM(folder, dtype="float32", kv_cache_memory=16 << 20,
+                   speculative_config={**_spec(draft), "adaptive_draft_length": True})
+    assert ids(adaptive, prompts, greedy(20)) == ids(plain, prompts, greedy(20))
+    assert 0 < 4 * adaptive.engine.scheduler.stats.draft_tokens < llm.engine.scheduler.stats.draft_tokens
+    assert_idle_and_whole(adaptive)
     other = make_checkpoint("dense-tied-mha", tmp_path / "other", vocab_size=256)[0]
     with pytest.raises(InvalidRequestError, match="vocabulary") as err:
         LLM(folder, dtype="float32", kv_cache_memory=16 << 20, speculative_config=_spec(other))
