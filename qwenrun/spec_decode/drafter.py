@@ -21,7 +21,6 @@ import tokenizers
 import torch
 from torch import nn
 
-from qwenrun.engine.cache import CacheSpec
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.attention import KVCacheSpec
 from qwenrun.layers.forward_batch import ForwardBatch
@@ -38,8 +37,9 @@ class Drafter(Protocol):
 
     token_shift: int
 
-    def cache_specs(self, dtype: torch.dtype) -> list[CacheSpec]:
-        """One spec per drafter layer that keeps K/V, appended after the target's in the cache plan."""
+    def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec]:
+        """One spec per drafter layer, appended after the target's in the cache plan (attention only:
+        a drafter keeps no recurrent state, and spec_decode need not import the engine's cache types)."""
         ...
 
     def forward(self, fb: ForwardBatch, hidden: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +65,7 @@ class ModelDrafter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def cache_specs(self, dtype: torch.dtype) -> list[CacheSpec]:
+    def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec]:
         return self.model.cache_specs(dtype)
 
     def forward(self, fb: ForwardBatch, hidden: torch.Tensor | None) -> torch.Tensor:
