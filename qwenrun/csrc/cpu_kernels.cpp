@@ -1,5 +1,5 @@
 // Decode-time CPU kernels: matrix-vector products over bf16 / int8 / int4 weights and single-query
-// paged attention, written for AVX-512 (with AVX512-BF16 for bf16 weights).
+// paged attention, written for AVX-512 (with AVX512-BF16 for bf16 weights) and for AVX2 + FMA.
 //
 // Why by hand: a decode step multiplies one activation row by every weight once, so it is bound by
 // how fast the weights stream from memory. oneDNN, `_weight_int8pack_mm` and the int4 pack kernel
