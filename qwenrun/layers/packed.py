@@ -20,7 +20,14 @@ from qwenrun.layers.moe import Experts, Qwen3MoeExperts
 
 
 def cpu_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """The streaming kernels, or oneDNN's bf16 reorder, which needs AVX512-BF16 or AVX-NE-CONVERT: on
+    an AVX2 CPU without the kernels (no compiler, `QWENRUN_CPU_KERNELS=0`) packing fails at load, so
+    its linears stay plain `F.linear`."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    return kernels.cpu_ops() is not None or (
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 @kernels.op("bf16_linear")
