@@ -45,14 +45,16 @@ def add_mtp_head(folder, ref, seed: int = 7) -> tuple[torch.nn.Module, dict[str,
     cfg = copy.deepcopy(ref.config)
     if hasattr(cfg, "layer_types"):
         cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
-    torch.manual_seed(seed)
     layer = type(ref.model.layers[0])(cfg, 0).eval()
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 0.05))
-    H = cfg.hidden_size
     centre = 0.0 if "Next" in type(layer).__name__ or "3_5" in type(layer).__name__ else 1.0
+    with torch.no_grad():
+        # Every value written here: a bare decoder layer is not initialised (its fused experts are
+        # torch.empty), and adding noise to that memory made the test fail at random with NaNs.
+        for name, p in layer.named_parameters():
+            base = centre if "norm" in name else 0.0
+            p.copy_(base + torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 0.05))
+    H = cfg.hidden_size
     head = {"mtp.fc.weight": torch.randn(H, 2 * H, generator=gen) * 0.1,
             **{f"mtp.{n}.weight": centre + torch.randn(H, generator=gen) * 0.3
                for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}}
