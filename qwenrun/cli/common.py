@@ -100,6 +100,7 @@ def load_llm(args: argparse.Namespace, max_num_seqs: int) -> LLM:
             max_model_len=args.max_model_len,
             quantization=args.quantization,
             max_num_seqs=max_num_seqs,
+            speculative_config=args.speculative_config,
         )
     dtype = str(llm.dtype).removeprefix("torch.")
     params = human(llm.config.num_parameters())

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import qwenrun
+from qwenrun.cli.serve import parse_speculative_config
 
 # The checkpoint `qwenrun chat` opens when none is named: the bundled demo model, found beside the
 # installed package so it works offline (reproduce it with `qwenrun train-demo`).
@@ -69,6 +70,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=("int8", "int4"),
         help="weight-only quantization at load: int8 per channel, int4 group-wise (group 128)",
+    )
+    g.add_argument(
+        "--speculative-config",
+        type=parse_speculative_config,
+        metavar="JSON",
+        help='speculative decoding, as `serve` takes it: \'{"method": "mtp", "num_speculative_tokens": 2}\'',
     )
 
 

@@ -151,6 +151,17 @@ def test_generate_json_batch(tiny: tuple[Path, int]) -> None:
     assert records[0]["text"] == records[2]["text"]  # greedy: the batch neighbour does not matter
 
 
+def test_generate_speculative_config_keeps_greedy_text(tiny: tuple[Path, int]) -> None:
+    path, _ = tiny
+    args = ("generate", path, "--prompt", "Hello Hello Hello", "--temperature", "0", "--max-tokens", "12", "--json")
+    plain = qwenrun(*args)
+    spec = qwenrun(*args, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert json.loads(spec.stdout)["text"] == json.loads(plain.stdout)["text"]
+    bad = qwenrun(*args, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}')
+    assert bad.returncode == 2 and "num_speculative_tokens" in bad.stderr
+
+
 def test_generate_chat_json_with_budget(tiny: tuple[Path, int]) -> None:
     path, _ = tiny
     proc = qwenrun(
