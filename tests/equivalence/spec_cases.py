@@ -115,6 +115,9 @@ def exact_probs(llm: LLM, prompt: list[int]) -> dict[tuple[int, ...], float]:
 def assert_sampling_keeps_distribution(monkeypatch, folder: Path, spec: dict) -> None:
     """Sampled continuations with `spec` are as far from the exact target distribution as plain
     sampling's (TV under TV_BOUND), with drafts accepted; a rule that accepts every draft is not."""
+    # N seeds sample in one batch: the policy would switch drafts off (disable_by_batch_size) or shorten
+    # them, and what is tested here is the verification rule
+    spec = {**spec, "disable_by_batch_size": None, "adaptive_draft_length": False}
     plain = LLM(folder, dtype="float32", kv_cache_memory=32 << 20)
     # the model's own greedy text (a tiny random model soon loops): its likely next tokens are in it
     seed_prompt = repeating((6,), seed=1)[0]
