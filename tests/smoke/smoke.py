@@ -70,8 +70,12 @@ def check_cache_vs_no_cache(llm: LLM) -> None:
     for prompt in PROMPTS:
         [out] = llm.generate([prompt], params)
         tokens = out.outputs[0].token_ids
-        full = llm.logits(prompt + tokens[:-1])
-        assert tokens == full[len(prompt) - 1:].argmax(-1).tolist()
+        full = llm.logits(prompt + tokens[:-1])[len(prompt) - 1:]
+        # Each row is teacher-forced on the tokens generated before it, so rows compare independently;
+        # a row whose top two logits tie to ~1e-6 (tiny random checkpoints have such rows) may break the
+        # tie either way between the chunked cached path and one whole forward.
+        chosen = full.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (chosen >= full.max(-1).values - 1e-5 * full.abs().max()).all(), (tokens, full.argmax(-1).tolist())
 
 
 def check_batch(llm: LLM) -> None:
