@@ -13,7 +13,8 @@ Prints markdown tables:
   `speculative_config.disable_by_batch_size` defaults from: the smallest B where doubling the rows
   costs >= 1.5x (the step is compute-bound; a draft then costs about what a whole row does).
 * bundled: the bundled model at batch 1 on the eval's arithmetic prompts (the reasoning restates the
-  question's digits), plain against `{"method": "ngram", ...}`, greedy output checked identical.
+  question's digits), plain against `{"method": "ngram", ...}` and its trained MTP head, greedy
+  output checked identical.
 * editing: the Qwen3-0.6B shape steered (as tests/steered.py: attention and MLP outputs zeroed, the
   untied LM head maps each token to its successor) so that greedy output rewrites a 400-token input
   with one token in 16 changed: the editing case where output repeats much of its input. Same
@@ -160,22 +161,25 @@ def _compare(name: str, plain: LLM, fast: LLM, prompts: list, params: SamplingPa
 
 
 def _table_header(spec: dict) -> None:
-    print(f"\n### Prompt lookup at batch 1, greedy, speculative_config={spec}; outputs identical\n")
-    print("| prompts | n | output tokens | plain tok/s | ngram tok/s | speed-up | drafts accepted | "
+    print(f"\n### Speculative decoding at batch 1, greedy, speculative_config={spec}; outputs identical\n")
+    print("| prompts | n | output tokens | plain tok/s | speculative tok/s | speed-up | drafts accepted | "
           "accepted per output token |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def bundled_section(spec: dict, n: int, max_tokens: int) -> None:
+def bundled_section(spec: dict, n: int, max_tokens: int, mtp_k: int) -> None:
     rng = random.Random(0)
     arith = [_user(rng, p) for task in (HEADLINE, TASKS[1]) for p in problems(task, n // 2, seed=1)]
     items = [f"{rng.randint(100, 999)} apples" for _ in range(12)]
     edit = [[{"role": "user", "content": "Repeat this list exactly, then add one item: " + ", ".join(items)}]]
-    plain, fast = LLM(MODEL, dtype="float32"), LLM(MODEL, dtype="float32", speculative_config=spec)
-    _table_header(spec)
+    plain = LLM(MODEL, dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    _compare(f"{MODEL.name} fp32, eval arithmetic", plain, fast, arith, params, chat=True)
-    _compare(f"{MODEL.name} fp32, list repeat", plain, fast, edit, params, chat=True)
+    # the bundled model's trained MTP head (qwenrun train-demo --mtp-steps) against prompt lookup
+    for method in (spec, {"method": "mtp", "num_speculative_tokens": mtp_k}):
+        fast = LLM(MODEL, dtype="float32", speculative_config=method)
+        _table_header(method)
+        _compare(f"{MODEL.name} fp32, eval arithmetic", plain, fast, arith, params, chat=True)
+        _compare(f"{MODEL.name} fp32, list repeat", plain, fast, edit, params, chat=True)
 
 
 def steered_editing_checkpoint(cache_dir: Path, layers: int | None, length: int = 400, edit_every: int = 16
@@ -229,6 +233,7 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=3, help="prompt_lookup_max")
     ap.add_argument("--min-n", type=int, default=2, help="prompt_lookup_min")
     ap.add_argument("--n", type=int, default=8, help="arithmetic prompts")
+    ap.add_argument("--mtp-k", type=int, default=2, help="num_speculative_tokens of the bundled model's MTP head")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, help="reduce the 0.6B shape's depth (a quick run)")
     ap.add_argument("--runs", type=int, default=7, help="timed forwards per verify/rows cell (median)")
@@ -248,7 +253,7 @@ def main() -> None:
     if "rows" in sections:
         rows_section(args.cache_dir, args.layers, args.runs, args.dtype)
     if "bundled" in sections:
-        bundled_section(spec, args.n, args.max_tokens)
+        bundled_section(spec, args.n, args.max_tokens, args.mtp_k)
     if "editing" in sections:
         editing_section(spec, args.cache_dir, args.layers, args.dtype)
 
