@@ -16,6 +16,16 @@ def random_prompts(vocab: int, lens, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lens]
 
 
+def assert_idle_and_whole(llm: LLM) -> None:
+    """Nothing running, every block free and the cache's own checks pass; a hybrid model's state
+    slots all free or holding checkpoints."""
+    cache = llm.engine.cache
+    cache.check_integrity()
+    assert cache.pool.num_free == cache.pool.num_blocks and cache.num_live == 0
+    assert cache.slots is None or cache.slots.num_free + cache.slots.num_checkpoints == cache.slots.num_slots
+    assert not llm.engine.has_unfinished_requests()
+
+
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 

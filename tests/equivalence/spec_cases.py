@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from engine_cases import greedy
+from engine_cases import assert_idle_and_whole, greedy
 
 from qwenrun import LLM, SamplingParams
 from qwenrun.engine import runner
@@ -27,12 +27,6 @@ def repeating(lens, seed: int = 0) -> list[list[int]]:
 
 def ids(llm: LLM, prompts, params) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-
-
-def assert_idle_and_whole(llm: LLM) -> None:
-    llm.engine.cache.check_integrity()
-    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
-    assert not llm.engine.has_unfinished_requests()
 
 
 def assert_greedy_identical_alone_batched_chunked_prefix_hit(folder: Path, spec: dict,

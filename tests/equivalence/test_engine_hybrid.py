@@ -6,12 +6,12 @@ the cache passes its integrity check."""
 from __future__ import annotations
 
 import pytest
-
-from qwenrun import LLM
+from engine_cases import assert_idle_and_whole as _assert_idle_and_whole
 from engine_cases import greedy as _greedy
 from engine_cases import random_prompts as _prompts
-from hybrid_cases import assert_idle_and_whole as _assert_idle_and_whole
 from hybrid_cases import checkpoint, solo  # noqa: F401 (module fixtures)
+
+from qwenrun import LLM
 
 
 @pytest.mark.parametrize("chunk", [7, 33, 64, 200])

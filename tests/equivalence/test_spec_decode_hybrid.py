@@ -15,9 +15,9 @@ import random
 
 import pytest
 import torch
+from engine_cases import assert_idle_and_whole as _assert_idle_and_whole
 from engine_cases import greedy as _greedy
 from engine_cases import random_prompts as _prompts
-from hybrid_cases import assert_idle_and_whole as _assert_idle_and_whole
 from hybrid_cases import checkpoint, solo  # noqa: F401 (module fixtures)
 from tiny import make_checkpoint
 
