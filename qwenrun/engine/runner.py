@@ -14,7 +14,7 @@ from qwenrun.layers.attention import AttentionMetadata
 from qwenrun.layers.forward_batch import ForwardBatch, LayerCache
 from qwenrun.layers.recurrent import RecurrentMetadata
 from qwenrun.layers.visual import VisualEmbeds
-from qwenrun.sampling.sampler import SamplingBatch, compute_logprobs, mask_vocab, sample
+from qwenrun.sampling.sampler import SamplingBatch, argmax, compute_logprobs, mask_vocab, sample
 from qwenrun.spec_decode.drafter import Drafter
 
 
@@ -203,7 +203,7 @@ class ModelRunner:
         drafts: list[list[int]] = [[] for _ in batch.requests]
         while drafting:
             logits = mask_vocab(self.drafter.compute_logits(h), self.valid_vocab_size)
-            for i, t in zip(drafting, logits.argmax(-1).tolist()):
+            for i, t in zip(drafting, argmax(logits).tolist()):  # the C++ kernel where it applies
                 drafts[i].append(t)
             going = [j for j, i in enumerate(drafting) if len(drafts[i]) < lengths[i]]
             if not going:

@@ -333,7 +333,7 @@ def _draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 @kernels.op("argmax")
-def _argmax(x: torch.Tensor) -> torch.Tensor:
+def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
@@ -356,10 +356,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     such a row means.
     """
     if batch.all_greedy and batch.penalties is None and batch.banned is None and batch.bitmask is None:
-        return _argmax(logits)
+        return argmax(logits)
     x = process_logits(logits, batch)  # [B, V] fp32
     if batch.all_greedy:
-        return _argmax(x)
+        return argmax(x)
     sampled = _draw(x.softmax(dim=-1), batch)
     if batch.greedy_mask is None:
         return sampled

@@ -491,10 +491,10 @@ def test_every_operation_matches_its_torch_reference_at_decode_shapes():
     from qwenrun.layers.norm import rms_norm
     from qwenrun.layers.packed import bf16_matmul
     from qwenrun.quant.linear import expand, quantized_matmul
-    from qwenrun.sampling.sampler import _argmax
+    from qwenrun.sampling.sampler import argmax
 
     operations = {"rms_norm": rms_norm, "qk_norm_rope_store": qk_norm_rope_store, "decode_attention": decode_attention,
-                  "argmax": _argmax, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
+                  "argmax": argmax, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
                   "dequantize": expand, "routed_experts": routed_experts, "gdn_decode": gdn_decode,
                   "gdn_prefill": gdn_prefill}
     assert set(operations) == set(kernels.KERNELS)
