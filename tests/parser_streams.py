@@ -85,3 +85,61 @@ def assert_same(streamed: Streamed, whole: ParsedToolCalls, text: str) -> None:
     assert streamed.calls == [(c.name, c.arguments) for c in whole.tool_calls], text
     assert streamed.errors == whole.errors, text
     assert streamed.indexes == list(range(len(streamed.calls)))
+
+
+@dataclass
+class ArgumentStream:
+    """A ChatStreamParser run with `stream_arguments`: per call index, its name, the argument
+    deltas and how many characters had been fed before each; and the finished calls."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    deltas: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # (fed, text)
+    finished: dict[int, object] = field(default_factory=dict)  # index -> ToolCall | None
+    content: str = ""
+
+    def arguments(self, index: int) -> str:
+        return "".join(text for _, text in self.deltas.get(index, []))
+
+
+def run_argument_stream(output_parser, pieces: list[str]) -> ArgumentStream:
+    """Feed `pieces` to `output_parser.stream(stream_arguments=True)`, checking the event order."""
+    stream = output_parser.stream(stream_arguments=True)
+    out = ArgumentStream()
+    fed = 0
+
+    def take(events) -> None:
+        for e in events:
+            kind = e[0]
+            if kind == "content":
+                out.content += e[1]
+            elif kind == "tool_call_start":
+                assert e[1] not in out.names and e[2].startswith("call_")
+                out.names[e[1]] = e[3]
+                out.deltas[e[1]] = []
+            elif kind == "tool_call_arguments":
+                assert e[1] in out.names and e[1] not in out.finished
+                out.deltas[e[1]].append((fed, e[2]))
+            elif kind == "tool_call_end":
+                assert e[1] in out.names and e[1] not in out.finished
+                out.finished[e[1]] = e[2]
+            else:
+                assert kind == "reasoning", e
+
+    for piece in pieces:
+        fed += len(piece)
+        take(stream.feed(piece))
+    fed += 1  # after the end
+    take(stream.finish())
+    assert set(out.finished) == set(out.names), "a started call never ended"
+    return out
+
+
+def assert_arguments_join(streamed: ArgumentStream, whole_calls, text: str) -> None:
+    """Each accepted call's argument deltas join to exactly its finished arguments, which are the
+    whole-text parse's."""
+    accepted = [(i, c) for i, c in sorted(streamed.finished.items()) if c is not None]
+    assert [(c.name, c.arguments) for _, c in accepted] == \
+        [(c.name, c.arguments) for c in whole_calls], text
+    for i, call in accepted:
+        assert streamed.names[i] == call.name, text
+        assert streamed.arguments(i) == call.arguments, text

@@ -9,7 +9,14 @@ import re
 from typing import Any
 
 import pytest
-from parser_streams import assert_same, char_pieces, token_pieces
+from parser_streams import (
+    assert_arguments_join,
+    assert_same,
+    char_pieces,
+    random_pieces,
+    run_argument_stream,
+    token_pieces,
+)
 from parser_streams import run_stream as run_pieces
 
 from qwenrun.errors import InvalidRequestError
@@ -268,3 +275,67 @@ def test_a_long_rejected_block_is_quoted_short_and_kept_whole() -> None:
     assert parsed.content == text and parsed.tool_calls == []
     [error] = parsed.errors
     assert error.startswith("tool call is not valid JSON (") and len(error) < 700
+
+
+# ------------------------------------------------------------------------- argument streaming
+
+
+def _chat_parser():
+    from qwenrun.tokenizer.chat_output import ChatOutputParser
+
+    return ChatOutputParser(get_tool_parser("hermes"), None, think_open=False)
+
+
+@pytest.mark.parametrize(("text", "content", "calls", "n_errors"), CASES)
+def test_argument_deltas_join_to_the_arguments(
+    text: str, content: str | None, calls: Any, n_errors: int, qwen3_tokenizer_dir
+) -> None:
+    parser = _chat_parser()
+    whole = parser.parse(text)
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        streamed = run_argument_stream(parser, pieces)
+        assert_arguments_join(streamed, whole.tool_calls, text)
+        assert streamed.content == (whole.content or ""), text
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_argument_deltas_join_fuzz(seed: int) -> None:
+    rng = random.Random(seed)
+    parser = _chat_parser()
+    for _ in range(20):
+        text = "".join(rng.choice(FRAGMENTS + ARGUMENT_FRAGMENTS) for _ in range(rng.randint(0, 12)))
+        streamed = run_argument_stream(parser, random_pieces(text, seed, rng.choice([1, 3, 8])))
+        assert_arguments_join(streamed, parser.parse(text).tool_calls, text)
+
+
+ARGUMENT_FRAGMENTS = ['<tool_call>\n{"name": "f", "arguments": {', '"a": 1', ", ", '"b": [1, {"c": "x"}]',
+                      "}}\n</tool_call>", '"s": "\\u00e9\\n"', "12", "}", ","]
+
+
+def test_arguments_stream_as_each_value_completes(qwen3_tokenizer_dir) -> None:
+    text = ('<tool_call>\n{"name": "book", "arguments": {"city": "Paris", "nights": 3, '
+            '"rooms": [{"beds": 2}], "note": "late \\"arrival\\""}}\n</tool_call>')
+    # each pair is out with the separator after its value: the `,` or the closing `}`
+    seps = [text.index(", \"nights\""), text.index(", \"rooms\""), text.index(", \"note\""),
+            text.index("}}\n")]
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        streamed = run_argument_stream(_chat_parser(), pieces)
+        deltas = streamed.deltas[0]
+        assert [t for _, t in deltas] == ['{"city": "Paris"', ', "nights": 3',
+                                          ', "rooms": [{"beds": 2}]',
+                                          ', "note": "late \\"arrival\\""', "}"]
+        ends = list(itertools.accumulate(len(piece) for piece in pieces))
+        assert [fed for fed, _ in deltas[:4]] == [next(e for e in ends if e > i) for i in seps]
+        assert deltas[4][0] == len(text)  # the closing brace comes with the call
+        assert streamed.arguments(0) == streamed.finished[0].arguments
+
+
+def test_parallel_false_streams_only_the_first_call() -> None:
+    from qwenrun.tokenizer.chat_output import ChatOutputParser
+
+    parser = ChatOutputParser(get_tool_parser("hermes"), None, think_open=False,
+                              parallel_tool_calls=False)
+    text = WEATHER_PARIS + "\n" + WEATHER_ROME
+    streamed = run_argument_stream(parser, char_pieces(text))
+    assert list(streamed.names) == [0]
+    assert streamed.arguments(0) == '{"city": "Paris"}'

@@ -5,11 +5,20 @@ each call emitted as soon as the tag that closes it arrives. Plus the format inf
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
 import pytest
-from parser_streams import assert_same, char_pieces, random_pieces, run_stream, token_pieces
+from parser_streams import (
+    assert_arguments_join,
+    assert_same,
+    char_pieces,
+    random_pieces,
+    run_argument_stream,
+    run_stream,
+    token_pieces,
+)
 
 from qwenrun.agent import infer_tool_parser
 from qwenrun.tokenizer.tool_parsers import get_tool_parser
@@ -649,3 +658,49 @@ def test_streaming_a_long_value_takes_linear_work(body, qwen3_tokenizer_dir, mon
     assert streamed.emitted_after == [len(text)]
     assert json.loads(streamed.calls[0][1])["content"] == body
     assert looked < 20 * len(body) // 40
+
+
+# ------------------------------------------------------------------------- argument streaming
+
+
+def _chat_parser(tools):
+    from qwenrun.tokenizer.chat_output import ChatOutputParser
+
+    return ChatOutputParser(get_tool_parser("qwen3_coder"), tools, think_open=False)
+
+
+@pytest.mark.parametrize("case, text, tools, content, calls, n_errors", CASES, ids=IDS)
+def test_argument_deltas_join_to_the_arguments(
+    case, text, tools, content, calls, n_errors, qwen3_tokenizer_dir
+):
+    parser = _chat_parser(tools)
+    whole = parser.parse(text)
+    splits = [token_pieces(qwen3_tokenizer_dir, text), char_pieces(text), random_pieces(text, 1)]
+    for pieces in splits:
+        streamed = run_argument_stream(parser, pieces)
+        assert_arguments_join(streamed, whole.tool_calls, text)
+        assert streamed.content == (whole.content or ""), text
+
+
+def test_each_parameter_streams_when_the_next_one_opens(qwen3_tokenizer_dir):
+    text = "Writing.\n" + call("run", p("cmd", "ls -l"), p("n", "2"), p("opts", '{"a": [1]}'))
+    opens = [text.index("<parameter=n>") + len("<parameter=n>"),
+             text.index("<parameter=opts>") + len("<parameter=opts>")]
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        streamed = run_argument_stream(_chat_parser(TOOLS), pieces)
+        deltas = streamed.deltas[0]
+        assert [t for _, t in deltas] == ['{"cmd": "ls -l"', ', "n": 2', ', "opts": {"a": [1]}}']
+        ends = [e for e in itertools.accumulate(len(piece) for piece in pieces)]
+        assert [fed for fed, _ in deltas[:2]] == [next(e for e in ends if e >= i) for i in opens]
+        assert deltas[2][0] == len(text)  # the last value is decided by the closing tags
+        assert streamed.names == {0: "run"}
+
+
+def test_two_functions_in_one_block_stream_as_two_calls(qwen3_tokenizer_dir):
+    text = ("<tool_call>\n<function=run>\n" + p("n", "1") + "</function>\n<function=write_file>\n"
+            + p("path", "a") + p("content", "b") + "</function>\n</tool_call>")
+    parser = _chat_parser(TOOLS)
+    streamed = run_argument_stream(parser, char_pieces(text))
+    assert streamed.names == {0: "run", 1: "write_file"}
+    assert_arguments_join(streamed, parser.parse(text).tool_calls, text)
+    assert streamed.deltas[1][0][1] == '{"path": "a"'

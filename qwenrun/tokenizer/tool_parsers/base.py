@@ -77,12 +77,46 @@ class ToolCallError:
 StreamEvent = ContentDelta | ToolCallDelta | ToolCallError
 
 
+@dataclass(frozen=True)
+class OpenCall:
+    """A call still being written: its function name and the arguments already decided, in order
+    (what a stream may send before the call closes; see `arguments_prefix`)."""
+
+    name: str
+    arguments: list[tuple[str, Any]]
+
+    def arguments_prefix(self) -> str:
+        """The start of the finished call's `arguments` text these pairs fix: `{"k": v, "k2": v2`
+        (no closing brace), "" for none. `json.dumps` of an object is its pairs joined that way,
+        so the prefix holds if the call is accepted with these keys first. It stops before a
+        value JSON cannot write and before a repeated key: the finished call keeps the later
+        value in the earlier place, so a repeat breaks the prefix already sent (the consumer
+        checks the finished call against it)."""
+        parts: list[str] = []
+        seen: set[str] = set()
+        for key, value in self.arguments:
+            if key in seen:
+                break
+            seen.add(key)
+            try:
+                parts.append(json.dumps(key, ensure_ascii=False) + ": "
+                             + json.dumps(value, ensure_ascii=False, allow_nan=False))
+            except (TypeError, ValueError, RecursionError):
+                break
+        return "{" + ", ".join(parts) if parts else ""
+
+
 class StreamingToolParser(Protocol):
     """Incremental parser of one output: `feed` each content delta, then `finish` once."""
 
     def feed(self, delta_text: str) -> list[StreamEvent]: ...
 
     def finish(self) -> list[StreamEvent]: ...
+
+    def open_call(self) -> list[OpenCall]:
+        """The functions of the call being written (several when one call block holds more),
+        empty when none is open."""
+        ...
 
 
 def tool_parameters(tools: Tools) -> dict[str, Mapping[str, Any]] | None:

@@ -14,8 +14,13 @@ arguments no JSON parser reads.
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
 from qwenrun.tokenizer.tool_parsers.base import (
+    OpenCall,
     ParsedToolCalls,
     Span,
     StreamEvent,
@@ -88,6 +93,75 @@ def parse_tool_calls(text: str, tools: Tools = None) -> ParsedToolCalls:
     return assemble(text, spans)
 
 
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*')
+_ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*\{')
+_WS = re.compile(r"\s*")
+_PAIR_SEP = re.compile(r"\s*([,:}])\s*")
+# NaN / Infinity read as NaN, which arguments_prefix refuses to write: no prefix past them
+_DECODER = json.JSONDecoder(parse_constant=lambda name: float("nan"))
+
+
+class _OpenCallReader:
+    """The call whose JSON body (after `<tool_call>`) is still being written, read as it grows:
+    `{"name": N, "arguments": {...` in that order, as Qwen3 writes it, with each argument whose
+    value is complete and followed by `,` or `}`. Any other layout streams nothing (the call comes
+    whole). Where the last complete pair ended is kept, so each read goes on from there."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.pairs: list[tuple[str, Any]] = []
+        self._pos = 0  # where the next pair starts; 0: the head is not read yet
+        self._done = False  # the arguments object closed, or is not one Qwen3 writes
+
+    def read(self, body: str) -> list[OpenCall]:
+        if not self._done and self._pos == 0:
+            self._head(body)
+        while not self._done and self._pos:
+            if not self._pair(body):
+                break
+        return [] if self.name is None else [OpenCall(self.name, list(self.pairs))]
+
+    def _head(self, body: str) -> None:
+        """Read `{"name": N, "arguments": {` once it is all there (tried again until then: the
+        head is short, and another layout never streams)."""
+        head = _HEAD.match(body)
+        if head is None:
+            return
+        try:
+            name, pos = _DECODER.raw_decode(body, head.end())
+        except ValueError:
+            return
+        args = _ARGUMENTS.match(body, pos)
+        if args is not None and isinstance(name, str) and name:
+            self.name, self._pos = name, args.end()
+
+    def _pair(self, body: str) -> bool:
+        """Read one more complete pair; False when the text does not hold one yet."""
+        try:
+            key, pos = _DECODER.raw_decode(body, _WS.match(body, self._pos).end())
+            colon = _PAIR_SEP.match(body, pos)
+            if colon is None:
+                return False
+            if not isinstance(key, str) or colon.group(1) != ":":
+                self._done = True
+                return False
+            value, pos = _DECODER.raw_decode(body, colon.end())
+        except (ValueError, RecursionError):
+            if body[self._pos:].lstrip().startswith("}"):
+                self._done = True
+            return False
+        sep = _PAIR_SEP.match(body, pos)
+        if sep is None:
+            return False  # the value may go on (a number), or its separator is still to come
+        if sep.group(1) == ":":
+            self._done = True
+            return False
+        self.pairs.append((key, value))
+        self._pos = sep.end()
+        self._done = sep.group(1) == "}"
+        return True
+
+
 class StreamingToolCallParser:
     """Incremental `parse_tool_calls` for streamed content.
 
@@ -103,6 +177,7 @@ class StreamingToolCallParser:
         self._scanned = 0  # call-body prefix known to hold no `</tool_call>`: don't rescan it
         self._content = StrippedStream()
         self._n_calls = 0
+        self._open = _OpenCallReader()
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
         """Consume one content delta; return the events it completes, in order."""
@@ -128,6 +203,10 @@ class StreamingToolCallParser:
                 self._buffer = self._buffer[start + len(TOOL_CALL_START) :]
                 self._in_call = True
 
+    def open_call(self) -> list[OpenCall]:
+        """The call being written, with its complete arguments (see `_OpenCallReader`)."""
+        return self._open.read(self._buffer) if self._in_call else []
+
     def finish(self) -> list[StreamEvent]:
         """End of output: parse an unterminated call (error + raw text if incomplete) and flush."""
         events: list[StreamEvent] = []
@@ -141,6 +220,7 @@ class StreamingToolCallParser:
     def _close_call(self, inner: str, raw: str, events: list[StreamEvent]) -> None:
         self._in_call = False
         self._scanned = 0
+        self._open = _OpenCallReader()
         result = _parse_block(inner, raw)
         if isinstance(result, ToolCall):
             events.append(ToolCallDelta(self._n_calls, result))

@@ -66,6 +66,7 @@ from typing import Any
 
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
 from qwenrun.tokenizer.tool_parsers.base import (
+    OpenCall,
     ParsedToolCalls,
     Span,
     StreamEvent,
@@ -359,6 +360,9 @@ class _Reader:
     wrapped: bool
     closed: bool
     rejected: dict[int, int] = field(default_factory=dict)
+    # The functions read so far, each with its parameters whose values are decided (filled as
+    # `read` goes, so a read cut short by _Incomplete shows what the open call already holds).
+    progress: list[tuple[_Function, list[tuple[str, str]]]] = field(default_factory=list)
 
     def _skip_ws(self, i: int) -> int:
         m = _WS.match(self.text, i)
@@ -438,7 +442,7 @@ class _Reader:
 
     def read(self, i: int) -> tuple[list[tuple[_Function, list[tuple[str, str]]]], int]:
         """The functions of the call whose text starts at i, and where the call ends."""
-        functions = []
+        functions = self.progress = []
         pos = self._skip_ws(i)
         while True:
             header = self.tag(pos, FUNCTION_START)
@@ -446,6 +450,7 @@ class _Reader:
                 raise _Malformed
             fn = self.schemas.function(header[0])
             params: list[tuple[str, str]] = []
+            functions.append((fn, params))
             given: set[str] = set()
             pos = self._skip_ws(header[1])
             while True:
@@ -458,7 +463,6 @@ class _Reader:
                 given.add(param[0])
                 end, pos = self.value_end(param[1], fn, given)
                 params.append((param[0], self.text[param[1] : end]))
-            functions.append((fn, params))
             last, pos = close
             if last:
                 return functions, pos
@@ -509,6 +513,12 @@ def _strip_one_newline(value: str) -> str:
     return value.removeprefix("\n").removesuffix("\n")
 
 
+def _typed(fn: _Function, key: str, value: str) -> Any:
+    """A parameter's raw text as its argument value."""
+    value = _strip_one_newline(value)
+    return value if fn.properties is None else convert_value(value, fn.properties.get(key), fn.root)
+
+
 def _calls(
     functions: list[tuple[_Function, list[tuple[str, str]]]], schemas: _Schemas, raw: str
 ) -> tuple[ToolCall, ...] | str:
@@ -521,12 +531,7 @@ def _calls(
                 f"tool call names function {fn.name!r}, which is not among the offered tools "
                 f"({offered}): {quoted(raw)}"
             )
-        arguments: dict[str, Any] = {}
-        for key, value in params:
-            value = _strip_one_newline(value)
-            if fn.properties is not None:
-                value = convert_value(value, fn.properties.get(key), fn.root)
-            arguments[key] = value
+        arguments = {key: _typed(fn, key, value) for key, value in params}
         try:
             calls.append(ToolCall.new(fn.name, arguments))
         except ValueError as exc:
@@ -655,6 +660,7 @@ class StreamingToolCallParser:
         self._rejected: dict[tuple[int, bool], dict[int, int]] = {}  # see _Reader
         self._content = StrippedStream()
         self._n_calls = 0
+        self._open_calls: list[OpenCall] | None = None  # open_call's answer until a tag completes
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
         """Consume one content delta; return the events it completes, in order."""
@@ -665,11 +671,41 @@ class StreamingToolCallParser:
             self._buffer, len(delta_text)
         ):
             return []
+        self._open_calls = None
         return self._advance(final=False)
 
     def finish(self) -> list[StreamEvent]:
         """End of output: decide what is left and flush the content."""
+        self._open_calls = None
         return self._advance(final=True)
+
+    def open_call(self) -> list[OpenCall]:
+        """The functions of the `<tool_call>` being written, each with the parameters whose values
+        the strict reading has decided (all but the last of an unfinished function; see the
+        module docstring). Empty outside a call, for a bare `<function=` call, and from a
+        function not offered on (its call will be rejected)."""
+        if self._open_calls is None:
+            self._open_calls = self._read_open_call()
+        return self._open_calls
+
+    def _read_open_call(self) -> list[OpenCall]:
+        buf = self._buffer
+        if not self._waiting or not buf.startswith(TOOL_CALL_START):
+            return []
+        memo = self._rejected.setdefault((-1, False), {})
+        reader = _Reader(buf, self._schemas, wrapped=True, closed=False, rejected=memo)
+        try:
+            reader.read(len(TOOL_CALL_START))
+        except _Incomplete:
+            pass
+        except _Malformed:
+            return []
+        out = []
+        for fn, params in reader.progress:
+            if not fn.known:
+                break
+            out.append(OpenCall(fn.name, [(k, _typed(fn, k, v)) for k, v in params]))
+        return out
 
     def _open_bare_name(self) -> bool:
         return self._buffer.startswith(FUNCTION_START) and ">" not in self._buffer
