@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,42 @@ def plain_targets(module: nn.Module, parent: str, own: str) -> Iterator[WeightTa
     """Parameters whose checkpoint name equals the module path (the default)."""
     for pname, _ in module.named_parameters(recurse=False):
         yield WeightTarget(f"{own}.{pname}", f"{own}.{pname}", "", _whole)
+
+
+@cache
+def cpu_gemm_widens_bf16() -> bool:
+    """Whether a CPU bf16 GEMM is faster computed in fp32. oneDNN runs bf16 GEMMs on AVX512-BF16 or
+    AMX; without them (AVX2 CPUs) torch converts inside the GEMM and a 512 x 1024 x 6144 product ran
+    4-6x slower than the same product widened to fp32 (Zen 3, 2 cores: 6-9 against 28-43 GFLOP/s)."""
+    return not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+WIDE_CHUNK_BYTES = 64 << 20  # fp32 weight widened at a time: a gate/up projection whole, an LM head in pieces
+
+
+def wide_linear(x: torch.Tensor, weight: Callable[[int, int], torch.Tensor], out_features: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b in fp32 for a bf16 `x` [..., K] on CPU, rounded to bf16 once at the end, as oneDNN's
+    bf16 GEMM rounds its fp32 sums; `weight(n0, n1)` gives rows n0..n1 of W in fp32, so an LM head is
+    never widened whole (at most WIDE_CHUNK_BYTES at a time)."""
+    xf = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+    bf = None if bias is None else bias.float()
+    step = max(1, WIDE_CHUNK_BYTES // (4 * x.shape[-1]))
+    if step >= out_features:
+        y = F.linear(xf, weight(0, out_features), bf).to(torch.bfloat16)
+    else:
+        y = torch.empty(xf.shape[0], out_features, dtype=torch.bfloat16)
+        for n0 in range(0, out_features, step):
+            n1 = min(n0 + step, out_features)
+            y[:, n0:n1] = F.linear(xf, weight(n0, n1), None if bf is None else bf[n0:n1])
+    return y.view(*x.shape[:-1], out_features)
+
+
+def cpu_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, widened to fp32 for bf16 on a CPU without bf16 GEMM instructions (`cpu_gemm_widens_bf16`)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > x.shape[-1] and cpu_gemm_widens_bf16():
+        return wide_linear(x, lambda n0, n1: w[n0:n1].float(), w.shape[0], bias)
+    return F.linear(x, w, bias)
 
 
 def silu_mul(y: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Decode multiplies a few activation rows by every weight once, so it runs at the speed weights stream
 from memory. With the C++ kernels (`qwenrun.kernels`) a decode-sized batch streams the plain
 row-major weight at ~30 GB/s on this machine's two Zen 4 cores, SiLU·up fused into the gate/up
-projection; larger batches are compute-bound and go to oneDNN through `F.linear`. Without the
+projection; larger batches are compute-bound and go to oneDNN through `F.linear` (in fp32 on CPUs without
+bf16 GEMM instructions, `qwenrun.layers.linear.cpu_linear`). Without the
 kernels, weights are reordered once into oneDNN's layout, which streams at ~23 GB/s (`F.linear`
 re-lays the weight out on every call and manages ~18 GB/s).
 """
@@ -11,11 +12,10 @@ re-lays the weight out on every call and manages ~18 GB/s).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
-from qwenrun.layers.linear import MergedLinear, silu_mul
+from qwenrun.layers.linear import MergedLinear, cpu_linear, silu_mul
 from qwenrun.layers.moe import Experts, Qwen3MoeExperts
 
 
@@ -34,7 +34,7 @@ def cpu_packing_available(dtype: torch.dtype, device: torch.device) -> bool:
 def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """act(x wᵀ + b) for a plain bf16 weight; act "silu_mul" treats w as [gate; up]. Shared by the
     linears and by each expert's slice of the stacked expert weights."""
-    y = F.linear(x, w, bias)
+    y = cpu_linear(x, w, bias)
     return silu_mul(y) if act == "silu_mul" else y
 
 

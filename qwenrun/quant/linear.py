@@ -3,8 +3,8 @@
 Decode-sized batches run the C++ kernels (`qwenrun.kernels`), which stream the packed weights and
 quantize the activations per block of 32 (as llama.cpp's Q8_0/Q4_0 do) to use VNNI integer dot
 products. Prefill-sized batches are compute-bound: the weight is expanded to the activation dtype
-and multiplied by oneDNN. Without the kernels, int8 uses PyTorch's `_weight_int8pack_mm` and int4 the
-expanded weight.
+(to fp32, a slice at a time, on CPUs without bf16 GEMM instructions) and multiplied by oneDNN.
+Without the kernels, int8 uses PyTorch's `_weight_int8pack_mm` and int4 the expanded weight.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
-from qwenrun.layers.linear import silu_mul
+from qwenrun.layers.linear import cpu_gemm_widens_bf16, silu_mul, wide_linear
 from qwenrun.layers.moe import Experts
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ def quantized_matmul(x: torch.Tensor, fmt: str, parts: Sequence[torch.Tensor], g
     if fmt == "int8" and small:  # no kernels, or an input size they do not take
         y = torch.ops.aten._weight_int8pack_mm(x2, parts[0], parts[1].to(x2.dtype))
         y = y + bias if bias is not None else y
+    elif x2.dtype == torch.bfloat16 and x2.device.type == "cpu" and cpu_gemm_widens_bf16():
+        # prefill without bf16 GEMM instructions: expand to fp32, a slice of rows at a time
+        y = wide_linear(x2, lambda n0, n1: expand(fmt, [p[n0:n1] for p in parts], group_size, torch.float32),
+                        parts[0].shape[0], bias)
     else:  # prefill: expand once, then a oneDNN GEMM
         y = F.linear(x2, expand(fmt, parts, group_size, x2.dtype), bias)
     return (silu_mul(y) if act == "silu_mul" else y).view(*x.shape[:-1], -1)

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from qwenrun import kernels
+from qwenrun.layers import linear as linear_mod
 from qwenrun.layers.attention import AttentionMetadata, DecodeGroup, paged_attention
 from qwenrun.layers.moe import Qwen3MoeExperts
 from qwenrun.layers.packed import PackedLinear, StreamingExperts
 from qwenrun.layers.rotary import apply_rotary
+from qwenrun.quant import linear as quant_linear
 from qwenrun.quant.linear import dequantize_int4, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
 ops = kernels.cpu_ops()
@@ -151,6 +153,33 @@ def test_bf16_gemv_any_k_and_row_count(m, k):
     gate, up = ref.chunk(2, dim=-1)
     fused = ops.gemv_bf16(x, w, None, "silu_mul")
     assert ((fused.double() - F.silu(gate) * up).abs() <= (F.silu(gate) * up).abs() * 2**-7 + 1e-4).all()
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 4096])
+def test_wide_linear_is_the_fp32_product_rounded_once(monkeypatch, chunk_bytes):
+    """The prefill GEMM of CPUs without bf16 instructions, whole and in slices of output rows (4096
+    bytes: 10 rows of 96 fp32 inputs, so the last slice is short), with and without a bias."""
+    monkeypatch.setattr(linear_mod, "WIDE_CHUNK_BYTES", chunk_bytes)
+    x, w, b = randn(3, 5, 96, dtype=torch.bfloat16), randn(205, 96, dtype=torch.bfloat16), randn(205, dtype=torch.bfloat16)
+    for bias in (None, b):
+        got = linear_mod.wide_linear(x, lambda n0, n1: w[n0:n1].float(), 205, bias)
+        want = F.linear(x.float(), w.float(), None if bias is None else bias.float()).bfloat16()
+        assert got.shape == (3, 5, 205) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_prefill_widened_matches_the_expanded_weight(monkeypatch, fmt):
+    """Past the streaming bound a quantized linear expands its weight in row slices to fp32 where
+    bf16 GEMMs are slow: the product of the whole expanded weight, rounded once."""
+    monkeypatch.setattr(quant_linear, "cpu_gemm_widens_bf16", lambda: True)
+    monkeypatch.setattr(linear_mod, "WIDE_CHUNK_BYTES", 40 * 256 * 4)
+    w = randn(100, 256)
+    parts = quantize_int8(w) if fmt == "int8" else (lambda q, s, m: (pack_int4(q), s, m))(*quantize_int4(w, 64))
+    x = randn(200, 256, dtype=torch.bfloat16)
+    got = quant_linear.quantized_matmul(x, fmt, parts, 64, None)
+    want = F.linear(x.float(), quant_linear.expand(fmt, parts, 64, torch.float32)).bfloat16()
+    torch.testing.assert_close(got, want)
 
 
 @needs_kernels
