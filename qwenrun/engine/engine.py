@@ -37,6 +37,7 @@ from qwenrun.sampling.params import SamplingParams
 from qwenrun.sampling.sampler import make_generator
 from qwenrun.spec_decode import SpeculativeConfig, make_drafter, make_proposer
 from qwenrun.spec_decode.policy import DraftPolicy
+from qwenrun.structured.backend import GrammarMatcher, StructuredBackend
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -160,20 +161,62 @@ class LLMEngine:
         return params.max_tokens or room
 
     def _thinking(self, prompt: list[int], params: SamplingParams, max_new: int) -> Thinking:
+        """The request's reasoning bookkeeping. A constrained request's forced close ends at
+        `</think>`: its constraint starts right after, and would reject the "\n\n" that follows."""
         tok = self.tokenizer
         start, end = (tok.think_start_id, tok.think_end_id) if tok else (None, None)
         is_open = think_open_in_prompt(prompt, start, end)
-        stop_len = len(self.early_stop_ids)
+        early_stop = self.early_stop_ids
+        if params.structured_outputs is not None and end in early_stop:
+            early_stop = early_stop[: early_stop.index(end) + 1]
+        stop_len = len(early_stop)
         close_at = None
-        if self.early_stop_ids and max_new > stop_len:
+        if early_stop and max_new > stop_len:
             reserve = max(1, min(ANSWER_RESERVE_MAX, (max_new - stop_len) // ANSWER_RESERVE_FRACTION))
             close_at = max_new - stop_len - reserve
         budget = params.thinking_budget if self.early_stop_ids else None
         if params.thinking_budget is not None and not self.early_stop_ids:
             raise InvalidRequestError("thinking_budget needs a tokenizer with <think> and </think> tokens")
-        thinking = Thinking(start, end, self.early_stop_ids, budget, close_at, open=is_open)
+        thinking = Thinking(start, end, early_stop, budget, close_at, open=is_open)
         thinking.check_limits(0)
         return thinking
+
+    @property
+    def structured_backend(self) -> StructuredBackend:
+        """The grammar engine for this model's tokenizer, logits width and EOS ids (made once, on
+        the first constrained request; InvalidRequestError without a tokenizer)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured_outputs needs the checkpoint's tokenizer",
+                                      param="structured_outputs")
+        from qwenrun.structured.xgrammar_backend import backend_for  # xgrammar loads on first use
+
+        return backend_for(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+
+    def _grammar(self, prompt: list[int], params: SamplingParams, thinking: Thinking) -> GrammarMatcher | None:
+        """A fresh matcher for `params.structured_outputs` (compiled here, on the caller's thread;
+        InvalidRequestError naming the field if it does not compile), or None.
+
+        Where the constraint starts: after `</think>` when the prompt leaves reasoning open (the
+        forced close of the thinking budget ends there too); at the first token when the
+        prompt's final turn (from its last `<|im_start|>`) closed reasoning already (thinking
+        off: the template wrote an empty block); and otherwise at the first token unless that
+        token is `<think>` (Qwen3 with thinking on writes it itself), which opens a free region
+        up to `</think>`. So a model that never reasons is constrained from its first token.
+        """
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        backend = self.structured_backend
+        compiled = backend.compile(spec)
+        start, end = thinking.start_id, thinking.end_id
+        if start is None or end is None:
+            return backend.matcher(compiled)
+        if thinking.open:
+            return backend.matcher(compiled, free_until=end)
+        turn = _junction(prompt, self.tokenizer)  # the prompt's end when it has no turns
+        if end in (prompt[turn:] if turn < len(prompt) else prompt):
+            return backend.matcher(compiled)
+        return backend.matcher(compiled, free_until=end, free_if_first=start)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     mm_items: Sequence[MultimodalItem] = ()) -> Request:
@@ -206,13 +249,14 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids |= set(self.eos_token_ids)
+        thinking = self._thinking(prompt, params, max_new)
         req = Request(
             request_id=request_id or str(next(self._ids)),
             prompt_token_ids=prompt,
             params=params,
             max_new_tokens=max_new,
             stop_ids=frozenset(stop_ids),
-            thinking=self._thinking(prompt, params, max_new),
+            thinking=thinking,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens)
             if self.tokenizer
             else None,
@@ -220,6 +264,7 @@ class LLMEngine:
             junction=_junction(prompt, self.tokenizer),
             mm_items=tuple(mm_items),
             mrope=mrope,
+            grammar=self._grammar(prompt, params, thinking),
         )
         return req
 
@@ -347,8 +392,13 @@ class LLMEngine:
             req.logprobs.append(logprob if not forced else {token: 0.0})
         n_out = req.num_output_tokens
         req.thinking.observe(token, n_out)
-        params = req.params
-        if not forced and token in req.stop_ids and n_out >= max(params.min_tokens, 1):
+        grammar, params = req.grammar, req.params
+        if grammar is not None and not grammar.accept(token):
+            raise RequestFailedError(f"token {token} breaks the request's structured_outputs constraint")
+        if not forced and token in req.stop_ids and n_out >= max(params.min_tokens, 1) or \
+                grammar is not None and grammar.is_terminated:
+            # a grammar ends only by accepting a stop token, and then ends the request even
+            # before min_tokens or with ignore_eos: nothing may follow it
             req.finish_reason = "stop"
             req.stop_reason = token if token in (params.stop_token_ids or ()) else None
         elif req.detokenizer is not None:

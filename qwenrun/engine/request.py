@@ -11,6 +11,7 @@ import torch
 from qwenrun.engine.encoder_cache import MultimodalItem
 from qwenrun.engine.kv_cache import CacheHandle
 from qwenrun.sampling.params import SamplingParams
+from qwenrun.structured.backend import GrammarMatcher
 from qwenrun.tokenizer.tokenizer import IncrementalDetokenizer
 
 # Qwen's documented early-stop text for a spent thinking budget (Qwen3 quickstart, "Thinking Budget").
@@ -90,6 +91,9 @@ class Request:
     # and the offset of every later position (each row of output token i is prompt_len + i + delta)
     mm_items: tuple[MultimodalItem, ...] = ()
     mrope: tuple[torch.Tensor, int] | None = None
+    # params.structured_outputs compiled, at the start of the output: advanced by every kept token
+    # (sampled, accepted drafts, forced), never by recomputation; constrains each sampled row
+    grammar: GrammarMatcher | None = None
     token_ids: list[int] = field(init=False)  # prompt + output, appended in place
     num_computed_tokens: int = field(default=0, init=False)  # tokens whose K/V are in the cache
     cache: CacheHandle = field(default_factory=CacheHandle, init=False)  # its blocks, their names

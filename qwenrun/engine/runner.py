@@ -4,6 +4,8 @@ no request (the scheduler does, in `update`)."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from qwenrun.layers.recurrent import RecurrentMetadata
 from qwenrun.layers.visual import VisualEmbeds
 from qwenrun.sampling.sampler import SamplingBatch, argmax, compute_logprobs, mask_vocab, sample
 from qwenrun.spec_decode.drafter import Drafter
+from qwenrun.structured.backend import GrammarMatcher
 
 
 class ModelRunner:
@@ -49,6 +52,7 @@ class ModelRunner:
         self.device = device
         self.drafter, self.drafter_layers = drafter, drafter_layers or []
         self.num_speculative_tokens = num_speculative_tokens
+        self._mask_worker: ThreadPoolExecutor | None = None  # started by the first constrained step
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """The step's tensors: each request's next chunk, and its last row for logits when the chunk
@@ -124,14 +128,19 @@ class ModelRunner:
         are back where they were and the K/V it wrote lie past every request's computed tokens,
         so the engine can rerun the batch's requests one at a time to find the one that failed.
         """
-        hidden = self.model(fb)  # [T, H]
+        masks = self._start_masks(batch, fb)
+        try:
+            hidden = self.model(fb)  # [T, H]
+        finally:
+            grammar_masks = masks.result() if masks is not None else None  # re-raises a fill's error
         owners = [r for r, c in zip(batch.requests, fb.logits_counts) for _ in range(c)]
         # Row j of a request with drafts samples as if drafts[:j] were already its output (penalties, min_tokens).
         prefixes = [d[:j] for d, c in zip(batch.drafts, fb.logits_counts) for j in range(c)]
         generators = [r.generator for r in owners if r.generator is not None]
         states = [g.get_state() for g in generators]
         try:
-            out_tokens, out_logprobs = self._verify(batch, fb, hidden, owners, prefixes, generators, states)
+            out_tokens, out_logprobs = self._verify(batch, fb, hidden, owners, prefixes, generators, states,
+                                                    grammar_masks)
             drafts = self._draft(batch, hidden, out_tokens) if self.drafter is not None else []
         except Exception:
             for g, state in zip(generators, states):
@@ -139,15 +148,31 @@ class ModelRunner:
             raise
         return StepResult(out_tokens, out_logprobs, drafts=drafts)
 
+    def _start_masks(self, batch: ScheduledBatch, fb: ForwardBatch) -> Future[GrammarMasks] | None:
+        """The constrained rows' bitmasks, filled on a worker thread while the forward runs (the
+        matchers do not change during the step, and xgrammar releases the GIL), or None when no
+        sampled row has a grammar: then nothing is paid."""
+        work, row = [], 0
+        for req, c, drafts in zip(batch.requests, fb.logits_counts, batch.drafts):
+            if c and req.grammar is not None:
+                work.append((req.grammar, row, drafts))
+            row += c
+        if not work:
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        backend_words = (self.config.vocab_size + 31) // 32
+        return self._mask_worker.submit(_fill_masks, work, row, backend_words)
+
     def _verify(self, batch: ScheduledBatch, fb: ForwardBatch, hidden: torch.Tensor, owners: list[Request],
-                prefixes: list[list[int]], generators: list[torch.Generator],
-                states: list[torch.Tensor]) -> tuple[list[list[int]], list[list[dict[int, float] | None]]]:
+                prefixes: list[list[int]], generators: list[torch.Generator], states: list[torch.Tensor],
+                grammar_masks: GrammarMasks | None) -> tuple[list[list[int]], list[list[dict[int, float] | None]]]:
         """Each request's kept tokens (its sampled token, after the drafts the target agreed with)
         and their logprobs."""
         if not owners:
             return [[] for _ in batch.requests], [[] for _ in batch.requests]
         logits = mask_vocab(self.model.compute_logits(hidden[fb.logits_rows]), self.valid_vocab_size)  # [N, V]
-        tokens, logprobs = self._sample(owners, prefixes, logits)
+        tokens, logprobs = self._sample(owners, prefixes, logits, grammar_masks)
         out_tokens, out_logprobs, i = [], [], 0
         for req, c, drafts in zip(batch.requests, fb.logits_counts, batch.drafts):
             row = tokens[i : i + c]
@@ -244,8 +269,9 @@ class ModelRunner:
         for _ in range(draws):
             torch.empty(vocab, dtype=torch.float32, device=self.device).exponential_(generator=generator)
 
-    def _sample(self, reqs: list[Request], prefixes: list[list[int]],
-                logits: torch.Tensor) -> tuple[list[int], list[dict[int, float] | None]]:
+    def _sample(self, reqs: list[Request], prefixes: list[list[int]], logits: torch.Tensor,
+                grammar_masks: GrammarMasks | None = None) -> tuple[list[int], list[dict[int, float] | None]]:
+        bitmask, bitmask_rows = grammar_masks if grammar_masks is not None else (None, [])
         sbatch = SamplingBatch.build(
             [r.params for r in reqs],
             [r.output_token_ids + p for r, p in zip(reqs, prefixes)],
@@ -254,6 +280,8 @@ class ModelRunner:
             logits.shape[-1],
             self.device,
             eos_token_ids=self.eos_token_ids,
+            bitmask=bitmask,
+            bitmask_rows=bitmask_rows,
         )
         tokens = sample(logits, sbatch)
         logprobs: list[dict[int, float] | None] = [None] * len(reqs)
@@ -281,6 +309,20 @@ class ModelRunner:
         recurrent = RecurrentMetadata.build([T], None, None, [False], self.device) if self.hybrid else None
         fb = ForwardBatch(ids, rows, meta, self.layers, rows, [T], recurrent)
         return self.model.compute_logits(self.model(fb))
+
+
+GrammarMasks = tuple[torch.Tensor, list[int]]  # ([N, W] int32 host bitmask, the rows it constrains)
+
+
+def _fill_masks(work: list[tuple[GrammarMatcher, int, list[int]]], rows: int, words: int) -> GrammarMasks:
+    """Each constrained request's rows of one step's bitmask: its sampled row, and with drafts one
+    row per draft as if the drafts before it were kept (`GrammarMatcher.fill_with_drafts`)."""
+    bitmask = torch.empty(rows, words, dtype=torch.int32)  # rows without a grammar are never read
+    constrained: list[int] = []
+    for grammar, row, drafts in work:
+        grammar.fill_with_drafts(bitmask, row, drafts)
+        constrained += range(row, row + 1 + len(drafts))
+    return bitmask, constrained
 
 
 def _num_accepted(drafts: list[int], sampled: list[int]) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.structured.params import StructuredOutputsParams
 
-_SAMPLER_NAMES = ("SamplingBatch", "sample", "compute_logprobs", "mask_vocab", "make_generator")
+_SAMPLER_NAMES = ("SamplingBatch", "sample", "compute_logprobs", "mask_vocab", "make_generator",
+                  "apply_token_bitmask")
 
 __all__ = ["SamplingParams", "StructuredOutputsParams", *_SAMPLER_NAMES]
 

@@ -8,7 +8,9 @@ all-greedy batch without penalties is one argmax.
 
 A grammar's token bitmask (qwenrun/structured) is one more per-row transform, applied first and
 only to the rows that carry one: every other transform is row-wise, so the other rows sample
-exactly as in a batch without it.
+exactly as in a batch without it. Where a grammar and min_tokens disagree (the grammar allows
+nothing but a stop token, min_tokens bans stop tokens) the grammar wins: that row's stop tokens
+stay allowed, since banning them would leave it no token at all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qwenrun import kernels
@@ -115,22 +118,39 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     return logits
 
 
+def _allows_other_than(words: torch.Tensor, tokens: Sequence[int]) -> bool:
+    """Whether a bitmask row ([W] int32 on the host) allows some token outside `tokens`."""
+    words = words.clone()
+    for token in tokens:
+        words[token // 32] &= ~_int32_bit(token % 32)
+    return bool(words.any())
+
+
+def _int32_bit(bit: int) -> int:
+    return 1 << bit if bit < 31 else -(1 << 31)
+
+
 def _banned_stop_tokens(params_list: Sequence[SamplingParams],
                         output_token_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int],
-                        vocab_size: int,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        vocab_size: int, device: torch.device, bitmask: torch.Tensor | None = None,
+                        bitmask_rows: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, token ids) to mask while a row has fewer than min_tokens outputs, as vLLM does.
 
-    The stop set is stop_token_ids plus EOS, unless ignore_eos makes EOS an ordinary token.
+    The stop set is stop_token_ids plus EOS, unless ignore_eos makes EOS an ordinary token. A
+    constrained row (`bitmask_rows`) whose grammar allows only stop tokens keeps them (the
+    grammar wins over min_tokens: the request has to end there).
     """
+    constrained = set(bitmask_rows)
     rows: list[int] = []
     ids: list[int] = []
     for row, (params, output) in enumerate(zip(params_list, output_token_ids)):
         if len(output) >= params.min_tokens:
             continue
         eos = set() if params.ignore_eos else set(eos_token_ids)
-        stop = set(params.stop_token_ids or ()) | eos
-        for token in sorted(t for t in stop if t < vocab_size):
+        stop = sorted(t for t in set(params.stop_token_ids or ()) | eos if t < vocab_size)
+        if row in constrained and not _allows_other_than(bitmask[row], stop):  # type: ignore[index]
+            continue
+        for token in stop:
             rows.append(row)
             ids.append(token)
     if not rows:
@@ -183,8 +203,8 @@ class SamplingBatch:
             device: the logits' device.
             eos_token_ids: the model's EOS ids, banned with stop_token_ids until min_tokens.
             bitmask: [B, ceil(V / 32)] int32 host tensor of allowed tokens (GrammarMatcher
-                .fill_bitmask), read at `bitmask_rows` only; a row whose grammar allows no token
-                that min_tokens leaves gets an arbitrary id, as a row without a finite logit.
+                .fill_bitmask), read at `bitmask_rows` only; where min_tokens would ban every
+                token a row's grammar allows (its stop tokens), the grammar wins.
             bitmask_rows: the constrained rows; empty (the default) means none, and `bitmask`
                 is not read.
 
@@ -225,7 +245,7 @@ class SamplingBatch:
             penalties=Penalties.build(params_list, output_token_ids, prompt_token_ids, vocab_size,
                                       device),
             banned=_banned_stop_tokens(params_list, output_token_ids, eos_token_ids, vocab_size,
-                                       device),
+                                       device, bitmask, bitmask_rows),
             seeded=[(row, gen) for row, (gen, g) in enumerate(zip(generators, greedy))
                     if gen is not None and not g],
             any_unseeded=any(gen is None and not g for gen, g in zip(generators, greedy)),
@@ -298,9 +318,6 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """
     x = logits.to(torch.float32, copy=True)  # [B, V]; a copy so the model's buffer stays intact
     if batch.bitmask is not None and batch.bitmask_rows:
-        # xgrammar loads only once a row needs it
-        from qwenrun.structured import apply_token_bitmask
-
         apply_token_bitmask(x, batch.bitmask, batch.bitmask_rows)
     if batch.banned is not None:
         x[batch.banned] = _NEG_INF
@@ -314,6 +331,64 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.min_p is not None:
         x = apply_min_p(x, batch.min_p)
     return x
+
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """In place: -inf in `logits[r]` for every token whose bit is clear in `bitmask[r]`, r in rows.
+
+    `logits` is [B, V] (contiguous) and `bitmask` [B, ceil(V / 32)] int32 (bit j of word w:
+    token 32w + j) on the same device; other rows are neither read nor written. On CPU only the bits that differ
+    from a row's majority are expanded (`_apply_minority_bits`), on other devices every bit
+    (`_apply_all_bits`, no host sync).
+    """
+    if logits.device.type == "cpu":
+        _apply_minority_bits(logits, bitmask, rows)
+    else:
+        _apply_all_bits(logits, bitmask, rows)
+
+
+def _apply_all_bits(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    index = torch.tensor(list(rows), dtype=torch.long).to(logits.device)
+    words = bitmask.index_select(0, index)  # [R, W]
+    bits = (words.unsqueeze(-1) >> _BIT_SHIFTS.to(logits.device)) & 1  # [R, W, 32]
+    allowed = bits.view(len(index), -1)[:, : logits.shape[1]].bool()  # [R, V]
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(~allowed, _NEG_INF))
+
+
+def _apply_minority_bits(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """A grammar row is almost all clear (JSON structure: a handful of tokens allowed) or almost
+    all set (inside a string: a few forbidden): unpacking its 151936 bits, as xgrammar's CPU
+    kernel does, costs far more than the few words that differ from the row's majority. A
+    mostly-clear row is filled with -inf and its allowed logits put back; a mostly-set row gets
+    -inf at its clear bits only. (benchmarks/grammar_bench.py times both kernels.)
+    """
+    vocab = logits.shape[1]
+    width = bitmask.shape[1]
+    row_ids = np.asarray(rows, dtype=np.int64)
+    words = bitmask.numpy()[row_ids]  # [R, W] int32
+    mostly_set = (words == 0).sum(1) < (words == -1).sum(1)  # [R]
+    minority = np.where(mostly_set[:, None], ~words, words)  # [R, W]: the bits to act on
+    where = np.flatnonzero(minority)  # (row, word) pairs with some minority bit
+    # little-endian bytes, each read low bit first: bit j of a word is column j
+    chosen = np.ascontiguousarray(minority.reshape(-1)[where], dtype="<i4")
+    bits = np.unpackbits(chosen.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")  # [N, 32]
+    pair, bit = np.nonzero(bits)
+    local_row, word = np.divmod(where[pair], width)
+    token = word * 32 + bit
+    keep = token < vocab  # the last word's bits past V
+    local_row, token = local_row[keep], token[keep]
+    flat = row_ids[local_row] * vocab + token  # into logits.view(-1)
+    put_back = ~mostly_set[local_row]
+    flat_logits = logits.view(-1)
+    allowed_at = torch.from_numpy(flat[put_back])
+    allowed = flat_logits.index_select(0, allowed_at)
+    if (~mostly_set).any():
+        logits.index_fill_(0, torch.from_numpy(row_ids[~mostly_set]), _NEG_INF)
+    flat_logits.index_copy_(0, allowed_at, allowed)
+    flat_logits.index_fill_(0, torch.from_numpy(flat[~put_back]), _NEG_INF)
 
 
 def _draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

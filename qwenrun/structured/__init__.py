@@ -15,14 +15,12 @@ _BACKEND_NAMES = {
     "GrammarMatcher": "qwenrun.structured.backend",
     "StructuredBackend": "qwenrun.structured.backend",
     "backend_for": "qwenrun.structured.xgrammar_backend",
-    "apply_token_bitmask": "qwenrun.structured.xgrammar_backend",
 }
 
 __all__ = [
     "GrammarMatcher",
     "StructuredBackend",
     "StructuredOutputsParams",
-    "apply_token_bitmask",
     "backend_for",
     "tool_call_tag",
 ]

@@ -9,7 +9,11 @@ applies to that row alone.
 Thinking: with reasoning on, a constraint applies to the answer, not the thoughts. `free_until`
 (the `</think>` id) leaves the matcher free until that token is accepted, and a rollback across
 it makes it free again. Free does not mean unmasked: the stop tokens stay banned, so a request
-can only finish after its constraint has been satisfied.
+can only finish after its constraint has been satisfied. `free_if_first` (the `<think>` id) is
+for a prompt after which the model may open its reasoning itself (Qwen3 with thinking on renders
+no `<think>`): the first token may be that one, and opens the free region; any other first token
+is the constraint's, which then holds from the start, so a model that never reasons is never
+left unconstrained.
 """
 
 from __future__ import annotations
@@ -38,18 +42,22 @@ class EngineMatcher(Protocol):
 class GrammarMatcher:
     """One request's constraint state, over the tokens it has kept.
 
-    Invariants: `num_accepted` counts every accepted token, free ones included; the engine
-    matcher holds exactly the tokens accepted after the `free_until` token.
+    Invariants: `num_accepted` counts every accepted token, free ones included; the free region
+    (the `free_if_first` token when it opened it, through the `free_until` token) is a prefix of
+    the accepted tokens, and the engine matcher holds exactly the tokens accepted after it.
     """
 
     def __init__(self, matcher: EngineMatcher, free_mask: torch.Tensor, stop_token_ids: Sequence[int],
-                 free_until: int | None = None) -> None:
+                 free_until: int | None = None, free_if_first: int | None = None) -> None:
+        if free_if_first is not None and free_until is None:
+            raise ValueError("free_if_first needs the free_until token that ends the free region")
         self._matcher = matcher
         self._free_mask = free_mask  # [W] int32: every token but the stop tokens
         self._stop = frozenset(stop_token_ids)
         self._free_until = free_until
-        self._free = free_until is not None
-        self._num_free = 0  # tokens accepted while free, the free_until token included
+        self._free_if_first = free_if_first
+        self._free = free_until is not None and free_if_first is None
+        self._num_free = 0  # tokens accepted in the free region, its opening and closing tokens included
         self.num_accepted = 0
 
     @property
@@ -58,13 +66,21 @@ class GrammarMatcher:
         return self._free
 
     @property
+    def _undecided(self) -> bool:
+        """Before the first token of a `free_if_first` matcher: free only if it is that token."""
+        return self._free_if_first is not None and self.num_accepted == 0
+
+    @property
     def is_terminated(self) -> bool:
         """True once the constraint accepted a stop token: the request must finish."""
         return not self._free and self._matcher.is_terminated()
 
     def accept(self, token_id: int) -> bool:
         """Advance by one kept token; False (and no change) when the constraint forbids it."""
-        if self._free:
+        if self._undecided and token_id == self._free_if_first:
+            self._free = True
+            self._num_free += 1
+        elif self._free:
             if token_id in self._stop:
                 return False
             self._free = token_id != self._free_until
@@ -89,31 +105,44 @@ class GrammarMatcher:
             self._num_free -= num_tokens - constrained
             self._free = True
         self.num_accepted -= num_tokens
+        if self._undecided:
+            self._free = False
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` ([B, W] int32 on the host)."""
         if self._free:
             bitmask[row].copy_(self._free_mask)
-        else:
-            self._matcher.fill_next_token_bitmask(bitmask, row)
+            return
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._undecided:
+            word, bit = divmod(self._free_if_first, 32)  # type: ignore[arg-type]
+            bitmask[row, word] |= _int32_bit(bit)
 
     def fill_with_drafts(self, bitmask: torch.Tensor, row: int, drafts: Sequence[int]) -> None:
         """Rows row .. row + len(drafts) of `bitmask`: row j as if drafts[:j] were accepted, what
-        the target samples row j of a speculative step under. Leaves the matcher as it was.
+        the target samples row j of a speculative step under. Leaves the matcher as it was, even
+        when the grammar engine raises.
 
         A draft the constraint rejects can never be kept (its own row forbids it), and nothing
         follows a stop token, so the rows after either repeat the row before: their samples are
         discarded with the draft. Not for a terminated matcher (the request is finished).
         """
         valid = 0  # leading drafts accepted
-        for j in range(len(drafts) + 1):
-            if valid < j or (j and self.is_terminated):
-                bitmask[row + j].copy_(bitmask[row + j - 1])
-                continue
-            self.fill_bitmask(bitmask, row + j)
-            if j < len(drafts) and self.accept(drafts[j]):
-                valid += 1
-        self.rollback(valid)
+        try:
+            for j in range(len(drafts) + 1):
+                if valid < j or (j and self.is_terminated):
+                    bitmask[row + j].copy_(bitmask[row + j - 1])
+                    continue
+                self.fill_bitmask(bitmask, row + j)
+                if j < len(drafts) and self.accept(drafts[j]):
+                    valid += 1
+        finally:
+            self.rollback(valid)
+
+
+def _int32_bit(bit: int) -> int:
+    """1 << bit as a signed int32 value (bit 31 is the sign)."""
+    return 1 << bit if bit < 31 else -(1 << 31)
 
 
 def stop_free_mask(vocab_size: int, stop_token_ids: Sequence[int]) -> torch.Tensor:
@@ -143,8 +172,10 @@ class StructuredBackend(ABC):
         """
 
     @abstractmethod
-    def matcher(self, compiled: Any, free_until: int | None = None) -> GrammarMatcher:
-        """A fresh matcher at the start of `compiled`, free until `free_until` when given."""
+    def matcher(self, compiled: Any, free_until: int | None = None,
+                free_if_first: int | None = None) -> GrammarMatcher:
+        """A fresh matcher at the start of `compiled`: free until `free_until` when given, from
+        the start, or only once a first token `free_if_first` opened the free region."""
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(V / 32)] int32 host buffer for `GrammarMatcher.fill_bitmask`."""

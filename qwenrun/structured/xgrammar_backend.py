@@ -9,7 +9,8 @@ conversion took ~1 s against ~7 s). Its weakness is compile time (hundreds of ms
 schema on a loaded CPU, where llguidance's lazy construction is tens of ms). That is paid once per distinct constraint, not per token: compiled grammars are kept by
 their canonical key (agents send the same tools and schemas every turn), and `compile` runs on the
 caller's thread, which the server keeps off the engine loop. It also ships structural tags
-(tool-call formats, Qwen3-Coder's XML parameter style included) and a CPU bitmask kernel.
+(tool-call formats, Qwen3-Coder's XML parameter style included). Its CPU bitmask kernel is not
+used: the sampler's `apply_token_bitmask` is several times cheaper on grammar-shaped masks.
 
 The TokenizerInfo (the decoded vocabulary, ~1 s for Qwen3) is built once per tokenizer, at the
 first compile, not at start-up: servers that never see a constraint never pay it.
@@ -34,21 +35,40 @@ from qwenrun.structured.backend import GrammarMatcher, StructuredBackend, stop_f
 from qwenrun.structured.params import StructuredOutputsParams, subschemas
 from qwenrun.tokenizer.tokenizer import Tokenizer
 
+# Room for a newline and three levels of four-space indentation, as Qwen indents JSON.
+JSON_MAX_WHITESPACE = 13
 CACHE_SIZE = 256  # compiled constraints kept; Qwen3 grammars are ~0.1-2 MB each
 
 # GPT-2 byte-level BPE spells a leading space as U+0120; every Qwen tokenizer is one.
 _BYTE_LEVEL_SPACE = "\u0120"
 
 
+def _whitespace(spec: StructuredOutputsParams) -> dict[str, Any]:
+    """JSON whitespace: compact with `disable_any_whitespace`, else at most JSON_MAX_WHITESPACE
+    characters between two tokens. Unbounded whitespace is a run a small model falls into and fills
+    until max_tokens (a random model always does; xgrammar's docs warn of it)."""
+    if spec.disable_any_whitespace:
+        return {"any_whitespace": False}
+    return {"any_whitespace": True, "max_whitespace_cnt": JSON_MAX_WHITESPACE}
+
+
 def _tokenizer_info(tokenizer: Tokenizer, vocab_size: int,
                     stop_token_ids: Sequence[int]) -> xgr.TokenizerInfo:
-    """xgrammar's view of `tokenizer` for logits of width `vocab_size` (ids past the tokenizer's
-    own vocabulary, the LM head's padding, are never allowed).
+    """xgrammar's view of `tokenizer` for logits of width `vocab_size`.
+
+    Never allowed by a grammar (xgrammar treats an empty token as special): ids past the
+    tokenizer's own vocabulary (the LM head's padding), special tokens (`<|im_start|>`, which
+    skip_special_tokens would drop from the text the grammar was matched on), and `<think>` /
+    `</think>` (text to xgrammar, which would let a JSON string open reasoning that the engine
+    then closes with forced text the grammar rejects; the free region is `GrammarMatcher`'s).
+    Non-special added tokens (`<tool_call>`) stay text: tool-call tags are written with them.
 
     Raises:
         ValueError: not a byte-level BPE tokenizer (the only kind the Qwen3 family ships).
     """
-    encoded = [tokenizer.id_to_token(i) or "" for i in range(min(tokenizer.vocab_size, vocab_size))]
+    never = set(tokenizer.special_ids) | {tokenizer.think_start_id, tokenizer.think_end_id}
+    encoded = ["" if i in never else tokenizer.id_to_token(i) or ""
+               for i in range(min(tokenizer.vocab_size, vocab_size))]
     if not any(t.startswith(_BYTE_LEVEL_SPACE) for t in encoded):
         raise ValueError("structured outputs need a byte-level BPE tokenizer (as Qwen3's)")
     encoded += [""] * (vocab_size - len(encoded))
@@ -135,10 +155,10 @@ class XGrammarBackend(StructuredBackend):
         try:
             if spec.json is not None:
                 return compiler.compile_json_schema(json.dumps(_lengths_as_patterns(spec.json)),
-                                                    any_whitespace=not spec.disable_any_whitespace)
+                                                    **_whitespace(spec))
             if spec.json_object:
                 return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
-                                                    any_whitespace=not spec.disable_any_whitespace)
+                                                    **_whitespace(spec))
             if spec.regex is not None:
                 return compiler.compile_regex(spec.regex)
             if spec.choice is not None:
@@ -152,18 +172,10 @@ class XGrammarBackend(StructuredBackend):
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InvalidRequestError(f"{param} cannot be compiled: {message}", param=param) from exc
 
-    def matcher(self, compiled: xgr.CompiledGrammar, free_until: int | None = None) -> GrammarMatcher:
+    def matcher(self, compiled: xgr.CompiledGrammar, free_until: int | None = None,
+                free_if_first: int | None = None) -> GrammarMatcher:
         return GrammarMatcher(xgr.GrammarMatcher(compiled), self._free_mask, self.stop_token_ids,
-                              free_until)
-
-
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
-    """In place: -inf in `logits[r]` for every token whose bit is clear in `bitmask[r]`, r in rows.
-
-    `logits` is [B, V] and `bitmask` [B, ceil(V / 32)] int32 on the same device; other rows are
-    not read or written. xgrammar's kernels: C++ on CPU, Triton on CUDA.
-    """
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=list(rows))
+                              free_until, free_if_first)
 
 
 _backends: weakref.WeakKeyDictionary[Tokenizer, dict[Any, XGrammarBackend]] = weakref.WeakKeyDictionary()

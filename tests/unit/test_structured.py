@@ -302,3 +302,104 @@ def test_tool_call_tag_checks_tools_and_choice() -> None:
     with pytest.raises(InvalidRequestError, match="Qwen3-Coder") as info:
         tool_call_tag([{"name": "a>b"}], style="qwen3_coder")
     assert info.value.param == "tools[0]"
+
+
+def _allowed(bitmask: torch.Tensor, row: int) -> torch.Tensor:
+    return (((bitmask[row].long().unsqueeze(1) >> torch.arange(32)) & 1).flatten()[:V]).bool()
+
+
+def test_free_if_first_opens_reasoning_only_as_the_first_token(backend, tok) -> None:
+    """Qwen3 with thinking on writes `<think>` itself: that first token frees the output until
+    `</think>`; any other first token is the constraint's, which then holds to the end."""
+    spec = StructuredOutputsParams(json=SCHEMAS["enum"], disable_any_whitespace=True)
+    compiled = backend.compile(spec)
+    start, end = tok.think_start_id, tok.think_end_id
+    bitmask = backend.allocate_bitmask(2)
+    backend.matcher(compiled).fill_bitmask(bitmask, 1)
+    matcher = backend.matcher(compiled, free_until=end, free_if_first=start)
+    assert not matcher.is_free
+    matcher.fill_bitmask(bitmask, 0)
+    first, plain = _allowed(bitmask, 0), _allowed(bitmask, 1)
+    assert (first & ~plain).nonzero().flatten().tolist() == [start] and not (plain & ~first).any()
+    # a first token of the grammar's: constrained from there on, <think> no longer allowed
+    assert matcher.accept(tok.encode("{")[0]) and not matcher.is_free
+    matcher.fill_bitmask(bitmask, 0)
+    assert not _allowed(bitmask, 0)[start] and not matcher.accept(start)
+    matcher.rollback(1)  # back to the start: undecided again
+    assert not matcher.is_free and matcher.num_accepted == 0
+    for token in [start] + tok.encode("\nhmm {no json") + [end]:
+        assert matcher.accept(token)
+    assert not matcher.is_free
+    validate(tok.decode(decode(backend, tok, spec, 0, matcher=matcher)), SCHEMAS["enum"])
+    matcher.rollback(matcher.num_accepted)
+    matcher.fill_bitmask(bitmask, 0)
+    assert torch.equal(_allowed(bitmask, 0), first)
+    with pytest.raises(ValueError, match="free_until"):
+        backend.matcher(compiled, free_if_first=start)
+
+
+def test_special_and_think_tokens_never_enter_a_constraint(backend, tok) -> None:
+    """Inside a free JSON string every text token is allowed, but no special token (which
+    skip_special_tokens would drop from the text) and neither `<think>` nor `</think>`."""
+    matcher = backend.matcher(backend.compile(StructuredOutputsParams(json={"type": "string"})))
+    assert matcher.accept(tok.encode('"')[0])
+    bitmask = backend.allocate_bitmask(1)
+    matcher.fill_bitmask(bitmask, 0)
+    allowed = _allowed(bitmask, 0)
+    never = sorted(tok.special_ids | {tok.think_start_id, tok.think_end_id})
+    assert not allowed[never].any() and allowed[tok.token_to_id("<tool_call>")]
+    assert allowed.sum() > 140000  # all but quotes, backslashes, control characters, specials
+
+
+def test_apply_token_bitmask_equals_xgrammars_kernel(backend, tok) -> None:
+    """Both of the sampler's kernels against xgrammar's, on grammar-shaped rows (mostly clear,
+    mostly set, the free mask) and random ones, for some rows of the batch, at widths that are
+    and are not a multiple of 32."""
+    import xgrammar as xgr
+
+    from qwenrun.sampling.sampler import _apply_all_bits, _apply_minority_bits
+
+    matcher = backend.matcher(backend.compile(StructuredOutputsParams(json=SCHEMAS["nested"])),
+                              free_until=tok.think_end_id)
+    rows = backend.allocate_bitmask(6)
+    matcher.fill_bitmask(rows, 0)  # free: all but the stop tokens
+    text = tok.encode('</think>{"user": {"name": "Ab", "address": {"city": "Par')
+    for i, token in enumerate(text):
+        assert matcher.accept(token)
+        if i in (0, 5, len(text) - 1):
+            matcher.fill_bitmask(rows, 1 + (i > 0) + (i > 5))
+    gen = torch.Generator().manual_seed(0)
+    rows[4:] = torch.randint(-2**31, 2**31 - 1, (2, rows.shape[1]), dtype=torch.int32, generator=gen)
+    assert _allowed(rows, 1).sum() < 100 and _allowed(rows, 3).sum() > 100000
+    for width in (V, 1001):
+        bitmask = rows[:, : (width + 31) // 32].contiguous()
+        for chosen in ([0, 1, 2, 3, 4, 5], [3], [1, 4]):
+            logits = torch.randn(6, width, generator=gen)
+            expected = logits.clone()
+            xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=width, indices=chosen)
+            for kernel in (_apply_minority_bits, _apply_all_bits):
+                got = logits.clone()
+                kernel(got, bitmask, chosen)
+                assert torch.equal(got, expected), (kernel.__name__, width, chosen)
+
+
+def test_the_grammar_wins_over_min_tokens(backend, tok) -> None:
+    """A row whose grammar allows only a stop token keeps it though min_tokens bans stop tokens
+    (banning it would leave the row no token at all); other rows keep min_tokens' ban."""
+    matcher = backend.matcher(backend.compile(StructuredOutputsParams(choice=["no"])))
+    assert matcher.accept(tok.encode("no")[0])
+    other = backend.matcher(backend.compile(StructuredOutputsParams(regex="no+")))
+    assert other.accept(tok.encode("no")[0])
+    bitmask = backend.allocate_bitmask(3)
+    matcher.fill_bitmask(bitmask, 0)
+    other.fill_bitmask(bitmask, 1)
+    assert _allowed(bitmask, 0).nonzero().flatten().tolist() == sorted(STOP)
+    params = SamplingParams(temperature=0, min_tokens=5)
+    logits = mask_vocab(torch.randn(3, V), tok.vocab_size)
+    logits[:, STOP[0]] = 100.0  # every row would pick the stop token
+    batch = SamplingBatch.build([params] * 3, [[1]] * 3, [[]] * 3, [None] * 3, V, "cpu", eos_token_ids=STOP,
+                                bitmask=bitmask, bitmask_rows=[0, 1])
+    tokens = sample(logits, batch).tolist()
+    assert tokens[0] == STOP[0]
+    assert tokens[1] not in STOP and _allowed(bitmask, 1)[tokens[1]]
+    assert tokens[2] not in STOP
