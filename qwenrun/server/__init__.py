@@ -9,8 +9,11 @@ Modules, in the order a request meets them:
 * `serving`: sampling params, running engine requests with cancellation, SSE, logprob tokens;
 * `metrics`: the app's Prometheus registry.
 
-Limitations, on purpose: no grammar engine (`tool_choice` required/named and `response_format`
-steer the prompt and are checked, not enforced: see `chat`), no prompt logprobs (`echo` with
+Structured outputs (`response_format`, vLLM's `structured_outputs` / `guided_*`, `tool_choice`
+required/named, `strict` tools) are enforced by the engine's grammar; `chat` says how they combine
+and what a cut output still breaks.
+
+Limitations, on purpose: no prompt logprobs (`echo` with
 `logprobs` is refused), no `logit_bias`, no `suffix`, no audio or document parts, no CORS headers
 (a browser page on another origin cannot call the server), and one engine per app.
 

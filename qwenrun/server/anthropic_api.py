@@ -4,7 +4,11 @@ The request is converted to the chat path's messages: `system` -> a system messa
 blocks -> one user message; `tool_result` blocks -> tool messages (before the user's text, as they
 answer the previous turn's calls); assistant `thinking` -> `reasoning_content`, `tool_use` ->
 `tool_calls`. Tools map to OpenAI functions (`input_schema` -> `parameters`), `tool_choice`
-auto/any/tool/none to auto/required/named/none (same limits as the chat endpoint: no grammar).
+auto/any/tool/none to auto/required/named/none, constrained as on the chat endpoint (server/chat.py:
+`any` and `tool` write calls only, `disable_parallel_tool_use` exactly one; a tool with
+`strict: true` gets arguments valid against its `input_schema`; a bad schema is a 400 naming
+`tools[i].input_schema`). Streamed calls written under the grammar send `input_json_delta`s as each
+argument's value completes; they join to the block's `input`.
 
 Thinking: `{"type": "enabled", "budget_tokens": N}` -> thinking on with Qwen's thinking budget N;
 `{"type": "disabled"}` -> `enable_thinking=False`; absent or `adaptive` -> the template default
@@ -31,12 +35,14 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 
 from qwenrun.engine.request import Request
+from qwenrun.errors import InvalidRequestError
 from qwenrun.server.chat import (
     PLACEHOLDERS,
     ChatPlan,
     MediaPart,
     build_plan,
     parse_output,
+    request_constraint,
     select_tools,
     template_messages,
 )
@@ -74,6 +80,7 @@ from qwenrun.server.serving import (
     sampling_params,
     sse,
 )
+from qwenrun.tokenizer.chat_output import call_events
 
 
 def _tool_id() -> str:
@@ -156,7 +163,8 @@ def _messages(body: AnthropicMessagesRequest) -> tuple[list[dict[str, Any]], lis
 
 
 def _tools(body: AnthropicMessagesRequest,
-           raw: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, bool]:
+           raw: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    """The tools as OpenAI functions and the OpenAI tool choice."""
     tools = None
     if body.tools:
         tools = []
@@ -170,6 +178,8 @@ def _tools(body: AnthropicMessagesRequest,
                 fn["description"] = t.description
             fn["parameters"] = t.input_schema if t.input_schema is not None else {
                 "type": "object", "properties": {}}
+            if rt.get("strict") is True:
+                fn["strict"] = True
             tools.append({"type": "function", "function": fn})
     choice: Any = None
     tc = body.tool_choice
@@ -180,7 +190,7 @@ def _tools(body: AnthropicMessagesRequest,
             choice = {"type": "function", "function": {"name": tc.name}}
         else:
             choice = {"auto": "auto", "any": "required", "none": "none"}[tc.type]
-    return select_tools(tools, choice)
+    return tools, choice
 
 
 async def _plan(state: ServerState,
@@ -191,7 +201,15 @@ async def _plan(state: ServerState,
         raise APIError(400, "messages is empty: provide at least one message", param="messages")
     converted, media = _messages(body)
     messages, _ = template_messages(converted)  # string contents: the media are already taken out
-    tools, parse_tools = _tools(body, raw)
+    all_tools, choice = _tools(body, raw)
+    tools, parse_tools = select_tools(all_tools, choice)
+    parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+    try:
+        constraint = request_constraint(state, None, tools if parse_tools else None, choice,
+                                        parallel)
+    except InvalidRequestError as e:  # Anthropic names a tool's schema `input_schema`
+        param = (e.param or "").replace(".function.parameters", ".input_schema")
+        raise InvalidRequestError(str(e).replace(e.param or "", param), param=param) from None
     enable, budget = None, None
     if body.thinking is not None:
         if body.thinking.type == "enabled":
@@ -202,12 +220,13 @@ async def _plan(state: ServerState,
         state, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         min_p=body.min_p, presence_penalty=body.presence_penalty,
         repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop_sequences,
-        max_tokens=body.max_tokens, thinking_budget=budget)
-    parallel = not (body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+        max_tokens=body.max_tokens, thinking_budget=budget,
+        structured_outputs=constraint and constraint.spec)
     plan = await asyncio.to_thread(
         build_plan, state, messages, tools=tools, parse_tools=parse_tools, params=params,
         chat_template_kwargs=body.chat_template_kwargs, enable_thinking=enable,
-        parallel_tool_calls=parallel, media=media, mm_processor_kwargs=body.mm_processor_kwargs)
+        parallel_tool_calls=parallel, constraint=constraint, media=media,
+        mm_processor_kwargs=body.mm_processor_kwargs)
     return body, model, plan
 
 
@@ -231,7 +250,8 @@ async def messages(state: ServerState, request: HTTPRequest) -> Response:
     arrival = time.perf_counter()
     body, model, plan = await _plan(state, request)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"  # Anthropic's id shape
-    [req] = await make_requests(state, plan.prompt_ids, plan.params, msg_id, 1, plan.mm_items)
+    [req] = await make_requests(state, plan.prompt_ids, plan.params, msg_id, 1, plan.mm_items,
+                                plan.constraint and plan.constraint.param)
     if body.stream:
         return SSEResponse(_stream(state, plan, req, arrival, msg_id, model))
     result = await run_until_disconnect(request, _response(state, plan, req, arrival, msg_id, model))
@@ -294,7 +314,7 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
             events = parser.feed(d.text_delta)
             if d.finished:
                 events += parser.finish()
-            for event in events:
+            for event in (e for ev in events for e in call_events(ev)):
                 if event[0] == "reasoning":
                     if open_type != "thinking":
                         for s in start(AnthropicThinkingBlock(thinking="")):
@@ -305,11 +325,13 @@ async def _stream(state: ServerState, plan: ChatPlan, req: Request, arrival: flo
                         for s in start(AnthropicTextBlock(text="")):
                             yield s
                     yield delta(AnthropicTextDelta(text=event[1]))
-                else:
-                    call = event[2]
-                    for s in start(AnthropicToolUseBlock(id=_tool_id(), name=call.name, input={})):
+                elif event[0] == "tool_call_start":
+                    for s in start(AnthropicToolUseBlock(id=_tool_id(), name=event[3], input={})):
                         yield s
-                    yield delta(AnthropicInputJsonDelta(partial_json=call.arguments))
+                elif event[0] == "tool_call_arguments":
+                    if event[2]:
+                        yield delta(AnthropicInputJsonDelta(partial_json=event[2]))
+                else:  # tool_call_end
                     for s in stop():
                         yield s
         for s in stop():

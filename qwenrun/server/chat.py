@@ -20,21 +20,37 @@ http(s) only with `qwenrun serve --allow-media-urls`, never local paths. `mm_pro
 (vLLM's field: `min_pixels`, `max_pixels`, `fps`, `num_frames`, `min_frames`, `max_frames`,
 `images_kwargs`, `videos_kwargs`) applies to every item of the request.
 
-Tool choice (no grammar engine, so nothing forces a call; Qwen3 follows the prompt well):
-* `auto` (default with tools): all tools rendered, calls parsed from the content after reasoning;
+Tool choice (the grammar, `Constraint`, is enforced by the engine after the reasoning: with
+thinking on the thoughts stay free, and calls inside them are never parsed, as in vLLM):
+* `auto` (default with tools): all tools rendered, calls parsed from the content after reasoning.
+  Unconstrained, unless a tool has `strict: true` (then every call the model opens is written
+  whole, a strict tool's arguments valid against its `parameters`) or an answer format is set
+  (then the output is that answer or calls only): `optional_tool_calls`;
 * `none`: tools are not rendered and the output is not parsed;
-* `required`: like `auto`;
-* named `{"type": "function", "function": {"name": N}}`: only tool N is rendered, so it is the one
-  the model sees.
-For `required` and named, an answer without a valid call is returned as it is (content, finish
-reason "stop"), not as an error. Calls inside the reasoning are never parsed (vLLM, Qwen-Agent).
+* `required`: the output is one or more calls (`parallel_tool_calls: false`: exactly one) to
+  offered tools, arguments valid against their `parameters`: `tool_call_tag`, in the Qwen3-Coder
+  XML form when that parser is active;
+* named `{"type": "function", "function": {"name": N}}`: only tool N is rendered, and the output
+  is a call to N.
 Without `tools`, `<tool_call>` text stays in the content (Qwen-Agent parses it client-side).
-`parallel_tool_calls: false` keeps the first call only.
+`parallel_tool_calls: false` also keeps the first call only when parsing.
 
-`response_format`: no grammar either. `json_schema` adds the schema to the system prompt as an
-instruction; `json_object` and `json_schema` both check the final content with `json.loads`, and a
-failure is reported honestly in the choice's `response_format_error` field (the content is returned
-unchanged), instead of being hidden or turned into an error that loses the output.
+Answer formats, at most one per request (else 400 naming them): `response_format` `json_schema`
+(its schema is also put in the system prompt: the model writes better JSON when it knows the
+shape) or `json_object`; vLLM's `structured_outputs` {json, regex, choice, grammar, json_object,
+structural_tag}; and its older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
+With `tool_choice` required or named the calls are the output: a `response_format` is for the
+answer after them (agent SDKs send both) and is not applied, while a vLLM field beside them is a
+400. A constraint that is invalid, uses a feature the grammar cannot enforce, or does not compile
+is a 400 naming its field (`response_format.json_schema.schema`, `tools[i].function.parameters`,
+`guided_regex`, ...), never an unconstrained answer.
+
+What the grammar cannot guarantee is an output cut short: by `max_tokens` (finish_reason
+"length"), a `stop` string, or the thinking budget spending every token. For a JSON answer format
+the final content is still checked with `json.loads`, and such a failure is reported in the
+choice's `response_format_error` (the content is returned unchanged); a forced call cut short is
+not a call (its text stays in the content). In streams, calls written under a grammar send their
+arguments as each value completes (`stream_arguments`; tokenizer/chat_output.py).
 """
 
 from __future__ import annotations
@@ -45,10 +61,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenrun.engine.encoder_cache import MultimodalItem
+from qwenrun.engine.request import Request
+from qwenrun.errors import InvalidRequestError
 from qwenrun.multimodal.messages import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.server.protocol import PromptTokensDetails
 from qwenrun.server.serving import APIError, ServerState
+from qwenrun.structured.params import StructuredOutputsParams, check_json_schema
+from qwenrun.structured.tool_calls import Style, optional_tool_calls, tool_call_tag
 from qwenrun.tokenizer.chat_output import ChatOutputParser, ChatStreamParser, ParsedChat
 
 _TEXT_PARTS = ("text", "input_text")
@@ -65,6 +85,17 @@ class MediaPart:
     param: str  # the part, for errors: messages[i].content[j]
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """A request's grammar: the spec, the request field a compile error names, whether it writes
+    the tool calls (so their arguments can stream) and whether the answer is JSON (checked)."""
+
+    spec: StructuredOutputsParams
+    param: str
+    covers_calls: bool = False
+    json_answer: bool = False
+
+
 @dataclass
 class ChatPlan:
     """Everything needed to run one chat request and to shape its output."""
@@ -73,11 +104,11 @@ class ChatPlan:
     prompt_ids: list[int]  # placeholders expanded: one id per image / video token
     params: SamplingParams
     output: ChatOutputParser  # with the request's tools: they type Qwen3-Coder arguments
-    json_mode: bool
+    constraint: Constraint | None = None
     mm_items: list[MultimodalItem] = field(default_factory=list)
 
     def stream_parser(self, state: ServerState) -> ChatStreamParser:
-        return self.output.stream()
+        return self.output.stream(self.constraint is not None and self.constraint.covers_calls)
 
     def prompt_details(self) -> PromptTokensDetails | None:
         """How many prompt tokens are image and video features; None for a text-only prompt."""
@@ -208,6 +239,111 @@ def select_tools(raw_tools: list[dict[str, Any]] | None, tool_choice: Any
     return raw_tools, True
 
 
+# ------------------------------------------------------------------------------- constraints
+
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "grammar"}
+
+
+def _renamed(exc: InvalidRequestError, old: str, new: str) -> InvalidRequestError:
+    return InvalidRequestError(str(exc).replace(old, new), param=new)
+
+
+def answer_constraint(raw: Mapping[str, Any]) -> Constraint | None:
+    """The answer format of a validated chat or completions body (see the module docstring).
+
+    Raises:
+        APIError / InvalidRequestError: 400 naming the field.
+    """
+    fmt = raw.get("response_format")
+    given = ["response_format"] if fmt and fmt.get("type") in ("json_object", "json_schema") else []
+    given += [k for k in ("structured_outputs", *GUIDED) if raw.get(k) is not None]
+    if len(given) > 1:
+        raise APIError(400, f"at most one output constraint per request, got {', '.join(given)}",
+                       param=given[1])
+    if not given:
+        return None
+    field_name = given[0]
+    if field_name == "response_format":
+        if fmt["type"] == "json_object":
+            return Constraint(StructuredOutputsParams(json_object=True), "response_format",
+                              json_answer=True)
+        spec = fmt.get("json_schema")
+        if spec is None:
+            raise APIError(400, "response_format of type json_schema needs a json_schema object",
+                           param="response_format.json_schema")
+        if spec.get("schema") is None:  # OpenAI's schema is optional: any JSON object then
+            return Constraint(StructuredOutputsParams(json_object=True), "response_format",
+                              json_answer=True)
+        param = "response_format.json_schema.schema"
+        schema = check_json_schema(spec["schema"], param)
+        return Constraint(StructuredOutputsParams(json=schema), param, json_answer=True)
+    if field_name == "structured_outputs":
+        parsed = StructuredOutputsParams.coerce(raw["structured_outputs"])
+        assert parsed is not None
+        return Constraint(parsed, f"structured_outputs.{parsed.kind}",
+                          json_answer=parsed.kind in ("json", "json_object"))
+    kind = GUIDED[field_name]
+    value = raw[field_name]
+    if kind == "json":
+        value = check_json_schema(value, field_name)
+    try:
+        parsed = StructuredOutputsParams(**{kind: value})
+    except InvalidRequestError as e:
+        raise _renamed(e, f"structured_outputs.{kind}", field_name) from None
+    return Constraint(parsed, field_name, json_answer=kind == "json")
+
+
+def _answer_format(c: Constraint) -> dict[str, Any]:
+    """An answer constraint as a structural-tag format, to stand beside tool calls."""
+    spec = c.spec
+    if spec.json is not None or spec.json_object:
+        return {"type": "json_schema",
+                "json_schema": spec.json if spec.json is not None else {"type": "object"}}
+    if spec.regex is not None:
+        return {"type": "regex", "pattern": spec.regex}
+    if spec.grammar is not None:
+        return {"type": "grammar", "grammar": spec.grammar}
+    if spec.choice is not None:
+        return {"type": "or",
+                "elements": [{"type": "const_string", "value": v} for v in spec.choice]}
+    raise APIError(400, "a structural_tag constraint cannot be combined with tools; give "
+                   "tool_choice none, or put the calls in the tag", param=c.param)
+
+
+def request_constraint(state: ServerState, answer: Constraint | None,
+                       tools: list[dict[str, Any]] | None, tool_choice: Any,
+                       parallel: bool) -> Constraint | None:
+    """The grammar of a chat request: its answer format and its tool choice combined (see the
+    module docstring). `tools` are the rendered ones (select_tools), None when calls are off.
+
+    Raises:
+        APIError / InvalidRequestError: 400 naming the field.
+    """
+    if not tools:
+        return answer
+    parser = state.llm.tool_parser
+    coder = parser is not None and parser.name == "qwen3_coder"
+    style: Style = "qwen3_coder" if coder else "hermes"
+    if tool_choice == "required" or isinstance(tool_choice, Mapping):
+        if answer is not None and answer.param != "response_format" and not answer.param.startswith(
+                "response_format."):
+            raise APIError(400, f"{answer.param.split('.')[0]} cannot be combined with tool_choice "
+                           f"{'required' if tool_choice == 'required' else 'naming a function'}: "
+                           "the output is the tool call", param=answer.param.split(".")[0])
+        name = tool_choice["function"]["name"] if isinstance(tool_choice, Mapping) else None
+        tag = tool_call_tag(tools, name=name, parallel=parallel, style=style)
+        return Constraint(StructuredOutputsParams(structural_tag=tag), "tools", covers_calls=True)
+    strict = any(t["function"].get("strict") is True for t in tools)
+    if answer is None and not strict:
+        return None
+    tag = optional_tool_calls(tools, parallel=parallel, style=style,
+                              answer=None if answer is None else _answer_format(answer))
+    return Constraint(StructuredOutputsParams(structural_tag=tag),
+                      "tools" if answer is None else answer.param, covers_calls=True,
+                      json_answer=answer is not None and answer.json_answer)
+
+
 def add_json_schema_instruction(messages: list[dict[str, Any]], schema: Mapping[str, Any]) -> None:
     text = ("Respond only with a JSON value that conforms to this JSON Schema:\n"
             + json.dumps(schema, ensure_ascii=False))
@@ -253,7 +389,7 @@ def preprocess_media(state: ServerState, ids: list[int], media: Sequence[MediaPa
 def build_plan(state: ServerState, messages: list[dict[str, Any]], *,
                tools: list[dict[str, Any]] | None, parse_tools: bool, params: SamplingParams,
                chat_template_kwargs: Mapping[str, Any] | None, enable_thinking: bool | None,
-               parallel_tool_calls: bool = True, json_mode: bool = False,
+               parallel_tool_calls: bool = True, constraint: Constraint | None = None,
                media: Sequence[MediaPart] = (),
                mm_processor_kwargs: Mapping[str, Any] | None = None) -> ChatPlan:
     """Render, tokenize and preprocess the media (runs in a worker thread: templates, long prompts
@@ -269,7 +405,7 @@ def build_plan(state: ServerState, messages: list[dict[str, Any]], *,
         ids, items = preprocess_media(state, ids, media, mm_processor_kwargs)
     output = ChatOutputParser(state.llm.tool_parser if parse_tools else None, tools,
                               state.llm.think_open(ids), parallel_tool_calls)
-    return ChatPlan(prompt, ids, params, output, json_mode, items)
+    return ChatPlan(prompt, ids, params, output, constraint, items)
 
 
 # ------------------------------------------------------------------------------------- output
@@ -279,12 +415,19 @@ def parse_output(state: ServerState, plan: ChatPlan, text: str) -> ParsedChat:
     return plan.output.parse(text)
 
 
-def json_error(plan: ChatPlan, content: str | None) -> str | None:
-    """Why the content breaks a requested JSON response format, or None if it does not."""
-    if not plan.json_mode:
+def json_error(plan: ChatPlan, content: str | None, req: Request, calls: int) -> str | None:
+    """Why the content breaks a requested JSON answer format, or None if it does not (an answer
+    of calls has no content to check). Only an output cut short can (see the module docstring)."""
+    if plan.constraint is None or not plan.constraint.json_answer or calls:
         return None
     try:
         json.loads(content or "")
     except json.JSONDecodeError as e:
-        return f"the content is not valid JSON ({e}); no grammar constrains the output here"
+        if req.finish_reason == "length":
+            why = "max_tokens (or the context) ended the output before the grammar completed it"
+        elif isinstance(req.stop_reason, str):
+            why = f"the stop string {req.stop_reason!r} ended the output before the grammar did"
+        else:
+            why = f"the output ended (finish_reason {req.finish_reason!r}) before the grammar did"
+        return f"the content is not valid JSON ({e}): {why}"
     return None

@@ -2,13 +2,16 @@
 
 Chat streams send, per choice: a role chunk, then `reasoning_content` and `content` deltas as text
 arrives, each tool call as a chunk with `id`, `type` and `function.name` (arguments "") followed by
-its `arguments` chunk, a last chunk with `finish_reason`, then (with `stream_options.include_usage`)
-a usage chunk with empty `choices`, and `data: [DONE]`. An error after the headers went out is sent
+its `arguments` chunks (one with the whole arguments when the call closes; under a grammar, one
+per argument as its value completes, joining to the same JSON), a last chunk with
+`finish_reason`, then (with `stream_options.include_usage`) a usage chunk with empty `choices`,
+and `data: [DONE]`. An error after the headers went out is sent
 as `data: {"error": ...}` before `[DONE]`.
 
 `/v1/completions` defaults `max_tokens` to 16 as OpenAI and vLLM do (the checkpoint's
-`max_new_tokens`, when set, comes first). `echo` with `logprobs` is refused: prompt logprobs are not
-computed. `suffix` and `best_of` != n are refused.
+`max_new_tokens`, when set, comes first). It takes the same answer formats as chat
+(`response_format`, `structured_outputs`, `guided_*`; server/chat.py). `echo` with `logprobs` is
+refused: prompt logprobs are not computed. `suffix` and `best_of` != n are refused.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 
 from qwenrun.engine.request import Request, StepDelta
+from qwenrun.tokenizer.chat_output import call_events
 from qwenrun.server.chat import (
     ChatPlan,
     add_json_schema_instruction,
+    answer_constraint,
     build_plan,
     json_error,
     parse_output,
+    request_constraint,
     select_tools,
     template_messages,
 )
@@ -134,8 +140,10 @@ async def chat_completions(state: ServerState, request: HTTPRequest) -> Response
     k = (body.top_logprobs or 0) if body.logprobs else None
     messages, media = template_messages(raw["messages"])
     tools, parse_tools = select_tools(raw.get("tools"), raw.get("tool_choice"))
+    parallel = body.parallel_tool_calls is not False
+    constraint = request_constraint(state, answer_constraint(raw), tools if parse_tools else None,
+                                    raw.get("tool_choice"), parallel)
     fmt = body.response_format
-    json_mode = fmt is not None and fmt.type != "text"
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.schema_:
         add_json_schema_instruction(messages, fmt.json_schema.schema_)
     max_tokens = body.max_completion_tokens
@@ -149,14 +157,16 @@ async def chat_completions(state: ServerState, request: HTTPRequest) -> Response
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids, max_tokens=max_tokens,
         min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-        skip_special_tokens=body.skip_special_tokens, logprobs=k, thinking_budget=budget)
+        skip_special_tokens=body.skip_special_tokens, logprobs=k, thinking_budget=budget,
+        structured_outputs=constraint and constraint.spec)
     plan = await asyncio.to_thread(
         build_plan, state, messages, tools=tools, parse_tools=parse_tools, params=params,
         chat_template_kwargs=body.chat_template_kwargs, enable_thinking=body.enable_thinking,
-        parallel_tool_calls=body.parallel_tool_calls is not False, json_mode=json_mode,
+        parallel_tool_calls=parallel, constraint=constraint,
         media=media, mm_processor_kwargs=body.mm_processor_kwargs)
     resp_id = new_id("chatcmpl")
-    reqs = await make_requests(state, plan.prompt_ids, params, resp_id, params.n, plan.mm_items)
+    reqs = await make_requests(state, plan.prompt_ids, params, resp_id, params.n, plan.mm_items,
+                               constraint and constraint.param)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return SSEResponse(_stream_chat(state, plan, reqs, arrival, resp_id, model, k,
@@ -189,7 +199,7 @@ async def _chat_response(state: ServerState, plan: ChatPlan, reqs: list[Request]
             logprobs = ChoiceLogprobs(content=_chat_logprobs(texts, ids, entries, k))
         choice = ChatChoice(index=i, message=message, logprobs=logprobs,
                             finish_reason="tool_calls" if calls else req.finish_reason)
-        error = json_error(plan, parsed.content)
+        error = json_error(plan, parsed.content, req, len(calls))
         if error:
             choice.response_format_error = error
         choices.append(choice)
@@ -230,26 +240,27 @@ async def _stream_chat(state: ServerState, plan: ChatPlan, reqs: list[Request], 
                 pending[i] += _chat_logprobs(texts, ids, entries, k)
             if d.finished:
                 events += parser.finish()
-            for event in events:
+            for event in (e for ev in events for e in call_events(ev)):
                 if event[0] == "reasoning":
                     if include_reasoning:
                         yield chunk(i, DeltaMessage(reasoning_content=event[1]))
                 elif event[0] == "content":
                     yield chunk(i, DeltaMessage(content=event[1]))
-                else:
-                    _, index, call = event
+                elif event[0] == "tool_call_start":
+                    _, index, call_id, name = event
                     yield chunk(i, DeltaMessage(tool_calls=[DeltaToolCall(
-                        index=index, id=call.id, type="function",
-                        function=DeltaFunction(name=call.name, arguments=""))]))
+                        index=index, id=call_id, type="function",
+                        function=DeltaFunction(name=name, arguments=""))]))
+                elif event[0] == "tool_call_arguments" and event[2]:
                     yield chunk(i, DeltaMessage(tool_calls=[DeltaToolCall(
-                        index=index, function=DeltaFunction(arguments=call.arguments))]))
+                        index=event[1], function=DeltaFunction(arguments=event[2]))]))
             if d.finished:
                 req = d.request
                 ids = generated_ids(req)
                 n_reasoning += reasoning_tokens(state, ids, "" if parser.saw_reasoning else None,
                                                 parser.content or None)
                 extra = {}
-                error = json_error(plan, parser.content)
+                error = json_error(plan, parser.content, req, parser.n_calls)
                 if error:
                     extra["response_format_error"] = error
                 yield chunk(i, DeltaMessage(), "tool_calls" if parser.n_calls else req.finish_reason,
@@ -287,8 +298,9 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[str | None, list[int
 
 async def completions(state: ServerState, request: HTTPRequest) -> Response:
     arrival = time.perf_counter()
-    _, body = await parse_body(request, CompletionRequest)
+    raw, body = await parse_body(request, CompletionRequest)
     model = state.check_model(body.model)
+    constraint = answer_constraint(raw)
     check_unsupported(body.logit_bias)
     check_logprobs(body.logprobs, "logprobs")
     if body.suffix:
@@ -308,13 +320,15 @@ async def completions(state: ServerState, request: HTTPRequest) -> Response:
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
         max_tokens=max_tokens, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-        skip_special_tokens=body.skip_special_tokens, logprobs=body.logprobs)
+        skip_special_tokens=body.skip_special_tokens, logprobs=body.logprobs,
+        structured_outputs=constraint and constraint.spec)
     prompts = await asyncio.to_thread(_prompts, state, body.prompt)
     resp_id = new_id("cmpl")
     reqs: list[Request] = []
     echoes: list[str] = []
     for p, (text, ids) in enumerate(prompts):
-        reqs += await make_requests(state, ids, params, f"{resp_id}-{p}", params.n)
+        reqs += await make_requests(state, ids, params, f"{resp_id}-{p}", params.n,
+                                    constraint_param=constraint and constraint.param)
         echo = ""
         if body.echo:
             tok = state.llm.tokenizer

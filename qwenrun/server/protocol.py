@@ -9,7 +9,9 @@ those ranges (`_document_ranges`) from the same constants, for clients and fuzze
 Extensions accepted on chat and completions requests (vLLM / SGLang / Qwen spellings): `top_k`,
 `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
 `chat_template_kwargs`, `mm_processor_kwargs` (chat: image/video preprocessing options),
-`enable_thinking`, `thinking_budget` (alias `thinking_token_budget`), `include_reasoning`.
+`enable_thinking`, `thinking_budget` (alias `thinking_token_budget`), `include_reasoning`, and
+the answer formats `structured_outputs`, `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar` (chat and completions, like `response_format`).
 """
 
 from __future__ import annotations
@@ -180,6 +182,13 @@ class _SamplingFields(_In):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    # answer formats (at most one; server/chat.py); vLLM's fields beside OpenAI's response_format
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -190,7 +199,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None

@@ -269,9 +269,15 @@ def new_id(prefix: str) -> str:
 
 async def make_requests(state: ServerState, prompt_ids: list[int], params: SamplingParams,
                         request_id: str, n: int,
-                        mm_items: Sequence[MultimodalItem] = ()) -> list[Request]:
+                        mm_items: Sequence[MultimodalItem] = (),
+                        constraint_param: str | None = None) -> list[Request]:
     """n engine requests for one prompt (seeds seed, seed+1, ... as `LLM.generate` does), with the
-    prompt's preprocessed images and videos.
+    prompt's preprocessed images and videos. Made on a worker thread: a grammar's first compile
+    takes up to hundreds of milliseconds, which must not stall the event loop.
+
+    Args:
+        constraint_param: the request field `params.structured_outputs` came from, named instead
+            of `structured_outputs.<kind>` when the grammar does not compile.
 
     Raises:
         APIError: 429 when the queue has no room for n more, 400 for what the engine rejects.
@@ -282,12 +288,20 @@ async def make_requests(state: ServerState, prompt_ids: list[int], params: Sampl
     if stats.waiting + n > state.engine.max_waiting:
         raise EngineOverloadedError(
             f"too many queued requests ({state.engine.max_waiting}); retry later")
-    reqs = []
-    for i in range(n):
-        p = dataclasses.replace(params, n=n).for_choice(i)
-        reqs.append(state.llm.engine.make_request(prompt_ids, p, f"{request_id}-{i}",
-                                                  mm_items=mm_items))
-    return reqs
+
+    def make() -> list[Request]:
+        return [state.llm.engine.make_request(prompt_ids, dataclasses.replace(params, n=n)
+                                              .for_choice(i), f"{request_id}-{i}", mm_items=mm_items)
+                for i in range(n)]
+
+    try:
+        return await asyncio.to_thread(make)
+    except InvalidRequestError as e:
+        param = e.param or ""
+        if constraint_param is None or not param.startswith("structured_outputs"):
+            raise
+        raise InvalidRequestError(str(e).replace(param, constraint_param),
+                                  param=constraint_param) from None
 
 
 # ------------------------------------------------------------------------------ running requests

@@ -10,6 +10,7 @@ grammar engine would ignore); a regex or an EBNF grammar is only proven by compi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ def subschemas(schema: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}.{key}.{name}", sub
 
 
+# xgrammar 0.2.9 compiles a lookahead or lookbehind by ignoring it (it logs a warning), so
+# `^(?!x).*` would allow "x...": refused, as the unenforced keywords are.
+_LOOKAROUND = re.compile(r"(?<!\\)\(\?<?[=!]")
+LOOKAROUND_REASON = "lookahead and lookbehind assertions cannot be enforced while decoding"
 _LENGTHS = ("minLength", "maxLength")
 _RANGES = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
@@ -104,6 +109,8 @@ def unenforced_feature(schema: Any, path: str = "schema") -> str | None:
                     f"(supported: {', '.join(sorted(ENFORCED_FORMATS))})")
         if len(node.get("allOf") or ()) > 1:
             return f"{where}.allOf: allOf with more than one schema cannot be enforced while decoding"
+        if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):
+            return f"{where}.pattern: {LOOKAROUND_REASON}"
         pair = _combination(node)
         if pair is None and ("enum" in node or "const" in node):
             pair = _enum_outside_siblings(node)
@@ -179,6 +186,8 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value):
                 raise InvalidRequestError(f"{param} must be a non-empty string", param=param)
+        if self.regex is not None and _LOOKAROUND.search(self.regex):
+            raise InvalidRequestError(f"{param}: {LOOKAROUND_REASON}", param=param)
         if self.choice is not None and not (
                 isinstance(self.choice, (list, tuple)) and self.choice
                 and all(isinstance(c, str) and c for c in self.choice)):

@@ -1,5 +1,7 @@
 """The constraint for `tool_choice: "required"` or a named tool: the output is one call (or several)
-in the model's own call format, to an offered tool, with arguments valid against its `parameters`.
+in the model's own call format, to an offered tool, with arguments valid against its `parameters`;
+and for `tool_choice: "auto"` (`optional_tool_calls`): free text, or the requested answer format,
+where every call the model opens is written to completion, strict tools' arguments by their schema.
 
 Built as xgrammar structural-tag JSON (a plain dict, so this module stays torch-free and the
 server can build and check it before any engine exists). xgrammar's own `get_model_structural_tag
@@ -22,6 +24,7 @@ from qwenrun.structured.params import check_json_schema
 Style = Literal["hermes", "qwen3_coder"]
 
 _NO_ARGUMENTS = {"type": "object", "properties": {}}
+_ANY_ARGUMENTS = {"type": "object"}
 # Whitespace between argument tokens, at most: Qwen writes one space, and an unbounded run is what
 # a small model falls into and fills until max_tokens (xgrammar's docs warn of the same).
 MAX_WHITESPACE = 2
@@ -58,6 +61,48 @@ def tool_call_tag(tools: Sequence[Mapping[str, Any]], *, name: str | None = None
             cannot be enforced (naming `tools[i].function.parameters`), `name` not among the
             tools, or a Qwen3-Coder tool name that would break its `<function=...>` tag.
     """
+    tags = _tags(tools, name, style, strict_only=False)
+    if not tags:
+        raise InvalidRequestError(
+            f"tool_choice names function {name!r}, which is not in tools" if name is not None
+            else "tool_choice \"required\" needs a non-empty tools list", param="tool_choice")
+    return {"type": "structural_tag", "format": _calls(tags, parallel)}
+
+
+def optional_tool_calls(tools: Sequence[Mapping[str, Any]], *, parallel: bool = True,
+                        style: Style = "hermes", answer: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """The structural tag of `tool_choice: "auto"` under a grammar: calls may come or not, and a
+    call that opens (at `<tool_call>`) is written whole, to an offered tool; a tool with `strict:
+    true` gets arguments valid against its `parameters`, any other a JSON object (Qwen3-Coder:
+    any parameters), as OpenAI's non-strict tools promise nothing more.
+
+    Args:
+        answer: a structural-tag format the answer must match instead of free text (a response
+            format beside tools): then the output is either that answer or calls only.
+        tools, parallel, style: as for `tool_call_tag`.
+
+    Raises:
+        InvalidRequestError: as `tool_call_tag`, for the strict tools' schemas.
+    """
+    tags = _tags(tools, None, style, strict_only=True)
+    if answer is not None:
+        return {"type": "structural_tag",
+                "format": {"type": "or", "elements": [answer, _calls(tags, parallel)]}}
+    calls = {"type": "triggered_tags", "triggers": ["<tool_call>"], "tags": tags,
+             "at_least_one": False, "stop_after_first": not parallel}
+    return {"type": "structural_tag", "format": calls}
+
+
+def _calls(tags: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    return {"type": "tags_with_separator", "tags": tags, "separator": "\n",
+            "at_least_one": True, "stop_after_first": not parallel}
+
+
+def _tags(tools: Sequence[Mapping[str, Any]], name: str | None, style: Style,
+          strict_only: bool) -> list[dict[str, Any]]:
+    """One tag per tool (only `name`'s when given); `strict_only`: a tool without `strict: true`
+    gets any object as arguments instead of its checked `parameters`."""
     tags = []
     for i, tool in enumerate(tools):
         function = tool.get("function", tool)
@@ -70,13 +115,11 @@ def tool_call_tag(tools: Sequence[Mapping[str, Any]], *, name: str | None = None
             raise InvalidRequestError(f"tools[{i}]: the name {tool_name!r} cannot appear in a "
                                       "Qwen3-Coder <function=...> tag", param=f"tools[{i}]")
         parameters = function.get("parameters")
-        parameters = _NO_ARGUMENTS if parameters is None else check_json_schema(
-            parameters, f"tools[{i}].function.parameters")
+        if strict_only and function.get("strict") is not True:
+            parameters = _ANY_ARGUMENTS
+        elif parameters is None:
+            parameters = _NO_ARGUMENTS
+        else:
+            parameters = check_json_schema(parameters, f"tools[{i}].function.parameters")
         tags.append(_tag(style, tool_name, parameters))
-    if not tags:
-        raise InvalidRequestError(
-            f"tool_choice names function {name!r}, which is not in tools" if name is not None
-            else "tool_choice \"required\" needs a non-empty tools list", param="tool_choice")
-    calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n",
-             "at_least_one": True, "stop_after_first": not parallel}
-    return {"type": "structural_tag", "format": calls}
+    return tags
