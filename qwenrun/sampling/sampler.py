@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from qwenrun import kernels
+from qwenrun.structured.backend import stop_free_mask
 from qwenrun.sampling.params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -118,18 +119,6 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     return logits
 
 
-def _allows_other_than(words: torch.Tensor, tokens: Sequence[int]) -> bool:
-    """Whether a bitmask row ([W] int32 on the host) allows some token outside `tokens`."""
-    words = words.clone()
-    for token in tokens:
-        words[token // 32] &= ~_int32_bit(token % 32)
-    return bool(words.any())
-
-
-def _int32_bit(bit: int) -> int:
-    return 1 << bit if bit < 31 else -(1 << 31)
-
-
 def _banned_stop_tokens(params_list: Sequence[SamplingParams],
                         output_token_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int],
                         vocab_size: int, device: torch.device, bitmask: torch.Tensor | None = None,
@@ -148,7 +137,9 @@ def _banned_stop_tokens(params_list: Sequence[SamplingParams],
             continue
         eos = set() if params.ignore_eos else set(eos_token_ids)
         stop = sorted(t for t in set(params.stop_token_ids or ()) | eos if t < vocab_size)
-        if row in constrained and not _allows_other_than(bitmask[row], stop):  # type: ignore[index]
+        # a grammar that allows nothing but stop tokens here keeps them
+        if row in constrained and not bool(
+                (bitmask[row] & stop_free_mask(vocab_size, stop)).any()):  # type: ignore[index]
             continue
         for token in stop:
             rows.append(row)
