@@ -4,7 +4,15 @@
 Checkpoints (tests/steered.py, real Qwen3 tokenizer):
 * CHAT: with thinking, "\\n" -> <think> -> " hmm" -> " ok" -> </think> -> "\\n\\n" -> "Paris is nice." -> <|im_end|>;
   with enable_thinking=false the prompt ends in "\\n\\n", so the answer comes directly.
-* TOOLS: "\\n\\n" -> `<tool_call>\\n{"name": "get_weather","arguments":{"city":"Paris"}}</tool_call>` -> <|im_end|>.
+* TOOLS: "\\n\\n" -> `<tool_call>\\n{"name": "get_weather", "arguments": {"city":"Paris"}}\\n</tool_call>` ->
+  <|im_end|>: the layout Qwen3's template writes, which a forced call's grammar (qwenrun/structured/tool_calls.py)
+  fixes around the arguments, so the same checkpoint serves free and forced calls.
+
+Under a grammar these checkpoints show what the mask does to a model's choice: an output the grammar
+allows comes out unchanged; where it forbids the next table token, every allowed token has the same
+logit (0: the table knows nothing else), greedy takes the lowest allowed id, and the output goes on
+degenerate (`!!!...` inside a JSON string) until max_tokens. test_structured_server.py has the
+random-model cases where outputs finish.
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ HMM, OK = 87501, 5394  # " hmm", " ok"
 PARIS, IS, NICE, DOT = 59604, 374, 6419, 13  # "Paris", " is", " nice", "."
 CHAT_TABLE = {NL: THINK, THINK: HMM, HMM: OK, OK: END_THINK, END_THINK: NLNL, NLNL: PARIS,
               PARIS: IS, IS: NICE, NICE: DOT, DOT: IM_END}
-TOOL_TEXT = '<tool_call>\n{"name": "get_weather","arguments":{"city":"Paris"}}</tool_call>'
+# one token per piece, no token twice (the table is first-order); the pieces are not the tokenizer's own split
+TOOL_PIECES = ["<tool_call>", "\n", '{"', "name", '":', ' "', "get", "_weather", '",', " ", '"a', "rg", "uments", '"',
+               ":", ' {"', "city", '":"', "Paris", '"}}\n', "</tool_call>"]
+TOOL_TEXT = "".join(TOOL_PIECES)
 
 WEATHER_TOOL = {
     "type": "function",
@@ -50,8 +61,12 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 def tool_table(tokenizer) -> dict[int, int]:
-    ids = tokenizer.encode(TOOL_TEXT)
-    assert len(set(ids)) == len(ids) == 16 and NLNL not in ids
+    ids = []
+    for piece in TOOL_PIECES:
+        [token] = tokenizer.encode(piece) if piece not in ("<tool_call>", "</tool_call>") else [
+            tokenizer.token_to_id(piece)]
+        ids.append(token)
+    assert len(set(ids)) == len(ids) and NLNL not in ids
     chain = [NLNL, *ids, IM_END]
     return dict(itertools.pairwise(chain))
 
@@ -258,7 +273,6 @@ def test_stop_n_seed_max_tokens_and_logprobs(chat_server):
     assert tokens == ["Paris", " is", " nice", "."]
 
 
-@pytest.mark.xfail(reason="issue 15: written for steering-only response_format/tool_choice; under the grammar (49f0ae2) the steered checkpoint runs to length — update or explain", strict=False)
 def test_sampling_extras_and_json_mode(chat_server):
     client = chat_server.client()
     r = client.chat.completions.create(
@@ -266,15 +280,21 @@ def test_sampling_extras_and_json_mode(chat_server):
         extra_body={"top_k": 20, "min_p": 0.0, "repetition_penalty": 1.05, **NO_THINK}, seed=1, max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length")
     with chat_server.http() as http:
+        # json_object: "Paris" cannot start a JSON object, so the grammar takes over (see the module
+        # docstring) and the answer, cut by max_tokens, says so
         body = {"model": "qwen-test", "messages": USER, "temperature": 0, "response_format": {"type": "json_object"},
-                **NO_THINK}
+                "max_tokens": 8, **NO_THINK}
         data = http.post("/v1/chat/completions", json=body).json()
-        assert data["choices"][0]["message"]["content"] == "Paris is nice."
-        assert "not valid JSON" in data["choices"][0]["response_format_error"]
+        choice = data["choices"][0]
+        assert choice["message"]["content"].startswith("{") and "Paris" not in choice["message"]["content"]
+        assert choice["finish_reason"] == "length" and "max_tokens" in choice["response_format_error"]
         with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
             chunks = [json.loads(d) for _, d in sse_events(r.iter_lines()) if d != "[DONE]"]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == \
+            choice["message"]["content"]
         assert "response_format_error" in chunks[-1]["choices"][0]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        body["max_tokens"] = None
         # nulls are accepted for optional fields, as some clients send them
         nulls = {"n": None, "stream": None, "stop": None, "tools": None, "tool_choice": None, "seed": None}
         r = http.post("/v1/chat/completions", json={**body, **nulls, "response_format": None})
@@ -351,7 +371,6 @@ def test_tool_call_streaming_matches(tool_server):
     assert args == whole.function.arguments
 
 
-@pytest.mark.xfail(reason="issue 15: written for steering-only response_format/tool_choice; under the grammar (49f0ae2) the steered checkpoint runs to length — update or explain", strict=False)
 def test_tool_choice_none_and_no_tools_keep_raw_text(tool_server):
     client = tool_server.client()
     for extra in ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, {}):
