@@ -1,6 +1,6 @@
 """xgrammar vs llguidance on Qwen3's vocabulary (151936 logits): what a constrained request pays.
 
-python benchmarks/grammar_bench.py [--runs 5] [--threads N] [--schemas nested,enum]
+python benchmarks/grammar_bench.py [--runs 5] [--threads N] [--schemas nested,enum] [--sections engines,decode]
 
 Needs llguidance besides the project's xgrammar: pip install llguidance==1.9.1.
 
@@ -12,6 +12,13 @@ fp32 logits by the engine's own kernel (xgrammar's C++ one; llguidance's is torc
 the 99th percentile) over every step of a valid output replayed token by token. The outputs
 are sampled once from random logits under the grammar (compact JSON, which both engines' default
 any-whitespace grammars accept), 16 different ones for batch 16.
+
+The decode section is what issue 15's goal is stated in: the Qwen3-0.6B shape (random bf16 weights,
+benchmarks/decode_bench.py) decoding B = 1 and 16 sequences through the engine, plain against
+every row under a JSON Schema (an array of short strings that cannot end within the steps timed,
+so the batch stays full), median ms per decode step. The constrained step includes everything a
+request pays: the fill on the runner's worker thread while the forward runs, the wait for it, the
+sampler's own bitmask kernel and the matcher's advance.
 Prints markdown tables; measure on an idle machine.
 """
 
@@ -19,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' schemas
 
-from hybrid_bench import tokenizer_dir  # a sibling script: benchmarks/ is on sys.path
+from hybrid_bench import tokenizer_dir  # sibling scripts: benchmarks/ is on sys.path
+from spec_bench import _cpu
 from structured_cases import SCHEMAS
 
 from qwenrun.sampling import SamplingBatch, SamplingParams, make_generator, mask_vocab, sample
@@ -178,20 +185,78 @@ def bench(engine, runs: int, cases: dict[str, list[list[int]]]) -> dict[str, dic
     return rows
 
 
+STEP_SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 500}
+
+
+def decode_section(runs: int, steps: int, cache_dir: Path) -> None:
+    import shutil
+
+    from decode_bench import build_checkpoint
+
+    from qwenrun import LLM
+
+    folder = build_checkpoint("qwen3-0.6b", None, cache_dir)
+    for f in tokenizer_dir().iterdir():
+        if f.is_file() and not (folder / f.name).exists():
+            shutil.copy(f, folder / f.name)
+    llm = LLM(folder, dtype="bfloat16", device="cpu", max_model_len=512, kv_cache_memory=1 << 30,
+              max_num_seqs=16)
+    engine = llm.engine
+    gen = torch.Generator().manual_seed(0)
+    print("### Decode step of the Qwen3-0.6B shape (bf16), plain vs every row constrained\n")
+    print("| batch | plain ms/step | constrained ms/step | mask cost | of a step |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch in (1, 16):
+        medians = {}
+        for label, constraint in (("plain", None), ("json", StructuredOutputsParams(json=STEP_SCHEMA))):
+            per_run = []
+            for _ in range(runs):
+                params = SamplingParams(temperature=1.0, seed=1, max_tokens=steps + 8, ignore_eos=True,
+                                        structured_outputs=constraint)
+                reqs = [engine.add_request(torch.randint(0, 150000, (32,), generator=gen).tolist(), params)
+                        for _ in range(batch)]
+                while any(not r.output_token_ids for r in reqs):  # prefill (and the first token)
+                    engine.step()
+                times = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    engine.step()
+                    times.append(time.perf_counter() - start)
+                assert not any(r.finished for r in reqs), "a request ended inside the timed steps"
+                for r in reqs:
+                    engine.abort(r.request_id)
+                while engine.has_unfinished_requests():
+                    engine.step()
+                per_run.append(statistics.median(times))
+            medians[label] = 1e3 * statistics.median(per_run)
+        cost = medians["json"] - medians["plain"]
+        print(f"| {batch} | {medians['plain']:.1f} | {medians['json']:.1f} | {cost:+.2f} ms | "
+              f"{100 * cost / medians['plain']:+.1f}% |", flush=True)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--schemas", default=",".join(SCHEMAS), help="comma-separated subset")
+    parser.add_argument("--sections", default="engines,decode")
+    parser.add_argument("--steps", type=int, default=24, help="decode steps timed per run")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/qwenrun-bench"))
     args = parser.parse_args()
+    sections = args.sections.split(",")
     torch.set_num_threads(args.threads)
     folder = tokenizer_dir()
     if folder is None:
         sys.exit("the real Qwen3 tokenizer is needed: set QWENRUN_TOKENIZER_DIR")
     tok = Tokenizer.from_dir(folder)
-    cases = {name: outputs(tok, SCHEMAS[name], BATCH) for name in args.schemas.split(",")}
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, vocab {V}, "
+    print(f"{_cpu()}, {args.threads} threads, vocab {V}, "
           f"median of {args.runs} runs; steps = tokens of the replayed outputs\n")
+    if "decode" in sections:
+        decode_section(args.runs, args.steps, args.cache_dir)
+    if "engines" not in sections:
+        return
+    cases = {name: outputs(tok, SCHEMAS[name], BATCH) for name in args.schemas.split(",")}
     for engine_cls in (XGrammar, LLGuidance):
         engine = engine_cls(tok, args.threads)
         print(f"### {engine.name}: tokenizer conversion {engine.setup_ms:.0f} ms\n")
