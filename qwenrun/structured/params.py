@@ -89,6 +89,62 @@ def _enum_outside_siblings(node: dict[str, Any]) -> str | None:
     return None if bad is None else f"the enum/const value {bad!r}, which its sibling keywords reject"
 
 
+def _resolve(node: Any, root: Any) -> Any:
+    """A local `$ref` ("#/$defs/x", "#/definitions/x") followed to its target; anything else as is."""
+    seen = 0
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and seen < 32:
+        ref, target = node["$ref"], root
+        if not ref.startswith("#/"):
+            return node
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                return node
+            target = target[part]
+        node, seen = target, seen + 1
+    return node
+
+
+def _tags(branch: Any) -> set[tuple[str, str]] | None:
+    """What sets a oneOf branch apart, if it is one of the shapes compared exactly: its JSON type
+    (("type", t); integer counts as number), or, for an object, the const / one-value enum of each
+    required property (("p:" + name, value as JSON))."""
+    if not isinstance(branch, dict) or not isinstance(branch.get("type"), str):
+        return None
+    kind = "number" if branch["type"] == "integer" else branch["type"]
+    tags = {("type", kind)}
+    if kind == "object":
+        properties = branch.get("properties") if isinstance(branch.get("properties"), dict) else {}
+        for name in branch.get("required") or ():
+            sub = properties.get(name) if isinstance(name, str) else None
+            if isinstance(sub, dict) and "const" in sub:
+                tags.add(("p:" + name, json.dumps(sub["const"], sort_keys=True)))
+            elif isinstance(sub, dict) and isinstance(sub.get("enum"), list) and len(sub["enum"]) == 1:
+                tags.add(("p:" + name, json.dumps(sub["enum"][0], sort_keys=True)))
+    return tags
+
+
+def _one_of_overlap(node: dict[str, Any], root: Any) -> bool:
+    """Whether a oneOf's branches may overlap. xgrammar enforces oneOf as anyOf (it warns on
+    "non-provably-disjoint branches"), which is exact only when no value matches two branches;
+    proven here for branches of different JSON types, and for objects told apart by a required
+    property's constant (pydantic's discriminated unions). Anything else counts as overlapping."""
+    branches = node.get("oneOf")
+    if not isinstance(branches, list) or len(branches) < 2:
+        return False
+    tags = [_tags(_resolve(b, root)) for b in branches]
+    if any(t is None for t in tags):
+        return True
+    for i, a in enumerate(tags):
+        for b in tags[i + 1:]:
+            if next(iter(x for x in a if x[0] == "type")) != next(iter(x for x in b if x[0] == "type")):
+                continue
+            if not any(key == other_key and value != other_value
+                       for key, value in a if key != "type" for other_key, other_value in b):
+                return True
+    return False
+
+
 def unenforced_feature(schema: Any, path: str = "schema") -> str | None:
     """Where `schema` uses something the grammar cannot enforce, as `path: reason`; None if nowhere.
 
@@ -107,6 +163,10 @@ def unenforced_feature(schema: Any, path: str = "schema") -> str | None:
         if isinstance(fmt, str) and fmt not in ENFORCED_FORMATS:
             return (f"{where}.format: the string format {fmt!r} cannot be enforced while decoding "
                     f"(supported: {', '.join(sorted(ENFORCED_FORMATS))})")
+        if _one_of_overlap(node, schema):
+            return (f"{where}.oneOf: oneOf whose branches may overlap cannot be enforced while decoding "
+                    "(only branches of different types, or objects told apart by a required constant "
+                    "property); use anyOf if a value may match more than one")
         if len(node.get("allOf") or ()) > 1:
             return f"{where}.allOf: allOf with more than one schema cannot be enforced while decoding"
         if isinstance(node.get("pattern"), str) and _LOOKAROUND.search(node["pattern"]):

@@ -70,6 +70,12 @@ def decode(backend, tok, spec: StructuredOutputsParams, seed: int, *, matcher=No
     return out[:-1]
 
 
+def accepts(backend, compiled, text: str) -> bool:
+    """Whether the grammar takes `text` (tokenized as the tokenizer does) and then the stop token."""
+    matcher = backend.matcher(compiled)
+    return all(matcher.accept(t) for t in backend._tokenizer.encode(text)) and matcher.accept(STOP[0])
+
+
 def validate(text: str, schema: dict) -> None:
     jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker())
 
@@ -243,6 +249,10 @@ def test_equal_constraints_compile_once(backend) -> None:
      "the string format 'idn-email' cannot be enforced"),
     ({"json": {"allOf": [{"type": "integer"}, {"minimum": 3}]}}, "structured_outputs.json",
      "allOf with more than one schema"),
+    ({"json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "structured_outputs.json",
+     "structured_outputs.json.oneOf: oneOf whose branches may overlap"),
+    ({"json": {"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}}, {"type": "object"}]}},
+     "structured_outputs.json", "oneOf whose branches may overlap"),  # k not required: {} matches both
     ({"json": {"type": "string", "format": "email", "maxLength": 24}}, "structured_outputs.json",
      "format together with maxLength"),
     ({"json": {"type": "string", "pattern": "^a+$", "minLength": 2}}, "structured_outputs.json",
@@ -262,6 +272,24 @@ def test_bad_constraints_are_refused_naming_the_field(fields, param, message) ->
     with pytest.raises(InvalidRequestError, match=re.escape(message)) as info:
         StructuredOutputsParams(**fields)
     assert info.value.param == param
+
+
+def test_one_of_with_disjoint_branches_is_allowed_and_exact(backend) -> None:
+    """xgrammar decodes oneOf as anyOf, exact only for branches no value matches twice: different
+    types, or pydantic's discriminated union (objects told apart by a required constant)."""
+    pet = {"$defs": {
+        "Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                "required": ["kind", "lives"], "additionalProperties": False},
+        "Dog": {"type": "object", "properties": {"kind": {"const": "dog"}, "bark": {"type": "boolean"}},
+                "required": ["kind", "bark"], "additionalProperties": False}},
+        "type": "object", "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}],
+                                                 "discriminator": {"propertyName": "kind"}}},
+        "required": ["pet"], "additionalProperties": False}
+    typed = {"oneOf": [{"type": "integer"}, {"type": "string"}, {"type": "null"}]}
+    for schema, good, bad in ((pet, '{"pet": {"kind": "dog", "bark": true}}', '{"pet": {"kind": "dog", "lives": 9}}'),
+                              (typed, '"a"', "true")):
+        compiled = backend.compile(StructuredOutputsParams(json=schema))
+        assert accepts(backend, compiled, good) and not accepts(backend, compiled, bad)
 
 
 def test_an_enum_its_siblings_accept_is_allowed() -> None:
