@@ -237,10 +237,13 @@ async def count_tokens(state: ServerState, request: HTTPRequest) -> Response:
 
 
 def _stop(req: Request, tool_use: bool) -> tuple[str, str | None]:
-    if tool_use:
-        return "tool_use", None
+    """Anthropic's stop_reason: an output cut by max_tokens says so even after complete calls, as
+    Anthropic's API does, since what follows them (a further call, cut off and left as text) is
+    not the model's whole turn; a client that reads "tool_use" would run the calls as the turn."""
     if req.finish_reason == "length":
         return "max_tokens", None
+    if tool_use:
+        return "tool_use", None
     if isinstance(req.stop_reason, str):
         return "stop_sequence", req.stop_reason
     return "end_turn", None
