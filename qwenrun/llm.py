@@ -16,6 +16,7 @@ from qwenrun.engine.request import CompletionOutput, Request, RequestOutput, thi
 from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError, RequestFailedError
 from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
+from qwenrun.quant import Quantization, quantize_model
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.spec_decode import ModelDrafter, SpeculativeConfig
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
@@ -95,17 +96,18 @@ class LLM:
         self._chat_template: ChatTemplate | None = None
         self._mm_processor = None  # built when a prompt first brings images or videos
         spec = SpeculativeConfig.parse(speculative_config) if speculative_config is not None else None
-        self.model = load_model(ckpt, self.dtype, self.device, mtp=spec is not None and spec.method == "mtp")
+        quant = Quantization(quantization, quant_group_size, quantize_lm_head) if quantization is not None else None
+        # quantized as it loads: peak memory is the quantized model, not the full-precision one
+        self.model = load_model(ckpt, self.dtype, self.device, mtp=spec is not None and spec.method == "mtp",
+                                quantization=quant)
 
-        def prepare_weights(model: torch.nn.Module) -> None:
-            if quantization is not None:
-                from qwenrun.quant import quantize_model
-
-                quantize_model(model, quantization, quant_group_size, quantize_lm_head)
+        def prepare_weights(model: torch.nn.Module, quantized: bool) -> None:
+            if quant is not None and not quantized:
+                quantize_model(model, quant.method, quant.group_size, quant.quantize_lm_head)
             if cpu_packing_available(self.dtype, self.device):
                 pack_linears(model)  # whatever quantization left in bf16
 
-        prepare_weights(self.model)
+        prepare_weights(self.model, quantized=True)
         self.engine = LLMEngine(
             self.model, ckpt, self.tokenizer, self.dtype, self.device,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
@@ -114,7 +116,8 @@ class LLM:
             speculative_config=spec,
         )
         if isinstance(self.engine.drafter, ModelDrafter):
-            prepare_weights(self.engine.drafter.model)  # a draft model runs in the target's precision
+            # a draft model runs in the target's precision (loaded by the drafter in full, then quantized)
+            prepare_weights(self.engine.drafter.model, quantized=False)
         self.tool_parser = get_tool_parser(tool_parser)
 
     @property

@@ -25,7 +25,10 @@ class WeightTarget:
     `shard` names the slice ("" for a whole parameter); `covers` lists the shards a tensor fills, so a
     fused checkpoint tensor (transformers 5 experts) can stand in for the per-expert ones. `view`
     narrows the parameter; `rank_slice` narrows the checkpoint tensor to this tensor-parallel rank's
-    part (see `qwenrun.layers.checkpoint.split`), before the two shapes are compared.
+    part (see `qwenrun.layers.checkpoint.split`), before the two shapes are compared. A layer that does
+    not store the tensor as loaded (quantized at load, `qwenrun.quant`) gives `fill` instead, which takes
+    the tensor (of `shape`, in the model dtype) and stores it its own way, so no full-precision copy of
+    the layer is ever allocated.
     """
 
     checkpoint_name: str
@@ -34,6 +37,8 @@ class WeightTarget:
     view: Callable[[torch.Tensor], torch.Tensor]
     covers: tuple[str, ...] = ()
     rank_slice: RankSlice = replicated
+    fill: Callable[[torch.Tensor], None] | None = None
+    shape: tuple[int, ...] = ()
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:

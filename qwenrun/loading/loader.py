@@ -18,6 +18,7 @@ from qwenrun.errors import InvalidRequestError
 from qwenrun.loading.source import read_json, resolve_model_path
 from qwenrun.loading.weights import checkpoint_files, load_weights, stored_names
 from qwenrun.models import create_model, model_class
+from qwenrun.quant import Quantization, quantize_on_meta
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -67,12 +68,15 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: bool = False) -> nn.Module:
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: bool = False,
+               quantization: Quantization | None = None) -> nn.Module:
     """Build on `meta` (no init cost), allocate on `device`, then stream the weights in; on CPU, find
     or build the C++ kernels the model will call (a ~30 s compile the first time).
 
     `mtp=True` (speculative method "mtp") also loads the checkpoint's MTP head, as `model.mtp`;
-    otherwise its `mtp.*` tensors are skipped unread."""
+    otherwise its `mtp.*` tensors are skipped unread. With `quantization`, the layers it covers (the
+    MTP head's too) are allocated quantized and each tensor is quantized as it is read, so loading
+    never holds the full-precision model: the same bytes as `quantize_model` after a plain load."""
     kernels.prepare(device, dtype)
     if mtp:
         check_mtp_head(ckpt)
@@ -80,6 +84,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: 
         model = create_model(ckpt.config)
         if mtp:
             model.mtp = model.make_mtp()
+    if quantization is not None:
+        quantize_on_meta(model, quantization, dtype, device)
     model.to_empty(device=device)
     with torch.no_grad():
         load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings)

@@ -84,13 +84,20 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
 
 
 def weight_targets(model: nn.Module) -> dict[str, WeightTarget]:
-    targets: dict[str, WeightTarget] = {}
+    """The target of every checkpoint tensor `model` loads, by (renamed) checkpoint name."""
+    return {name: found[-1] for name, found in _targets_by_name(model).items()}
+
+
+def _targets_by_name(model: nn.Module) -> dict[str, list[WeightTarget]]:
+    """Every target of each checkpoint tensor: one, except a tensor that fills two parameters (the
+    embedding of a tied model whose LM head is quantized at load fills both)."""
+    targets: dict[str, list[WeightTarget]] = {}
     for own, module in model.named_modules():
         parent = own.rsplit(".", 1)[0] + "." if "." in own else ""
         produce = getattr(module, "weight_targets", None)
         found = produce(parent, own) if produce else plain_targets(module, parent, own)
         for t in found:
-            targets[t.checkpoint_name] = t
+            targets.setdefault(t.checkpoint_name, []).append(t)
     return targets
 
 
@@ -98,12 +105,13 @@ def load_weights(
     model: nn.Module, folder: Path, dtype: torch.dtype, tied_embeddings: bool, rank: Rank = Rank()
 ) -> None:
     """Fill every parameter of `model` (already materialised, any device) from the checkpoint, through
-    the model's `checkpoint_rules` (none: names as stored) and each target's `rank_slice` for `rank`."""
+    the model's `checkpoint_rules` (none: names as stored) and each target's `rank_slice` for `rank`;
+    a target with `fill` (a layer quantized at load) takes the tensor in `dtype` and stores it itself."""
     params = dict(model.named_parameters())
-    targets = weight_targets(model)
+    targets = _targets_by_name(model)
     rules: CheckpointRules = getattr(model, "checkpoint_rules", CheckpointRules())
     needed: dict[str, set[str]] = {}
-    for t in targets.values():
+    for t in (t for found in targets.values() for t in found):
         if not t.covers:
             needed.setdefault(t.param_name, set()).add(t.shard)
     filled: dict[str, set[str]] = {name: set() for name in needed}
@@ -111,33 +119,39 @@ def load_weights(
     skipped: Counter[str] = Counter()
     for stored, tensor in iter_tensors(checkpoint_files(folder)):
         name = rules.rename(stored)
-        target = targets.get(name)
-        pattern = None if target is not None else rules.ignore_pattern(name)
+        found = targets.get(name)
+        pattern = None if found is not None else rules.ignore_pattern(name)
         if pattern is not None:
             skipped[pattern] += 1
             continue
-        if target is None and tied_embeddings and name == "lm_head.weight":
+        if found is None and tied_embeddings and name == "lm_head.weight":
             continue
-        if target is None:
+        if found is None:
             unexpected.append(stored)
             continue
         try:
-            tensor = target.rank_slice(rules.transform(name, tensor), rank)
+            tensor = rules.transform(name, tensor)
+            parts = [target.rank_slice(tensor, rank) for target in found]
         except CheckpointError as e:
             raise CheckpointError(f"tensor {stored}: {e}") from None
-        dest = target.view(params[target.param_name].data)
-        if tuple(dest.shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"tensor {stored} has shape {list(tensor.shape)} but the model expects {list(dest.shape)} "
-                "(config.json does not match the weights)"
-            )
-        covered = set(target.covers) or {target.shard}
-        if covered & filled[target.param_name]:
-            raise CheckpointError(
-                f"tensor {stored} is stored twice (it fills part of {target.param_name} that was already loaded)"
-            )
-        dest.copy_(tensor.to(dtype))
-        filled[target.param_name] |= covered
+        for target, part in zip(found, parts):
+            dest = None if target.fill is not None else target.view(params[target.param_name].data)
+            expected = tuple(target.shape) if dest is None else tuple(dest.shape)
+            if expected != tuple(part.shape):
+                raise CheckpointError(
+                    f"tensor {stored} has shape {list(part.shape)} but the model expects {list(expected)} "
+                    "(config.json does not match the weights)"
+                )
+            covered = set(target.covers) or {target.shard}
+            if covered & filled[target.param_name]:
+                raise CheckpointError(
+                    f"tensor {stored} is stored twice (it fills part of {target.param_name} that was already loaded)"
+                )
+            if dest is None:
+                target.fill(part.to(dtype))
+            else:
+                dest.copy_(part.to(dtype))
+            filled[target.param_name] |= covered
     for pattern, n in skipped.items():  # e.g. an MTP head or a vision tower this model does not run
         logger.info("skipped %d checkpoint tensor(s) matching %s", n, pattern)
     if unexpected:
@@ -145,7 +159,8 @@ def load_weights(
             f"checkpoint has {len(unexpected)} tensor(s) the model does not use: {_some(unexpected)} "
             "(wrong architecture in config.json?)"
         )
-    by_slice = {(t.param_name, t.shard): t.checkpoint_name for t in targets.values() if not t.covers}
+    by_slice = {(t.param_name, t.shard): t.checkpoint_name for found in targets.values() for t in found
+                if not t.covers}
     missing = [by_slice[(p, s)] for p, shards in needed.items() for s in sorted(shards - filled[p])]
     if missing:
         raise CheckpointError(

@@ -10,14 +10,16 @@ Without the kernels, int8 uses PyTorch's `_weight_int8pack_mm` and int4 the expa
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
-from qwenrun.layers.linear import cpu_gemm_widens_bf16, silu_mul, wide_linear
+from qwenrun.layers.linear import WeightTarget, cpu_gemm_widens_bf16, plain_targets, silu_mul, wide_linear
 from qwenrun.layers.moe import Experts
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,70 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 PART_NAMES = {"int8": ("qweight", "scale"), "int4": ("packed", "scale", "mins")}
 
 
+def quantize_parts(fmt: str, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """The stored parts of `w` [N, K] in `fmt`, in PART_NAMES order. Every part is computed row by row,
+    so quantizing a block of rows gives exactly those rows of the whole matrix's parts."""
+    if fmt == "int8":
+        return quantize_int8(w)
+    q, scale, mins = quantize_int4(w, group_size)
+    return pack_int4(q), scale, mins
+
+
+def empty_parts(fmt: str, rows: tuple[int, ...], in_features: int, group_size: int,
+                device: torch.device | str = "meta") -> list[torch.Tensor]:
+    """Uninitialised parts of a matrix (or a stack of them) with output dims `rows` and `in_features`
+    inputs: the final storage of a layer that is quantized as its weights load."""
+    if fmt == "int8":
+        return [torch.empty(*rows, in_features, dtype=torch.int8, device=device),
+                torch.empty(*rows, dtype=torch.float32, device=device)]
+    groups = in_features // group_size
+    return [torch.empty(*rows, in_features // 2, dtype=torch.uint8, device=device),
+            torch.empty(*rows, groups, dtype=torch.float32, device=device),
+            torch.empty(*rows, groups, dtype=torch.float32, device=device)]
+
+
+# fp32 input rows quantized at a time while loading: bounds the temporaries of an LM head or fused experts
+QUANT_CHUNK_BYTES = 32 << 20
+
+
+def _quantize_into(module: nn.Module, prefix: str, fmt: str, group_size: int, rows: int, in_features: int,
+                   first: int, tensor: torch.Tensor) -> None:
+    """Quantize `tensor` (whole rows of the layer's logical weight, from row `first` of its `rows`)
+    into the module's parts `prefix` + PART_NAMES, a block of rows at a time."""
+    dests = [getattr(module, prefix + name).view(rows, -1) for name in PART_NAMES[fmt]]
+    w = tensor.reshape(-1, in_features)
+    step = max(1, QUANT_CHUNK_BYTES // (4 * in_features))
+    for a in range(0, w.shape[0], step):
+        block = w[a : a + step]
+        for dest, part in zip(dests, quantize_parts(fmt, block, group_size)):
+            dest[first + a : first + a + block.shape[0]].copy_(part.reshape(block.shape[0], -1))
+
+
+def streamed_targets(module: nn.Module, own: str, sources: Sequence[WeightTarget],
+                     layouts: Mapping[str, tuple[str, tuple[int, ...]]], fmt: str,
+                     group_size: int) -> Iterator[WeightTarget]:
+    """The checkpoint targets of the full-precision layer this quantized `module` replaced (`sources`),
+    rewritten to quantize each tensor into its rows as it loads.
+
+    `layouts` maps a replaced parameter (`weight`; experts' `w13`, `w2`) to the prefix of its parts
+    and its full-precision shape. A source fills whole rows of that shape (a merged projection's
+    slice, one expert, all experts), found by applying its `view` to a meta tensor of the shape, so
+    every layer's own name mapping is reused unchanged; other sources (a bias) load as before."""
+    for t in sources:
+        layout = layouts.get(t.param_name.removeprefix(f"{own}."))
+        if layout is None:
+            yield t
+            continue
+        prefix, shape = layout
+        K = shape[-1]
+        view = t.view(torch.empty(shape, device="meta"))
+        if not view.is_contiguous() or view.shape[-1] != K:
+            raise AssertionError(f"{t.checkpoint_name} does not fill whole rows of {t.param_name}")
+        rows = int(torch.Size(shape[:-1]).numel())
+        fill = partial(_quantize_into, module, prefix, fmt, group_size, rows, K, view.storage_offset() // K)
+        yield replace(t, fill=fill, shape=tuple(view.shape))
+
+
 @kernels.op("dequantize")
 def expand(fmt: str, parts: Sequence[torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] of quantized `parts` (int8: qweight, scale; int4: packed, scale, mins)."""
@@ -101,6 +167,26 @@ class QuantizedLinear(nn.Module):
     format: str
     group_size = 0
     bias: torch.Tensor | None
+    # for a layer made before its weights load (`empty`): the replaced layer's targets and weight shape
+    sources: tuple[WeightTarget, ...] = ()
+    shape: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def empty(cls, fmt: str, out_features: int, in_features: int, group_size: int,
+              bias: torch.Tensor | None, sources: Sequence[WeightTarget]) -> QuantizedLinear:
+        """A layer on `meta` that `to_empty` allocates in its final packed form and the loader fills
+        through `sources` (the replaced layer's targets)."""
+        parts = empty_parts(fmt, (out_features,), in_features, group_size)
+        layer = Int8Linear(*parts, bias) if fmt == "int8" else Int4Linear(*parts, bias, group_size)
+        layer.sources, layer.shape = tuple(sources), (out_features, in_features)
+        return layer
+
+    def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
+        if not self.sources:
+            yield from plain_targets(self, parent, own)
+            return
+        yield from streamed_targets(self, own, self.sources, {"weight": ("", self.shape)}, self.format,
+                                    self.group_size)
 
     @property
     def parts(self) -> tuple[torch.Tensor, ...]:
@@ -125,7 +211,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        return cls(*quantize_int8(weight), bias)
+        return cls(*quantize_parts("int8", weight, 0), bias)
 
 
 class Int4Linear(QuantizedLinear):
@@ -145,34 +231,59 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
-        q, scale, mins = quantize_int4(weight, group_size)
-        return cls(pack_int4(q), scale, mins, bias, group_size)
+        return cls(*quantize_parts("int4", weight, group_size), bias, group_size)
 
 
 class QuantizedExperts(Experts):
     """MoE experts quantized as stacked tensors (int4 when both matrices' input sizes allow it, else
     int8), which the C++ kernels read."""
 
-    def __init__(self, num_experts: int, w13: list[QuantizedLinear], w2: list[QuantizedLinear]) -> None:
+    # for experts made before their weights load (`empty`): the replaced experts' targets and shapes
+    sources: tuple[WeightTarget, ...] = ()
+    shapes: Mapping[str, tuple[int, ...]] = {}
+
+    def __init__(self, num_experts: int, fmt: str, group_size: int, w13: Sequence[torch.Tensor],
+                 w2: Sequence[torch.Tensor]) -> None:
         super().__init__()
-        self.num_experts, self.format, self.group_size = num_experts, w13[0].format, w13[0].group_size
+        self.num_experts, self.format, self.group_size = num_experts, fmt, group_size
         self.fused_format = self.format
-        for which, layers in (("w13", w13), ("w2", w2)):
-            for name in PART_NAMES[self.format]:
-                self.register_buffer(f"{which}_{name}", torch.stack([getattr(m, name) for m in layers]))
+        for which, parts in (("w13", w13), ("w2", w2)):
+            for name, part in zip(PART_NAMES[self.format], parts):
+                self.register_buffer(f"{which}_{name}", part)
+
+    @staticmethod
+    def choose_format(method: str, w13_shape: Sequence[int], w2_shape: Sequence[int], group_size: int) -> str:
+        """int4 needs both matrices' input sizes to fit the group, else the experts use int8."""
+        int4 = method == "int4" and all(Int4Linear.supports(s[1:], group_size) for s in (w13_shape, w2_shape))
+        if method == "int4" and not int4:
+            logger.info("expert shapes do not fit int4 group %d; experts use int8", group_size)
+        return "int4" if int4 else "int8"
 
     @classmethod
     def from_experts(cls, experts: nn.Module, method: str, group_size: int) -> QuantizedExperts:
-        int4 = method == "int4" and all(Int4Linear.supports(w.shape[1:], group_size) for w in (experts.w13, experts.w2))
-        if method == "int4" and not int4:
-            logger.info("expert shapes do not fit int4 group %d; experts use int8", group_size)
+        fmt = cls.choose_format(method, experts.w13.shape, experts.w2.shape, group_size)
 
-        def quantize(w: torch.Tensor) -> QuantizedLinear:
-            return Int4Linear.from_weight(w, None, group_size) if int4 else Int8Linear.from_weight(w, None)
+        def stacked(w: torch.Tensor) -> list[torch.Tensor]:
+            per_expert = [quantize_parts(fmt, w.data[e], group_size) for e in range(experts.num_experts)]
+            return [torch.stack(parts) for parts in zip(*per_expert)]
 
-        w13 = [quantize(experts.w13.data[e]) for e in range(experts.num_experts)]
-        w2 = [quantize(experts.w2.data[e]) for e in range(experts.num_experts)]
-        return cls(experts.num_experts, w13, w2)
+        return cls(experts.num_experts, fmt, group_size, stacked(experts.w13), stacked(experts.w2))
+
+    @classmethod
+    def empty(cls, experts: nn.Module, method: str, group_size: int, sources: Sequence[WeightTarget]) -> QuantizedExperts:
+        """The quantized form of `experts` (on `meta`), allocated by `to_empty` and filled by the
+        loader through `sources` (the replaced experts' targets: per-expert or fused tensors)."""
+        fmt = cls.choose_format(method, experts.w13.shape, experts.w2.shape, group_size)
+        E = experts.num_experts
+        w13, w2 = (empty_parts(fmt, (E, w.shape[1]), w.shape[2], group_size) for w in (experts.w13, experts.w2))
+        module = cls(E, fmt, group_size, w13, w2)
+        module.sources = tuple(sources)
+        module.shapes = {"w13": tuple(experts.w13.shape), "w2": tuple(experts.w2.shape)}
+        return module
+
+    def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
+        layouts = {which: (f"{which}_", shape) for which, shape in self.shapes.items()}
+        yield from streamed_targets(self, own, self.sources, layouts, self.format, self.group_size)
 
     def parts(self, which: str) -> list[torch.Tensor]:
         return [getattr(self, f"{which}_{name}") for name in PART_NAMES[self.format]]
