@@ -8,18 +8,34 @@ server can build and check it before any engine exists). xgrammar's own `get_mod
 ("qwen_3", tool_choice="required")` lets free text precede the first call, which a small model can
 fill until max_tokens without ever calling; OpenAI's "required" means calls only, so the tags here
 leave no text around them. The strings are the ones Qwen3's chat template writes (Hermes) and
-Qwen3-Coder's (XML, each argument a `<parameter=...>` block that xgrammar's "qwen_xml" style
-constrains by the same schema).
+Qwen3-Coder's (XML, each argument a `<parameter=K>\nVALUE\n</parameter>\n` block).
+
+Qwen3-Coder's arguments are laid out here, one block per property in schema order, rather than by
+xgrammar's "qwen_xml" object style alone: that style lets up to `max_whitespace_cnt` (at least 1)
+whitespace characters of any kind stand around each value, as layout, while the parser (as vLLM's
+and Qwen's) strips exactly one newline on each side and keeps the rest, so `celsius ` reads as an
+argument the enum refuses. Each value is still xgrammar's: "qwen_xml" on the property's own schema
+writes a string raw and a number, boolean or null as its literal; a property that may be an object
+or an array (or is untyped) is written as JSON, since "qwen_xml" would write an object as nested
+`<parameter=` blocks and an array's strings unquoted, neither of which the parser reads. No string
+in a value holds `<tool_call>`, `</function>` or `<parameter=`, which the parser may read as the
+value's end, except one under a caller's own `pattern` (xgrammar filters only free strings). An
+object schema this cannot lay out (no `properties`, a required name it does not list, or keywords
+over the property set such as `minProperties` or `anyOf`) keeps the "qwen_xml" object style,
+whitespace and all.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from qwenrun.errors import InvalidRequestError
-from qwenrun.structured.params import check_json_schema
+from qwenrun.structured.params import check_json_schema, subschemas
+from qwenrun.tokenizer.tokenizer import TOOL_CALL_START
+from qwenrun.tokenizer.tool_parsers.qwen3_coder import FUNCTION_END, PARAMETER_START, schema_kinds
 
 Style = Literal["hermes", "qwen3_coder"]
 
@@ -30,7 +46,7 @@ _ANY_ARGUMENTS = {"type": "object"}
 MAX_WHITESPACE = 2
 
 
-def _tag(style: Style, name: str, parameters: dict[str, Any] | bool) -> dict[str, Any]:
+def _tag(style: Style, name: str, parameters: dict[str, Any] | bool, where: str) -> dict[str, Any]:
     if style == "hermes":
         begin = '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
         content = {"type": "json_schema", "json_schema": parameters,
@@ -38,10 +54,84 @@ def _tag(style: Style, name: str, parameters: dict[str, Any] | bool) -> dict[str
         end = "}\n</tool_call>"
     else:
         begin = f"<tool_call>\n<function={name}>\n"
-        content = {"type": "json_schema", "json_schema": parameters, "style": "qwen_xml",
-                   "max_whitespace_cnt": MAX_WHITESPACE}
-        end = "\n</function>\n</tool_call>"
+        content = _coder_parameters(parameters, where)
+        end = "</function>\n</tool_call>"
+        if content is None:
+            content = {"type": "json_schema", "json_schema": parameters, "style": "qwen_xml",
+                       "max_whitespace_cnt": MAX_WHITESPACE}
+            end = "\n" + end
     return {"type": "tag", "begin": begin, "content": content, "end": end}
+
+
+# Object keywords the block layout enforces by construction (or that do not constrain).
+_LAID_OUT = {"type", "properties", "required", "additionalProperties", "title", "description",
+             "$defs", "definitions", "$schema", "$id", "$comment", "examples", "default"}
+
+
+def _coder_parameters(parameters: dict[str, Any] | bool, where: str) -> dict[str, Any] | None:
+    """Qwen3-Coder's argument blocks for an object schema, exactly as its template writes them
+    (see the module docstring), or None when the schema is not a plain list of properties.
+
+    Unlisted properties are never written (the schema may allow them; leaving them out stays
+    valid). Raises InvalidRequestError for a property name the `<parameter=...>` tag cannot hold.
+    """
+    if not isinstance(parameters, dict) or not isinstance(parameters.get("properties"), dict):
+        return None
+    required = parameters.get("required") or []
+    if set(parameters) - _LAID_OUT or parameters.get("type", "object") != "object" or \
+            not set(required) <= set(parameters["properties"]):
+        return None
+    defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
+    blocks = []
+    for key, schema in parameters["properties"].items():
+        if not key or any(c.isspace() or c in "<>" for c in key):
+            raise InvalidRequestError(f"{where}: the parameter name {key!r} cannot appear in a "
+                                      "Qwen3-Coder <parameter=...> tag", param=where)
+        if isinstance(schema, dict) and defs:
+            schema = {**defs, **schema}
+        block = {"type": "sequence", "elements": [
+            {"type": "const_string", "value": f"<parameter={key}>\n"},
+            _coder_value(schema),
+            {"type": "const_string", "value": "\n</parameter>\n"}]}
+        blocks.append(block if key in required else {"type": "optional", "content": block})
+    if not blocks:
+        return {"type": "const_string", "value": ""}
+    return {"type": "sequence", "elements": blocks}
+
+
+# Text that would end a value early where the parser reads it (a new call at every `<tool_call>`;
+# a closing `</function>`; a line starting a new `<parameter=`), so no string in a value holds it.
+_CODER_EXCLUDES = [TOOL_CALL_START, FUNCTION_END, PARAMETER_START]
+
+
+def _coder_value(schema: Any) -> dict[str, Any]:
+    """One argument's value as the parser reads it back (`schema_kinds` is the parser's reading)."""
+    raw = set(schema_kinds(schema)) <= {"string", "integer", "number", "boolean", "null"}
+    style = "qwen_xml" if raw else "json"
+    return {"type": "json_schema", "json_schema": _lengths_without_tags(schema), "style": style,
+            "max_whitespace_cnt": MAX_WHITESPACE, "excludes": _CODER_EXCLUDES}
+
+
+def _lengths_without_tags(schema: Any) -> Any:
+    """`schema` with each length-bounded string (no pattern) a pattern of that many characters that
+    are neither control characters nor `<`.
+
+    xgrammar applies `excludes` to free strings only; a length bound it drops for them, and the
+    backend writes lengths as patterns, which `excludes` skips. Leaving out `<` keeps the tags out
+    of these strings; the pattern only narrows the output, and with the same control-character
+    rule as the backend's (a length-bounded string never holds a raw control character).
+    """
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if ("minLength" in node or "maxLength" in node) and "pattern" not in node:
+            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+            node["pattern"] = f"^[^\\x00-\\x1f<]{{{low},{high}}}$"
+        stack.extend(sub for _, sub in subschemas(node, ""))
+    return schema
 
 
 def tool_call_tag(tools: Sequence[Mapping[str, Any]], *, name: str | None = None,
@@ -121,5 +211,5 @@ def _tags(tools: Sequence[Mapping[str, Any]], name: str | None, style: Style,
             parameters = _NO_ARGUMENTS
         else:
             parameters = check_json_schema(parameters, f"tools[{i}].function.parameters")
-        tags.append(_tag(style, tool_name, parameters))
+        tags.append(_tag(style, tool_name, parameters, f"tools[{i}].function.parameters"))
     return tags

@@ -11,6 +11,7 @@ an output it already allows unchanged, and changing one it does not.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -33,6 +34,9 @@ from test_server import (  # noqa: F401 - fixtures
 from tiny import add_tokenizer, make_checkpoint
 
 from qwenrun import LLM
+from qwenrun.errors import InvalidRequestError
+from qwenrun.structured.tool_calls import tool_call_tag
+from qwenrun.tokenizer.tool_parsers.qwen3_coder import parse_tool_calls as parse_coder_calls
 
 SAMPLED = {"temperature": 1.0, "seed": 7}
 TOOL_SCHEMAS = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object",
@@ -156,12 +160,80 @@ def test_thinking_stays_free_and_the_answer_is_constrained(server, random_llm):
 # ---------------------------------------------------------------------------------- tool calls
 
 
-CODER_BUG = pytest.param("coder_server", marks=pytest.mark.xfail(reason=(
-    "open: a Qwen3-Coder call written under xgrammar's qwen_xml style is read with '</pa' inside "
-    "a value ('\\nfahrenheit\\n</pa'): the grammar's tag layout and the parser disagree")))
+# Beyond TOOLS: optional, nested (JSON-written), referenced, mixed and unlisted-key arguments.
+CODER_TOOLS = TOOLS + [{"type": "function", "function": {"name": "mixed", "parameters": {
+    "type": "object", "$defs": {"Point": {"type": "object", "properties": {
+        "x": {"type": "integer"}, "label": {"type": "string", "maxLength": 12}},
+        "required": ["x"], "additionalProperties": False}},
+    "properties": {
+        "note": {"type": "string"},
+        "flag": {"type": "boolean"},
+        "ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "count": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 3}]},
+        "maybe": {"type": ["string", "null"]},
+        "point": {"$ref": "#/$defs/Point"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["note", "point"]}}}]
+# Tags and pieces a model may write as one token, then every character: the walks reach them all.
+PIECES = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>",
+          "celsius", "fahrenheit", "null", "None", "true", "\n", "\t", "\r", "é", "株"] + \
+    [chr(c) for c in range(32, 127)]
 
 
-@pytest.mark.parametrize("which", ["server", CODER_BUG])
+def grammar_walks(tag: dict, n: int, seed: int) -> list[str]:
+    """Outputs a random writer completes under `tag`'s grammar, on a vocabulary of PIECES (half
+    the steps prefer the stop, a tag or a newline, so walks end)."""
+    import torch
+    import xgrammar as xgr
+    vocab = PIECES + ["<eos>"]
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, stop_token_ids=[len(PIECES)])
+    compiled = xgr.GrammarCompiler(info, cache_enabled=False).compile_structural_tag(
+        json.dumps(tag))
+    rng, mask, outputs = random.Random(seed), xgr.allocate_token_bitmask(1, len(vocab)), []
+    for _ in range(n):
+        matcher, out = xgr.GrammarMatcher(compiled), []
+        for _ in range(400):
+            matcher.fill_next_token_bitmask(mask)
+            bits = (mask[0].long().unsqueeze(1) >> torch.arange(32)) & 1
+            allowed = bits.flatten()[:len(vocab)].nonzero().flatten().tolist()
+            preferred = [t for t in allowed if vocab[t][0] in "<\n"]
+            t = rng.choice(preferred if preferred and rng.random() < 0.5 else allowed)
+            if t == len(PIECES):
+                outputs.append("".join(out))
+                break
+            assert matcher.accept_token(t)
+            out.append(vocab[t])
+    return outputs
+
+
+@pytest.mark.parametrize("name", [None, "get_weather", "add", "mixed"])
+def test_qwen3_coder_grammar_writes_what_the_parser_reads(name):
+    """Every output the forced-call grammar allows parses to calls only, each valid against its
+    tool's schema: the grammar's layout is the template's (`<parameter=K>\\nV\\n</parameter>`)
+    and no value holds a tag that would end it early where the parser reads it. Under xgrammar's
+    qwen_xml object style alone, ' celsius' or '\\tfahrenheit' parse as values the enum refuses."""
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {
+        "type": "object", "properties": {}, "additionalProperties": False} for t in CODER_TOOLS}
+    tag = tool_call_tag(CODER_TOOLS, name=name, style="qwen3_coder")
+    outputs = grammar_walks(tag, 150, seed=0)
+    assert len(outputs) > 60
+    for text in outputs:
+        parsed = parse_coder_calls(text, CODER_TOOLS)
+        assert parsed.content is None and not parsed.errors and parsed.tool_calls, text
+        for call in parsed.tool_calls:
+            assert name is None or call.name == name
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+def test_qwen3_coder_parameter_names_the_tag_cannot_hold_are_refused():
+    tools = TOOLS + [{"name": "bad", "parameters": {"type": "object", "properties": {"a b": {}}}}]
+    with pytest.raises(InvalidRequestError, match="'a b'") as e:
+        tool_call_tag(tools, style="qwen3_coder")
+    assert e.value.param == "tools[3].function.parameters"
+    tool_call_tag(tools, style="hermes")  # JSON holds any key
+
+
+@pytest.mark.parametrize("which", ["server", "coder_server"])
 def test_tool_choice_required_and_named_always_call(which, request):
     s = request.getfixturevalue(which)
     names = {t["function"]["name"] for t in TOOLS}
