@@ -704,3 +704,17 @@ def test_two_functions_in_one_block_stream_as_two_calls(qwen3_tokenizer_dir):
     assert streamed.names == {0: "run", 1: "write_file"}
     assert_arguments_join(streamed, parser.parse(text).tool_calls, text)
     assert streamed.deltas[1][0][1] == '{"path": "a"'
+
+
+@pytest.mark.parametrize("lead", ["", "Running it.\n"])
+def test_a_bare_function_call_streams_its_arguments(lead, qwen3_tokenizer_dir):
+    """A bare `<function=NAME>` of an offered tool (no `<tool_call>` wrapper, read as a call as
+    in vLLM) streams as a wrapped one does: each value as the next parameter opens."""
+    text = lead + "<function=run>\n" + p("cmd", "ls -l") + p("n", "2") + "</function>"
+    parser = _chat_parser(TOOLS)
+    for pieces in (token_pieces(qwen3_tokenizer_dir, text), char_pieces(text)):
+        streamed = run_argument_stream(parser, pieces)
+        assert [t for _, t in streamed.deltas[0]] == ['{"cmd": "ls -l"', ', "n": 2}']
+        assert streamed.deltas[0][0][0] < len(text)
+        assert streamed.names == {0: "run"}
+        assert_arguments_join(streamed, parser.parse(text).tool_calls, text)

@@ -682,20 +682,24 @@ class StreamingToolCallParser:
     def open_call(self) -> list[OpenCall]:
         """The functions of the `<tool_call>` being written, each with the parameters whose values
         the strict reading has decided (all but the last of an unfinished function; see the
-        module docstring). Empty outside a call, for a bare `<function=` call, and from a
-        function not offered on (its call will be rejected)."""
+        module docstring); a bare `<function=` call's too, once its name is an offered tool's
+        (only then is it a call). Empty outside a call and from a function not offered on (its
+        call will be rejected)."""
         if self._open_calls is None:
             self._open_calls = self._read_open_call()
         return self._open_calls
 
     def _read_open_call(self) -> list[OpenCall]:
         buf = self._buffer
-        if not self._waiting or not buf.startswith(TOOL_CALL_START):
+        wrapped = buf.startswith(TOOL_CALL_START)
+        if not self._waiting or not (wrapped or buf.startswith(FUNCTION_START)):
             return []
+        # while waiting, no later marker is in the buffer: the region is all of it, not closed,
+        # as `_scan` reads it (and shares its memo)
         memo = self._rejected.setdefault((-1, False), {})
-        reader = _Reader(buf, self._schemas, wrapped=True, closed=False, rejected=memo)
+        reader = _Reader(buf, self._schemas, wrapped=wrapped, closed=False, rejected=memo)
         try:
-            reader.read(len(TOOL_CALL_START))
+            reader.read(len(TOOL_CALL_START) if wrapped else 0)
         except _Incomplete:
             pass
         except _Malformed:
