@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import Request, StepDelta
-from qwenrun.errors import QwenrunError, RequestFailedError
+from qwenrun.errors import InvalidRequestError, QwenrunError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ class AsyncEngine:
 
     def _deliver(self, delta: StepDelta) -> None:
         req = delta.request
-        if req.finish_reason == "error":
+        if req.finish_reason == "error" and isinstance(req.failure, InvalidRequestError):
+            self._send(req.request_id, req.failure)  # the client's to fix: a 400, not a 500
+        elif req.finish_reason == "error":
             self._send(req.request_id, RequestFailedError(
                 f"the engine failed while serving this request ({req.error}); "
                 "other requests are unaffected"))

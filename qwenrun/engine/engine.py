@@ -341,12 +341,18 @@ class LLMEngine:
     def fail(self, req: Request, exc: BaseException) -> StepDelta:
         """End `req` with finish_reason "error" and `error` set, freeing its blocks at once.
 
-        The exception is a bug (validated input never raises) and is logged with its traceback;
-        the returned delta tells the request's consumer.
+        The exception is a bug (validated input never raises) and is logged with its traceback,
+        except an InvalidRequestError (a constraint found unsatisfiable while decoding), which is
+        the client's to fix and reaches the consumer as itself (`Request.failure`); the returned
+        delta tells the request's consumer.
         """
-        logger.error("request %s failed; the other requests carry on", req.request_id, exc_info=exc)
+        if isinstance(exc, InvalidRequestError):
+            logger.info("request %s failed: %s", req.request_id, exc)
+        else:
+            logger.error("request %s failed; the other requests carry on", req.request_id, exc_info=exc)
         req.finish_reason = "error"
         req.error = f"{type(exc).__name__}: {exc}"
+        req.failure = exc
         if not req.finished:
             self.scheduler.finish(req)
         self._requests.pop(req.request_id, None)
@@ -394,6 +400,11 @@ class LLMEngine:
         req.thinking.observe(token, n_out)
         grammar, params = req.grammar, req.params
         if grammar is not None and not grammar.accept(token):
+            if grammar.is_dead_end():  # the client's constraint, not a bug: nothing could follow
+                raise InvalidRequestError(
+                    f"structured_outputs cannot be satisfied: after {n_out - 1} output tokens the "
+                    "constraint allows no next token (an empty pattern or enum inside it?)",
+                    param="structured_outputs")
             raise RequestFailedError(f"token {token} breaks the request's structured_outputs constraint")
         if not forced and token in req.stop_ids and n_out >= max(params.min_tokens, 1) or \
                 grammar is not None and grammar.is_terminated:

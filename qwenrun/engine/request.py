@@ -103,6 +103,7 @@ class Request:
     finish_reason: str | None = field(default=None, init=False)
     stop_reason: str | int | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)  # why, when finish_reason is "error"
+    failure: BaseException | None = field(default=None, init=False)  # that error, as raised
     logprobs: list[dict[int, float]] | None = field(default=None, init=False)
     # a drafter's proposal to follow token_ids, made in the step that sampled its last token
     drafts: list[int] = field(default_factory=list, init=False)

@@ -118,6 +118,15 @@ class GrammarMatcher:
             word, bit = divmod(self._free_if_first, 32)  # type: ignore[arg-type]
             bitmask[row, word] |= _int32_bit(bit)
 
+    def is_dead_end(self) -> bool:
+        """True when no token may come next: a constraint with an unsatisfiable part that compile
+        could not see (a pattern of no characters), reached only now."""
+        if self._free or self.is_terminated:
+            return False
+        bitmask = torch.empty((1, self._free_mask.shape[0]), dtype=torch.int32)
+        self._matcher.fill_next_token_bitmask(bitmask, 0)
+        return not bitmask.any()
+
     def fill_with_drafts(self, bitmask: torch.Tensor, row: int, drafts: Sequence[int]) -> None:
         """Rows row .. row + len(drafts) of `bitmask`: row j as if drafts[:j] were accepted, what
         the target samples row j of a speculative step under. Leaves the matcher as it was, even

@@ -27,7 +27,7 @@ KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 UNENFORCED_KEYWORDS = frozenset({
     "uniqueItems", "not", "if", "then", "else", "dependentRequired", "dependentSchemas",
     "dependencies", "contentEncoding", "contentMediaType", "contentSchema", "$dynamicRef",
-    "$recursiveRef",
+    "$recursiveRef", "contains", "minContains", "maxContains",
 })
 # The string formats xgrammar enforces; any other `format` would be ignored.
 ENFORCED_FORMATS = frozenset({
@@ -87,6 +87,15 @@ def _enum_outside_siblings(node: dict[str, Any]) -> str | None:
             RecursionError, LookupError):  # a $ref beside an enum: not checkable alone
         return "an enum/const beside a $ref"
     return None if bad is None else f"the enum/const value {bad!r}, which its sibling keywords reject"
+
+
+def _integer_multiple(node: dict[str, Any]) -> bool:
+    """xgrammar enforces multipleOf only for integers by a whole number (probed: {"type":
+    "number", "multipleOf": 2} took 3, {"type": "integer", "multipleOf": 2.5} took 3)."""
+    step, kind = node["multipleOf"], node.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    return (isinstance(step, int) and not isinstance(step, bool) and step >= 1
+            and "integer" in kinds and "number" not in kinds)
 
 
 def _resolve(node: Any, root: Any) -> Any:
@@ -163,6 +172,15 @@ def unenforced_feature(schema: Any, path: str = "schema") -> str | None:
         if isinstance(fmt, str) and fmt not in ENFORCED_FORMATS:
             return (f"{where}.format: the string format {fmt!r} cannot be enforced while decoding "
                     f"(supported: {', '.join(sorted(ENFORCED_FORMATS))})")
+        if "multipleOf" in node and not _integer_multiple(node):
+            return (f"{where}.multipleOf: multipleOf is enforced while decoding only on integers, by a "
+                    "whole number")
+        required, properties = node.get("required"), node.get("properties")
+        if isinstance(required, list) and required:
+            missing = [r for r in required if not (isinstance(properties, dict) and r in properties)]
+            if missing:  # xgrammar requires only declared properties and ignores the rest
+                return (f"{where}.required: the required property {missing[0]!r} is not in properties, "
+                        "which cannot be enforced while decoding (declare it in properties)")
         if _one_of_overlap(node, schema):
             return (f"{where}.oneOf: oneOf whose branches may overlap cannot be enforced while decoding "
                     "(only branches of different types, or objects told apart by a required constant "

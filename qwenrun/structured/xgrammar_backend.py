@@ -143,6 +143,7 @@ class XGrammarBackend(StructuredBackend):
                 self._cache.move_to_end(key)
                 return self._cache[key]
         compiled = self._compile(self._get_compiler(), spec)
+        self._check_satisfiable(compiled, spec)
         with self._lock:
             self._cache[key] = compiled
             while len(self._cache) > CACHE_SIZE:
@@ -171,6 +172,15 @@ class XGrammarBackend(StructuredBackend):
         except (RuntimeError, ValueError) as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InvalidRequestError(f"{param} cannot be compiled: {message}", param=param) from exc
+
+    def _check_satisfiable(self, compiled: xgr.CompiledGrammar, spec: StructuredOutputsParams) -> None:
+        """A constraint no output can meet (`{"anyOf": []}`, a required property of an empty enum)
+        allows no first token; refused here, or the request would sample from nothing."""
+        bitmask = self.allocate_bitmask(1)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        if not bitmask.any():
+            param = f"structured_outputs.{spec.kind}"
+            raise InvalidRequestError(f"{param} admits no output: nothing can satisfy it", param=param)
 
     def matcher(self, compiled: xgr.CompiledGrammar, free_until: int | None = None,
                 free_if_first: int | None = None) -> GrammarMatcher:

@@ -249,6 +249,13 @@ def test_equal_constraints_compile_once(backend) -> None:
      "the string format 'idn-email' cannot be enforced"),
     ({"json": {"allOf": [{"type": "integer"}, {"minimum": 3}]}}, "structured_outputs.json",
      "allOf with more than one schema"),
+    ({"json": {"type": "array", "contains": {"const": 1}}}, "structured_outputs.json",
+     "structured_outputs.json.contains: the keyword 'contains' cannot be enforced"),
+    ({"json": {"type": "number", "multipleOf": 2}}, "structured_outputs.json",
+     "structured_outputs.json.multipleOf: multipleOf is enforced while decoding only on integers"),
+    ({"json": {"type": "integer", "multipleOf": 2.5}}, "structured_outputs.json", "by a whole number"),
+    ({"json": {"type": "object", "properties": {"b": {}}, "required": ["b", "a"]}}, "structured_outputs.json",
+     "structured_outputs.json.required: the required property 'a' is not in properties"),
     ({"json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "structured_outputs.json",
      "structured_outputs.json.oneOf: oneOf whose branches may overlap"),
     ({"json": {"oneOf": [{"type": "object", "properties": {"k": {"const": 1}}}, {"type": "object"}]}},
@@ -290,6 +297,15 @@ def test_one_of_with_disjoint_branches_is_allowed_and_exact(backend) -> None:
                               (typed, '"a"', "true")):
         compiled = backend.compile(StructuredOutputsParams(json=schema))
         assert accepts(backend, compiled, good) and not accepts(backend, compiled, bad)
+
+
+def test_a_constraint_nothing_satisfies_is_refused_at_compile(backend) -> None:
+    """xgrammar refuses most empty schemas itself; a character class of no characters it compiles."""
+    with pytest.raises(InvalidRequestError, match="admits no output") as info:
+        backend.compile(StructuredOutputsParams(regex="[^\\s\\S]"))
+    assert info.value.param == "structured_outputs.regex"
+    multiple = backend.compile(StructuredOutputsParams(json={"type": "integer", "multipleOf": 3}))
+    assert accepts(backend, multiple, "9") and not accepts(backend, multiple, "4")
 
 
 def test_an_enum_its_siblings_accept_is_allowed() -> None:
