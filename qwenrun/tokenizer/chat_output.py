@@ -16,11 +16,17 @@ each argument's value is decided (`OpenCall.arguments_prefix`: the finished call
 call's `arguments`. What can break that, and how it ends: a call cut by max_tokens (or a stop
 string) is rejected by the parser after its start was sent, which ends it as `("tool_call_end",
 index, None)` with its raw text in the content, as in the whole-text parse; a repeated argument key
-(only where the schema allows unlisted keys) is logged.
+(only where the schema allows unlisted keys: the finished call keeps the last value in the first
+place, which the pairs already sent cannot) ends the deltas with the finished pairs that differ,
+so they join to JSON that reads as the finished arguments (a later duplicate key wins, as in
+JSON.parse and json.loads) though its text is not theirs; one that cannot be amended so (a sent key
+the finished call lacks) is logged.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -85,6 +91,20 @@ class ChatOutputParser:
 # with stream_arguments, per call: ("tool_call_start", index, id, name), ("tool_call_arguments",
 # index, text)..., ("tool_call_end", index, ToolCall | None: rejected after it started).
 Event = tuple[Any, ...]
+
+
+def _amended_tail(sent: str, arguments: str) -> str | None:
+    """The deltas that end `sent` (an `arguments_prefix`) so the joined text reads as `arguments`
+    when a later duplicate key wins, as in JSON.parse and json.loads: the finished pairs whose
+    key was not sent or whose value differs, then `}`. None if a sent key is not in `arguments`
+    (no tail removes a key)."""
+    before = json.loads(sent + "}")
+    after = json.loads(arguments)
+    if not set(before) <= set(after):
+        return None
+    dumps = functools.partial(json.dumps, ensure_ascii=False)
+    return "".join(f", {dumps(k)}: {dumps(v)}" for k, v in after.items()
+                   if k not in before or dumps(before[k]) != dumps(v)) + "}"
 
 
 def call_events(event: Event) -> list[Event]:
@@ -169,10 +189,16 @@ class ChatStreamParser:
             return
         if self._started:
             started = self._started.pop(0)
-            if started.name != call.name or not call.arguments.startswith(started.sent):
-                logger.warning("tool call %d streamed arguments %r that its finished arguments "
-                               "%r do not start with", started.index, started.sent, call.arguments)
             index, rest = started.index, call.arguments[len(started.sent):]
+            if started.name != call.name or not call.arguments.startswith(started.sent):
+                amended = None if started.name != call.name else \
+                    _amended_tail(started.sent, call.arguments)
+                if amended is None:
+                    logger.warning("tool call %d streamed arguments %r that its finished "
+                                   "arguments %r do not start with", started.index, started.sent,
+                                   call.arguments)
+                else:
+                    rest = amended
         else:
             index, rest = self._next_index, call.arguments
             self._next_index += 1

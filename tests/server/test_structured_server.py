@@ -288,6 +288,32 @@ def test_streamed_argument_deltas_join_to_the_arguments(which, request):
     assert argument_chunks >= 2 * len(calls)
 
 
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1, "b": 2, "a": true}}\n</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": {"a": "x", "b": [1], "c": 3, "b": [2], "d": 4}}'
+    '\n</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1, "a": 1, "b": 2}}\n</tool_call>',
+])
+def test_a_repeated_argument_key_streams_deltas_that_read_as_the_arguments(text, caplog):
+    """Under a schema that allows unlisted keys the grammar may write a key twice; the finished
+    call keeps the last value in the first place (as json.loads), which the pairs already sent
+    cannot be. The deltas then end with the pairs that differ, so what they join to reads (last
+    key wins, as JSON parsers do) as exactly the finished arguments, and nothing is logged."""
+    from parser_streams import char_pieces, run_argument_stream
+
+    from qwenrun.tokenizer.chat_output import ChatOutputParser
+    from qwenrun.tokenizer.tool_parsers import get_tool_parser
+    parser = ChatOutputParser(get_tool_parser("hermes"), None, think_open=False)
+    [whole] = parser.parse(text).tool_calls
+    streamed = run_argument_stream(parser, char_pieces(text))
+    assert len(streamed.deltas[0]) > 1  # streamed before the close, not in one piece
+    assert [c.arguments for c in streamed.finished.values()] == [whole.arguments]
+    joined = streamed.arguments(0)
+    assert json.loads(joined) == json.loads(whole.arguments), joined
+    assert list(json.loads(joined)) == list(json.loads(whole.arguments))
+    assert not caplog.records
+
+
 def test_strict_tools_with_auto_constrain_only_the_calls(tool_server):
     """The steered model writes a get_weather call for Paris. A strict tool whose schema allows
     only Rome gets Rome (the call is constrained once it opens); a non-strict one keeps Paris."""
