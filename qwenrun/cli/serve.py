@@ -108,6 +108,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                           "the server then fetches (size, time and redirects capped). Off by default: "
                           "fetching reaches whatever this machine can reach; without it media come "
                           "inline (data: URLs, base64)")
+    net.add_argument("--no-webui", dest="webui", action="store_false",
+                     help="do not serve the chat page at / (the APIs are unchanged)")
     net.add_argument("--log-level", default="info",
                      choices=("critical", "error", "warning", "info", "debug"))
     rt = p.add_argument_group("runtime")
@@ -205,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
             added = add_mcp_servers(tools, args.mcp_config)
         app = create_app(llm, served_model_name=names, accepted_model_names=accepted,
                          api_key=args.api_key, max_queue=args.max_queue,
-                         media_limits=MediaLimits.for_server(allow_http=args.allow_media_urls))
+                         media_limits=MediaLimits.for_server(allow_http=args.allow_media_urls),
+                         webui=args.webui)
         if tools is not None:
             from qwenrun.agent.server import AGENT_PATH, add_agent_route
 
@@ -219,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
                        + ("; API key required" if args.api_key else "")
                        + ("; fetches http(s) media URLs" if args.allow_media_urls else ""),
                        style="bold"), soft_wrap=True)
+        if args.webui:
+            err.print(Text(f"chat page at http://{shown}:{args.port}/", style="bold"), soft_wrap=True)
         sys.stderr.flush()
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)

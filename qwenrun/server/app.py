@@ -2,7 +2,7 @@
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/messages` (Anthropic),
 `POST /v1/messages/count_tokens`, `GET /v1/models`, `GET /v1/models/{model}`, `GET /health`,
-`GET /metrics` (Prometheus text format).
+`GET /metrics` (Prometheus text format), and the chat page at `GET /` (`webui=False` leaves it out).
 
 Every error is a JSON body `{"error": {"message", "type", "param", "code"}}` (Anthropic's
 `{"type": "error", "error": {...}}` under `/v1/messages`) with its status: 400 malformed JSON,
@@ -20,12 +20,18 @@ are serialised, with the error bodies of every status. There is no `/docs` page:
 ReDoc load their scripts from a CDN, which an offline or air-gapped server cannot reach (a blank
 page), and a page that runs third-party scripts next to the API key is not worth serving. Point
 any OpenAPI viewer or client generator at `/openapi.json` instead.
+
+The chat page (`qwenrun/server/webui`: plain HTML, CSS and JavaScript, nothing to build) is served
+from the package with a Content-Security-Policy that lets it load and connect to this origin only, so
+it works offline and a rendered model answer cannot make the browser fetch anything elsewhere. It is
+outside `/v1`, so it loads without the API key and asks for it when the API answers 401.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from importlib import resources
 import weakref
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from contextlib import asynccontextmanager
@@ -234,7 +240,7 @@ class _HTTPMiddleware:
 def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str | None = None,
                max_queue: int = 256, accepted_model_names: Sequence[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES,
-               media_limits: MediaLimits | None = None) -> FastAPI:
+               media_limits: MediaLimits | None = None, webui: bool = True) -> FastAPI:
     """The HTTP app for `llm`.
 
     Args:
@@ -246,6 +252,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         max_body_bytes: larger request bodies are refused with 413, unread.
         media_limits: what images and videos may be and come from (vision-language models only);
             default `MediaLimits.for_server()`: inline data only, no URLs, no local paths.
+        webui: serve the chat page at `/` and its files under `/webui/`.
 
     The AsyncEngine (engine loop thread) starts here and stops when the app's lifespan ends; its
     state is `app.state.qwenrun` (a `ServerState`), the engine `app.state.engine`.
@@ -354,5 +361,38 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    if webui:
+        _add_webui(app)
     app.add_middleware(_HTTPMiddleware, state=state, max_body_bytes=max_body_bytes)
     return app
+
+
+# ------------------------------------------------------------------------------------ chat page
+
+_WEBUI_TYPES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
+# Same origin only: no CDN can be reached offline, and markdown an answer smuggles past the page's
+# escaping still cannot load images or scripts from elsewhere. Inline scripts and styles are off too.
+_WEBUI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _add_webui(app: FastAPI) -> None:
+    """`GET /` (the page) and `GET /webui/{name}` (its files), read from the package once."""
+    folder = resources.files("qwenrun.server") / "webui"
+    files = {name: folder.joinpath(name).read_bytes() for name in _WEBUI_TYPES}
+    headers = {"Content-Security-Policy": _WEBUI_CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+    def page_file(name: str) -> Response:
+        if name not in files:
+            raise StarletteHTTPException(404, "Not Found")
+        return Response(files[name], media_type=_WEBUI_TYPES[name], headers=headers)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return page_file("index.html")
+
+    @app.get("/webui/{name}", include_in_schema=False)
+    async def webui_file(name: str) -> Response:
+        return page_file(name)

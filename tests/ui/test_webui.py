@@ -1,0 +1,362 @@
+"""The chat page of `qwenrun serve` in a real browser: Debian's headless Chromium driven by Playwright
+for Python, against `qwenrun serve` processes on the bundled model (qwen3-tiny-thinker, which thinks
+through column arithmetic and stops early at a thinking budget).
+
+Every test fails if the page asked for anything outside the server's origin (the browser's own
+request log), and saves a screenshot (QWENRUN_UI_SCREENSHOTS, else the test's tmp dir). The page
+leaves sampling to the model's generation_config (temperature 0.6) unless its temperature field is
+set; the tests set it to 0, so answers are the greedy ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: scripts/setup.sh dev")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+_REPO = Path(__file__).resolve().parents[2]
+BUNDLED = _REPO / "qwenrun" / "assets" / "qwen3-tiny-thinker"
+CHROMIUM = os.environ.get("QWENRUN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "s3cret-key"
+
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                       reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (scripts/setup.sh dev does, as root)"),
+    pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled demo model not present"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """`qwenrun serve` on the bundled model in a child process; `url` is the page URL it printed."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qwenrun", "serve", "--port", str(self.port), "--dtype", "float32",
+             "--device", "cpu", "--kv-cache-memory", "64MiB", "--log-level", "warning", *flags],
+            cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.lines: list[str] = []
+
+    def wait(self, *, page: bool = True) -> Serve:
+        """Read its output until the last start-up line (the page URL, or the API URL without it)."""
+        deadline = time.time() + 120
+        last = "chat page at " if page else "serving "
+        while not any(line.startswith(last) for line in self.lines):
+            assert time.time() < deadline and self.proc.poll() is None, "".join(self.lines)
+            self.lines.append(self.proc.stdout.readline())
+        while True:  # the socket binds just after the banner
+            try:
+                httpx.get(f"{self.origin}/health", timeout=2)
+                return self
+            except httpx.TransportError:
+                assert time.time() < deadline and self.proc.poll() is None, "".join(self.lines)
+                time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        [url] = [line.split(" at ", 1)[1].strip() for line in self.lines if line.startswith("chat page at ")]
+        return url
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.origin}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else "")
+                out[key] = s.value
+        return out
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, Serve]]:
+    """Three servers started at once (each load overlaps the others): the plain one, one with
+    --api-key, one with --no-webui."""
+    started = {"plain": Serve(), "key": Serve("--api-key", KEY), "off": Serve("--no-webui")}
+    try:
+        started["plain"].wait(), started["key"].wait(), started["off"].wait(page=False)
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    folder = Path(os.environ.get("QWENRUN_UI_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def open_page(browser, server: Serve, requests: list[str], *, width: int = 1200, height: int = 860):
+    """A fresh browser context (empty storage) on the printed page URL, temperature 0, and every
+    request URL appended to `requests`. (Not a route handler adding temperature: Playwright's
+    interception buffers the response, so nothing would stream.)"""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(server.url)
+    page.fill("#temperature", "0")
+    page.press("#temperature", "Tab")
+    return page
+
+
+@pytest.fixture
+def requests_seen(servers) -> Iterator[list[str]]:
+    """The URLs the page requested; after the test, all of them must be on a server's origin."""
+    seen: list[str] = []
+    yield seen
+    origins = tuple(s.origin + "/" for s in servers.values())
+    outside = [u for u in seen if not u.startswith(origins) and not u.startswith("data:")]
+    assert seen and not outside, f"the page requested outside its origin: {outside}"
+
+
+def ask(page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+def wait_answer(page, timeout: float = 60_000) -> None:
+    """Until the last answer finished streaming (its actions come back, Send replaces Stop)."""
+    page.wait_for_selector("#stop", state="hidden", timeout=timeout)
+    page.wait_for_selector("article.msg.assistant:last-child .actions", state="visible", timeout=timeout)
+
+
+def record_stream(page) -> None:
+    """Record (reasoning chars, answer chars) of the last answer at every DOM change."""
+    page.evaluate("""() => {
+        window.__frames = [];
+        new MutationObserver(() => {
+            const a = [...document.querySelectorAll('article.msg.assistant')].pop();
+            if (!a) return;
+            const r = a.querySelector('.reasoning-body'), b = a.querySelector('.answer');
+            window.__frames.push([r ? r.textContent.length : 0, b ? b.textContent.length : 0]);
+        }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+    }""")
+
+
+def last_answer(page):
+    return page.locator("article.msg.assistant").last
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+
+def test_thinking_streams_then_the_right_answer(browser, servers, requests_seen, shots):
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    assert "context 1,024 tokens" in page.text_content("#model-context")
+    record_stream(page)
+    ask(page, "What is 347 + 586?")
+    page.wait_for_selector("article.msg.assistant .reasoning[open] summary:text-matches('Thinking')")
+    wait_answer(page)
+    frames = page.evaluate("window.__frames")
+    thinking_only = [r for r, a in frames if r > 0 and a == 0]
+    assert len(set(thinking_only)) >= 3, f"reasoning did not stream before the answer: {frames}"
+    answer = last_answer(page)
+    assert "933" in answer.locator(".answer").text_content()
+    summary = answer.locator(".reasoning summary").text_content()
+    assert re.search(r"Thought · \d+ tokens · \d+\.\d s", summary), summary
+    assert "stopped at the budget" not in summary
+    assert answer.locator(".reasoning").get_attribute("open") is None  # collapsed once done
+    assert answer.locator(".mode").text_content() == "thinking · no budget · temperature 0"
+    stats = answer.locator(".stats").text_content()
+    assert re.search(r"TTFT \d+\.\d\d s · \d+\.\d tokens/s · \d+ tokens · done", stats), stats
+    page.screenshot(path=shots / "thinking.png")
+
+
+def test_thinking_off_has_no_reasoning_block(browser, servers, requests_seen, shots):
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    page.click("#thinking")
+    assert page.is_disabled("#budget")
+    ask(page, "What is 347 + 586?")
+    wait_answer(page)
+    answer = last_answer(page)
+    assert answer.locator(".reasoning").count() == 0
+    assert answer.locator(".mode").text_content() == "thinking off · temperature 0"
+    assert answer.locator(".answer").text_content().strip()
+    page.screenshot(path=shots / "thinking-off.png")
+
+
+def test_budget_16_stops_thinking_early(browser, servers, requests_seen, shots):
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    page.fill("#budget-tokens", "16")
+    page.press("#budget-tokens", "Tab")
+    assert page.text_content("#budget-value") == "16 tokens"
+    ask(page, "What is 347 + 586?")
+    wait_answer(page)
+    assert bodies[-1]["thinking_budget"] == 16 and bodies[-1]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert bodies[-1]["temperature"] == 0 and bodies[-1]["stream"] is True
+    answer = last_answer(page)
+    assert answer.locator(".mode").text_content() == "thinking · budget 16 tokens · temperature 0"
+    assert "stopped at the budget" in answer.locator(".reasoning summary").text_content()
+    answer.locator(".reasoning summary").click()
+    # Qwen's early-stop sentence, which the engine writes when the budget runs out
+    assert "Considering the limited time" in answer.locator(".reasoning-body").text_content()
+    # the slider: its first stop is no limit, then 256 ... the context (1024)
+    page.fill("#budget-tokens", "")
+    page.press("#budget-tokens", "Tab")
+    assert page.text_content("#budget-value") == "no limit"
+    page.eval_on_selector("#budget", "e => { e.value = e.max; e.dispatchEvent(new Event('input')); }")
+    assert page.text_content("#budget-value") == "1,024 tokens"
+    page.eval_on_selector("#budget", "e => { e.value = 1; e.dispatchEvent(new Event('input')); }")
+    assert page.text_content("#budget-value") == "256 tokens"
+    page.screenshot(path=shots / "budget-16.png")
+
+
+def test_stop_cancels_on_the_server(browser, servers, requests_seen, shots):
+    server = servers["plain"]
+    page = open_page(browser, server, requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    question = "What is 347 * 86?"  # a 3x2 product: ~150 reasoning tokens
+    start = server.metrics()["qwenrun_generation_tokens_total"]
+    ask(page, question)
+    wait_answer(page)
+    assert "29842" in last_answer(page).locator(".answer").text_content()
+    before = server.metrics()
+    whole_run = before["qwenrun_generation_tokens_total"] - start
+    page.click("#new-chat")
+    ask(page, question)
+    page.wait_for_selector("article.msg.assistant .reasoning-body:text-matches('.')")
+    page.keyboard.press("Escape")
+    wait_answer(page)
+    assert "stopped" in last_answer(page).locator(".stats").text_content()
+    deadline = time.time() + 10
+    while (after := server.metrics())["qwenrun_num_requests_running"] and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    after = server.metrics()
+    assert after["qwenrun_num_requests_running"] == 0 and after["qwenrun_num_requests_waiting"] == 0
+    finished = lambda m: sum(v for k, v in m.items() if k.startswith("qwenrun_request_finished_total"))
+    assert finished(after) == finished(before), "the stopped request finished instead of being aborted"
+    stopped_run = after["qwenrun_generation_tokens_total"] - before["qwenrun_generation_tokens_total"]
+    assert 0 < stopped_run < whole_run, (stopped_run, whole_run)
+    page.screenshot(path=shots / "stopped.png")
+
+
+def test_reload_keeps_the_conversation_and_edit_regenerate(browser, servers, requests_seen, shots):
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    ask(page, "What is 12 + 30?")
+    wait_answer(page)
+    assert "42" in last_answer(page).locator(".answer").text_content()
+    page.reload()
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    assert page.locator("article.msg.user .body").text_content() == "What is 12 + 30?"
+    assert "42" in last_answer(page).locator(".answer").text_content()
+    assert page.locator("#chat-list .chat-open[aria-current='true']").text_content() == "What is 12 + 30?"
+    # edit the question: the conversation is cut there and answered again
+    page.click("article.msg.user button:text('Edit')")
+    page.fill("article.msg.user .edit-box", "What is 20 + 30?")
+    page.click("article.msg.user button:text('Save and send')")
+    wait_answer(page)
+    assert page.locator("article.msg").count() == 2
+    assert "50" in last_answer(page).locator(".answer").text_content()
+    page.click("article.msg.assistant button:text('Regenerate')")
+    wait_answer(page)
+    assert page.locator("article.msg").count() == 2 and "50" in last_answer(page).locator(".answer").text_content()
+    page.screenshot(path=shots / "reloaded.png")
+
+
+def test_api_key_is_asked_for_and_kept_for_the_session(browser, servers, requests_seen, shots):
+    server = servers["key"]
+    page = open_page(browser, server, requests_seen)
+    page.wait_for_selector("#key-dialog[open]")
+    assert page.text_content("#model-name") == "qwenrun"  # nothing loaded without the key
+    page.fill("#key-input", "wrong")
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#key-error:text('That key was refused.')")
+    page.fill("#key-input", KEY)
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#key-dialog", state="hidden")
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    ask(page, "What is 347 + 586?")
+    wait_answer(page)
+    assert "933" in last_answer(page).locator(".answer").text_content()
+    assert page.evaluate("sessionStorage.getItem('qwenrun.apiKey')") == KEY
+    assert KEY not in page.evaluate("JSON.stringify(localStorage)")
+    page.reload()  # same tab: the key is still there, no dialog
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    assert not page.is_visible("#key-dialog")
+    page.screenshot(path=shots / "api-key.png")
+
+
+def test_phone_width_dark_theme_and_keyboard(browser, servers, requests_seen, shots):
+    page = open_page(browser, servers["plain"], requests_seen, width=390, height=844)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    page.click("#theme")
+    theme = page.evaluate("document.documentElement.dataset.theme")
+    page.fill("#prompt", "What is 347 + 586?")
+    page.press("#prompt", "Shift+Enter")
+    assert page.input_value("#prompt") == "What is 347 + 586?\n"  # a newline, not sent
+    assert page.locator("article.msg").count() == 0
+    page.press("#prompt", "Enter")
+    wait_answer(page)
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
+    for selector in ("#prompt", "#send", "#thinking", "#budget", "#new-chat"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+    page.click("#chats-toggle")
+    assert page.is_visible("#chat-list .chat-open")
+    page.click("#chat-list .chat-open")
+    assert not page.is_visible("#chat-list")
+    page.reload()
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    assert page.evaluate("document.documentElement.dataset.theme") == theme  # kept
+    page.screenshot(path=shots / "phone.png", full_page=True)
+
+
+def test_no_webui_flag_and_page_headers(servers):
+    off = servers["off"]
+    assert not any("chat page" in line for line in off.lines), off.lines
+    assert httpx.get(f"{off.origin}/").status_code == 404
+    assert httpx.get(f"{off.origin}/v1/models").status_code == 200
+    r = httpx.get(servers["plain"].url)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "connect-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(f"{servers['plain'].origin}/webui/../app.py").status_code == 404
+    # the page is outside /v1: it loads without the key, the API behind it does not
+    assert httpx.get(servers["key"].url).status_code == 200
+    assert httpx.get(f"{servers['key'].origin}/v1/models").status_code == 401
