@@ -8,7 +8,8 @@ server can build and check it before any engine exists). xgrammar's own `get_mod
 ("qwen_3", tool_choice="required")` lets free text precede the first call, which a small model can
 fill until max_tokens without ever calling; OpenAI's "required" means calls only, so the tags here
 leave no text around them. The strings are the ones Qwen3's chat template writes (Hermes) and
-Qwen3-Coder's (XML, each argument a `<parameter=K>\nVALUE\n</parameter>\n` block).
+Qwen3-Coder's (XML, each argument a `<parameter=K>\nVALUE\n</parameter>\n` block). No string in a
+Hermes call holds `</tool_call>`, where the parser (as vLLM's) ends the call.
 
 Qwen3-Coder's arguments are laid out here, one block per property in schema order, rather than by
 xgrammar's "qwen_xml" object style alone: that style lets up to `max_whitespace_cnt` (at least 1)
@@ -34,7 +35,7 @@ from typing import Any, Literal
 
 from qwenrun.errors import InvalidRequestError
 from qwenrun.structured.params import check_json_schema, subschemas
-from qwenrun.tokenizer.tokenizer import TOOL_CALL_START
+from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
 from qwenrun.tokenizer.tool_parsers.qwen3_coder import FUNCTION_END, PARAMETER_START, schema_kinds
 
 Style = Literal["hermes", "qwen3_coder"]
@@ -49,8 +50,9 @@ MAX_WHITESPACE = 2
 def _tag(style: Style, name: str, parameters: dict[str, Any] | bool, where: str) -> dict[str, Any]:
     if style == "hermes":
         begin = '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
-        content = {"type": "json_schema", "json_schema": parameters,
-                   "max_whitespace_cnt": MAX_WHITESPACE}
+        # the parser ends a call at its first `</tool_call>`, inside a JSON string too (as vLLM)
+        content = {"type": "json_schema", "json_schema": _lengths_without_tags(parameters),
+                   "max_whitespace_cnt": MAX_WHITESPACE, "excludes": [TOOL_CALL_END]}
         end = "}\n</tool_call>"
     else:
         begin = f"<tool_call>\n<function={name}>\n"
@@ -118,7 +120,7 @@ def _lengths_without_tags(schema: Any) -> Any:
 
     xgrammar applies `excludes` to free strings only; a length bound it drops for them, and the
     backend writes lengths as patterns, which `excludes` skips. Leaving out `<` keeps the tags out
-    of these strings; the pattern only narrows the output, and with the same control-character
+    of these strings (both call formats); the pattern only narrows the output, and with the same control-character
     rule as the backend's (a length-bounded string never holds a raw control character).
     """
     schema = copy.deepcopy(schema)
