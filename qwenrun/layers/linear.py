@@ -27,8 +27,8 @@ class WeightTarget:
     narrows the parameter; `rank_slice` narrows the checkpoint tensor to this tensor-parallel rank's
     part (see `qwenrun.layers.checkpoint.split`), before the two shapes are compared. A layer that does
     not store the tensor as loaded (quantized at load, `qwenrun.quant`) gives `fill` instead, which takes
-    the tensor (of `shape`, in the model dtype) and stores it its own way, so no full-precision copy of
-    the layer is ever allocated.
+    the tensor (of `shape`, in the model dtype), or a block of it from row `row` along dim 0, and
+    stores it its own way, so no full-precision copy of the layer is ever allocated.
     """
 
     checkpoint_name: str
@@ -37,7 +37,7 @@ class WeightTarget:
     view: Callable[[torch.Tensor], torch.Tensor]
     covers: tuple[str, ...] = ()
     rank_slice: RankSlice = replicated
-    fill: Callable[[torch.Tensor], None] | None = None
+    fill: Callable[[torch.Tensor, int], None] | None = None
     shape: tuple[int, ...] = ()
 
 

@@ -9,9 +9,12 @@ offending checkpoint tensors as stored.
 
 from __future__ import annotations
 
+import json
 import logging
+import mmap
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +27,8 @@ from qwenrun.layers.linear import WeightTarget, plain_targets
 from qwenrun.loading.source import read_json
 
 logger = logging.getLogger(__name__)
+
+LOAD_BLOCK_BYTES = 16 << 20  # of a checkpoint tensor resident at a time while it is copied or quantized
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: sharded (index JSON) or single."""
@@ -53,15 +58,68 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights found in {folder}")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """One tensor resident at a time; safetensors memory-maps the file."""
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Release]]:
+    """(name, tensor, release) for each stored tensor, read in place from the memory-mapped file.
+
+    Pages of a mapped file count in the process's RSS for as long as they stay mapped, so reading
+    through safetensors' own mapping (kept until the file is closed) added a whole shard's size to
+    the model; here each tensor's pages are dropped (MADV_DONTNEED) once the caller takes the next
+    one, and `release(begin, end)` drops a byte range of it sooner (an embedding is copied a block of
+    rows at a time). The caller copies what it keeps; a tensor read again after its release reads
+    from the file again. safetensors still checks each header before anything is read."""
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            start, layout = _layout(path)
         except _READ_ERRORS as e:
             raise _unreadable(path, e) from None
+        with open(path, "rb") as fh:
+            # private and writable (no copy unless written): torch.frombuffer wants a writable buffer
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if start < path.stat().st_size else None
+        for name in names:
+            dtype, shape, (a, b) = layout[name]
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"tensor {name} in {path.name} has dtype {dtype}, which qwenrun does not read")
+            release = partial(_drop, mm, start + a)
+            yield name, _mapped(mm, start + a, b - a, _DTYPES[dtype], shape), release
+            release(0, b - a)
+        # not closed: tensors the caller still holds keep the mapping alive; it goes with the last one
+
+
+Release = Callable[[int, int], None]
+
+
+def _drop(mm: mmap.mmap | None, offset: int, begin: int, end: int) -> None:
+    """Drop bytes [begin, end) of the tensor at `offset` from this process's resident pages."""
+    if mm is None or end <= begin or not hasattr(mm, "madvise"):
+        return
+    page = (offset + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, page, offset + end - page)
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _layout(path: Path) -> tuple[int, dict[str, tuple[str, list[int], list[int]]]]:
+    """(offset of the data, name -> (dtype, shape, [begin, end) within the data)) from a safetensors
+    header, which safe_open has already validated."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items()}
+
+
+def _mapped(mm: mmap.mmap | None, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if nbytes == 0 or mm is None:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
+    if offset % dtype.itemsize:  # safetensors writers align tensors; copy one that is not
+        raw = raw.clone()
+    return raw.view(dtype).reshape(shape)
 
 
 def stored_names(files: list[Path]) -> list[str]:
@@ -117,7 +175,7 @@ def load_weights(
     filled: dict[str, set[str]] = {name: set() for name in needed}
     unexpected: list[str] = []
     skipped: Counter[str] = Counter()
-    for stored, tensor in iter_tensors(checkpoint_files(folder)):
+    for stored, tensor, release in iter_tensors(checkpoint_files(folder)):
         name = rules.rename(stored)
         found = targets.get(name)
         pattern = None if found is not None else rules.ignore_pattern(name)
@@ -130,10 +188,11 @@ def load_weights(
             unexpected.append(stored)
             continue
         try:
-            tensor = rules.transform(name, tensor)
-            parts = [target.rank_slice(tensor, rank) for target in found]
+            transformed = rules.transform(name, tensor)
+            parts = [target.rank_slice(transformed, rank) for target in found]
         except CheckpointError as e:
             raise CheckpointError(f"tensor {stored}: {e}") from None
+        dests = []
         for target, part in zip(found, parts):
             dest = None if target.fill is not None else target.view(params[target.param_name].data)
             expected = tuple(target.shape) if dest is None else tuple(dest.shape)
@@ -147,11 +206,22 @@ def load_weights(
                 raise CheckpointError(
                     f"tensor {stored} is stored twice (it fills part of {target.param_name} that was already loaded)"
                 )
-            if dest is None:
-                target.fill(part.to(dtype))
-            else:
-                dest.copy_(part.to(dtype))
             filled[target.param_name] |= covered
+            dests.append(dest)
+        # a tensor loaded as stored goes a block of rows at a time, each block's pages dropped once
+        # stored, so a large one (the embedding) is never resident whole beside its copy
+        whole = all(part is tensor for part in parts) and tensor.dim() > 0 and tensor.numel() > 0
+        step = max(1, LOAD_BLOCK_BYTES * tensor.shape[0] // max(tensor.nbytes, 1)) if whole else None
+        for r0 in range(0, tensor.shape[0], step) if whole else [0]:
+            rows = slice(r0, r0 + step) if whole else slice(None)
+            for target, part, dest in zip(found, parts, dests):
+                block = part[rows].to(dtype)
+                if dest is None:
+                    target.fill(block, r0)
+                else:
+                    dest[rows].copy_(block)
+            if whole:
+                release(r0 * tensor.nbytes // tensor.shape[0], min(r0 + step, tensor.shape[0]) * tensor.nbytes // tensor.shape[0])
     for pattern, n in skipped.items():  # e.g. an MTP head or a vision tower this model does not run
         logger.info("skipped %d checkpoint tensor(s) matching %s", n, pattern)
     if unexpected:

@@ -95,11 +95,13 @@ QUANT_CHUNK_BYTES = 32 << 20
 
 
 def _quantize_into(module: nn.Module, prefix: str, fmt: str, group_size: int, rows: int, in_features: int,
-                   first: int, tensor: torch.Tensor) -> None:
-    """Quantize `tensor` (whole rows of the layer's logical weight, from row `first` of its `rows`)
-    into the module's parts `prefix` + PART_NAMES, a block of rows at a time."""
+                   first: int, tensor: torch.Tensor, row: int) -> None:
+    """Quantize `tensor` (rows `row`.. along dim 0 of a source that fills the layer's logical weight
+    from its matrix row `first` of `rows`) into the module's parts `prefix` + PART_NAMES, a block of
+    matrix rows at a time."""
     dests = [getattr(module, prefix + name).view(rows, -1) for name in PART_NAMES[fmt]]
     w = tensor.reshape(-1, in_features)
+    first += row * (tensor[0].numel() // in_features) if tensor.dim() > 1 else 0
     step = max(1, QUANT_CHUNK_BYTES // (4 * in_features))
     for a in range(0, w.shape[0], step):
         block = w[a : a + step]
