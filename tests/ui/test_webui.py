@@ -99,10 +99,14 @@ class Serve:
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, Serve]]:
-    """Three servers started at once (each load overlaps the others): the plain one, one with
-    --api-key, one with --no-webui."""
-    started = {"plain": Serve(), "key": Serve("--api-key", KEY), "off": Serve("--no-webui")}
+def servers(tmp_path_factory) -> Iterator[dict[str, Serve]]:
+    """Three servers started at once (each load overlaps the others): the plain one (with the demo
+    calculator over MCP, for the agent route), one with --api-key, one with --no-webui."""
+    config = tmp_path_factory.mktemp("mcp") / "servers.json"
+    calculator = _REPO / "tests" / "mcp_servers" / "demo_calculator.py"
+    config.write_text(json.dumps({"mcpServers": {"calc": {"command": sys.executable, "args": [str(calculator)]}}}))
+    started = {"plain": Serve("--mcp-config", str(config)), "key": Serve("--api-key", KEY),
+               "off": Serve("--no-webui")}
     try:
         started["plain"].wait(), started["key"].wait(), started["off"].wait(page=False)
         yield started
@@ -346,6 +350,52 @@ def test_phone_width_dark_theme_and_keyboard(browser, servers, requests_seen, sh
     page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
     assert page.evaluate("document.documentElement.dataset.theme") == theme  # kept
     page.screenshot(path=shots / "phone.png", full_page=True)
+
+
+def test_server_tools_show_the_call_and_its_result(browser, servers, requests_seen, shots):
+    """With `serve --mcp-config` the page offers the agent route; its tool steps are shown as such."""
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#agent-box", state="visible")
+    page.click("#agent")
+    ask(page, "What is 347 * 86?")
+    wait_answer(page)
+    answer = last_answer(page)
+    assert answer.locator(".tool-call .tool-title").text_content() == "Tool call · calculator"
+    assert "347" in answer.locator(".tool-call pre").text_content()
+    assert answer.locator(".tool-result .tool-title").text_content() == "Tool result · calculator"
+    assert answer.locator(".tool-result pre").text_content() == "29842"
+    assert "29842" in answer.locator(".answer").text_content()
+    assert answer.locator(".mode").text_content().startswith("server tools · thinking")
+    page.screenshot(path=shots / "server-tools.png")
+    # without --mcp-config there is no such switch
+    other = open_page(browser, servers["key"], requests_seen)
+    other.fill("#key-input", KEY)
+    other.press("#key-input", "Enter")
+    other.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    assert not other.is_visible("#agent-box")
+
+
+def test_markdown_is_escaped_then_rendered(browser, servers, requests_seen):
+    """The renderer escapes first: markup in an answer is shown as text, never run or loaded."""
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    evil = ('<img src="http://example.com/x.png" onerror="alert(1)"> <script>alert(2)</script> '
+            '[x](javascript:alert(3)) **bold** `<b>code</b>`\n\n```python\ndef f(x):  # "c"\n    return "<i>" + 1\n```\n\n'
+            'Math: $x^{2} \\times \\frac{a}{b}$\n\n- one\n- two')
+    html = page.evaluate("s => markdown(s)", evil)
+    page.evaluate("h => { const d = document.createElement('div'); d.id = 'probe'; d.innerHTML = h; document.body.append(d); }", html)
+    probe = page.locator("#probe")
+    assert probe.locator("img, script, [onerror], a[href^='javascript']").count() == 0
+    assert "<img src=" in probe.text_content() and "<script>" in probe.text_content()
+    assert probe.locator("strong").text_content() == "bold"
+    assert probe.locator("p code").text_content() == "<b>code</b>"
+    assert probe.locator(".code .tok-k").all_text_contents() == ["def", "return"]
+    assert probe.locator(".code .tok-c").text_content() == '# "c"'
+    assert probe.locator(".code .tok-s").text_content() == '"<i>"'
+    assert probe.locator(".code .tok-n").text_content() == "1"
+    assert probe.locator(".math").text_content() == "x2 × a/b"
+    assert probe.locator(".math sup").text_content() == "2"
+    assert probe.locator("ul li").all_text_contents() == ["one", "two"]
 
 
 def test_no_webui_flag_and_page_headers(servers):
