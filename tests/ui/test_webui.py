@@ -204,7 +204,9 @@ def test_thinking_streams_then_the_right_answer(browser, servers, requests_seen,
     assert answer.locator(".mode").text_content() == "thinking · no budget · temperature 0"
     stats = answer.locator(".stats").text_content()
     assert re.search(r"TTFT \d+\.\d\d s · \d+\.\d tokens/s · \d+ tokens · done", stats), stats
-    page.screenshot(path=shots / "thinking.png")
+    answer.locator(".reasoning summary").click()  # the trace: column arithmetic
+    assert answer.locator(".reasoning-body").text_content().startswith("347+586\n7+6+0=13")
+    page.screenshot(path=shots / "thinking.png")  # docs/webui.png
 
 
 def test_thinking_off_has_no_reasoning_block(browser, servers, requests_seen, shots):
@@ -366,6 +368,7 @@ def test_server_tools_show_the_call_and_its_result(browser, servers, requests_se
     assert answer.locator(".tool-result pre").text_content() == "29842"
     assert "29842" in answer.locator(".answer").text_content()
     assert answer.locator(".mode").text_content().startswith("server tools · thinking")
+    assert answer.locator(".reasoning summary").text_content() == "Thought"  # no token count from that route
     page.screenshot(path=shots / "server-tools.png")
     # without --mcp-config there is no such switch
     other = open_page(browser, servers["key"], requests_seen)

@@ -435,9 +435,8 @@ function renderReasoning(m) {
   const meta = m.meta || {};
   const d = el("details", "reasoning");
   d.open = meta.streaming === "reasoning" || !!m.reasoningOpen;
-  const tokens = meta.reasoningTokens ?? 0;
   let label = meta.streaming === "reasoning" ? "Thinking…" : "Thought";
-  label += ` · ${tokens} tokens`;
+  if (meta.reasoningTokens != null) label += ` · ${meta.reasoningTokens} tokens`; // unknown from the agent route
   if (meta.reasoningSeconds != null) label += ` · ${meta.reasoningSeconds.toFixed(1)} s`;
   if (meta.budgetReached) label += " · stopped at the budget";
   const summary = el("summary", null, label);
@@ -643,7 +642,7 @@ async function generate(c) {
   const end = performance.now();
   if (first !== null) {
     meta.ttft = (first - t0) / 1000;
-    if (m.reasoning && meta.reasoningSeconds == null) meta.reasoningSeconds = ((firstContent ?? end) - first) / 1000;
+    if (m.reasoning && meta.reasoningSeconds == null && !meta.agent) meta.reasoningSeconds = ((firstContent ?? end) - first) / 1000;
     const tokens = meta.tokens ?? (meta.reasoningTokens + (m.content ? 1 : 0));
     if (end > first && tokens > 1) meta.tps = (tokens - 1) / ((end - first) / 1000);
   }
@@ -678,6 +677,7 @@ async function runAgent(body, m, controller) {
   }
   m.content = message.content || "";
   m.reasoning = message.reasoning_content || "";
+  m.meta.reasoningTokens = null;
   m.meta.tokens = data.usage?.completion_tokens;
   m.meta.finish = data.choices[0].finish_reason;
 }
