@@ -192,6 +192,7 @@ def test_thinking_streams_then_the_right_answer(browser, servers, requests_seen,
     ask(page, "What is 347 + 586?")
     page.wait_for_selector("article.msg.assistant .reasoning[open] summary:text-matches('Thinking')")
     wait_answer(page)
+    assert page.text_content("#status") == "Answer: 347 + 586 = 933"  # what a screen reader is told
     frames = page.evaluate("window.__frames")
     thinking_only = [r for r, a in frames if r > 0 and a == 0]
     assert len(set(thinking_only)) >= 3, f"reasoning did not stream before the answer: {frames}"

@@ -654,7 +654,9 @@ async function generate(c) {
   saveChats();
   setBusy(false);
   if (chat() === c) renderAll();
-  announce(meta.finish === "stopped" ? "Stopped." : meta.finish === "error" ? "Failed." : "Answer complete.");
+  // the log itself is not live (a token at a time would swamp a screen reader): the answer is read once
+  const said = (m.content || "").slice(0, 600);
+  announce(meta.finish === "stopped" ? `Stopped. ${said}` : meta.finish === "error" ? `Failed: ${m.error}` : `Answer: ${said}`);
   ui.prompt.focus();
 }
 
