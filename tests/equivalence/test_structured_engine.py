@@ -241,6 +241,31 @@ def test_open_reasoning_is_free_and_the_budget_closes_it_into_the_constraint(llm
     assert free == len(params) and finished >= 2
 
 
+def test_reasoning_the_model_opens_itself_is_free_and_the_reserve_closes_it(llm):
+    """A prompt without a chat turn, where the model may open `<think>` as its first token (Qwen3
+    with thinking on writes it itself). Under these narrow regexes this checkpoint's greedy first
+    token is `<think>`: the reasoning is then free, max_tokens' reserve forces `</think>`, and
+    what follows is the constraint's from its start."""
+    tok = llm.tokenizer
+    opened = 0
+    for regex in ("x( x){12}", "(1,){8}2"):
+        spec = StructuredOutputsParams(regex=regex)
+        out = llm.generate([tok.encode("Go")], SamplingParams(temperature=0, max_tokens=60,
+                                                              structured_outputs=spec))
+        comp = out[0].outputs[0]
+        if comp.token_ids[0] != tok.think_start_id:
+            assert re.fullmatch(regex, comp.text) or comp.finish_reason == "length", comp.text
+            continue
+        opened += 1
+        end = comp.token_ids.index(tok.think_end_id)
+        assert not re.fullmatch("[x 1,2]*", tok.decode(comp.token_ids[1:end])), comp.text
+        answer = [t for t in comp.token_ids[end + 1:] if t not in llm.engine.eos_token_ids]
+        assert_grammar_accepts(llm, spec, answer)
+        if comp.finish_reason == "stop":
+            assert re.fullmatch(regex, comp.text.partition("</think>")[2]), comp.text
+    assert opened, "the model opened no reasoning: the test shows nothing"
+
+
 @pytest.mark.parametrize("thinking", [False, True])
 def test_without_open_reasoning_the_constraint_holds_from_the_first_token(llm, thinking):
     """Thinking off (the template writes an empty block), or on without `<think>` in the prompt
