@@ -89,8 +89,8 @@ class Serve:
                 out[key] = s.value
         return out
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
+    def reap(self) -> None:
+        """Wait for its exit after a SIGINT (a second one would cut uvicorn's shutdown short)."""
         try:
             self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -111,8 +111,10 @@ def servers(tmp_path_factory) -> Iterator[dict[str, Serve]]:
         started["plain"].wait(), started["key"].wait(), started["off"].wait(page=False)
         yield started
     finally:
+        for s in started.values():  # all at once: each takes seconds to shut down
+            s.proc.send_signal(signal.SIGINT)
         for s in started.values():
-            s.stop()
+            s.reap()
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +234,7 @@ def test_budget_16_stops_thinking_early(browser, servers, requests_seen, shots):
     page.fill("#budget-tokens", "16")
     page.press("#budget-tokens", "Tab")
     assert page.text_content("#budget-value") == "16 tokens"
+    assert page.input_value("#budget") == "1"  # the slider sits at its first limit (256)
     ask(page, "What is 347 + 586?")
     wait_answer(page)
     assert bodies[-1]["thinking_budget"] == 16 and bodies[-1]["chat_template_kwargs"] == {"enable_thinking": True}
@@ -243,9 +246,12 @@ def test_budget_16_stops_thinking_early(browser, servers, requests_seen, shots):
     # Qwen's early-stop sentence, which the engine writes when the budget runs out
     assert "Considering the limited time" in answer.locator(".reasoning-body").text_content()
     # the slider: its first stop is no limit, then 256 ... the context (1024)
+    page.fill("#budget-tokens", "5000")  # over the context: the slider's last stop
+    page.press("#budget-tokens", "Tab")
+    assert page.input_value("#budget") == page.get_attribute("#budget", "max") == "3"  # off, 256, 512, 1024
     page.fill("#budget-tokens", "")
     page.press("#budget-tokens", "Tab")
-    assert page.text_content("#budget-value") == "no limit"
+    assert page.text_content("#budget-value") == "no limit" and page.input_value("#budget") == "0"
     page.eval_on_selector("#budget", "e => { e.value = e.max; e.dispatchEvent(new Event('input')); }")
     assert page.text_content("#budget-value") == "1,024 tokens"
     page.eval_on_selector("#budget", "e => { e.value = 1; e.dispatchEvent(new Event('input')); }")
@@ -377,6 +383,32 @@ def test_server_tools_show_the_call_and_its_result(browser, servers, requests_se
     other.press("#key-input", "Enter")
     other.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
     assert not other.is_visible("#agent-box")
+
+
+def test_streamed_tool_calls_are_shown_as_calls(browser, servers, requests_seen):
+    """/v1/chat/completions' streamed `tool_calls` (a name, then argument pieces) become one call
+    block. The page sends no tools, so the model never writes one here: the stream is canned,
+    in the server's chunk shape, all events in one network read."""
+    page = open_page(browser, servers["plain"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    def chunk(delta, finish=None):
+        return "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    body = (chunk({"role": "assistant", "reasoning_content": "need weather"})
+            + chunk({"tool_calls": [call]})
+            + chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+            + chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+            + chunk({}, "tool_calls") + "data: [DONE]\n\n")
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    ask(page, "Weather in Paris?")
+    wait_answer(page)
+    answer = last_answer(page)
+    assert answer.locator(".tool-call .tool-title").text_content() == "Tool call · get_weather"
+    assert json.loads(answer.locator(".tool-call pre").text_content()) == {"city": "Paris"}
+    assert answer.locator(".reasoning-body").text_content() == "need weather"
+    assert answer.locator(".stats").text_content().endswith("tool_calls")
 
 
 def test_markdown_is_escaped_then_rendered(browser, servers, requests_seen):

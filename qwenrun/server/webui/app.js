@@ -269,8 +269,10 @@ function setupBudget() {
 function showBudget(budget) {
   const stops = budgetStops();
   let pos = 0;
-  if (budget !== null) pos = Math.max(1, stops.findIndex((s) => s !== null && s >= budget));
-  if (pos < 0) pos = stops.length - 1;
+  if (budget !== null) {
+    const above = stops.findIndex((s) => s !== null && s >= budget);
+    pos = above < 0 ? stops.length - 1 : above;
+  }
   ui.budget.value = String(pos);
   ui.budgetTokens.value = budget === null ? "" : String(budget);
   const text = budget === null ? "no limit" : `${budget.toLocaleString("en")} tokens`;
