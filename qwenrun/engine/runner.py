@@ -4,7 +4,10 @@ no request (the scheduler does, in `update`)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +22,15 @@ from qwenrun.layers.visual import VisualEmbeds
 from qwenrun.sampling.sampler import SamplingBatch, argmax, compute_logprobs, mask_vocab, sample
 from qwenrun.spec_decode.drafter import Drafter
 from qwenrun.structured.backend import GrammarMatcher
+
+# Models with fewer weights than this run each step on one thread. Their ops are a few microseconds
+# of work each (width 256: a 256x768 matmul row is ~0.2M multiply-adds), about what an OpenMP
+# parallel region's fork/join costs, and when another process holds a core torch's threads wait on
+# each other at every op: on the 2-core Zen 4, under load, the bundled 3.3M-weight model decoded at
+# 24 tok/s on 2 threads and 130 on one (and its MTP step, with twice the ops, ran 0.38x plain
+# instead of 1.61x). The smallest released Qwen3 (0.6B) has 20x this many weights, and its steps
+# read weights at the memory bandwidth that both cores' threads share, so it keeps torch's threads.
+SERIAL_MAX_WEIGHTS = 1 << 25
 
 
 class ModelRunner:
@@ -53,6 +65,8 @@ class ModelRunner:
         self.drafter, self.drafter_layers = drafter, drafter_layers or []
         self.num_speculative_tokens = num_speculative_tokens
         self._mask_worker: ThreadPoolExecutor | None = None  # started by the first constrained step
+        weights = sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+        self.serial = weights < SERIAL_MAX_WEIGHTS
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         """The step's tensors: each request's next chunk, and its last row for logits when the chunk
@@ -128,6 +142,24 @@ class ModelRunner:
         are back where they were and the K/V it wrote lie past every request's computed tokens,
         so the engine can rerun the batch's requests one at a time to find the one that failed.
         """
+        with self._threads():
+            return self._execute(batch, fb)
+
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
+        """One thread for a small model's step (`SERIAL_MAX_WEIGHTS`), the caller's count restored
+        after it, so that code outside the engine keeps its own setting."""
+        if not self.serial:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _execute(self, batch: ScheduledBatch, fb: ForwardBatch) -> StepResult:
         masks = self._start_masks(batch, fb)
         try:
             hidden = self.model(fb)  # [T, H]
@@ -141,7 +173,7 @@ class ModelRunner:
         try:
             out_tokens, out_logprobs = self._verify(batch, fb, hidden, owners, prefixes, generators, states,
                                                     grammar_masks)
-            drafts = self._draft(batch, hidden, out_tokens) if self.drafter is not None else []
+            drafts = self._draft(batch, fb, hidden, out_tokens) if self.drafter is not None else []
         except Exception:
             for g, state in zip(generators, states):
                 g.set_state(state)
@@ -184,7 +216,8 @@ class ModelRunner:
             i += c
         return out_tokens, out_logprobs
 
-    def _draft(self, batch: ScheduledBatch, hidden: torch.Tensor, out_tokens: list[list[int]]) -> list[list[int]]:
+    def _draft(self, batch: ScheduledBatch, fb: ForwardBatch, hidden: torch.Tensor,
+               out_tokens: list[list[int]]) -> list[list[int]]:
         """The drafter's proposals for each request's next step ([] for one still prefilling).
 
         Catch-up: one drafter forward over every position the target kept this step, which writes
@@ -196,6 +229,10 @@ class ModelRunner:
         positions; each is rewritten by the catch-up of the step that keeps its position, before
         anything attends it as kept. A request's chain ends with its allocated blocks (the
         scheduler's lookahead) and with its max_tokens: its drafts never need a block of their own.
+
+        When the catch-up covers exactly the step's rows (every draft accepted, or a prefill chunk),
+        it attends like the step did and reuses `fb`'s attention metadata and positions: building
+        them is a good part of a small model's drafter forward.
         """
         assert self.drafter is not None
         shift = self.drafter.token_shift
@@ -221,7 +258,10 @@ class ModelRunner:
             hidden_rows += range(offset, offset + rows)
             lengths.append(length)
             offset += n
-        h = self._drafter_forward(batch.requests, starts, counts, ids, hidden[hidden_rows] if shift else None)
+        same_rows = counts == batch.num_tokens
+        h = self._drafter_forward(batch.requests, starts, counts, ids,
+                                  (hidden if same_rows else hidden[hidden_rows]) if shift else None,
+                                  fb if same_rows else None)
         drafting = [i for i, k in enumerate(lengths) if k > 0]
         ends = torch.tensor(counts).cumsum(0) - 1
         h = h[ends[drafting].to(h.device)]  # each drafting request's last catch-up row
@@ -241,16 +281,22 @@ class ModelRunner:
         return drafts
 
     def _drafter_forward(self, reqs: list[Request], starts: list[int], counts: list[int], ids: list[int],
-                         hidden: torch.Tensor | None) -> torch.Tensor:
-        """The drafter's hidden [T, H] for `counts[b]` rows of request b from position `starts[b]`.
+                         hidden: torch.Tensor | None, same_as: ForwardBatch | None = None) -> torch.Tensor:
+        """The drafter's hidden [T, H] for `counts[b]` rows of request b from position `starts[b]`;
+        `same_as`: the target's batch over exactly these rows, whose metadata then serves.
 
         An MTP head (token_shift 1) is part of the target and shares its rotary positions (3-row
         for a vision-language target); a draft model is a text model of its own and counts 1-D."""
         assert self.drafter is not None
         ends = [s + c for s, c in zip(starts, counts)]
-        meta = AttentionMetadata.build(counts, ends, [r.cache.block_table for r in reqs], self.block_size,
-                                       self.device)
-        if self.encoder is not None and self.drafter.token_shift:
+        if same_as is not None:
+            meta = same_as.attention
+        else:
+            meta = AttentionMetadata.build(counts, ends, [r.cache.block_table for r in reqs], self.block_size,
+                                           self.device)
+        if same_as is not None and (self.encoder is None or self.drafter.token_shift):
+            pos = same_as.positions
+        elif self.encoder is not None and self.drafter.token_shift:
             pos = torch.cat([_mrope_rows(r, s, c) for r, s, c in zip(reqs, starts, counts)], dim=1)
         else:
             pos = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)])

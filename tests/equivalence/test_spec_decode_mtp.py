@@ -36,6 +36,24 @@ def test_bundled_head_drafts_what_the_model_writes():
     assert stats.accepted_tokens > 0.6 * stats.draft_tokens, stats
 
 
+def test_bundled_steps_run_on_one_thread_and_restore_the_callers_count():
+    """A model this small steps on one thread (`runner.SERIAL_MAX_WEIGHTS`: torch's fork/join per op
+    costs about what the op does, and stalls when the cores are shared); code around the engine keeps
+    its own thread count."""
+    llm = LLM(BUNDLED, dtype="float32", kv_cache_memory=16 << 20, speculative_config=SPEC)
+    seen: list[int] = []
+    llm.engine.model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        llm.chat([{"role": "user", "content": "What is 63 * 47?"}], SamplingParams(temperature=0, max_tokens=8))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+    assert after == 2
+
+
 def _with_random_head(folder: Path, dest: Path, seed: int = 0) -> Path:
     """A copy of a tiny Qwen3 checkpoint with a random one-layer MTP head (norms perturbed from 1)."""
     shutil.copytree(folder, dest)
