@@ -28,7 +28,7 @@ from qwenrun.loading.source import read_json
 
 logger = logging.getLogger(__name__)
 
-LOAD_BLOCK_BYTES = 16 << 20  # of a checkpoint tensor resident at a time while it is copied or quantized
+LOAD_BLOCK_BYTES = 8 << 20  # of a checkpoint tensor resident at a time while it is copied or quantized
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: sharded (index JSON) or single."""

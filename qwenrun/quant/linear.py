@@ -91,7 +91,7 @@ def empty_parts(fmt: str, rows: tuple[int, ...], in_features: int, group_size: i
 
 
 # fp32 input rows quantized at a time while loading: bounds the temporaries of an LM head or fused experts
-QUANT_CHUNK_BYTES = 32 << 20
+QUANT_CHUNK_BYTES = 8 << 20
 
 
 def _quantize_into(module: nn.Module, prefix: str, fmt: str, group_size: int, rows: int, in_features: int,
