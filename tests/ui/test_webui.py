@@ -140,6 +140,8 @@ def open_page(browser, server: Serve, requests: list[str], *, width: int = 1200,
     page = context.new_page()
     page.on("request", lambda r: requests.append(r.url))
     page.goto(server.url)
+    # the page is ready when it focuses the message box (or, wanting a key, the key box)
+    page.wait_for_function("() => ['prompt', 'key-input'].includes(document.activeElement.id)")
     page.fill("#temperature", "0")
     page.press("#temperature", "Tab")
     return page
@@ -215,6 +217,14 @@ def test_thinking_streams_then_the_right_answer(browser, servers, requests_seen,
 def test_thinking_off_has_no_reasoning_block(browser, servers, requests_seen, shots):
     page = open_page(browser, servers["plain"], requests_seen)
     page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
+    # focus order: the header, then (no chats yet) the composer's controls in reading order
+    expected = ["theme", "prompt", "thinking", "budget", "budget-tokens", "temperature", "agent", "send"]
+    page.focus("#new-chat")
+    order = []
+    for _ in expected:
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    assert order == expected, order
     page.click("#thinking")
     assert page.is_disabled("#budget")
     ask(page, "What is 347 + 586?")
