@@ -129,6 +129,15 @@ class _LogprobCursor:
 # ------------------------------------------------------------------------------ chat completions
 
 
+def _finish(req: Request, called: bool) -> str | None:
+    """"tool_calls" for a turn that made calls, but "length" wins: an output cut by max_tokens may
+    end inside a further call (kept as text), and clients (the openai SDK's `.parse()`) must see
+    that it was cut, as Anthropic's stop_reason says max_tokens (anthropic_api.py)."""
+    if called and req.finish_reason != "length":
+        return "tool_calls"
+    return req.finish_reason
+
+
 async def chat_completions(state: ServerState, request: HTTPRequest) -> Response:
     arrival = time.perf_counter()
     raw, body = await parse_body(request, ChatCompletionRequest)
@@ -198,7 +207,7 @@ async def _chat_response(state: ServerState, plan: ChatPlan, reqs: list[Request]
             entries = (req.logprobs or [])[: len(ids)]
             logprobs = ChoiceLogprobs(content=_chat_logprobs(texts, ids, entries, k))
         choice = ChatChoice(index=i, message=message, logprobs=logprobs,
-                            finish_reason="tool_calls" if calls else req.finish_reason)
+                            finish_reason=_finish(req, bool(calls)))
         error = json_error(plan, parsed.content, req, len(calls))
         if error:
             choice.response_format_error = error
@@ -263,7 +272,7 @@ async def _stream_chat(state: ServerState, plan: ChatPlan, reqs: list[Request], 
                 error = json_error(plan, parser.content, req, parser.n_calls)
                 if error:
                     extra["response_format_error"] = error
-                yield chunk(i, DeltaMessage(), "tool_calls" if parser.n_calls else req.finish_reason,
+                yield chunk(i, DeltaMessage(), _finish(req, parser.n_calls > 0),
                             **extra)
         if include_usage:
             usage = _usage(len(plan.prompt_ids), reqs, n_reasoning, plan.prompt_details())
