@@ -161,14 +161,11 @@ class LLMEngine:
         return params.max_tokens or room
 
     def _thinking(self, prompt: list[int], params: SamplingParams, max_new: int) -> Thinking:
-        """The request's reasoning bookkeeping. A constrained request's forced close ends at
-        `</think>`: its constraint starts right after, and would reject the "\n\n" that follows."""
+        """The request's reasoning bookkeeping."""
         tok = self.tokenizer
         start, end = (tok.think_start_id, tok.think_end_id) if tok else (None, None)
         is_open = think_open_in_prompt(prompt, start, end)
         early_stop = self.early_stop_ids
-        if params.structured_outputs is not None and end in early_stop:
-            early_stop = early_stop[: early_stop.index(end) + 1]
         stop_len = len(early_stop)
         close_at = None
         if early_stop and max_new > stop_len:
@@ -196,12 +193,14 @@ class LLMEngine:
         """A fresh matcher for `params.structured_outputs` (compiled here, on the caller's thread;
         InvalidRequestError naming the field if it does not compile), or None.
 
-        Where the constraint starts: after `</think>` when the prompt leaves reasoning open (the
-        forced close of the thinking budget ends there too); at the first token when the
+        Where the constraint starts: after `</think>` (and the "\n\n" that may follow it) when
+        the prompt leaves reasoning open (the thinking budget's forced close too); at the first token when the
         prompt's final turn (from its last `<|im_start|>`) closed reasoning already (thinking
-        off: the template wrote an empty block); and otherwise at the first token unless that
-        token is `<think>` (Qwen3 with thinking on writes it itself), which opens a free region
-        up to `</think>`. So a model that never reasons is constrained from its first token.
+        off: the template wrote an empty block), or when the prompt has no chat turn at all (a
+        raw completion, whose text is returned as written: no reasoning is split off it); and
+        otherwise at the first token unless that token is `<think>` (Qwen3 with thinking on
+        writes it itself), which opens a free region up to `</think>`. So a model that never
+        reasons is constrained from its first token.
         """
         spec = params.structured_outputs
         if spec is None:
@@ -211,12 +210,16 @@ class LLMEngine:
         start, end = thinking.start_id, thinking.end_id
         if start is None or end is None:
             return backend.matcher(compiled)
+        # the token Qwen3 writes after </think> ("\n\n", the early-stop text's last) may come
+        # before the constraint: masking it would push the model off its answer's first token
+        stop = self.early_stop_ids
+        gap = stop[stop.index(end) + 1] if end in stop[:-1] else None
         if thinking.open:
-            return backend.matcher(compiled, free_until=end)
+            return backend.matcher(compiled, free_until=end, after_free=gap)
         turn = _junction(prompt, self.tokenizer)  # the prompt's end when it has no turns
-        if end in (prompt[turn:] if turn < len(prompt) else prompt):
+        if turn == len(prompt) or end in prompt[turn:]:
             return backend.matcher(compiled)
-        return backend.matcher(compiled, free_until=end, free_if_first=start)
+        return backend.matcher(compiled, free_until=end, free_if_first=start, after_free=gap)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     mm_items: Sequence[MultimodalItem] = ()) -> Request:

@@ -8,7 +8,8 @@ applies to that row alone.
 
 Thinking: with reasoning on, a constraint applies to the answer, not the thoughts. `free_until`
 (the `</think>` id) leaves the matcher free until that token is accepted, and a rollback across
-it makes it free again. Free does not mean unmasked: the stop tokens stay banned, so a request
+it makes it free again; `after_free` (the "\n\n" Qwen3 writes after `</think>`) may follow it
+before the constraint starts, so the model's own answer opening is not masked away. Free does not mean unmasked: the stop tokens stay banned, so a request
 can only finish after its constraint has been satisfied. `free_if_first` (the `<think>` id) is
 for a prompt after which the model may open its reasoning itself (Qwen3 with thinking on renders
 no `<think>`): the first token may be that one, and opens the free region; any other first token
@@ -42,13 +43,16 @@ class EngineMatcher(Protocol):
 class GrammarMatcher:
     """One request's constraint state, over the tokens it has kept.
 
-    Invariants: `num_accepted` counts every accepted token, free ones included; the free region
-    (the `free_if_first` token when it opened it, through the `free_until` token) is a prefix of
-    the accepted tokens, and the engine matcher holds exactly the tokens accepted after it.
+    Phases: "undecided" (before the first token of a `free_if_first` matcher), "free" (the
+    reasoning), "gap" (just after `free_until`: the one `after_free` token the template writes
+    there, "\n\n" for Qwen3, may come before the constraint, and counts as free) and
+    "constrained". Invariants: `num_accepted` counts every accepted token; the free tokens
+    (`_free_tokens`) are a prefix of them, and the engine matcher holds exactly the ones after it.
     """
 
     def __init__(self, matcher: EngineMatcher, free_mask: torch.Tensor, stop_token_ids: Sequence[int],
-                 free_until: int | None = None, free_if_first: int | None = None) -> None:
+                 free_until: int | None = None, free_if_first: int | None = None,
+                 after_free: int | None = None) -> None:
         if free_if_first is not None and free_until is None:
             raise ValueError("free_if_first needs the free_until token that ends the free region")
         self._matcher = matcher
@@ -56,36 +60,46 @@ class GrammarMatcher:
         self._stop = frozenset(stop_token_ids)
         self._free_until = free_until
         self._free_if_first = free_if_first
-        self._free = free_until is not None and free_if_first is None
-        self._num_free = 0  # tokens accepted in the free region, its opening and closing tokens included
+        self._after_free = after_free if free_until is not None else None
+        self._free_tokens: list[int] = []
         self.num_accepted = 0
+        self._phase = self._phase_after_free()
+
+    def _phase_after_free(self) -> str:
+        """The phase when no constrained token has been accepted, from the free tokens alone."""
+        free = self._free_tokens
+        if not free:
+            if self._free_if_first is not None:
+                return "undecided"
+            return "free" if self._free_until is not None else "constrained"
+        if free[-1] == self._free_until:
+            return "gap" if self._after_free is not None else "constrained"
+        if len(free) > 1 and free[-2] == self._free_until:  # the gap token was taken
+            return "constrained"
+        return "free"
 
     @property
     def is_free(self) -> bool:
         """True while the output is still before `free_until` (the reasoning)."""
-        return self._free
-
-    @property
-    def _undecided(self) -> bool:
-        """Before the first token of a `free_if_first` matcher: free only if it is that token."""
-        return self._free_if_first is not None and self.num_accepted == 0
+        return self._phase == "free"
 
     @property
     def is_terminated(self) -> bool:
         """True once the constraint accepted a stop token: the request must finish."""
-        return not self._free and self._matcher.is_terminated()
+        return self._phase != "free" and self._matcher.is_terminated()
 
     def accept(self, token_id: int) -> bool:
         """Advance by one kept token; False (and no change) when the constraint forbids it."""
-        if self._undecided and token_id == self._free_if_first:
-            self._free = True
-            self._num_free += 1
-        elif self._free:
-            if token_id in self._stop:
-                return False
-            self._free = token_id != self._free_until
-            self._num_free += 1
-        elif not self._matcher.accept_token(token_id):
+        phase = self._phase
+        if phase == "free" and token_id in self._stop:
+            return False
+        if phase == "free" or (phase == "undecided" and token_id == self._free_if_first) or (
+                phase == "gap" and token_id == self._after_free):
+            self._free_tokens.append(token_id)
+            self._phase = self._phase_after_free()
+        elif self._matcher.accept_token(token_id):
+            self._phase = "constrained"
+        else:
             return False
         self.num_accepted += 1
         return True
@@ -98,33 +112,33 @@ class GrammarMatcher:
         """
         if not 0 <= num_tokens <= self.num_accepted:
             raise ValueError(f"cannot roll back {num_tokens} of {self.num_accepted} accepted tokens")
-        constrained = self.num_accepted - self._num_free
+        constrained = self.num_accepted - len(self._free_tokens)
         if min(num_tokens, constrained):
             self._matcher.rollback(min(num_tokens, constrained))
         if num_tokens > constrained:
-            self._num_free -= num_tokens - constrained
-            self._free = True
+            del self._free_tokens[len(self._free_tokens) - (num_tokens - constrained):]
         self.num_accepted -= num_tokens
-        if self._undecided:
-            self._free = False
+        if self.num_accepted == len(self._free_tokens):
+            self._phase = self._phase_after_free()
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` ([B, W] int32 on the host)."""
-        if self._free:
+        if self._phase == "free":
             bitmask[row].copy_(self._free_mask)
             return
         self._matcher.fill_next_token_bitmask(bitmask, row)
-        if self._undecided:
-            word, bit = divmod(self._free_if_first, 32)  # type: ignore[arg-type]
+        extra = {"undecided": self._free_if_first, "gap": self._after_free}.get(self._phase)
+        if extra is not None:
+            word, bit = divmod(extra, 32)
             bitmask[row, word] |= _int32_bit(bit)
 
     def is_dead_end(self) -> bool:
         """True when no token may come next: a constraint with an unsatisfiable part that compile
         could not see (a pattern of no characters), reached only now."""
-        if self._free or self.is_terminated:
+        if self._phase == "free" or self.is_terminated:
             return False
         bitmask = torch.empty((1, self._free_mask.shape[0]), dtype=torch.int32)
-        self._matcher.fill_next_token_bitmask(bitmask, 0)
+        self.fill_bitmask(bitmask, 0)
         return not bitmask.any()
 
     def fill_with_drafts(self, bitmask: torch.Tensor, row: int, drafts: Sequence[int]) -> None:
@@ -182,9 +196,10 @@ class StructuredBackend(ABC):
 
     @abstractmethod
     def matcher(self, compiled: Any, free_until: int | None = None,
-                free_if_first: int | None = None) -> GrammarMatcher:
+                free_if_first: int | None = None, after_free: int | None = None) -> GrammarMatcher:
         """A fresh matcher at the start of `compiled`: free until `free_until` when given, from
-        the start, or only once a first token `free_if_first` opened the free region."""
+        the start, or only once a first token `free_if_first` opened the free region; then
+        `after_free` may come once before the constraint."""
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(V / 32)] int32 host buffer for `GrammarMatcher.fill_bitmask`."""

@@ -183,9 +183,9 @@ class XGrammarBackend(StructuredBackend):
             raise InvalidRequestError(f"{param} admits no output: nothing can satisfy it", param=param)
 
     def matcher(self, compiled: xgr.CompiledGrammar, free_until: int | None = None,
-                free_if_first: int | None = None) -> GrammarMatcher:
+                free_if_first: int | None = None, after_free: int | None = None) -> GrammarMatcher:
         return GrammarMatcher(xgr.GrammarMatcher(compiled), self._free_mask, self.stop_token_ids,
-                              free_until, free_if_first)
+                              free_until, free_if_first, after_free)
 
 
 _backends: weakref.WeakKeyDictionary[Tokenizer, dict[Any, XGrammarBackend]] = weakref.WeakKeyDictionary()

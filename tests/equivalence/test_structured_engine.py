@@ -20,6 +20,7 @@ import pytest
 from engine_cases import assert_idle_and_whole
 from structured_cases import SCHEMAS, TOOLS
 from test_spec_decode_mtp import _with_random_head
+from steered import make_steered_checkpoint
 from tiny import add_tokenizer, make_checkpoint
 
 from qwenrun import LLM, SamplingParams
@@ -225,7 +226,7 @@ def test_mtp_drafts_change_no_constrained_token(folder, prompts, alone, tmp_path
 
 def test_open_reasoning_is_free_and_the_budget_closes_it_into_the_constraint(llm):
     """The prompt leaves `<think>` open: the reasoning is free (it holds text the regex never
-    could), the budget forces `</think>`, and the answer after it matches."""
+    could), the budget forces `</think>` and the "\n\n" after it, and the answer matches."""
     prompt = llm.render_chat(USER, enable_thinking=True) + "<think>\n"
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, thinking_budget=6,
                              structured_outputs=StructuredOutputsParams(regex=REGEX)) for s in SEEDS]
@@ -235,35 +236,53 @@ def test_open_reasoning_is_free_and_the_budget_closes_it_into_the_constraint(llm
         reasoning, closed, answer = comp.text.partition("</think>")
         assert closed, comp.text
         free += not re.fullmatch("[a-c0-9-]*", reasoning)
-        if comp.finish_reason == "stop":
-            assert re.fullmatch(REGEX, answer), comp.text
+        if comp.finish_reason == "stop":  # the "\n\n" the close writes after </think> is free
+            assert re.fullmatch(REGEX, answer.removeprefix("\n\n")), comp.text
             finished += 1
     assert free == len(params) and finished >= 2
 
 
-def test_reasoning_the_model_opens_itself_is_free_and_the_reserve_closes_it(llm):
-    """A prompt without a chat turn, where the model may open `<think>` as its first token (Qwen3
-    with thinking on writes it itself). Under these narrow regexes this checkpoint's greedy first
-    token is `<think>`: the reasoning is then free, max_tokens' reserve forces `</think>`, and
-    what follows is the constraint's from its start."""
+# the chat checkpoint of tests/server/test_server.py: with thinking on, "\n" (the assistant header's
+# end) -> <think> " hmm" " ok" </think> "\n\n" -> "Paris is nice." <|im_end|>
+NL, NLNL, THINK, END_THINK, IM_END = 198, 271, 151667, 151668, 151645
+CHAT_TABLE = {NL: THINK, THINK: 87501, 87501: 5394, 5394: END_THINK, END_THINK: NLNL, NLNL: 59604,
+              59604: 374, 374: 6419, 6419: 13, 13: IM_END}
+
+
+@pytest.fixture(scope="module")
+def steered_llm(tmp_path_factory, qwen3_tokenizer_dir) -> LLM:
+    folder = make_steered_checkpoint(tmp_path_factory.mktemp("steered"), qwen3_tokenizer_dir, CHAT_TABLE)
+    return _llm(folder, kv_cache_memory=16 << 20, max_model_len=256)
+
+
+@pytest.mark.parametrize("spec, content", [
+    (StructuredOutputsParams(regex="Paris is [a-z]+\\."), "Paris is nice."),  # the model's own answer
+    (StructuredOutputsParams(choice=["Rome"]), "Rome"),  # the grammar's
+])
+def test_reasoning_the_model_opens_itself_is_free(steered_llm, spec, content):
+    """Thinking on, no `<think>` in the prompt: the model writes it as its first token, and its
+    reasoning (" hmm ok", which neither constraint allows) stays free up to `</think>`; the
+    answer after it is the constraint's."""
+    [out] = steered_llm.chat([USER], SamplingParams(temperature=0, max_tokens=40, structured_outputs=spec),
+                             enable_thinking=True)
+    comp = out.outputs[0]
+    assert comp.token_ids[0] == THINK and comp.reasoning_content.strip() == "hmm ok", comp.text
+    assert comp.content == content and comp.finish_reason == "stop", comp.text
+
+
+def test_a_prompt_without_a_chat_turn_is_constrained_from_the_first_token(llm):
+    """A raw completion's text is returned as written, with no reasoning split off it, so no
+    free region opens there even when the model's first pick is `<think>` (this checkpoint's
+    greedy first token for "Go" under these regexes)."""
     tok = llm.tokenizer
-    opened = 0
     for regex in ("x( x){12}", "(1,){8}2"):
         spec = StructuredOutputsParams(regex=regex)
-        out = llm.generate([tok.encode("Go")], SamplingParams(temperature=0, max_tokens=60,
-                                                              structured_outputs=spec))
-        comp = out[0].outputs[0]
-        if comp.token_ids[0] != tok.think_start_id:
-            assert re.fullmatch(regex, comp.text) or comp.finish_reason == "length", comp.text
-            continue
-        opened += 1
-        end = comp.token_ids.index(tok.think_end_id)
-        assert not re.fullmatch("[x 1,2]*", tok.decode(comp.token_ids[1:end])), comp.text
-        answer = [t for t in comp.token_ids[end + 1:] if t not in llm.engine.eos_token_ids]
-        assert_grammar_accepts(llm, spec, answer)
-        if comp.finish_reason == "stop":
-            assert re.fullmatch(regex, comp.text.partition("</think>")[2]), comp.text
-    assert opened, "the model opened no reasoning: the test shows nothing"
+        [out] = llm.generate([tok.encode("Go")], SamplingParams(temperature=0, max_tokens=60,
+                                                                structured_outputs=spec))
+        comp = out.outputs[0]
+        assert tok.think_start_id not in comp.token_ids, comp.text
+        assert_grammar_accepts(llm, spec, [t for t in comp.token_ids if t not in llm.engine.eos_token_ids])
+        assert re.fullmatch(regex, comp.text) or comp.finish_reason == "length", comp.text
 
 
 @pytest.mark.parametrize("thinking", [False, True])

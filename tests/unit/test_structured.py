@@ -168,6 +168,32 @@ def test_thinking_stays_free_until_think_end_and_rollback_crosses_it(backend, to
     assert matcher.accept(tok.think_end_id) and not matcher.is_free
 
 
+def test_the_template_gap_after_think_end_may_come_once_before_the_constraint(backend, tok) -> None:
+    """Qwen3 writes "\n\n" after </think>: allowed there once (free), then the constraint holds;
+    rollbacks into and across the gap restore each state's mask."""
+    spec = StructuredOutputsParams(regex="[a-c]{2}")
+    compiled = backend.compile(spec)
+    nlnl, end = tok.encode("\n\n")[0], tok.think_end_id
+    assert not backend.matcher(compiled).accept(nlnl)  # the constraint alone rejects it
+    masks = backend.allocate_bitmask(4)
+    matcher = backend.matcher(compiled, free_until=end, after_free=nlnl)
+    assert matcher.accept(tok.encode("hmm")[0]) and matcher.accept(end) and not matcher.is_free
+    matcher.fill_bitmask(masks, 0)  # the gap: the constraint's first tokens and "\n\n"
+    assert matcher.accept(nlnl) and not matcher.accept(nlnl)  # once
+    matcher.fill_bitmask(masks, 1)
+    backend.matcher(compiled).fill_bitmask(masks, 2)
+    assert torch.equal(masks[1], masks[2]) and not torch.equal(masks[0], masks[2])
+    answer = tok.encode("ab")
+    assert all(matcher.accept(t) for t in answer) and matcher.accept(STOP[0]) and matcher.is_terminated
+    matcher.rollback(len(answer) + 1)  # back to just after "\n\n"
+    matcher.fill_bitmask(masks, 3)
+    assert torch.equal(masks[3], masks[1])
+    matcher.rollback(1)  # before "\n\n": the gap again
+    matcher.fill_bitmask(masks, 3)
+    assert torch.equal(masks[3], masks[0])
+    assert all(matcher.accept(t) for t in tok.encode("ca")) and matcher.accept(STOP[0])  # without it
+
+
 def test_rollback_after_drafts_gives_the_same_masks(backend, tok) -> None:
     spec = StructuredOutputsParams(json=SCHEMAS["nested"], disable_any_whitespace=True)
     tokens = decode(backend, tok, spec, 5)
