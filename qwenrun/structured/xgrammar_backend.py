@@ -9,7 +9,7 @@ conversion took ~1 s against ~7 s). Its weakness is compile time (hundreds of ms
 schema on a loaded CPU, where llguidance's lazy construction is tens of ms). That is paid once per distinct constraint, not per token: compiled grammars are kept by
 their canonical key (agents send the same tools and schemas every turn), and `compile` runs on the
 caller's thread, which the server keeps off the engine loop. It also ships structural tags
-(tool-call formats, Qwen3-Coder's XML parameter style included). Its CPU bitmask kernel is not
+(structured/tool_calls.py builds the tool-call formats on them). Its CPU bitmask kernel is not
 used: the sampler's `apply_token_bitmask` is several times cheaper on grammar-shaped masks.
 
 The TokenizerInfo (the decoded vocabulary, ~1 s for Qwen3) is built once per tokenizer, at the
