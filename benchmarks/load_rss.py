@@ -64,21 +64,23 @@ def build_moe_checkpoint(shape: str, layers: int, out: Path) -> Path:
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
 
-    shard("embed.safetensors", {"model.embed_tokens.weight": rand(V, H), "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)})
+    ones = lambda n: torch.ones(n, dtype=torch.bfloat16)  # noqa: E731
+    shard("embed.safetensors", {"model.embed_tokens.weight": rand(V, H), "model.norm.weight": ones(H)})
     shard("lm_head.safetensors", {"lm_head.weight": rand(V, H)})
     for i in range(layers):
         p = f"model.layers.{i}."
-        t = {p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
-             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+        t = {p + "input_layernorm.weight": ones(H),
+             p + "post_attention_layernorm.weight": ones(H),
              p + "self_attn.q_proj.weight": rand(nq * D, H), p + "self_attn.k_proj.weight": rand(nkv * D, H),
              p + "self_attn.v_proj.weight": rand(nkv * D, H),
              p + "self_attn.o_proj.weight": rand(H, nq * D, std=0.002),  # routing spreads (decode_bench)
-             p + "self_attn.q_norm.weight": torch.ones(D, dtype=torch.bfloat16),
-             p + "self_attn.k_norm.weight": torch.ones(D, dtype=torch.bfloat16),
+             p + "self_attn.q_norm.weight": ones(D),
+             p + "self_attn.k_norm.weight": ones(D),
              p + "mlp.gate.weight": rand(E, H)}
         for e in range(E):
             q = f"{p}mlp.experts.{e}."
-            t |= {q + "gate_proj.weight": rand(I, H), q + "up_proj.weight": rand(I, H), q + "down_proj.weight": rand(H, I)}
+            t |= {q + "gate_proj.weight": rand(I, H), q + "up_proj.weight": rand(I, H),
+                  q + "down_proj.weight": rand(H, I)}
         shard(f"layer-{i:03d}.safetensors", t)
         del t
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -146,7 +148,8 @@ def main() -> None:
     for case in args.cases.split(","):
         shape, layers = CASES[case]
         cache = Path(args.cache_dir)
-        folder = build_checkpoint(shape, layers, cache) if layers is None else build_moe_checkpoint(shape, layers, cache)
+        folder = (build_checkpoint(shape, layers, cache) if layers is None
+                  else build_moe_checkpoint(shape, layers, cache))
         common = ["--method", args.method, "--kv-mb", str(args.kv_mb), "--child", str(folder)]
         for unstreamed in (False, True) if args.also_unstreamed else (False,):
             r = run_child(*common, *(["--unstreamed"] if unstreamed else []))

@@ -221,7 +221,8 @@ def load_weights(
                 else:
                     dest[rows].copy_(block)
             if whole:
-                release(r0 * tensor.nbytes // tensor.shape[0], min(r0 + step, tensor.shape[0]) * tensor.nbytes // tensor.shape[0])
+                row_bytes = tensor.nbytes // tensor.shape[0]
+                release(r0 * row_bytes, min(r0 + step, tensor.shape[0]) * row_bytes)
     for pattern, n in skipped.items():  # e.g. an MTP head or a vision tower this model does not run
         logger.info("skipped %d checkpoint tensor(s) matching %s", n, pattern)
     if unexpected:

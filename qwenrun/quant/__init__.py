@@ -91,7 +91,8 @@ def quantize_on_meta(model: nn.Module, q: Quantization, dtype: torch.dtype, devi
     if q.quantize_lm_head and getattr(model, "lm_head", None) is None:
         emb = model.model.embed_tokens
         produce = getattr(emb, "weight_targets", None)
-        found = produce("model.", "model.embed_tokens") if produce else plain_targets(emb, "model.", "model.embed_tokens")
+        where = ("model.", "model.embed_tokens")
+        found = produce(*where) if produce else plain_targets(emb, *where)
         source = next(t for t in found if t.param_name == "model.embed_tokens.weight")
         tied = replace(source, param_name="lm_head.weight", view=lambda p: p)
         N, K = emb.weight.shape

@@ -272,7 +272,8 @@ class QuantizedExperts(Experts):
         return cls(experts.num_experts, fmt, group_size, stacked(experts.w13), stacked(experts.w2))
 
     @classmethod
-    def empty(cls, experts: nn.Module, method: str, group_size: int, sources: Sequence[WeightTarget]) -> QuantizedExperts:
+    def empty(cls, experts: nn.Module, method: str, group_size: int,
+              sources: Sequence[WeightTarget]) -> QuantizedExperts:
         """The quantized form of `experts` (on `meta`), allocated by `to_empty` and filled by the
         loader through `sources` (the replaced experts' targets: per-expert or fused tensors)."""
         fmt = cls.choose_format(method, experts.w13.shape, experts.w2.shape, group_size)

@@ -45,7 +45,8 @@ def _fuse_experts(transposed: bool):
     def edit(tensors):
         out = {k: v for k, v in tensors.items() if ".experts." not in k}
         for layer in {k.split(".mlp.experts.")[0] for k in tensors if ".experts." in k}:
-            E = 1 + max(int(k.split(".mlp.experts.")[1].split(".")[0]) for k in tensors if k.startswith(layer + ".mlp.experts."))
+            ids = {k.split(".mlp.experts.")[1].split(".")[0] for k in tensors if k.startswith(f"{layer}.mlp.experts.")}
+            E = len(ids)
             get = lambda e, p: tensors[f"{layer}.mlp.experts.{e}.{p}_proj.weight"]  # noqa: E731
             gate_up = torch.stack([torch.cat((get(e, "gate"), get(e, "up"))) for e in range(E)])
             down = torch.stack([get(e, "down") for e in range(E)])
