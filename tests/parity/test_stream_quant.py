@@ -1,7 +1,8 @@
 """Quantizing as the weights load (`load_model(..., quantization=...)`) against loading in full precision
 and then quantizing (`quantize_model`): the same modules and the same stored tensors byte for byte, so
 the same logits, for dense and MoE models (experts stored per expert and fused, transposed too), tied
-and untied LM heads with and without `quantize_lm_head`, an MTP head, fp32 and bf16 checkpoints.
+and untied LM heads with and without `quantize_lm_head`, an MTP head, fp32 and bf16 checkpoints; and
+the reader keeping only the tensor in hand resident.
 
 Both paths quantize each row from the same model-dtype values, so nothing but a bug (a slice written
 to the wrong rows, a format chosen differently, a tensor quantized before its dtype conversion) can
@@ -11,6 +12,7 @@ make them differ.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +141,27 @@ def test_quantized_as_loaded_is_byte_identical(folders, case, monkeypatch):
     assert isinstance(streamed.lm_head, QuantizedLinear) == head
     if mtp:
         assert isinstance(streamed.mtp.fc, QuantizedLinear)
+
+
+def _mapped_rss(path) -> int:
+    """Bytes of `path` resident in this process's mappings of it (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+def test_read_tensors_leave_no_pages_behind(tmp_path):
+    """While the loader reads a file, only the tensor in hand is resident: each one's pages are
+    dropped when the next is taken, so reading a checkpoint does not add the file's size to the RSS."""
+    size = 1 << 20  # fp32 values per tensor: 4 MB each
+    path = tmp_path / "model.safetensors"
+    save_file({f"t{i}": torch.full((size,), float(i)) for i in range(6)}, str(path))
+    for i, (name, tensor, _) in enumerate(weights.iter_tensors([path])):
+        assert tensor[::1024].sum().item() == float(int(name[1:])) * 1024  # touch every page
+        assert _mapped_rss(path) <= 4 * size + (256 << 10), f"after tensor {i}: {_mapped_rss(path)} bytes mapped"
