@@ -25,6 +25,7 @@ Prints markdown tables; measure on an idle machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -40,6 +41,7 @@ from spec_bench import _cpu
 from structured_cases import SCHEMAS
 
 from qwenrun.sampling import SamplingBatch, SamplingParams, make_generator, mask_vocab, sample
+from qwenrun.sampling.sampler import apply_token_bitmask
 from qwenrun.structured import StructuredOutputsParams, backend_for
 from qwenrun.tokenizer.tokenizer import Tokenizer
 
@@ -136,24 +138,29 @@ class LLGuidance:
         self.ll.torch.apply_token_bitmask_inplace(logits, bitmask)
 
 
-def step_times(engine, grammar, sequences: list[list[int]]) -> tuple[list[float], list[float]]:
-    """ms per decode step: every row's fill, and the mask applied to the batch's logits (the
-    kernels differ as much as the matchers, and either kernel takes either engine's bitmask)."""
+def step_times(engine, grammar, sequences: list[list[int]]) -> tuple[list[float], list[float], list[float]]:
+    """ms per decode step: every row's fill, and the mask applied to the batch's logits by the
+    engine's kernel and by qwenrun's sampler (`apply_token_bitmask`, what the engine runs; the
+    kernels differ as much as the matchers, and each takes either engine's bitmask)."""
     matchers = [engine.matcher(grammar) for _ in sequences]
     bitmask = torch.zeros(len(sequences), (V + 31) // 32, dtype=torch.int32)
     logits = torch.zeros(len(sequences), V)
-    fills, applies = [], []
+    rows = list(range(len(sequences)))
+    fills, applies, ours = [], [], []
     for step in range(min(map(len, sequences))):
         start = time.perf_counter()
         for row, m in enumerate(matchers):
             engine.fill(m, bitmask, row)
         filled = time.perf_counter()
         engine.apply(logits, bitmask)
+        applied = time.perf_counter()
+        apply_token_bitmask(logits, bitmask, rows)
         fills.append(1e3 * (filled - start))
-        applies.append(1e3 * (time.perf_counter() - filled))
+        applies.append(1e3 * (applied - filled))
+        ours.append(1e3 * (time.perf_counter() - applied))
         for m, seq in zip(matchers, sequences):
             engine.accept(m, seq[step])
-    return fills, applies
+    return fills, applies, ours
 
 
 def p99(values: list[float]) -> float:
@@ -175,9 +182,10 @@ def bench(engine, runs: int, cases: dict[str, list[list[int]]]) -> dict[str, dic
             engine.fill(engine.matcher(grammar), bitmask, 0)
             first_ms.append(1e3 * (time.perf_counter() - start))
             for batch, rows_ in (("b1", sequences[:1]), ("b16", sequences)):
-                fills, applies = step_times(engine, grammar, rows_)
+                fills, applies, ours = step_times(engine, grammar, rows_)
                 steps.setdefault(f"{batch}_fill", []).append(fills)
                 steps.setdefault(f"{batch}_apply", []).append(applies)
+                steps.setdefault(f"{batch}_ours", []).append(ours)
         rows[name] = {"compile": statistics.median(compile_ms), "first": statistics.median(first_ms)}
         for key, runs_ in steps.items():
             rows[name][key] = statistics.median(statistics.median(t) for t in runs_)
@@ -207,28 +215,27 @@ def decode_section(runs: int, steps: int, cache_dir: Path) -> None:
     print("| batch | plain ms/step | constrained ms/step | mask cost | of a step |")
     print("|---:|---:|---:|---:|---:|")
     for batch in (1, 16):
-        medians = {}
-        for label, constraint in (("plain", None), ("json", StructuredOutputsParams(json=STEP_SCHEMA))):
-            per_run = []
-            for _ in range(runs):
-                params = SamplingParams(temperature=1.0, seed=1, max_tokens=steps + 8, ignore_eos=True,
-                                        structured_outputs=constraint)
-                reqs = [engine.add_request(torch.randint(0, 150000, (32,), generator=gen).tolist(), params)
-                        for _ in range(batch)]
-                while any(not r.output_token_ids for r in reqs):  # prefill (and the first token)
-                    engine.step()
-                times = []
-                for _ in range(steps):
-                    start = time.perf_counter()
-                    engine.step()
-                    times.append(time.perf_counter() - start)
-                assert not any(r.finished for r in reqs), "a request ended inside the timed steps"
-                for r in reqs:
-                    engine.abort(r.request_id)
-                while engine.has_unfinished_requests():
-                    engine.step()
-                per_run.append(statistics.median(times))
-            medians[label] = 1e3 * statistics.median(per_run)
+        per_run: dict[str, list[float]] = {"plain": [], "json": []}
+        for _, (label, constraint) in itertools.product(range(runs), (
+                ("plain", None), ("json", StructuredOutputsParams(json=STEP_SCHEMA)))):  # interleaved
+            params = SamplingParams(temperature=1.0, seed=1, max_tokens=steps + 8, ignore_eos=True,
+                                    structured_outputs=constraint)
+            reqs = [engine.add_request(torch.randint(0, 150000, (32,), generator=gen).tolist(), params)
+                    for _ in range(batch)]
+            while any(not r.output_token_ids for r in reqs):  # prefill (and the first token)
+                engine.step()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - start)
+            assert not any(r.finished for r in reqs), "a request ended inside the timed steps"
+            for r in reqs:
+                engine.abort(r.request_id)
+            while engine.has_unfinished_requests():
+                engine.step()
+            per_run[label].append(statistics.median(times))
+        medians = {label: 1e3 * statistics.median(t) for label, t in per_run.items()}
         cost = medians["json"] - medians["plain"]
         print(f"| {batch} | {medians['plain']:.1f} | {medians['json']:.1f} | {cost:+.2f} ms | "
               f"{100 * cost / medians['plain']:+.1f}% |", flush=True)
@@ -260,13 +267,14 @@ def main() -> None:
     for engine_cls in (XGrammar, LLGuidance):
         engine = engine_cls(tok, args.threads)
         print(f"### {engine.name}: tokenizer conversion {engine.setup_ms:.0f} ms\n")
-        print("| schema | steps | compile ms | first mask ms | fill ms b1 (p99) | apply ms b1 | "
-              "fill ms b16 (p99) | apply ms b16 |")
+        print("| schema | steps | compile ms | first mask ms | fill ms b1 (p99) | apply ms b1: its / qwenrun's | "
+              "fill ms b16 (p99) | apply ms b16: its / qwenrun's |")
         print("|---|---|---|---|---|---|---|---|")
         for name, row in bench(engine, args.runs, cases).items():
             print(f"| {name} | {min(map(len, cases[name]))} | {row['compile']:.1f} | {row['first']:.2f} | "
-                  f"{row['b1_fill']:.3f} ({row['b1_fill_p99']:.3f}) | {row['b1_apply']:.3f} | "
-                  f"{row['b16_fill']:.3f} ({row['b16_fill_p99']:.3f}) | {row['b16_apply']:.3f} |")
+                  f"{row['b1_fill']:.3f} ({row['b1_fill_p99']:.3f}) | {row['b1_apply']:.3f} / {row['b1_ours']:.3f} | "
+                  f"{row['b16_fill']:.3f} ({row['b16_fill_p99']:.3f}) | "
+                  f"{row['b16_apply']:.3f} / {row['b16_ours']:.3f} |")
         print()
 
 
