@@ -206,6 +206,14 @@ KERNELS: dict[str, Kernel] = {
     ),
     # (x [B, V],) -> [B]; torch's CPU argmax over a 152k vocabulary costs ~0.5 ms a step
     "argmax": Kernel(lambda x: _inference(x), lambda lib, x: lib.argmax(x), ("argmax",)),
+    # (logits [B, V] fp32, bitmask [B, W] int32, rows) -> None, in place: a grammar row in microseconds
+    "apply_token_bitmask": Kernel(
+        lambda logits, bitmask, rows: logits.device.type == "cpu" and logits.dtype == torch.float32
+        and logits.is_contiguous() and bitmask.is_contiguous() and bitmask.dtype == torch.int32,
+        lambda lib, logits, bitmask, rows: lib.apply_token_bitmask(logits, bitmask,
+                                                                   torch.as_tensor(rows, dtype=torch.long)),
+        ("apply_token_bitmask",),
+    ),
     # (x [..., K], weight [N, K] bf16, bias, act) -> [..., N] (act "silu_mul": [..., N/2])
     "bf16_linear": Kernel(
         lambda x, w, bias, act="none": _streams(x, "bf16"),

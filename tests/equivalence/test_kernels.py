@@ -436,6 +436,11 @@ def _decode_calls(dtype=torch.bfloat16) -> dict[str, tuple]:
         "decode_attention": (randn(T, nh, d, dtype=dtype), randn(nkv, 32, d, dtype=dtype),
                              randn(nkv, 32, d, dtype=dtype), group, d**-0.5),
         "argmax": (randn(T, 1000, dtype=dtype),),
+        # fp32 logits of 3 rows, rows 0 and 2 masked (a few allowed words, and random bits)
+        "apply_token_bitmask": (randn(3, 1000), torch.cat([
+            torch.zeros(1, 32, dtype=torch.int32).index_fill_(1, torch.tensor([0, 5]), -1),
+            torch.randint(-2**31, 2**31 - 1, (2, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))]),
+            [0, 2]),
         "bf16_linear": (x, randn(64, H, dtype=dtype), None, "silu_mul"),
         "quantized_linear": (x, "int8", q8, 0, None, "none"),
         "dequantize": ("int8", q8, 0, dtype),
@@ -520,14 +525,28 @@ def test_every_operation_matches_its_torch_reference_at_decode_shapes():
     from qwenrun.layers.norm import rms_norm
     from qwenrun.layers.packed import bf16_matmul
     from qwenrun.quant.linear import expand, quantized_matmul
-    from qwenrun.sampling.sampler import argmax
+    from qwenrun.sampling.sampler import _apply_cpu, argmax
+
+    def in_place(op):  # the masked logits are the result of an in-place operation
+        def run(logits, bitmask, rows):
+            op(logits, bitmask, rows)
+            return logits
+
+        def reference(logits, bitmask, rows):
+            op.reference(logits, bitmask, rows)
+            return logits
+
+        run.reference = reference
+        return run
+
+    apply_token_bitmask = in_place(_apply_cpu)
 
     operations = {"rms_norm": rms_norm, "qk_norm_rope_store": qk_norm_rope_store, "decode_attention": decode_attention,
-                  "argmax": argmax, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
+                  "argmax": argmax, "apply_token_bitmask": apply_token_bitmask, "bf16_linear": bf16_matmul, "quantized_linear": quantized_matmul,
                   "dequantize": expand, "routed_experts": routed_experts, "gdn_decode": gdn_decode,
                   "gdn_prefill": gdn_prefill}
     assert set(operations) == set(kernels.KERNELS)
-    exact = {"rms_norm", "qk_norm_rope_store", "argmax"}
+    exact = {"rms_norm", "qk_norm_rope_store", "argmax", "apply_token_bitmask"}
     with torch.inference_mode():
         for name, args in _decode_calls().items():
             got, want = operations[name](*_copies(args)), operations[name].reference(*_copies(args))

@@ -422,12 +422,20 @@ def test_special_and_think_tokens_never_enter_a_constraint(backend, tok) -> None
 
 
 def test_apply_token_bitmask_equals_xgrammars_kernel(backend, tok) -> None:
-    """Both of the sampler's kernels against xgrammar's, on grammar-shaped rows (mostly clear,
-    mostly set, the free mask) and random ones, for some rows of the batch, at widths that are
-    and are not a multiple of 32."""
+    """The sampler's kernels (C++, numpy, all bits) against xgrammar's, on grammar-shaped rows
+    (mostly clear, mostly set, the free mask) and random ones, for some rows of the batch, at
+    widths that are and are not a multiple of 32."""
     import xgrammar as xgr
 
+    from qwenrun import kernels
     from qwenrun.sampling.sampler import _apply_all_bits, _apply_minority_bits
+
+    lib = kernels.cpu_ops()  # the C++ kernel where this machine builds them (it does in CI)
+    candidates = [_apply_minority_bits, _apply_all_bits]
+    if lib is not None:
+        def cpp(logits, bitmask, chosen):
+            lib.apply_token_bitmask(logits, bitmask, torch.tensor(chosen, dtype=torch.long))
+        candidates.append(cpp)
 
     matcher = backend.matcher(backend.compile(StructuredOutputsParams(json=SCHEMAS["nested"])),
                               free_until=tok.think_end_id)
@@ -447,7 +455,7 @@ def test_apply_token_bitmask_equals_xgrammars_kernel(backend, tok) -> None:
             logits = torch.randn(6, width, generator=gen)
             expected = logits.clone()
             xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=width, indices=chosen)
-            for kernel in (_apply_minority_bits, _apply_all_bits):
+            for kernel in candidates:
                 got = logits.clone()
                 kernel(got, bitmask, chosen)
                 assert torch.equal(got, expected), (kernel.__name__, width, chosen)
