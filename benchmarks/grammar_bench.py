@@ -77,17 +77,18 @@ class XGrammar:
     def __init__(self, tok: Tokenizer, threads: int) -> None:
         import xgrammar as xgr
 
-        from qwenrun.structured.xgrammar_backend import _lengths_as_patterns, _tokenizer_info
+        from qwenrun.structured.params import lengths_as_patterns
+        from qwenrun.structured.xgrammar_backend import _tokenizer_info
 
         self.xgr = xgr
-        self.rewrite = _lengths_as_patterns
+        self.rewrite = lengths_as_patterns
         start = time.perf_counter()
         info = _tokenizer_info(tok, V, STOP)
         self.setup_ms = 1e3 * (time.perf_counter() - start)
         self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
 
     def compile(self, schema: dict):
-        # as the backend serves it (length bounds rewritten, see _lengths_as_patterns)
+        # as the backend serves it (length bounds rewritten, see lengths_as_patterns)
         return self.compiler.compile_json_schema(json.dumps(self.rewrite(schema)))
 
     def matcher(self, grammar):

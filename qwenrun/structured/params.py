@@ -9,6 +9,7 @@ grammar engine would ignore); a regex or an EBNF grammar is only proven by compi
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterator
@@ -54,6 +55,29 @@ def subschemas(schema: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
     for key in _MAP:
         for name, sub in (schema.get(key) or {}).items():
             yield f"{path}.{key}.{name}", sub
+
+
+def lengths_as_patterns(schema: Any, excluded: str = "") -> Any:
+    """A copy of `schema` with each string's minLength/maxLength (where it has no pattern) written
+    as a pattern of that many characters that are neither control characters nor in `excluded`.
+
+    xgrammar 0.2.9 compiles a length-bounded string to a rule that admits raw control characters
+    (a literal tab inside the quotes), which is not JSON, and its `excludes` skip such strings;
+    the pattern it compiles correctly. It only narrows the output (no escapes, no control
+    characters), so every output still validates against the original schema. (Lengths beside a
+    pattern or format are refused in `unenforced_feature`.)
+    """
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if ("minLength" in node or "maxLength" in node) and "pattern" not in node:
+            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+            node["pattern"] = f"^[^\\x00-\\x1f{excluded}]{{{low},{high}}}$"
+        stack.extend(sub for _, sub in subschemas(node, ""))
+    return schema
 
 
 # xgrammar 0.2.9 compiles a lookahead or lookbehind by ignoring it (it logs a warning), so

@@ -28,13 +28,12 @@ whitespace and all.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from qwenrun.errors import InvalidRequestError
-from qwenrun.structured.params import check_json_schema, subschemas
+from qwenrun.structured.params import check_json_schema, lengths_as_patterns
 from qwenrun.tokenizer.tokenizer import TOOL_CALL_END, TOOL_CALL_START
 from qwenrun.tokenizer.tool_parsers.qwen3_coder import FUNCTION_END, PARAMETER_START, schema_kinds
 
@@ -51,7 +50,7 @@ def _tag(style: Style, name: str, parameters: dict[str, Any] | bool, where: str)
     if style == "hermes":
         begin = '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
         # the parser ends a call at its first `</tool_call>`, inside a JSON string too (as vLLM)
-        content = {"type": "json_schema", "json_schema": _lengths_without_tags(parameters),
+        content = {"type": "json_schema", "json_schema": _no_tags(parameters),
                    "max_whitespace_cnt": MAX_WHITESPACE, "excludes": [TOOL_CALL_END]}
         end = "}\n</tool_call>"
     else:
@@ -110,30 +109,14 @@ def _coder_value(schema: Any) -> dict[str, Any]:
     """One argument's value as the parser reads it back (`schema_kinds` is the parser's reading)."""
     raw = set(schema_kinds(schema)) <= {"string", "integer", "number", "boolean", "null"}
     style = "qwen_xml" if raw else "json"
-    return {"type": "json_schema", "json_schema": _lengths_without_tags(schema), "style": style,
+    return {"type": "json_schema", "json_schema": _no_tags(schema), "style": style,
             "max_whitespace_cnt": MAX_WHITESPACE, "excludes": _CODER_EXCLUDES}
 
 
-def _lengths_without_tags(schema: Any) -> Any:
-    """`schema` with each length-bounded string (no pattern) a pattern of that many characters that
-    are neither control characters nor `<`.
-
-    xgrammar applies `excludes` to free strings only; a length bound it drops for them, and the
-    backend writes lengths as patterns, which `excludes` skips. Leaving out `<` keeps the tags out
-    of these strings (both call formats); the pattern only narrows the output, and with the same control-character
-    rule as the backend's (a length-bounded string never holds a raw control character).
-    """
-    schema = copy.deepcopy(schema)
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        if ("minLength" in node or "maxLength" in node) and "pattern" not in node:
-            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
-            node["pattern"] = f"^[^\\x00-\\x1f<]{{{low},{high}}}$"
-        stack.extend(sub for _, sub in subschemas(node, ""))
-    return schema
+def _no_tags(schema: Any) -> Any:
+    """Length-bounded strings as patterns that also leave out `<`: xgrammar's `excludes` (which
+    keep the call tags out of free strings) skip them, and no tag starts without `<`."""
+    return lengths_as_patterns(schema, excluded="<")
 
 
 def tool_call_tag(tools: Sequence[Mapping[str, Any]], *, name: str | None = None,

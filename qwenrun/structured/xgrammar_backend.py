@@ -18,7 +18,6 @@ first compile, not at start-up: servers that never see a constraint never pay it
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import threading
@@ -32,7 +31,7 @@ import xgrammar as xgr
 
 from qwenrun.errors import InvalidRequestError
 from qwenrun.structured.backend import GrammarMatcher, StructuredBackend, stop_free_mask
-from qwenrun.structured.params import StructuredOutputsParams, subschemas
+from qwenrun.structured.params import StructuredOutputsParams, lengths_as_patterns
 from qwenrun.tokenizer.tokenizer import Tokenizer
 
 # Room for a newline and three levels of four-space indentation, as Qwen indents JSON.
@@ -76,32 +75,10 @@ def _tokenizer_info(tokenizer: Tokenizer, vocab_size: int,
                              stop_token_ids=list(stop_token_ids), add_prefix_space=False)
 
 
-def _lengths_as_patterns(schema: Any) -> Any:
-    """`schema` with every string minLength/maxLength written as a pattern of that many
-    non-control characters.
-
-    xgrammar 0.2.9 compiles a length-bounded string to a rule that admits raw control characters
-    (a literal tab inside the quotes), which is not JSON. The pattern it compiles correctly, and
-    it only narrows the output (no escapes, no control characters), so every output still
-    validates against the original schema. (params.py refuses lengths beside a pattern or format.)
-    """
-    schema = copy.deepcopy(schema)
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        if "minLength" in node or "maxLength" in node:
-            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
-            node["pattern"] = f"^[^\\x00-\\x1f]{{{low},{high}}}$"
-        stack.extend(sub for _, sub in subschemas(node, ""))
-    return schema
-
-
 def _tag_lengths_as_patterns(tag: Any) -> Any:
-    """A structural tag with `_lengths_as_patterns` applied to each of its JSON schemas."""
+    """A structural tag with `lengths_as_patterns` applied to each of its JSON schemas."""
     if isinstance(tag, dict):
-        return {k: _lengths_as_patterns(v) if k == "json_schema" and tag.get("type") == "json_schema"
+        return {k: lengths_as_patterns(v) if k == "json_schema" and tag.get("type") == "json_schema"
                 else _tag_lengths_as_patterns(v) for k, v in tag.items()}
     if isinstance(tag, list):
         return [_tag_lengths_as_patterns(v) for v in tag]
@@ -155,7 +132,7 @@ class XGrammarBackend(StructuredBackend):
         param = f"structured_outputs.{spec.kind}"
         try:
             if spec.json is not None:
-                return compiler.compile_json_schema(json.dumps(_lengths_as_patterns(spec.json)),
+                return compiler.compile_json_schema(json.dumps(lengths_as_patterns(spec.json)),
                                                     **_whitespace(spec))
             if spec.json_object:
                 return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
