@@ -145,6 +145,24 @@ def make_checkpoint(
     return folder, ref
 
 
+def fuse_experts(transposed: bool):
+    """A checkpoint edit: per-expert tensors -> transformers 5's `experts.gate_up_proj [E, 2I, H]` /
+    `down_proj [E, H, I]` (or their transposes, as Qwen3-VL-MoE stores them)."""
+    def edit(tensors):
+        out = {k: v for k, v in tensors.items() if ".experts." not in k}
+        for layer in {k.split(".mlp.experts.")[0] for k in tensors if ".experts." in k}:
+            ids = {k.split(".mlp.experts.")[1].split(".")[0] for k in tensors if k.startswith(f"{layer}.mlp.experts.")}
+            E = len(ids)
+            get = lambda e, p: tensors[f"{layer}.mlp.experts.{e}.{p}_proj.weight"]  # noqa: E731
+            gate_up = torch.stack([torch.cat((get(e, "gate"), get(e, "up"))) for e in range(E)])
+            down = torch.stack([get(e, "down") for e in range(E)])
+            if transposed:
+                gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+            out[f"{layer}.mlp.experts.gate_up_proj"], out[f"{layer}.mlp.experts.down_proj"] = gate_up, down
+        return out
+    return edit
+
+
 def perturb(model: torch.nn.Module, seed: int) -> None:
     """Add seeded Gaussian noise to every parameter: norm weights become 1 ± 0.3, biases ± 0.3, matrices
     gain half their init spread; none is left constant (checked)."""

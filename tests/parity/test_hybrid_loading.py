@@ -18,7 +18,7 @@ from torch import nn
 from qwenrun import LLM, SamplingParams
 from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.loading.loader import load_model, open_checkpoint
-from tiny import make_checkpoint, make_multimodal_checkpoint
+from tiny import fuse_experts, make_checkpoint, make_multimodal_checkpoint
 
 TOL = 1e-4
 
@@ -81,21 +81,7 @@ def test_fused_experts(transposed, tmp_path):
     (transformers' in-memory layout), or their transposes (Qwen3-VL-MoE's), told apart by shape (so
     2I != H here)."""
     folder, ref = make_checkpoint("qwen3_5_moe-interval2", tmp_path / "ckpt", moe_intermediate_size=40)
-    E = ref.config.num_experts
-
-    def fuse(tensors):
-        out = {k: v for k, v in tensors.items() if ".experts." not in k}
-        layers = {k.split(".mlp.experts.")[0] for k in tensors if ".experts." in k}
-        for layer in layers:
-            get = lambda e, p: tensors[f"{layer}.mlp.experts.{e}.{p}_proj.weight"]  # noqa: E731
-            gate_up = torch.stack([torch.cat((get(e, "gate"), get(e, "up"))) for e in range(E)])
-            down = torch.stack([get(e, "down") for e in range(E)])
-            if transposed:
-                gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-            out[f"{layer}.mlp.experts.gate_up_proj"], out[f"{layer}.mlp.experts.down_proj"] = gate_up, down
-        return out
-
-    _rewrite(folder, tmp_path / "fused", fuse)
+    _rewrite(folder, tmp_path / "fused", fuse_experts(transposed))
     _check(tmp_path / "fused", ref, IDS)
 
 

@@ -25,7 +25,7 @@ from qwenrun.loading.loader import load_model, open_checkpoint
 from qwenrun.quant import Quantization, quantize_model
 from qwenrun.quant.linear import QuantizedExperts, QuantizedLinear
 from test_mtp import add_mtp_head
-from tiny import make_checkpoint
+from tiny import fuse_experts, make_checkpoint
 
 CPU = torch.device("cpu")
 IDS = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(11))
@@ -41,24 +41,6 @@ def _rewrite(folder, dest, edit):
     return dest
 
 
-def _fuse_experts(transposed: bool):
-    """Per-expert tensors -> transformers 5's `experts.gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`
-    (or their transposes, as Qwen3-VL-MoE stores them)."""
-    def edit(tensors):
-        out = {k: v for k, v in tensors.items() if ".experts." not in k}
-        for layer in {k.split(".mlp.experts.")[0] for k in tensors if ".experts." in k}:
-            ids = {k.split(".mlp.experts.")[1].split(".")[0] for k in tensors if k.startswith(f"{layer}.mlp.experts.")}
-            E = len(ids)
-            get = lambda e, p: tensors[f"{layer}.mlp.experts.{e}.{p}_proj.weight"]  # noqa: E731
-            gate_up = torch.stack([torch.cat((get(e, "gate"), get(e, "up"))) for e in range(E)])
-            down = torch.stack([get(e, "down") for e in range(E)])
-            if transposed:
-                gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-            out[f"{layer}.mlp.experts.gate_up_proj"], out[f"{layer}.mlp.experts.down_proj"] = gate_up, down
-        return out
-    return edit
-
-
 def _to_bf16(tensors):
     return {k: v.to(torch.bfloat16) for k, v in tensors.items()}
 
@@ -70,7 +52,7 @@ def folders(tmp_path_factory):
     for name in ("dense-untied-gqa2", "dense-tied-mha"):
         made[name], _ = make_checkpoint(name, root / name, **INT4_SIZES)
     made["moe"], _ = make_checkpoint("moe-norm-topk", root / "moe", **INT4_SIZES, moe_intermediate_size=128)
-    made["moe-fused"] = _rewrite(made["moe"], root / "moe-fused", _fuse_experts(False))
+    made["moe-fused"] = _rewrite(made["moe"], root / "moe-fused", fuse_experts(False))
     # experts' input size 32: int4 asked, the experts fall back to int8
     made["moe-small-experts"], _ = make_checkpoint("moe-norm-topk", root / "moe-small", **INT4_SIZES)
     made["bf16-dense"] = _rewrite(made["dense-tied-mha"], root / "bf16-dense", _to_bf16)
@@ -79,7 +61,7 @@ def folders(tmp_path_factory):
     made["hybrid-fused-transposed"], _ = make_checkpoint("qwen3_5_moe-interval2", root / "q35",
                                                          moe_intermediate_size=64)
     made["hybrid-fused-transposed"] = _rewrite(made["hybrid-fused-transposed"], root / "q35-fused",
-                                               _fuse_experts(True))
+                                               fuse_experts(True))
     return made
 
 
