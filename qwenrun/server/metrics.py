@@ -86,8 +86,10 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("qwenrun_generation_tokens", "Generated tokens.",
                                          registry=r)
-        self.finished = Counter("qwenrun_request_finished", "Finished generations by reason.",
-                                ["finish_reason"], registry=r)
+        self.finished = Counter("qwenrun_request_finished", "Finished generations by reason (\"error\": the "
+                                "engine failed or refused it).", ["finish_reason"], registry=r)
+        self.aborted = Counter("qwenrun_requests_aborted", "Admitted requests cancelled before they finished "
+                               "(client gone, stop pressed, a sibling choice failed).", registry=r)
         self.ttft = Histogram("qwenrun_time_to_first_token_seconds",
                               "From request arrival to its first generated token.",
                               buckets=_LATENCY_BUCKETS, registry=r)

@@ -318,10 +318,22 @@ async def iterate_requests(state: ServerState, reqs: Sequence[Request],
                            arrival: float) -> AsyncIterator[tuple[int, StepDelta]]:
     """Yields (index in `reqs`, delta) until every request finished, recording metrics.
 
-    Closing this iterator early (client gone, error) aborts the unfinished requests.
+    Closing this iterator early (client gone, error) aborts the unfinished requests. Each request
+    is counted once: finished by its reason, "error" when the engine's stream raised, else aborted
+    (refused for a full queue counts in neither: it was never admitted).
     """
     metrics = state.metrics
     timings = [_Timing(arrival) for _ in reqs]
+    ended = [False] * len(reqs)
+
+    def failed(i: int, e: Exception) -> None:
+        ended[i] = True
+        if not isinstance(e, EngineOverloadedError):
+            metrics.finished.labels("error").inc()
+
+    def count_aborted() -> None:
+        if n := ended.count(False):
+            metrics.aborted.inc(n)
 
     def record(i: int, d: StepDelta) -> None:
         now = time.perf_counter()
@@ -335,6 +347,7 @@ async def iterate_requests(state: ServerState, reqs: Sequence[Request],
         t.last = now
         metrics.generation_tokens.inc(len(d.new_token_ids))
         if d.finished:
+            ended[i] = True
             metrics.e2e.observe(now - t.arrival)
             metrics.finished.labels(d.request.finish_reason or "unknown").inc()
 
@@ -344,7 +357,11 @@ async def iterate_requests(state: ServerState, reqs: Sequence[Request],
             async for d in gen:
                 record(0, d)
                 yield 0, d
+        except Exception as e:
+            failed(0, e)
+            raise
         finally:
+            count_aborted()
             await _aclose(gen)
         return
 
@@ -366,12 +383,14 @@ async def iterate_requests(state: ServerState, reqs: Sequence[Request],
         while remaining:
             i, item = await queue.get()
             if isinstance(item, Exception):
+                failed(i, item)
                 raise item
             record(i, item)
             if item.finished:
                 remaining -= 1
             yield i, item
     finally:
+        count_aborted()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -101,26 +101,29 @@ def test_32_concurrent_streams_equal_each_request_alone(server, server_llm, fold
         assert got == split_reasoning(ref.outputs[0].text, think_open_in_prompt=False)
 
 
-def _generated_tokens(server) -> float:
+def _counters(server) -> tuple[float, float]:
+    """(generated tokens, aborted requests) from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{server.url}/metrics").text
-    [family] = [f for f in text_string_to_metric_families(text) if f.name == "qwenrun_generation_tokens"]
-    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+    totals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return totals["qwenrun_generation_tokens_total"], totals["qwenrun_requests_aborted_total"]
 
 
-def _wait_aborted(server, server_llm, before: float) -> float:
-    """Idle with every block free, long before the 3000 tokens asked for: the request was aborted."""
+def _wait_aborted(server, server_llm, before: tuple[float, float], n: int = 1) -> tuple[float, float]:
+    """Idle with every block free, long before the 3000 tokens asked for, and `n` more requests
+    counted as aborted: the request was cancelled."""
     wait_idle(server_llm, timeout=15)
-    after = _generated_tokens(server)
-    assert after - before < 1000
+    after = _counters(server)
+    assert after[0] - before[0] < 1000
+    assert after[1] == before[1] + n, (before, after)
     return after
 
 
 def test_clients_leaving_mid_stream_free_their_blocks(server, server_llm):
     long = {"temperature": 0, "max_tokens": 3000, "ignore_eos": True}
     prompt = _prompts(1, seed=5)[0]
-    count = _generated_tokens(server)
+    count = _counters(server)
     with httpx.Client(base_url=server.url, timeout=60) as http:
         bodies = [
             ("/v1/completions", {"model": "tiny", "prompt": prompt, "stream": True, **long}),
@@ -138,7 +141,7 @@ def test_clients_leaving_mid_stream_free_their_blocks(server, server_llm):
                     if seen >= 4:
                         break  # leaving the block closes the connection mid-stream
             assert seen >= 4
-            count = _wait_aborted(server, server_llm, count)
+            count = _wait_aborted(server, server_llm, count, n=4 if body.get("n") else 1)  # 2 prompts x n=2
 
     # the official client, closing its stream object
     client = server.client()

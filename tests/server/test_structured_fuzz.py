@@ -141,14 +141,25 @@ def test_generated_regexes_are_enforced_or_refused(server, pattern):
 def test_a_constraint_found_unsatisfiable_while_decoding_is_a_400(server, llm, body):
     """Compiles, allows a first token, then allows nothing: the request fails alone, as the
     client's error (400), streamed or not, and the next request is served."""
+    errors = _failed_count(server)
     status, data = _ask(server, {**body, "max_tokens": 60})
     assert status == 400 and "cannot be satisfied" in data["error"]["message"], data
     with server.http() as http, http.stream("POST", "/v1/chat/completions", json={
             "model": "qwen-test", "messages": USER, "stream": True, "max_tokens": 60, **NO_THINK, **body}) as r:
         text = "".join(r.iter_lines())
     assert "cannot be satisfied" in text
+    assert _failed_count(server) == errors + 2  # counted as finished with an error, not lost
     assert _ask(server, {"max_tokens": 4})[0] == 200
     wait_idle(llm)
+
+
+def _failed_count(server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with server.http() as http:
+        text = http.get("/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "qwenrun_request_finished_total" and s.labels.get("finish_reason") == "error")
 
 
 def test_server_whole_after_fuzzing(server, llm):
