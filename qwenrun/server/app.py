@@ -240,7 +240,8 @@ class _HTTPMiddleware:
 def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str | None = None,
                max_queue: int = 256, accepted_model_names: Sequence[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES,
-               media_limits: MediaLimits | None = None, webui: bool = True) -> FastAPI:
+               media_limits: MediaLimits | None = None, webui: bool = True,
+               engine: AsyncEngine | None = None) -> FastAPI:
     """The HTTP app for `llm`.
 
     Args:
@@ -253,6 +254,9 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
         media_limits: what images and videos may be and come from (vision-language models only);
             default `MediaLimits.for_server()`: inline data only, no URLs, no local paths.
         webui: serve the chat page at `/` and its files under `/webui/`.
+        engine: what runs the requests, with AsyncEngine's interface (default: an AsyncEngine
+            over `llm.engine`); `RayDataParallelEngine` routes them over replicas, and `llm` then
+            only renders, validates and builds them.
 
     The AsyncEngine (engine loop thread) starts here and stops when the app's lifespan ends; its
     state is `app.state.qwenrun` (a `ServerState`), the engine `app.state.engine`.
@@ -264,7 +268,7 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError("served_model_name needs at least one non-empty name")
     running = _SERVED.get(llm.engine)
-    if running is not None and running.alive:
+    if engine is None and running is not None and running.alive:
         raise RuntimeError("this LLM's engine is already served by another app; shut that app down "
                            "first (one engine loop per engine)")
     if llm.tokenizer is not None and llm.tokenizer.chat_template is not None:
@@ -276,8 +280,9 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
             raise ValueError("media_limits must not allow local paths: requests would read the "
                              "server's files (use MediaLimits.for_server)")
         media = MultimodalProcessor.from_model_dir(llm.checkpoint.path, limits)
-    engine = AsyncEngine(llm.engine, max_waiting=max_queue)
-    _SERVED[llm.engine] = engine
+    if engine is None:
+        engine = AsyncEngine(llm.engine, max_waiting=max_queue)
+        _SERVED[llm.engine] = engine
     state = ServerState(llm=llm, engine=engine, model_names=names, api_key=api_key,
                         metrics=Metrics(engine),
                         accepted_model_names=tuple(accepted_model_names), media=media)
