@@ -10,7 +10,9 @@ evicted the blocks since, which costs a recompute there, never a wrong answer.
 Affinity yields to balance as in SGLang's cache-aware router (`balance_abs_threshold`): when the
 affine replica has that many more requests in flight than the least loaded one, the request goes
 to the least loaded instead, so one hot prefix cannot pile every request on one replica.
-Load is the number of requests the router has in flight on each replica (no round trip to ask).
+Load is the number of requests the router has in flight on each replica (no round trip to ask);
+among equally loaded replicas the one sent fewest requests so far wins, so requests that come one
+at a time still spread over the replicas.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class PrefixAffinityRouter:
         self.balance_abs_threshold = balance_abs_threshold
         self.max_entries = max_entries
         self.load = [0] * num_replicas
+        self.routed = [0] * num_replicas  # requests sent to each replica so far
         self.alive = [True] * num_replicas
         self._owner: OrderedDict[bytes, int] = OrderedDict()  # block name -> replica it was sent to
         self.affinity_hits = 0  # requests sent to the replica of their prefix
@@ -72,7 +75,7 @@ class PrefixAffinityRouter:
         if not live:
             raise RuntimeError("no data-parallel replica is alive")
         hashes = prefix_block_hashes(token_ids, self.block_size, mm_items)
-        least = min(live, key=lambda i: self.load[i])
+        least = min(live, key=lambda i: (self.load[i], self.routed[i]))
         chosen = least
         for name in reversed(hashes):  # a name stands for its whole prefix: the longest match wins
             owner = self._owner.get(name)
@@ -82,6 +85,7 @@ class PrefixAffinityRouter:
                     self.affinity_hits += 1
                 break
         self._remember(hashes, chosen)
+        self.routed[chosen] += 1
         return chosen
 
     def _remember(self, hashes: list[bytes], replica: int) -> None:
