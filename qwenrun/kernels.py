@@ -154,6 +154,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # [N, K]
 
 
+def _quantized(cache: Any) -> bool:
+    """An int8 cache's K or V (`layers.attention.QuantizedKV`, a NamedTuple: attention imports this module)."""
+    return isinstance(cache, tuple)
+
+
+def _kv_values(cache: Any) -> torch.Tensor:
+    return cache.data if _quantized(cache) else cache
+
+
 def _gemv_quantized(lib: ModuleType, x: torch.Tensor, fmt: str, parts: list[torch.Tensor], group_size: int,
                     bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     if fmt == "int8":
@@ -191,18 +200,21 @@ KERNELS: dict[str, Kernel] = {
     # (qkv, q_weight, k_weight, cos, sin, eps, nh, nkv, k_cache, v_cache, slots) -> (q, k_cache, v_cache):
     # the kernel needs a cache to write to and rotates whole heads (no partial rotary)
     "qk_norm_rope_store": Kernel(
-        lambda qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots: kc is not None and cos.shape[-1] == kc.shape[-1]
-        and _inference(qkv),
+        lambda qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots: kc is not None
+        and cos.shape[-1] == _kv_values(kc).shape[-1] and _inference(qkv),
         lambda lib, qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots: (
-            lib.qk_norm_rope(qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots), kc, vc),
-        ("qk_norm_rope",),
+            lib.qk_norm_rope_int8(qkv, qw, kw, cos, sin, eps, nh, nkv, kc.data, vc.data, kc.scale, vc.scale, slots)
+            if _quantized(kc) else lib.qk_norm_rope(qkv, qw, kw, cos, sin, eps, nh, nkv, kc, vc, slots), kc, vc),
+        ("qk_norm_rope", "qk_norm_rope_int8"),
     ),
-    # (q [B, nh, d], k_cache, v_cache, group: DecodeGroup, scale) -> [B, nh*d]
+    # (q [B, nh, d], k_cache, v_cache, group: DecodeGroup, scale) -> [B, nh*d]; int8 caches read as stored
     "decode_attention": Kernel(
         lambda q, kc, vc, g, scale: q.device.type == "cpu" and q.shape[-1] in KERNEL_HEAD_DIMS
         and q.dtype in KERNEL_DTYPES,
-        lambda lib, q, kc, vc, g, scale: lib.decode_attention(q, kc, vc, g.key_slots, g.context_lens, scale),
-        ("decode_attention",),
+        lambda lib, q, kc, vc, g, scale: (
+            lib.decode_attention_int8(q, kc.data, vc.data, kc.scale, vc.scale, g.key_slots, g.context_lens, scale)
+            if _quantized(kc) else lib.decode_attention(q, kc, vc, g.key_slots, g.context_lens, scale)),
+        ("decode_attention", "decode_attention_int8"),
     ),
     # (x [B, V],) -> [B]; torch's CPU argmax over a 152k vocabulary costs ~0.5 ms a step
     "argmax": Kernel(lambda x: _inference(x), lambda lib, x: lib.argmax(x), ("argmax",)),

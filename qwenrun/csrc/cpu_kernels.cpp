@@ -853,16 +853,25 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
 // ---------------------------------------------------------------------------------------------
 // single-query attention over a paged, head-major cache
 
+// The cache holds T (the query's dtype) or int8_t: an int8 cache's rows come with one fp32 scale per
+// (head, slot) in ks / vs [nkv, S], folded into each key's score and each value's weight, so the int8
+// rows are read as they are stored (half the bytes of bf16), never expanded in memory.
 #if QWENRUN_AVX512
-template <class T, int ND>
-void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
-                           const at::Tensor& lens, double scale, at::Tensor& out) {
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <class T, class C, int ND>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const float* ks,
+                           const float* vs, const at::Tensor& slots, const at::Tensor& lens, double scale,
+                           at::Tensor& out) {
   constexpr int64_t d = ND * 16;
+  constexpr bool quantized = std::is_same_v<C, int8_t>;
   const int64_t B = q.size(0), nh = q.size(1), nkv = kc.size(0), S = kc.size(1);
   const int64_t G = nh / nkv, L = slots.size(1);
   const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
+  const C* kp = kc.data_ptr<C>();
+  const C* vp = vc.data_ptr<C>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -871,17 +880,23 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nkv, h = t % nkv, n = lp[b];
       const int64_t* srow = sp + b * L;
-      const T* kh = kp + h * S * d;
-      const T* vh = vp + h * S * d;
+      const C* kh = kp + h * S * d;
+      const C* vh = vp + h * S * d;
+      const float* ksh = quantized ? ks + h * S : nullptr;
+      const float* vsh = quantized ? vs + h * S : nullptr;
       for (int64_t g = 0; g < G; ++g)
         for (int c = 0; c < ND; ++c)
           _mm512_storeu_ps(&qf[g * d + c * 16],
                            _mm512_mul_ps(load16(qp + (b * nh + h * G + g) * d + c * 16), _mm512_set1_ps(float(scale))));
       // scores: each key row is loaded once into registers and serves all G query heads
       for (int64_t pos = 0; pos < n; ++pos) {
-        const T* kr = kh + srow[pos] * d;
+        const C* kr = kh + srow[pos] * d;
         __m512 kv[ND];
         for (int c = 0; c < ND; ++c) kv[c] = load16(kr + c * 16);
+        if constexpr (quantized) {
+          const __m512 sk = _mm512_set1_ps(ksh[srow[pos]]);
+          for (int c = 0; c < ND; ++c) kv[c] = _mm512_mul_ps(kv[c], sk);
+        }
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = &qf[g * d];
           __m512 s0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qg));
@@ -917,8 +932,9 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
         __m512 a0[ND], a1[ND];
         for (int c = 0; c < ND; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
         for (int64_t pos = 0; pos < n; ++pos) {
-          const T* vr = vh + srow[pos] * d;
-          const __m512 w0 = _mm512_set1_ps(p0[pos]), w1 = _mm512_set1_ps(p1[pos]);
+          const C* vr = vh + srow[pos] * d;
+          const float sv = quantized ? vsh[srow[pos]] : 1.f;
+          const __m512 w0 = _mm512_set1_ps(p0[pos] * sv), w1 = _mm512_set1_ps(p1[pos] * sv);
           for (int c = 0; c < ND; ++c) {
             const __m512 vv = load16(vr + c * 16);
             a0[c] = _mm512_fmadd_ps(w0, vv, a0[c]);
@@ -934,17 +950,23 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
   });
 }
 #else
-template <class T, int ND>
-void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
-                           const at::Tensor& lens, double scale, at::Tensor& out) {
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <class T, class C, int ND>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const float* ks,
+                           const float* vs, const at::Tensor& slots, const at::Tensor& lens, double scale,
+                           at::Tensor& out) {
   constexpr int64_t d = ND * 16;
   constexpr int NV = 2 * ND;              // 8-wide vectors per head
   constexpr int CV = NV < 4 ? NV : 4;     // vectors of value columns per pass: two heads' sums fit the 16 registers
+  constexpr bool quantized = std::is_same_v<C, int8_t>;
   const int64_t B = q.size(0), nh = q.size(1), nkv = kc.size(0), S = kc.size(1);
   const int64_t G = nh / nkv, L = slots.size(1);
   const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
+  const C* kp = kc.data_ptr<C>();
+  const C* vp = vc.data_ptr<C>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -953,14 +975,17 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nkv, h = t % nkv, n = lp[b];
       const int64_t* srow = sp + b * L;
-      const T* kh = kp + h * S * d;
-      const T* vh = vp + h * S * d;
+      const C* kh = kp + h * S * d;
+      const C* vh = vp + h * S * d;
+      const float* ksh = quantized ? ks + h * S : nullptr;
+      const float* vsh = quantized ? vs + h * S : nullptr;
       for (int64_t g = 0; g < G; ++g)
         for (int c = 0; c < NV; ++c)
           _mm256_storeu_ps(&qf[g * d + c * 8], _mm256_mul_ps(load8(qp + (b * nh + h * G + g) * d + c * 8), _mm256_set1_ps(float(scale))));
       // scores: the key row stays in L1 for all G query heads
       for (int64_t pos = 0; pos < n; ++pos) {
-        const T* kr = kh + srow[pos] * d;
+        const C* kr = kh + srow[pos] * d;
+        const float sk = quantized ? ksh[srow[pos]] : 1.f;
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = &qf[g * d];
           __m256 s0 = _mm256_mul_ps(load8(kr), _mm256_loadu_ps(qg)), s1 = _mm256_setzero_ps();
@@ -968,7 +993,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
             if (c & 1) s1 = _mm256_fmadd_ps(load8(kr + c * 8), _mm256_loadu_ps(qg + c * 8), s1);
             else s0 = _mm256_fmadd_ps(load8(kr + c * 8), _mm256_loadu_ps(qg + c * 8), s0);
           }
-          scores[g * L + pos] = hsum8(_mm256_add_ps(s0, s1));
+          scores[g * L + pos] = quantized ? hsum8(_mm256_add_ps(s0, s1)) * sk : hsum8(_mm256_add_ps(s0, s1));
         }
       }
       // softmax in fp32
@@ -1000,8 +1025,9 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
           __m256 a0[CV], a1[CV];
           for (int c = 0; c < CV; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
           for (int64_t pos = 0; pos < n; ++pos) {
-            const T* vr = vh + srow[pos] * d + c0 * 8;
-            const __m256 w0 = _mm256_set1_ps(p0[pos]), w1 = _mm256_set1_ps(p1[pos]);
+            const C* vr = vh + srow[pos] * d + c0 * 8;
+            const float sv = quantized ? vsh[srow[pos]] : 1.f;
+            const __m256 w0 = _mm256_set1_ps(p0[pos] * sv), w1 = _mm256_set1_ps(p1[pos] * sv);
             for (int c = 0; c < CV; ++c) {
               const __m256 vv = load8(vr + c * 8);
               a0[c] = _mm256_fmadd_ps(w0, vv, a0[c]);
@@ -1019,40 +1045,67 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
 }
 #endif
 
-template <class T>
-void decode_attention_dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& slots,
-                               const at::Tensor& lens, double scale, at::Tensor& out) {
+template <class T, class C>
+void decode_attention_dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const float* ks,
+                               const float* vs, const at::Tensor& slots, const at::Tensor& lens, double scale,
+                               at::Tensor& out) {
   switch (q.size(2)) {
-    case 16: return decode_attention_impl<T, 1>(q, kc, vc, slots, lens, scale, out);
-    case 32: return decode_attention_impl<T, 2>(q, kc, vc, slots, lens, scale, out);
-    case 64: return decode_attention_impl<T, 4>(q, kc, vc, slots, lens, scale, out);
-    case 128: return decode_attention_impl<T, 8>(q, kc, vc, slots, lens, scale, out);
-    case 256: return decode_attention_impl<T, 16>(q, kc, vc, slots, lens, scale, out);
+    case 16: return decode_attention_impl<T, C, 1>(q, kc, vc, ks, vs, slots, lens, scale, out);
+    case 32: return decode_attention_impl<T, C, 2>(q, kc, vc, ks, vs, slots, lens, scale, out);
+    case 64: return decode_attention_impl<T, C, 4>(q, kc, vc, ks, vs, slots, lens, scale, out);
+    case 128: return decode_attention_impl<T, C, 8>(q, kc, vc, ks, vs, slots, lens, scale, out);
+    case 256: return decode_attention_impl<T, C, 16>(q, kc, vc, ks, vs, slots, lens, scale, out);
     default: TORCH_CHECK(false, "decode attention supports head_dim 16, 32, 64, 128 or 256");
   }
+}
+
+// the checks both entry points share; returns the output [B, nh, d]
+at::Tensor decode_attention_checks(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& slots, const at::Tensor& lens) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad attention shapes");
+  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0 && q.size(2) == k_cache.size(2), "heads do not match the cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
+                  slots.size(0) == q.size(0) && lens.numel() == q.size(0), "slots [B, L] and lens [B] must be int64");
+  TORCH_CHECK(slots.is_contiguous() && lens.is_contiguous(), "slots and lens must be contiguous");
+  for (int64_t b = 0; b < lens.numel(); ++b) {
+    const int64_t n = lens.data_ptr<int64_t>()[b];
+    TORCH_CHECK(n > 0 && n <= slots.size(1), "context length ", n, " out of range");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat, "decode attention supports bf16 and fp32");
+  return at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
 }
 
 // q [B, nh, d]; caches [nkv, S, d]; slots [B, L] int64 cache slot of each context position; lens [B]
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& slots, const at::Tensor& lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad attention shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "q and cache dtypes differ");
-  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0 && q.size(2) == k_cache.size(2), "heads do not match the cache");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && slots.dim() == 2 &&
-                  slots.size(0) == q.size(0) && lens.numel() == q.size(0), "slots [B, L] and lens [B] must be int64");
   at::Tensor qc = q.contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
-  for (int64_t b = 0; b < lc.numel(); ++b) {
-    const int64_t n = lc.data_ptr<int64_t>()[b];
-    TORCH_CHECK(n > 0 && n <= slots.size(1), "context length ", n, " out of range");
-  }
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  at::Tensor out = decode_attention_checks(qc, k_cache, v_cache, sc, lc);
   if (q.scalar_type() == at::kBFloat16)
-    decode_attention_dispatch<bf16>(qc, k_cache, v_cache, sc, lc, scale, out);
-  else if (q.scalar_type() == at::kFloat)
-    decode_attention_dispatch<float>(qc, k_cache, v_cache, sc, lc, scale, out);
+    decode_attention_dispatch<bf16, bf16>(qc, k_cache, v_cache, nullptr, nullptr, sc, lc, scale, out);
   else
-    TORCH_CHECK(false, "decode attention supports bf16 and fp32");
+    decode_attention_dispatch<float, float>(qc, k_cache, v_cache, nullptr, nullptr, sc, lc, scale, out);
+  return out.view({q.size(0), q.size(1) * q.size(2)});
+}
+
+// an int8 cache: caches [nkv, S, d] int8 with scales [nkv, S] fp32 (slot s of head h is k[h, s] * k_scale[h, s])
+at::Tensor decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& k_scale, const at::Tensor& v_scale, const at::Tensor& slots,
+                                 const at::Tensor& lens, double scale) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar, "int8 caches expected");
+  TORCH_CHECK(k_scale.scalar_type() == at::kFloat && v_scale.scalar_type() == at::kFloat && k_scale.is_contiguous() &&
+                  v_scale.is_contiguous() && k_scale.dim() == 2 && k_scale.sizes() == v_scale.sizes() &&
+                  k_scale.size(0) == k_cache.size(0) && k_scale.size(1) == k_cache.size(1),
+              "scales must be contiguous fp32 [nkv, S]");
+  at::Tensor qc = q.contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
+  at::Tensor out = decode_attention_checks(qc, k_cache, v_cache, sc, lc);
+  const float* ks = k_scale.data_ptr<float>();
+  const float* vs = v_scale.data_ptr<float>();
+  if (q.scalar_type() == at::kBFloat16)
+    decode_attention_dispatch<bf16, int8_t>(qc, k_cache, v_cache, ks, vs, sc, lc, scale, out);
+  else
+    decode_attention_dispatch<float, int8_t>(qc, k_cache, v_cache, ks, vs, sc, lc, scale, out);
   return out.view({q.size(0), q.size(1) * q.size(2)});
 }
 
@@ -1137,13 +1190,74 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x_, const c10::optional<at::T
   return {y, res_out};
 }
 
+// One row of an int8 cache: scale = absmax / 127, values round(x / scale) (ties to even), as
+// qwenrun.layers.attention.quantize_kv computes them, division and all, so both store the same bytes.
+template <class T>
+inline void quantize_row(const T* x, int64_t d, int8_t* q, float* scale) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(static_cast<float>(x[j])));
+  const float s = amax / 127.f;
+  *scale = s;
+  for (int64_t j = 0; j < d; ++j)
+    q[j] = s > 0.f ? static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(x[j]) / s))))
+                   : int8_t{0};
+}
+
+// RMSNorm one head x [d] (weight w), rotate it with c / sn [d] (NeoX halves) into dst; nw: d floats of scratch
+template <class T>
+inline void norm_rope_head(const T* x, const T* w, const T* c, const T* sn, int64_t d, float eps, float* nw, T* dst) {
+  const int64_t half = d / 2;
+#if QWENRUN_AVX512
+  if (d % 32 == 0) {  // whole vectors in each half
+    __m512 ssv = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) ssv = _mm512_fmadd_ps(load16(x + j), load16(x + j), ssv);
+    const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ssv) / d + eps));
+    for (int64_t j = 0; j < d; j += 16)
+      _mm512_storeu_ps(&nw[j], vrnd<T>(_mm512_mul_ps(vrnd<T>(_mm512_mul_ps(load16(x + j), inv)), load16(w + j))));
+    for (int64_t j = 0; j < d; j += 16) {
+      const __m512 rot = j < half ? _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&nw[j + half])) : _mm512_loadu_ps(&nw[j - half]);
+      const __m512 v = _mm512_add_ps(vrnd<T>(_mm512_mul_ps(_mm512_loadu_ps(&nw[j]), load16(c + j))),
+                                     vrnd<T>(_mm512_mul_ps(rot, load16(sn + j))));
+      store16(dst + j, v, 0xffff);
+    }
+    return;
+  }
+#else
+  if (d % 16 == 0) {  // whole vectors in each half
+    __m256 ssv = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) ssv = _mm256_fmadd_ps(load8(x + j), load8(x + j), ssv);
+    const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum8(ssv) / d + eps));
+    for (int64_t j = 0; j < d; j += 8)
+      _mm256_storeu_ps(&nw[j], vrnd<T>(_mm256_mul_ps(vrnd<T>(_mm256_mul_ps(load8(x + j), inv)), load8(w + j))));
+    for (int64_t j = 0; j < d; j += 8) {
+      const __m256 rot = j < half ? _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(&nw[j + half])) : _mm256_loadu_ps(&nw[j - half]);
+      const __m256 v = _mm256_add_ps(vrnd<T>(_mm256_mul_ps(_mm256_loadu_ps(&nw[j]), load8(c + j))),
+                                     vrnd<T>(_mm256_mul_ps(rot, load8(sn + j))));
+      store8(dst + j, v);
+    }
+    return;
+  }
+#endif
+  float ss = 0.f;
+  for (int64_t j = 0; j < d; ++j) ss += static_cast<float>(x[j]) * static_cast<float>(x[j]);
+  const float inv = 1.f / std::sqrt(ss / d + eps);
+  for (int64_t j = 0; j < d; ++j) nw[j] = rnd<T>(rnd<T>(static_cast<float>(x[j]) * inv) * static_cast<float>(w[j]));
+  for (int64_t j = 0; j < d; ++j) {
+    const float rot = j < half ? -nw[j + half] : nw[j - half];
+    dst[j] = static_cast<T>(rnd<T>(nw[j] * static_cast<float>(c[j])) + rnd<T>(rot * static_cast<float>(sn[j])));
+  }
+}
+
 // Per token of qkv [T, (nh + 2 nkv) d]: RMSNorm each q and k head (q_w / k_w), rotate with cos/sin
 // [T, d] (NeoX halves), write k and v into the head-major caches at slots[t]; returns q [T, nh, d].
-template <class T>
+// C is T, or int8_t for an int8 cache, whose rows are quantized from the values a T cache would hold,
+// with their scales written to ks / vs [nkv, S].
+template <class T, class C>
 void qk_norm_rope_impl(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& cos,
                        const at::Tensor& sin, float eps, int64_t nh, int64_t nkv, at::Tensor& kc, at::Tensor& vc,
-                       const at::Tensor& slots, at::Tensor& q) {
-  const int64_t T_ = qkv.size(0), d = kc.size(2), S = kc.size(1), half = d / 2, width = qkv.size(1);
+                       float* ks, float* vs, const at::Tensor& slots, at::Tensor& q) {
+  constexpr bool quantized = std::is_same_v<C, int8_t>;
+  const int64_t T_ = qkv.size(0), d = kc.size(2), S = kc.size(1), width = qkv.size(1);
   const T* src = qkv.data_ptr<T>();
   const T* qwp = qw.data_ptr<T>();
   const T* kwp = kw.data_ptr<T>();
@@ -1151,68 +1265,37 @@ void qk_norm_rope_impl(const at::Tensor& qkv, const at::Tensor& qw, const at::Te
   const T* sp = sin.data_ptr<T>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   T* qp = q.data_ptr<T>();
-  T* kp = kc.data_ptr<T>();
-  T* vp = vc.data_ptr<T>();
+  C* kp = kc.data_ptr<C>();
+  C* vp = vc.data_ptr<C>();
   at::parallel_for(0, T_ * (nh + 2 * nkv), 32, [&](int64_t i0, int64_t i1) {
     std::vector<float> nw(d);
+    std::vector<T> row(quantized ? d : 0);  // a rotated k head before it is quantized
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / (nh + 2 * nkv), h = i % (nh + 2 * nkv);
       const T* x = src + t * width + h * d;
       if (h >= nh + nkv) {  // a value head: straight into the cache
-        std::copy(x, x + d, vp + ((h - nh - nkv) * S + slot[t]) * d);
+        const int64_t cell = (h - nh - nkv) * S + slot[t];
+        if constexpr (quantized) quantize_row(x, d, vp + cell * d, vs + cell);
+        else std::copy(x, x + d, vp + cell * d);
         continue;
       }
       const T* w = h < nh ? qwp : kwp;
-      T* dst = h < nh ? qp + (t * nh + h) * d : kp + ((h - nh) * S + slot[t]) * d;
-      const T* c = cp + t * d;
-      const T* sn = sp + t * d;
-#if QWENRUN_AVX512
-      if (d % 32 == 0) {  // whole vectors in each half
-        __m512 ssv = _mm512_setzero_ps();
-        for (int64_t j = 0; j < d; j += 16) ssv = _mm512_fmadd_ps(load16(x + j), load16(x + j), ssv);
-        const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ssv) / d + eps));
-        for (int64_t j = 0; j < d; j += 16)
-          _mm512_storeu_ps(&nw[j], vrnd<T>(_mm512_mul_ps(vrnd<T>(_mm512_mul_ps(load16(x + j), inv)), load16(w + j))));
-        for (int64_t j = 0; j < d; j += 16) {
-          const __m512 rot = j < half ? _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&nw[j + half])) : _mm512_loadu_ps(&nw[j - half]);
-          const __m512 v = _mm512_add_ps(vrnd<T>(_mm512_mul_ps(_mm512_loadu_ps(&nw[j]), load16(c + j))),
-                                         vrnd<T>(_mm512_mul_ps(rot, load16(sn + j))));
-          store16(dst + j, v, 0xffff);
-        }
-        continue;
-      }
-#else
-      if (d % 16 == 0) {  // whole vectors in each half
-        __m256 ssv = _mm256_setzero_ps();
-        for (int64_t j = 0; j < d; j += 8) ssv = _mm256_fmadd_ps(load8(x + j), load8(x + j), ssv);
-        const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum8(ssv) / d + eps));
-        for (int64_t j = 0; j < d; j += 8)
-          _mm256_storeu_ps(&nw[j], vrnd<T>(_mm256_mul_ps(vrnd<T>(_mm256_mul_ps(load8(x + j), inv)), load8(w + j))));
-        for (int64_t j = 0; j < d; j += 8) {
-          const __m256 rot = j < half ? _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(&nw[j + half])) : _mm256_loadu_ps(&nw[j - half]);
-          const __m256 v = _mm256_add_ps(vrnd<T>(_mm256_mul_ps(_mm256_loadu_ps(&nw[j]), load8(c + j))),
-                                         vrnd<T>(_mm256_mul_ps(rot, load8(sn + j))));
-          store8(dst + j, v);
-        }
-        continue;
-      }
-#endif
-      float ss = 0.f;
-      for (int64_t j = 0; j < d; ++j) ss += static_cast<float>(x[j]) * static_cast<float>(x[j]);
-      const float inv = 1.f / std::sqrt(ss / d + eps);
-      for (int64_t j = 0; j < d; ++j) nw[j] = rnd<T>(rnd<T>(static_cast<float>(x[j]) * inv) * static_cast<float>(w[j]));
-      for (int64_t j = 0; j < d; ++j) {
-        const float rot = j < half ? -nw[j + half] : nw[j - half];
-        dst[j] = static_cast<T>(rnd<T>(nw[j] * static_cast<float>(c[j])) + rnd<T>(rot * static_cast<float>(sn[j])));
+      const int64_t cell = (h - nh) * S + slot[t];  // a key head's cache row
+      T* dst;
+      if constexpr (quantized) dst = h < nh ? qp + (t * nh + h) * d : row.data();
+      else dst = h < nh ? qp + (t * nh + h) * d : kp + cell * d;
+      norm_rope_head(x, w, cp + t * d, sp + t * d, d, eps, nw.data(), dst);
+      if constexpr (quantized) {
+        if (h >= nh) quantize_row(row.data(), d, kp + cell * d, ks + cell);
       }
     }
   });
 }
 
-at::Tensor qk_norm_rope(const at::Tensor& qkv_, const at::Tensor& q_w, const at::Tensor& k_w, const at::Tensor& cos,
-                        const at::Tensor& sin, double eps, int64_t nh, int64_t nkv, at::Tensor& k_cache,
-                        at::Tensor& v_cache, const at::Tensor& slots) {
-  at::Tensor qkv = qkv_.contiguous();
+// the checks both entry points share; returns q [T, nh, d]
+at::Tensor qk_norm_rope_checks(const at::Tensor& qkv, const at::Tensor& q_w, const at::Tensor& k_w, const at::Tensor& cos,
+                               const at::Tensor& sin, int64_t nh, int64_t nkv, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& slots) {
   const int64_t d = k_cache.size(2);
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (nh + 2 * nkv) * d && k_cache.size(0) == nkv && d % 2 == 0,
               "qkv must be [T, (nh + 2 nkv) head_dim] for this cache");
@@ -1221,16 +1304,45 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_, const at::Tensor& q_w, const at:
               "cos/sin must be [T, head_dim]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == qkv.size(0), "one int64 slot per token");
   const auto dt = qkv.scalar_type();
-  TORCH_CHECK(k_cache.scalar_type() == dt && q_w.scalar_type() == dt && k_w.scalar_type() == dt && cos.scalar_type() == dt,
-              "dtypes must match");
-  at::Tensor q = at::empty({qkv.size(0), nh, d}, qkv.options());
-  at::Tensor sl = slots.contiguous();
-  if (dt == at::kBFloat16)
-    qk_norm_rope_impl<bf16>(qkv, q_w.contiguous(), k_w.contiguous(), cos, sin, float(eps), nh, nkv, k_cache, v_cache, sl, q);
-  else if (dt == at::kFloat)
-    qk_norm_rope_impl<float>(qkv, q_w.contiguous(), k_w.contiguous(), cos, sin, float(eps), nh, nkv, k_cache, v_cache, sl, q);
+  TORCH_CHECK(q_w.scalar_type() == dt && k_w.scalar_type() == dt && cos.scalar_type() == dt, "dtypes must match");
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "qk_norm_rope supports bf16 and fp32");
+  return at::empty({qkv.size(0), nh, d}, qkv.options());
+}
+
+at::Tensor qk_norm_rope(const at::Tensor& qkv_, const at::Tensor& q_w, const at::Tensor& k_w, const at::Tensor& cos,
+                        const at::Tensor& sin, double eps, int64_t nh, int64_t nkv, at::Tensor& k_cache,
+                        at::Tensor& v_cache, const at::Tensor& slots) {
+  at::Tensor qkv = qkv_.contiguous(), sl = slots.contiguous();
+  at::Tensor q = qk_norm_rope_checks(qkv, q_w, k_w, cos, sin, nh, nkv, k_cache, v_cache, sl);
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(), "dtypes must match");
+  if (qkv.scalar_type() == at::kBFloat16)
+    qk_norm_rope_impl<bf16, bf16>(qkv, q_w.contiguous(), k_w.contiguous(), cos, sin, float(eps), nh, nkv, k_cache, v_cache,
+                                  nullptr, nullptr, sl, q);
   else
-    TORCH_CHECK(false, "qk_norm_rope supports bf16 and fp32");
+    qk_norm_rope_impl<float, float>(qkv, q_w.contiguous(), k_w.contiguous(), cos, sin, float(eps), nh, nkv, k_cache,
+                                    v_cache, nullptr, nullptr, sl, q);
+  return q;
+}
+
+// into an int8 cache: k_cache / v_cache [nkv, S, d] int8, their scales [nkv, S] fp32
+at::Tensor qk_norm_rope_int8(const at::Tensor& qkv_, const at::Tensor& q_w, const at::Tensor& k_w, const at::Tensor& cos,
+                             const at::Tensor& sin, double eps, int64_t nh, int64_t nkv, at::Tensor& k_cache,
+                             at::Tensor& v_cache, at::Tensor& k_scale, at::Tensor& v_scale, const at::Tensor& slots) {
+  at::Tensor qkv = qkv_.contiguous(), sl = slots.contiguous();
+  at::Tensor q = qk_norm_rope_checks(qkv, q_w, k_w, cos, sin, nh, nkv, k_cache, v_cache, sl);
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar, "int8 caches expected");
+  TORCH_CHECK(k_scale.scalar_type() == at::kFloat && v_scale.scalar_type() == at::kFloat && k_scale.is_contiguous() &&
+                  v_scale.is_contiguous() && k_scale.dim() == 2 && k_scale.sizes() == v_scale.sizes() &&
+                  k_scale.size(0) == k_cache.size(0) && k_scale.size(1) == k_cache.size(1),
+              "scales must be contiguous fp32 [nkv, S]");
+  float* ks = k_scale.data_ptr<float>();
+  float* vs = v_scale.data_ptr<float>();
+  if (qkv.scalar_type() == at::kBFloat16)
+    qk_norm_rope_impl<bf16, int8_t>(qkv, q_w.contiguous(), k_w.contiguous(), cos, sin, float(eps), nh, nkv, k_cache,
+                                    v_cache, ks, vs, sl, q);
+  else
+    qk_norm_rope_impl<float, int8_t>(qkv, q_w.contiguous(), k_w.contiguous(), cos, sin, float(eps), nh, nkv, k_cache,
+                                     v_cache, ks, vs, sl, q);
   return q;
 }
 
@@ -1737,8 +1849,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int8", &dequantize_int8);
   m.def("dequantize_int4", &dequantize_int4);
   m.def("decode_attention", &decode_attention);
+  m.def("decode_attention_int8", &decode_attention_int8);
   m.def("rms_norm", &rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
+  m.def("qk_norm_rope_int8", &qk_norm_rope_int8);
   m.def("argmax", &argmax);
   m.def("apply_token_bitmask", &apply_token_bitmask);
   m.def("moe_gemv", &moe_gemv);
