@@ -101,6 +101,7 @@ def load_llm(args: argparse.Namespace, max_num_seqs: int) -> LLM:
             quantization=args.quantization,
             max_num_seqs=max_num_seqs,
             speculative_config=args.speculative_config,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     dtype = str(llm.dtype).removeprefix("torch.")
     params = human(llm.config.num_parameters())

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from qwenrun.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "int8")  # qwenrun.layers.attention.KV_CACHE_DTYPES, without importing torch
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -124,6 +125,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     rt.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE",
                     help="KV cache size, e.g. 4GiB (default: 90%% of free GPU memory; "
                          "on CPU a fifth of RAM, at most 4 GiB)")
+    rt.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                    help="KV cache storage: auto (the model dtype) or int8 (a scale per token and head: "
+                         "about twice the tokens in the same memory)")
     rt.add_argument("--max-num-seqs", type=_positive, default=64, metavar="N",
                     help="requests decoded together (default 64)")
     rt.add_argument("--max-num-batched-tokens", type=_positive, default=512, metavar="N",
@@ -187,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
                   max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
-                  quantization=args.quantization, speculative_config=args.speculative_config)
+                  quantization=args.quantization, speculative_config=args.speculative_config,
+                  kv_cache_dtype=args.kv_cache_dtype)
     names, accepted = model_names(args.model, args.served_model_name)
     slots = llm.engine.cache.slots
     state = "" if slots is None else (

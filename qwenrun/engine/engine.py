@@ -10,6 +10,7 @@ fails that request alone (`step`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -32,6 +33,8 @@ from qwenrun.engine.request import (
 from qwenrun.engine.runner import ModelRunner
 from qwenrun.engine.scheduler import Scheduler
 from qwenrun.errors import ContextLengthError, InvalidRequestError, RequestFailedError
+from qwenrun.layers.attention import KVCacheSpec
+from qwenrun.layers.attention import kv_cache_dtype as kv_cache_dtype_of
 from qwenrun.loading.loader import Checkpoint
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.sampling.sampler import make_generator
@@ -54,6 +57,11 @@ def default_kv_cache_memory(device: torch.device) -> int:
         return int(free * 0.9)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return min(ram // 5, 4 << 30)
+
+
+def _stored_as(specs: list, dtype: torch.dtype) -> list:
+    """The model's cache specs with attention K/V stored as `dtype` (recurrent state unchanged)."""
+    return [dataclasses.replace(s, dtype=dtype) if isinstance(s, KVCacheSpec) else s for s in specs]
 
 
 def _junction(prompt: list[int], tokenizer: Tokenizer | None) -> int:
@@ -82,8 +90,11 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         speculative_config: dict | SpeculativeConfig | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
-        """`speculative_config`: vLLM's shape, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        """`kv_cache_dtype`: "auto" stores K/V in `dtype`, "int8" as int8 with a scale per token and kv
+        head (`QuantizedKV`): about twice the tokens in the same memory, for every attention layer
+        (drafters' too). `speculative_config`: vLLM's shape, e.g. {"method": "ngram", "num_speculative_tokens": 4,
         "prompt_lookup_max": 3}, {"method": "draft_model", "model": path, ...} (loaded here, in
         `dtype` on `device`) or {"method": "mtp", ...} (the head `model` was loaded with);
         InvalidRequestError for a bad field. A hybrid model's running sequences then hold a state
@@ -99,8 +110,9 @@ class LLMEngine:
         budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(device)
         self.model = model
         self.drafter = make_drafter(spec, model, ckpt, dtype, device) if spec is not None else None
-        target_specs = model.cache_specs(dtype)
-        drafter_specs = self.drafter.cache_specs(dtype) if self.drafter is not None else []
+        stored = kv_cache_dtype_of(kv_cache_dtype, dtype)
+        target_specs = _stored_as(model.cache_specs(dtype), stored)
+        drafter_specs = _stored_as(self.drafter.cache_specs(dtype), stored) if self.drafter is not None else []
         # the drafter's K/V layers follow the target's in the one plan: same blocks, same block tables
         self.cache, self.max_model_len = CacheManager.from_budget(
             target_specs + drafter_specs, budget, block_size, max_model_len or cfg.max_position_embeddings,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenrun.layers.attention import KVCacheSpec
+from qwenrun.layers.attention import KVCacheSpec, LayerKV, QuantizedKV
 
 
 # Here, not in cache.py, so that Request can hold one without importing the manager that takes Requests.
@@ -37,15 +37,19 @@ class CacheHandle:
 class KVCache:
     """Per attention layer K and V of shape [kv_heads, num_blocks * block_size, head_dim] (head-major),
     allocated once from the model's per-layer specs and keyed by layer index (a hybrid model's other
-    layers keep recurrent state instead: state_cache.py)."""
+    layers keep recurrent state instead: state_cache.py). An int8 spec's K and V are `QuantizedKV`
+    (int8 values and their per-token scales)."""
 
     def __init__(self, specs: dict[int, KVCacheSpec], num_blocks: int, block_size: int, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.layers = {
-            i: tuple(torch.zeros((s.num_kv_heads, num_blocks * block_size, s.head_dim), dtype=s.dtype, device=device)
-                     for _ in range(2))
-            for i, s in specs.items()
-        }
+        slots = num_blocks * block_size
+        self.layers = {i: (self._zeros(s, slots, device), self._zeros(s, slots, device)) for i, s in specs.items()}
+
+    @staticmethod
+    def _zeros(s: KVCacheSpec, num_slots: int, device: torch.device) -> LayerKV:
+        if s.dtype == torch.int8:
+            return QuantizedKV.zeros(s.num_kv_heads, num_slots, s.head_dim, device)
+        return torch.zeros((s.num_kv_heads, num_slots, s.head_dim), dtype=s.dtype, device=device)
 
     @staticmethod
     def bytes_per_block(specs: Sequence[KVCacheSpec], block_size: int) -> int:

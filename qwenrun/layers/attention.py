@@ -15,17 +15,24 @@ grid per group.
 
 Before attention, `qk_norm_rope_store` normalises and rotates q and k and writes K/V into the cache:
 one C++ kernel where `qwenrun.kernels.KERNELS` says it applies, else the torch reference here.
+
+An int8 cache (`kv_cache_dtype="int8"`) holds each layer's K and V as `QuantizedKV`: int8 values with a
+scale per (kv head, token), quantized once when written. The decode kernel reads the int8 rows
+directly (half the bytes of bf16: decode attention at long context is bound by them); the torch
+paths dequantize what they gather, so every path reads the same stored values.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from qwenrun import kernels
+from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.rotary import apply_rotary
 
 # Chunks of up to this many tokens attend as decode rows: below it SDPA's fixed cost per call (~2 ms
@@ -43,11 +50,61 @@ class KVCacheSpec:
 
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # what the cache stores: the model dtype, or torch.int8 (`QuantizedKV`)
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        if self.dtype == torch.int8:  # int8 values and one fp32 scale per head, for K and for V
+            return 2 * self.num_kv_heads * (self.head_dim + KV_SCALE_DTYPE.itemsize)
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+KV_CACHE_DTYPES = ("auto", "int8")  # vLLM's --kv-cache-dtype names; "auto": the model dtype
+KV_SCALE_DTYPE = torch.float32
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype K/V are stored in for a `kv_cache_dtype` name (InvalidRequestError for another name)."""
+    if name not in KV_CACHE_DTYPES:
+        raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}",
+                                  param="kv_cache_dtype")
+    return torch.int8 if name == "int8" else model_dtype
+
+
+class QuantizedKV(NamedTuple):
+    """One layer's K or V in an int8 cache: `data` [nkv, S, d] int8 and `scale` [nkv, S] fp32, so that
+    slot s of head h holds data[h, s] * scale[h, s]. Symmetric, scale = absmax / 127 of the row: a
+    per-token scale follows K's outlier tokens, which one scale per tensor would flatten."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_kv_heads: int, num_slots: int, head_dim: int, device: torch.device) -> QuantizedKV:
+        return cls(torch.zeros((num_kv_heads, num_slots, head_dim), dtype=torch.int8, device=device),
+                   torch.zeros((num_kv_heads, num_slots), dtype=KV_SCALE_DTYPE, device=device))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] -> (int8 [..., d], fp32 scale [...]): round(x / scale) with scale = absmax / 127 (a zero
+    row: scale 0, values 0). The C++ store does the same fp32 division and rounding (ties to even)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / 127
+    q = torch.where(scale[..., None] > 0, xf / scale[..., None], 0.0)
+    return q.round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_kv(c: QuantizedKV, index: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
+    """The slots `index` of every head, `[nkv, *index shape, d]`, in `dtype`."""
+    return (c.data[:, index].float() * c.scale[:, index, None]).to(dtype)
+
+
+LayerKV = torch.Tensor | QuantizedKV  # one layer's K or V
+
+
+def _read(cache: LayerKV, index: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
+    """K or V at `index` along the slot axis as `dtype` values (a view for a plain cache and a slice)."""
+    return dequantize_kv(cache, index, dtype) if isinstance(cache, QuantizedKV) else cache[:, index]
 
 
 @dataclass
@@ -182,22 +239,22 @@ def _prefill_group(query_lens, context_lens, block_tables, starts, block_size, d
 
 
 @kernels.op("decode_attention")
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
+def decode_attention(q: torch.Tensor, k_cache: LayerKV, v_cache: LayerKV, g: DecodeGroup,
                      scale: float) -> torch.Tensor:
     """q [B, nh, d] -> [B, nh*d]; softmax in fp32 like transformers' eager attention.
 
     With a span (the rows of one sequence, keys in place) the keys are read once for every row:
     the rows' query heads stack into one matmul per kv head, each row masked to its own length."""
     B, nh, d = q.shape
-    nkv = k_cache.shape[0]
+    nkv = _heads(k_cache)
     if g.span is not None:
         start, L = g.span
-        keys = k_cache[:, start : start + L]  # [nkv, L, d], a view
-        values = v_cache[:, start : start + L]
+        keys = _read(k_cache, slice(start, start + L), q.dtype)  # [nkv, L, d], a view of a plain cache
+        values = _read(v_cache, slice(start, start + L), q.dtype)
     else:
         L = g.key_slots.shape[1]
-        keys = k_cache[:, g.key_slots].reshape(nkv * B, L, d)  # [nkv*B, L, d] gathered
-        values = v_cache[:, g.key_slots].reshape(nkv * B, L, d)
+        keys = _read(k_cache, g.key_slots, q.dtype).reshape(nkv * B, L, d)  # [nkv*B, L, d] gathered
+        values = _read(v_cache, g.key_slots, q.dtype).reshape(nkv * B, L, d)
     # [nkv, B, g, d] laid out as [nkv, B*g, d] against a span, [nkv*B, g, d] against gathered keys
     qg = q.view(B, nkv, nh // nkv, d).transpose(0, 1).reshape(keys.shape[0], -1, d)
     # keys as the left operand, untransposed: bf16 bmm against a transposed [L, d] view is ~10x slower
@@ -209,13 +266,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.view(nkv, B, nh // nkv, d).transpose(0, 1).reshape(B, nh * d)
 
 
-def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PrefillGroup,
+def _heads(cache: LayerKV) -> int:
+    return (cache.data if isinstance(cache, QuantizedKV) else cache).shape[0]
+
+
+def _prefill_attention(q: torch.Tensor, k_cache: LayerKV, v_cache: LayerKV, g: PrefillGroup,
                        scale: float) -> torch.Tensor:
     B, Q = g.query_index.shape
     nh, d = q.shape[1], q.shape[2]
     qp = q[g.query_index].transpose(1, 2)  # [B, nh, Q, d]
-    kp = k_cache[:, g.key_slots].transpose(0, 1)  # [B, nkv, L, d]
-    vp = v_cache[:, g.key_slots].transpose(0, 1)
+    kp = _read(k_cache, g.key_slots, q.dtype).transpose(0, 1)  # [B, nkv, L, d]
+    vp = _read(v_cache, g.key_slots, q.dtype).transpose(0, 1)
     o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=g.mask, is_causal=g.is_causal, scale=scale,
                                        enable_gqa=True)
     return o.transpose(1, 2).reshape(B * Q, nh * d)[g.token_index]  # [Tg, nh*d]
@@ -231,10 +292,10 @@ def qk_norm_rope_store(
     eps: float,
     nh: int,
     nkv: int,
-    k_cache: torch.Tensor | None,  # [nkv, S, d]
-    v_cache: torch.Tensor | None,
+    k_cache: LayerKV | None,  # [nkv, S, d]
+    v_cache: LayerKV | None,
     slot_mapping: torch.Tensor,  # [T]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, LayerKV, LayerKV]:
     """Per-head RMSNorm of q and k (q_weight, k_weight), RoPE on both, this step's K/V into the caches.
 
     Returns (q [T, nh, d], k_cache, v_cache): the caches attention reads. Without caches
@@ -253,19 +314,24 @@ def qk_norm_rope_store(
     return q, k_cache, v_cache
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: LayerKV, v_cache: LayerKV,
              slot_mapping: torch.Tensor) -> None:
-    """k, v [T, nkv, d] into the head-major caches [nkv, S, d] at slot_mapping [T]."""
-    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+    """k, v [T, nkv, d] into the head-major caches [nkv, S, d] at slot_mapping [T] (quantized for int8)."""
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        if isinstance(cache, QuantizedKV):
+            data, scale = quantize_kv(x)
+            cache.data.index_copy_(1, slot_mapping, data.transpose(0, 1))
+            cache.scale.index_copy_(1, slot_mapping, scale.transpose(0, 1))
+        else:
+            cache.index_copy_(1, slot_mapping, x.transpose(0, 1))
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, nh, d]
     k: torch.Tensor,  # [T, nkv, d]
     v: torch.Tensor,  # [T, nkv, d]
-    k_cache: torch.Tensor | None,  # [nkv, S, d]
-    v_cache: torch.Tensor | None,
+    k_cache: LayerKV | None,  # [nkv, S, d]
+    v_cache: LayerKV | None,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -280,7 +346,7 @@ def paged_attention(
     return attend(q, k_cache, v_cache, meta, scale)
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+def attend(q: torch.Tensor, k_cache: LayerKV, v_cache: LayerKV, meta: AttentionMetadata,
            scale: float) -> torch.Tensor:
     """q [T, nh, d] over caches that already hold this step's K/V -> [T, nh*d]."""
     T, nh, d = q.shape

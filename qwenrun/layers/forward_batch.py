@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenrun.layers.attention import AttentionMetadata
+from qwenrun.layers.attention import AttentionMetadata, LayerKV
 from qwenrun.layers.recurrent import RecurrentMetadata
 from qwenrun.layers.visual import VisualEmbeds
 
-# A layer's view of the cache: (K, V) for attention, (conv states, recurrent states) `[num_slots, ...]`
-# for a linear-attention layer, (None, None) when the step runs without one.
-LayerCache = tuple[torch.Tensor | None, torch.Tensor | None]
+# A layer's view of the cache: (K, V) for attention (plain tensors, or `QuantizedKV` in an int8 cache),
+# (conv states, recurrent states) `[num_slots, ...]` for a linear-attention layer, (None, None) when the
+# step runs without one.
+LayerCache = tuple[LayerKV | None, LayerKV | None]
 
 
 @dataclass
