@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import qwenrun
-from qwenrun.cli.serve import parse_speculative_config
+from qwenrun.cli.serve import KV_CACHE_DTYPES, parse_speculative_config
 
 # The checkpoint `qwenrun chat` opens when none is named: the bundled demo model, found beside the
 # installed package so it works offline (reproduce it with `qwenrun train-demo`).
@@ -70,6 +70,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=("int8", "int4"),
         help="weight-only quantization at load: int8 per channel, int4 group-wise (group 128)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="KV cache storage: auto (the model dtype) or int8 (a scale per token and head: twice the tokens)",
     )
     g.add_argument(
         "--speculative-config",
