@@ -11,6 +11,7 @@ back to), so speculation lowers how many sequences fit: shown for `SPECULATIVE_T
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -64,6 +65,8 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
     with torch.device("meta"):
         specs = create_model(cfg).cache_specs(torch.bfloat16)
     kv_elems = sum(2 * s.num_kv_heads * s.head_dim for s in specs if isinstance(s, KVCacheSpec))
+    int8_specs = [dataclasses.replace(s, dtype=torch.int8) if isinstance(s, KVCacheSpec) else s for s in specs]
+    kv_int8 = sum(s.bytes_per_token for s in int8_specs if isinstance(s, KVCacheSpec))  # with the scales
     state = [s for s in specs if isinstance(s, RecurrentStateSpec)]
     budget = default_kv_cache_memory(torch.device("cpu"))
     try:
@@ -72,6 +75,7 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
             "cache_memory": budget, "kv_tokens": plan.num_blocks * 16, "context": plan.context,
             "max_running_sequences": plan.max_running,  # max_num_seqs 64 unless state slots allow fewer
             "state_checkpoints": plan.num_checkpoint_slots,
+            "kv_tokens_int8": CachePlan.make(int8_specs, budget, 16, cfg.max_position_embeddings, 64).num_blocks * 16,
         }
     except InvalidRequestError as e:
         fits = str(e)
@@ -106,7 +110,7 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         "num_active_parameters": cfg.num_active_parameters(),
         "vision_parameters": cfg.vision.num_parameters() if cfg.vision is not None else 0,  # not in the totals above
         "weight_bytes": {"bfloat16": 2 * params, "float32": 4 * params},
-        "kv_cache_bytes_per_token": {"bfloat16": 2 * kv_elems, "float32": 4 * kv_elems},
+        "kv_cache_bytes_per_token": {"bfloat16": 2 * kv_elems, "float32": 4 * kv_elems, "int8": kv_int8},
         "num_linear_attention_layers": len(state),
         "recurrent_state_bytes_per_sequence": sum(s.bytes_per_slot for s in state),  # bf16 conv, fp32 state
         "default_cache": fits,
@@ -173,7 +177,8 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "KV cache",
-            f"{kv:,} bytes per token bf16 ({human_bytes(kv * context)} for {context} tokens)",
+            f"{kv:,} bytes per token bf16 ({human_bytes(kv * context)} for {context} tokens); "
+            f"{d['kv_cache_bytes_per_token']['int8']:,} with --kv-cache-dtype int8 (scales included)",
         ),
     ]
     if d["num_linear_attention_layers"]:
@@ -188,7 +193,8 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
     else:
         fits_text = (f"{human_bytes(fits['cache_memory'])} (default on this machine): {fits['kv_tokens']:,} tokens "
                      f"of KV ({fits['kv_tokens'] / fits['context']:.1f} full {fits['context']}-token contexts), "
-                     f"up to {fits['max_running_sequences']} sequences at once")
+                     f"up to {fits['max_running_sequences']} sequences at once; "
+                     f"{fits['kv_tokens_int8']:,} tokens with an int8 KV cache")
         if d["num_linear_attention_layers"]:
             fits_text += f" (by state slots), {fits['state_checkpoints']} state checkpoints for prefix reuse"
     spec = d["default_cache_speculative"]

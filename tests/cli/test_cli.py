@@ -124,8 +124,20 @@ def test_info_json(tiny: tuple[Path, int]) -> None:
     assert info["architecture"] == "Qwen3ForCausalLM" and info["moe"] is None
     assert info["num_parameters"] == info["num_active_parameters"] == n_params
     assert info["weight_bytes"] == {"bfloat16": 2 * n_params, "float32": 4 * n_params}
-    assert info["kv_cache_bytes_per_token"] == {"bfloat16": 128, "float32": 256}
+    int8 = 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * (hf["head_dim"] + 4)  # + a fp32 scale per head
+    assert info["kv_cache_bytes_per_token"] == {"bfloat16": 128, "float32": 256, "int8": int8}
+    assert info["default_cache"]["kv_tokens_int8"] >= info["default_cache"]["kv_tokens"]
     assert info["rope"] == {"type": "default", "theta": 10000.0}
+
+
+def test_generate_with_an_int8_kv_cache(tiny: tuple[Path, int]) -> None:
+    path, _ = tiny
+    args = ("generate", path, "--prompt", "The capital of France is", "--temperature", "0", "--max-tokens", "8",
+            "--json")
+    proc = qwenrun(*args, "--kv-cache-dtype", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert 1 <= json.loads(proc.stdout)["completion_tokens"] <= 8
+    assert qwenrun(*args, "--kv-cache-dtype", "fp8").returncode == 2  # argparse: not a choice
 
 
 def test_generate_json_batch(tiny: tuple[Path, int]) -> None:
