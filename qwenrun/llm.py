@@ -63,6 +63,9 @@ class LLM:
         quantization: None, "int8" (per channel) or "int4" (group-wise, `quant_group_size` 32/64/128/256)
             weight-only; `quantize_lm_head=False` keeps the LM head in the model dtype.
         tool_parser: tool-call output format ("hermes" for Qwen3).
+        tensor_parallel_size: ranks the model is split over (processes on this host: gloo on CPU, NCCL
+            over one GPU each); this process is rank 0 and schedules, `qwenrun.distributed.executor`.
+        enable_expert_parallel: MoE experts spread whole over the ranks instead of split.
         speculative_config: vLLM's shape; {"method": "ngram", "num_speculative_tokens": k,
             "prompt_lookup_min": 1, "prompt_lookup_max": 3} drafts by prompt lookup, {"method":
             "draft_model", "model": path or hub id, "num_speculative_tokens": k} with a smaller Qwen3
@@ -89,6 +92,8 @@ class LLM:
         quantize_lm_head: bool = True,
         tool_parser: str = "hermes",
         speculative_config: dict | None = None,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
         kv_cache_dtype: str = "auto",
     ) -> None:
         ckpt = open_checkpoint(model, revision)
@@ -100,9 +105,24 @@ class LLM:
         self._mm_processor = None  # built when a prompt first brings images or videos
         spec = SpeculativeConfig.parse(speculative_config) if speculative_config is not None else None
         quant = Quantization(quantization, quant_group_size, quantize_lm_head) if quantization is not None else None
+        if tensor_parallel_size < 1:
+            raise InvalidRequestError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}",
+                                      param="tensor_parallel_size")
+        if tensor_parallel_size > 1 and spec is not None:
+            raise InvalidRequestError("speculative decoding does not run tensor-parallel yet",
+                                      param="tensor_parallel_size")
         # quantized as it loads: peak memory is the quantized model, not the full-precision one
-        self.model = load_model(ckpt, self.dtype, self.device, mtp=spec is not None and spec.method == "mtp",
-                                quantization=quant)
+        if tensor_parallel_size > 1:
+            from qwenrun.distributed.executor import start_tensor_parallel
+
+            if ckpt.config.vision is not None:
+                raise InvalidRequestError("vision-language models do not run tensor-parallel yet",
+                                          param="tensor_parallel_size")
+            self.model = start_tensor_parallel(ckpt.path, self.dtype, self.device, tensor_parallel_size,
+                                               enable_expert_parallel, quant)
+        else:
+            self.model = load_model(ckpt, self.dtype, self.device, mtp=spec is not None and spec.method == "mtp",
+                                    quantization=quant)
 
         def prepare_weights(model: torch.nn.Module, quantized: bool) -> None:
             if quant is not None and not quantized:
@@ -110,7 +130,8 @@ class LLM:
             if cpu_packing_available(self.dtype, self.device):
                 pack_linears(model)  # whatever quantization left in bf16
 
-        prepare_weights(self.model, quantized=True)
+        if tensor_parallel_size == 1:  # the ranks prepare their own shards
+            prepare_weights(self.model, quantized=True)
         self.engine = LLMEngine(
             self.model, ckpt, self.tokenizer, self.dtype, self.device,
             max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
@@ -118,6 +139,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             speculative_config=spec, kv_cache_dtype=kv_cache_dtype,
         )
+        if tensor_parallel_size > 1:
+            self.model.bind_cache(self.engine.cache)
         if isinstance(self.engine.drafter, ModelDrafter):
             # a draft model runs in the target's precision (loaded by the drafter in full, then quantized)
             prepare_weights(self.engine.drafter.model, quantized=False)

@@ -37,6 +37,8 @@ class StateCache:
                 torch.zeros((num_slots, *s.state_shape), dtype=s.state_dtype, device=device))
             for i, s in specs.items()
         }
+        # set to a list when tensor-parallel workers hold the same slots: `copy` records (src, dst) for them
+        self.copies: list[tuple[int, int]] | None = None
 
     @staticmethod
     def bytes_per_slot(specs: Iterable[RecurrentStateSpec]) -> int:
@@ -44,6 +46,8 @@ class StateCache:
 
     def copy(self, src: int, dst: int) -> None:
         """Slot `dst` becomes a copy of slot `src`, in every layer."""
+        if self.copies is not None:
+            self.copies.append((src, dst))
         for conv, state in self.layers.values():
             conv[dst].copy_(conv[src])
             state[dst].copy_(state[src])

@@ -48,11 +48,15 @@ def _whole(p: torch.Tensor) -> torch.Tensor:
 class MergedLinear(nn.Module):
     """y = x Wᵀ with W = cat(W_src0, W_src1, ...) along the output dim (no bias unless asked)."""
 
-    def __init__(self, in_features: int, out_sizes: Sequence[int], sources: Sequence[str], bias: bool = False):
+    def __init__(self, in_features: int, out_sizes: Sequence[int], sources: Sequence[str], bias: bool = False,
+                 slices: Sequence[RankSlice] | None = None):
+        """`slices`: per source, how a tensor-parallel rank narrows its checkpoint tensor to the
+        rows it holds (`out_sizes` are then the rank's sizes; `qwenrun.layers.parallel`)."""
         super().__init__()
         assert len(out_sizes) == len(sources)
         self.out_sizes = tuple(out_sizes)
         self.sources = tuple(sources)
+        self.slices = tuple(slices) if slices is not None else (replicated,) * len(sources)
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
 
@@ -61,10 +65,10 @@ class MergedLinear(nn.Module):
 
     def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
         offset = 0
-        for size, src in zip(self.out_sizes, self.sources):
+        for size, src, part in zip(self.out_sizes, self.sources, self.slices):
             for kind in ("weight", "bias") if self.bias is not None else ("weight",):
                 yield WeightTarget(
-                    f"{parent}{src}.{kind}", f"{own}.{kind}", src, _narrow(offset, size)
+                    f"{parent}{src}.{kind}", f"{own}.{kind}", src, _narrow(offset, size), rank_slice=part
                 )
             offset += size
 
@@ -74,9 +78,11 @@ def _narrow(offset: int, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def plain_targets(module: nn.Module, parent: str, own: str) -> Iterator[WeightTarget]:
-    """Parameters whose checkpoint name equals the module path (the default)."""
+    """Parameters whose checkpoint name equals the module path (the default); a tensor-parallel
+    shard's module names each parameter's rank slice in `tp_slices` (`qwenrun.layers.parallel`)."""
+    slices = getattr(module, "tp_slices", {})
     for pname, _ in module.named_parameters(recurse=False):
-        yield WeightTarget(f"{own}.{pname}", f"{own}.{pname}", "", _whole)
+        yield WeightTarget(f"{own}.{pname}", f"{own}.{pname}", "", _whole, rank_slice=slices.get(pname, replicated))
 
 
 @cache

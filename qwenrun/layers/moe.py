@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
+from qwenrun.layers.checkpoint import Rank, split
 from qwenrun.layers.linear import WeightTarget, silu_mul
+from qwenrun.layers.parallel import current
 
 # expert(x [n, H], e) -> expert e's MLP output [n, H]
 ExpertMLP = Callable[[torch.Tensor, int], torch.Tensor]
@@ -81,10 +83,23 @@ class Experts(nn.Module, ABC):
 
 
 class Qwen3MoeExperts(Experts):
-    """Experts as loaded, stacked (`w13 [E, 2I, H]`, `w2 [E, H, I]`) in the model dtype."""
+    """Experts as loaded, stacked (`w13 [E, 2I, H]`, `w2 [E, H, I]`) in the model dtype.
+
+    A tensor-parallel rank holds I / world rows of every expert; with expert parallelism it holds
+    experts `first_expert ..` whole instead (`num_experts` of `total_experts`), and its owner maps
+    the router's global expert ids to them (`local_assignments`: this class is swapped by
+    quantization and packing, the owner is not)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
+        tp = current()
+        self.total_experts, self.rank = num_experts, tp.as_rank
+        self.expert_parallel = tp.expert_parallel and tp.world > 1
+        if self.expert_parallel:
+            num_experts = tp.divide(num_experts, "num_experts")
+        else:
+            intermediate = tp.divide(intermediate, "moe_intermediate_size")
+        self.first_expert = tp.rank * num_experts if self.expert_parallel else 0
         self.num_experts, self.intermediate = num_experts, intermediate
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [E, gate;up, H]
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
@@ -93,17 +108,65 @@ class Qwen3MoeExperts(Experts):
         return F.linear(silu_mul(F.linear(x, self.w13[e])), self.w2[e])
 
     def weight_targets(self, parent: str, own: str) -> Iterator[WeightTarget]:
-        I = self.intermediate
-        everything = tuple(f"{e}.{p}" for e in range(self.num_experts) for p in ("gate", "up", "down"))
-        for e in range(self.num_experts):
-            yield WeightTarget(f"{own}.{e}.gate_proj.weight", f"{own}.w13", f"{e}.gate", _expert(e, 0, I))
-            yield WeightTarget(f"{own}.{e}.up_proj.weight", f"{own}.w13", f"{e}.up", _expert(e, I, I))
-            yield WeightTarget(f"{own}.{e}.down_proj.weight", f"{own}.w2", f"{e}.down", _expert(e, None, None))
+        I, first = self.intermediate, self.first_expert
+        everything = tuple(f"{e}.{p}" for e in range(self.total_experts) for p in ("gate", "up", "down"))
+        rows, cols = (_whole, _whole) if self.expert_parallel else (split(0), split(1))
+        for e in range(self.total_experts):
+            if not first <= e < first + self.num_experts:  # another rank's expert: not read
+                for p, param in (("gate", "w13"), ("up", "w13"), ("down", "w2")):
+                    yield WeightTarget(f"{own}.{e}.{p}_proj.weight", f"{own}.{param}", f"{e}.{p}", _nothing,
+                                       rank_slice=_absent)
+                continue
+            yield WeightTarget(f"{own}.{e}.gate_proj.weight", f"{own}.w13", f"{e}.gate", _expert(e - first, 0, I),
+                               rank_slice=rows)
+            yield WeightTarget(f"{own}.{e}.up_proj.weight", f"{own}.w13", f"{e}.up", _expert(e - first, I, I),
+                               rank_slice=rows)
+            yield WeightTarget(f"{own}.{e}.down_proj.weight", f"{own}.w2", f"{e}.down", _expert(e - first, None, None),
+                               rank_slice=cols)
         # transformers 5 may store the experts fused; either layout loads.
         gate_up = tuple(s for s in everything if not s.endswith("down"))
         down = tuple(s for s in everything if s.endswith("down"))
-        yield WeightTarget(f"{own}.gate_up_proj", f"{own}.w13", "fused", lambda p: p, gate_up)
-        yield WeightTarget(f"{own}.down_proj", f"{own}.w2", "fused", lambda p: p, down)
+        yield WeightTarget(f"{own}.gate_up_proj", f"{own}.w13", "fused", lambda p: p, gate_up, self._fused(True))
+        yield WeightTarget(f"{own}.down_proj", f"{own}.w2", "fused", lambda p: p, down, self._fused(False))
+
+    def _fused(self, gate_up: bool):
+        """The rank's part of a fused [E, 2I, H] (`gate_up`) or [E, H, I] tensor."""
+        n, first = self.num_experts, self.first_expert
+
+        def part(t: torch.Tensor, rank: Rank) -> torch.Tensor:
+            if rank.world == 1:
+                return t
+            if self.expert_parallel:
+                return t.narrow(0, first, n)
+            if not gate_up:
+                return split(2)(t, rank)
+            E, two_i, H = t.shape
+            return split(2)(t.reshape(E, 2, two_i // 2, H), rank).reshape(E, -1, H)
+
+        return part
+
+
+def local_assignments(weights: torch.Tensor, experts: torch.Tensor, first: int,
+                      num_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) over a rank's experts `first .. first + num_local`: an assignment to another
+    rank's expert gets weight 0 (on local expert 0), so the all-reduce over ranks adds each chosen
+    expert's output once."""
+    local = experts - first
+    outside = (local < 0) | (local >= num_local)
+    return weights.masked_fill(outside, 0), local.masked_fill(outside, 0)
+
+
+def _whole(t: torch.Tensor, rank: Rank) -> torch.Tensor:
+    return t
+
+
+def _absent(t: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """Another rank's expert: no row of it is read (its target, `_nothing`, is empty too)."""
+    return t.narrow(0, 0, 0)
+
+
+def _nothing(p: torch.Tensor) -> torch.Tensor:
+    return p[0].narrow(0, 0, 0)
 
 
 def _expert(e: int, offset: int | None, size: int | None):

@@ -15,6 +15,7 @@ from torch import nn
 from qwenrun import kernels
 from qwenrun.config import ModelConfig
 from qwenrun.errors import InvalidRequestError
+from qwenrun.layers.parallel import SINGLE, TensorParallel, building
 from qwenrun.loading.source import read_json, resolve_model_path
 from qwenrun.loading.weights import checkpoint_files, load_weights, stored_names
 from qwenrun.models import create_model, model_class
@@ -94,18 +95,19 @@ def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: bool = False,
-               quantization: Quantization | None = None) -> nn.Module:
+               quantization: Quantization | None = None, tp: TensorParallel = SINGLE) -> nn.Module:
     """Build on `meta` (no init cost), allocate on `device`, then stream the weights in; on CPU, find
     or build the C++ kernels the model will call (a ~30 s compile the first time).
 
     `mtp=True` (speculative method "mtp") also loads the checkpoint's MTP head, as `model.mtp`;
     otherwise its `mtp.*` tensors are skipped unread. With `quantization`, the layers it covers (the
     MTP head's too) are allocated quantized and each tensor is quantized as it is read, so loading
-    never holds the full-precision model: the same bytes as `quantize_model` after a plain load."""
+    never holds the full-precision model: the same bytes as `quantize_model` after a plain load.
+    `tp`: build and load only this tensor-parallel rank's shard (`qwenrun.layers.parallel`)."""
     kernels.prepare(device, dtype)
     if mtp:
         check_mtp_head(ckpt)
-    with torch.device("meta"), _default_dtype(dtype), _skip_init():
+    with torch.device("meta"), _default_dtype(dtype), _skip_init(), building(tp):
         model = create_model(ckpt.config)
         if mtp:
             model.mtp = model.make_mtp()
@@ -113,7 +115,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: 
         quantize_on_meta(model, quantization, dtype, device)
     model.to_empty(device=device)
     with torch.no_grad():
-        load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings)
+        load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings, tp.as_rank)
     return model.eval()
 
 

@@ -12,6 +12,7 @@ from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.forward_batch import ForwardBatch
 from qwenrun.layers.linear import MergedLinear, gated_silu
 from qwenrun.layers.mtp import MtpHead
+from qwenrun.layers.parallel import current, embedding, kv_heads, lm_head, local_kv_heads, parts, row_parallel
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import RotaryEmbedding
 
@@ -19,10 +20,15 @@ from qwenrun.layers.rotary import RotaryEmbedding
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, (q, kv, kv), ("q_proj", "k_proj", "v_proj"), cfg.attention_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias)
+        self.tp = tp = current()  # this rank's heads: parallel.py
+        self.head_dim = d = cfg.head_dim
+        self.num_heads = tp.divide(cfg.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = local_kv_heads(tp, cfg.num_attention_heads, cfg.num_key_value_heads)
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        kv_part = kv_heads(cfg.num_key_value_heads, d)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, (q, kv, kv), ("q_proj", "k_proj", "v_proj"), cfg.attention_bias,
+                                     (parts((cfg.num_attention_heads * d,)), kv_part, kv_part))
+        self.o_proj = row_parallel(nn.Linear(q, cfg.hidden_size, bias=cfg.attention_bias), tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.scale = self.head_dim**-0.5
@@ -37,18 +43,28 @@ class Qwen3Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) d]
         q, k_cache, v_cache = qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps,
                                                  self.num_heads, self.num_kv_heads, kv[0], kv[1], meta.slot_mapping)
-        return self.o_proj(attend(q, k_cache, v_cache, meta, self.scale))
+        out = self.o_proj(attend(q, k_cache, v_cache, meta, self.scale))
+        return out if self.tp.world == 1 else self.tp.all_reduce(out)
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    """SwiGLU; a tensor-parallel rank holds intermediate / world rows of gate/up and columns of down,
+    and sums the ranks' outputs unless its owner does (`reduce=False`: a shared expert, summed with
+    the routed experts in one all-reduce)."""
+
+    def __init__(self, hidden: int, intermediate: int, reduce: bool = True) -> None:
         super().__init__()
-        self.intermediate = intermediate
-        self.gate_up_proj = MergedLinear(hidden, (intermediate, intermediate), ("gate_proj", "up_proj"))
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        tp = current()
+        self.tp = tp if reduce and tp.world > 1 else None
+        self.intermediate = intermediate = tp.divide(intermediate, "intermediate_size")
+        split = parts((intermediate * tp.world,))
+        self.gate_up_proj = MergedLinear(hidden, (intermediate, intermediate), ("gate_proj", "up_proj"), False,
+                                         (split, split))
+        self.down_proj = row_parallel(nn.Linear(intermediate, hidden, bias=False), tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_silu(self.gate_up_proj, x))
+        out = self.down_proj(gated_silu(self.gate_up_proj, x))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -73,7 +89,7 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: list[nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim)
@@ -100,9 +116,10 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.tp = current()
         self.model = Qwen3Model(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)])
         # tied checkpoints read the embedding matrix (until quantization gives the head its own copy)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else lm_head(cfg.hidden_size, cfg.vocab_size)
 
     @staticmethod
     def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
@@ -116,13 +133,16 @@ class Qwen3ForCausalLM(nn.Module):
 
     def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec]:
         """One spec per layer, in layer order: every layer is full attention with a paged KV cache."""
-        cfg = self.config
-        return [KVCacheSpec(cfg.num_key_value_heads, cfg.head_dim, dtype) for _ in range(cfg.num_hidden_layers)]
+        return [KVCacheSpec(layer.self_attn.num_kv_heads, layer.self_attn.head_dim, dtype)
+                for layer in self.model.layers]
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab]; a tensor-parallel rank computes its vocabulary rows and gathers the rest."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if self.tp.world == 1 else self.tp.all_gather(logits)

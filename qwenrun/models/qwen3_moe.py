@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.config import ModelConfig
-from qwenrun.layers.moe import Qwen3MoeExperts
+from qwenrun.layers.moe import Qwen3MoeExperts, local_assignments
+from qwenrun.layers.parallel import current
 from qwenrun.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP
 
 
@@ -20,15 +21,27 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         super().__init__()
         assert cfg.moe is not None
         self.top_k, self.norm_topk_prob = cfg.moe.num_experts_per_tok, cfg.moe.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)  # replicated on every rank
         self.experts = Qwen3MoeExperts(cfg.moe.num_experts, cfg.hidden_size, cfg.moe.moe_intermediate_size)
+        tp = current()
+        self.tp = tp if tp.world > 1 else None  # the ranks' partial sums are added in `forward`
+        # expert parallelism: (first expert, count) of this rank's
+        self.local = (self.experts.first_expert, self.experts.num_experts) if self.experts.expert_parallel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.routed(x)
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights · Expert_k(x), over this rank's experts or expert slices (a partial sum when
+        tensor-parallel)."""
         logits = self.gate(x)  # [T, E] in the model dtype, as transformers
         probs = F.softmax(logits, dim=-1, dtype=torch.float)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.local is not None:
+            weights, experts = local_assignments(weights, experts, *self.local)
         return self.experts(x, weights.to(logits.dtype), experts)
 
 

@@ -77,12 +77,14 @@ class Qwen3NextSparseMoeBlock(Qwen3MoeSparseMoeBlock):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         assert cfg.moe is not None
-        self.shared_expert = Qwen3MLP(cfg.hidden_size, cfg.moe.shared_expert_intermediate_size)
+        # tensor-parallel: the shared expert's partial sum joins the routed one's in one all-reduce
+        self.shared_expert = Qwen3MLP(cfg.hidden_size, cfg.moe.shared_expert_intermediate_size, reduce=False)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_expert(x)
-        return super().forward(x) + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        out = self.routed(x) + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class Qwen3NextDecoderLayer(nn.Module):
