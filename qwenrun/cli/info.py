@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -26,6 +27,9 @@ from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.attention import KVCacheSpec
 from qwenrun.layers.recurrent import RecurrentStateSpec
 from qwenrun.loading.loader import open_checkpoint
+from qwenrun.loading.source import read_json
+from qwenrun.quant.checkpoint import own_quantization
+from qwenrun.quant.formats import stored_format
 from qwenrun.models import create_model
 
 # generation_config.json keys worth showing: the sampling defaults qwenrun reads, plus do_sample.
@@ -91,6 +95,7 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
             speculative = str(e)
     gen = ckpt.generation_config
     return {
+        **_described(ckpt.path),
         "model": model,
         "path": str(ckpt.path),
         "architecture": cfg.architecture,
@@ -118,6 +123,33 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         "checkpoint_dtype": cfg.torch_dtype,
         "generation_defaults": {k: gen[k] for k in GENERATION_KEYS if k in gen},
     }
+
+
+def _described(path: Path) -> dict[str, Any]:
+    """How the weights are stored: `quantization` (None for plain weights) and the weight files' bytes
+    (a hub model described from its JSON alone: its index's total, if it has one)."""
+    raw = read_json(path / "config.json")
+    files = sorted(path.glob("*.safetensors"))
+    index = read_json(path / "model.safetensors.index.json", required=False)
+    size = sum(f.stat().st_size for f in files) if files else index.get("metadata", {}).get("total_size")
+    own = own_quantization(raw)
+    try:
+        stored = stored_format(raw)
+    except InvalidRequestError as e:
+        return {"quantization": {"format": f"unsupported ({e})", "weight_file_bytes": size}, "weight_file_bytes": size}
+    if own is not None:
+        q, dtype = own
+        text = f"qwenrun {q.method}, " + (f"group {q.group_size}" if q.method == "int4" else "per output channel")
+        text += f", from {dtype}" + ("" if q.quantize_lm_head else ", LM head not quantized")
+    elif stored is not None and stored.method == "fp8":
+        text = f"fp8 e4m3, {stored.block[0]}x{stored.block[1]} blocks (dequantized at load)"
+    elif stored is not None:
+        group = "per channel" if stored.group_size == -1 else f"group {stored.group_size}"
+        runs = "act order, dequantized at load" if stored.int4_group() is None else "runs as qwenrun int4"
+        text = f"{stored.method} 4-bit, {group} ({runs})"
+    else:
+        return {"quantization": None, "weight_file_bytes": size}
+    return {"quantization": {"format": text, "weight_file_bytes": size}, "weight_file_bytes": size}
 
 
 def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
@@ -170,6 +202,8 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
     rows += [
         ("tied embeddings", "yes" if d["tie_word_embeddings"] else "no"),
         ("checkpoint dtype", d["checkpoint_dtype"] or "unknown"),
+        *([("quantization", d["quantization"]["format"])] if d["quantization"] else []),
+        *([("weight files", human_bytes(d["weight_file_bytes"]))] if d["weight_file_bytes"] else []),
         (
             "weights memory",
             f"{human_bytes(d['weight_bytes']['bfloat16'])} bf16, "

@@ -237,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint without loading its weights")
     _add_model(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    quant = sub.add_parser(
+        "quantize",
+        help="write a checkpoint in qwenrun's own int8/int4 format (loads with no conversion)",
+        description="Quantize MODEL tensor by tensor and write it, with its tokenizer and templates, to OUT.",
+    )
+    _add_model(quant)
+    quant.add_argument("out", metavar="OUT", help="new (or empty) output folder")
+    quant.add_argument("--to", required=True, choices=("int8", "int4"),
+                       help="int8 per output channel, int4 group-wise (int8 where a matrix's input size does not fit)")
+    quant.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256), help="int4 group size")
+    quant.add_argument("--keep-lm-head", action="store_true", help="keep the LM head in full precision")
+    quant.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype to quantize from")
     train = sub.add_parser(
         "train-demo",
         help="reproduce the bundled demo model (tokenizer, data, training, export)",
@@ -315,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = add_serve_parser(sub)
     serve.set_defaults(module="qwenrun.cli.serve")
-    for p in (chat, agent, gen, info, train, ev, serve, bench):
+    for p in (chat, agent, gen, info, quant, train, ev, serve, bench):
         p.set_defaults(parser=p)  # so later checks report usage errors against the subcommand
     return parser
 

@@ -14,12 +14,15 @@ from torch import nn
 
 from qwenrun import kernels
 from qwenrun.config import ModelConfig
-from qwenrun.errors import InvalidRequestError
+from qwenrun.errors import CheckpointError, InvalidRequestError
+from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.parallel import SINGLE, TensorParallel, building
 from qwenrun.loading.source import read_json, resolve_model_path
-from qwenrun.loading.weights import checkpoint_files, load_weights, stored_names
+from qwenrun.loading.weights import checkpoint_files, load_weights, map_tensors, stored_dtypes, stored_names
 from qwenrun.models import create_model, model_class
 from qwenrun.quant import Quantization, quantize_on_meta
+from qwenrun.quant.checkpoint import own_quantization
+from qwenrun.quant.formats import quantized_weight_names, stored_format
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -107,15 +110,56 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: 
     kernels.prepare(device, dtype)
     if mtp:
         check_mtp_head(ckpt)
+    raw = read_json(ckpt.path / "config.json")
+    own = own_quantization(raw)
+    stored = stored_format(raw)
     with torch.device("meta"), _default_dtype(dtype), _skip_init(), building(tp):
         model = create_model(ckpt.config)
         if mtp:
             model.mtp = model.make_mtp()
+    if own is not None:
+        return _assign_quantized(model, ckpt, own[0], dtype, device, mtp, quantization)
+    only = None
+    if stored is not None and quantization is None and stored.int4_group() is not None:
+        # AWQ / GPTQ: their layers run as qwenrun int4, holding the stored values exactly
+        quantization = Quantization("int4", stored.int4_group())
+        rules: CheckpointRules = getattr(model, "checkpoint_rules", CheckpointRules())
+        files = checkpoint_files(ckpt.path)
+        only = {rules.rename(n) for n in quantized_weight_names(stored_names(files), stored, stored_dtypes(files))}
     if quantization is not None:
-        quantize_on_meta(model, quantization, dtype, device)
+        quantize_on_meta(model, quantization, dtype, device, only)
     model.to_empty(device=device)
     with torch.no_grad():
-        load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings, tp.as_rank)
+        load_weights(model, ckpt.path, dtype, ckpt.config.tie_word_embeddings, tp.as_rank, stored=stored)
+    return model.eval()
+
+
+def _assign_quantized(model: nn.Module, ckpt: Checkpoint, q: Quantization, dtype: torch.dtype,
+                      device: torch.device, mtp: bool, asked: Quantization | None) -> nn.Module:
+    """A checkpoint `qwenrun quantize` wrote: its tensors are the modules' own, mapped and assigned
+    (full-precision ones converted if `dtype` is not the one they were stored in)."""
+    if asked is not None and asked.method != q.method:
+        raise InvalidRequestError(f"{ckpt.path} is already quantized as {q.method} (its quantization_config); "
+                                  f"load it without quantization, or quantize its source as {asked.method}",
+                                  param="quantization")
+    quantize_on_meta(model, q, dtype, device)
+    expected = model.state_dict(keep_vars=True)
+    mapped = map_tensors(checkpoint_files(ckpt.path))
+    state: dict[str, torch.Tensor] = {}
+    for name, want in expected.items():
+        got = mapped.pop(name, None)
+        if got is None:
+            raise CheckpointError(f"quantized checkpoint {ckpt.path} is missing tensor {name} "
+                                  "(written by another qwenrun version, or config.json does not match it)")
+        if tuple(got.shape) != tuple(want.shape) or (got.dtype != want.dtype and not want.is_floating_point()):
+            raise CheckpointError(f"tensor {name} is stored as {got.dtype} {list(got.shape)}, but the model "
+                                  f"expects {want.dtype} {list(want.shape)}")
+        state[name] = got.to(device=device, dtype=want.dtype)
+    extra = sorted(n for n in mapped if mtp or not n.startswith("mtp."))
+    if extra:
+        raise CheckpointError(f"quantized checkpoint {ckpt.path} has {len(extra)} tensor(s) the model does not use: "
+                              f"{', '.join(extra[:6])}")
+    model.load_state_dict(state, assign=True)
     return model.eval()
 
 

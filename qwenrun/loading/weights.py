@@ -14,6 +14,7 @@ import logging
 import mmap
 from collections import Counter
 from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from qwenrun.errors import CheckpointError
 from qwenrun.layers.checkpoint import CheckpointRules, Rank
 from qwenrun.layers.linear import WeightTarget, plain_targets
 from qwenrun.loading.source import read_json
+from qwenrun.quant.formats import StoredFormat, StoredRows, stored_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,32 @@ def _mapped(mm: mmap.mmap | None, offset: int, nbytes: int, dtype: torch.dtype, 
     return raw.view(dtype).reshape(shape)
 
 
+def map_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every stored tensor, mapped from its file and kept mapped (no copy; pages are read when used,
+    and count in the RSS as the page cache's, which the kernel can drop): a checkpoint whose tensors
+    are assigned as they are (`qwenrun quantize`'s)."""
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                f.keys()  # safetensors validates the header
+            start, layout = _layout(path)
+        except _READ_ERRORS as e:
+            raise _unreadable(path, e) from None
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if start < path.stat().st_size else None
+        for name, (dtype, shape, (a, b)) in layout.items():
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"tensor {name} in {path.name} has dtype {dtype}, which qwenrun does not read")
+            out[name] = _mapped(mm, start + a, b - a, _DTYPES[dtype], shape)
+    return out
+
+
+def stored_dtypes(files: list[Path]) -> dict[str, str]:
+    """Every tensor's safetensors dtype name ("BF16", "F8_E4M3", ...), from the headers only."""
+    return {name: entry[0] for path in files for name, entry in _layout(path)[1].items()}
+
+
 def stored_names(files: list[Path]) -> list[str]:
     """Every tensor name of the checkpoint, read from the safetensors headers only."""
     names: list[str] = []
@@ -160,11 +188,14 @@ def _targets_by_name(model: nn.Module) -> dict[str, list[WeightTarget]]:
 
 
 def load_weights(
-    model: nn.Module, folder: Path, dtype: torch.dtype, tied_embeddings: bool, rank: Rank = Rank()
+    model: nn.Module, folder: Path, dtype: torch.dtype, tied_embeddings: bool, rank: Rank = Rank(),
+    stored: StoredFormat | None = None,
 ) -> None:
     """Fill every parameter of `model` (already materialised, any device) from the checkpoint, through
     the model's `checkpoint_rules` (none: names as stored) and each target's `rank_slice` for `rank`;
-    a target with `fill` (a layer quantized at load) takes the tensor in `dtype` and stores it itself."""
+    a target with `fill` (a layer quantized at load) takes the tensor in `dtype` and stores it itself.
+    A checkpoint `stored` quantized (Qwen's FP8/AWQ/GPTQ) gives its weights as `StoredRows`, which a
+    `fill` takes as they are and a plain parameter dequantized."""
     params = dict(model.named_parameters())
     targets = _targets_by_name(model)
     rules: CheckpointRules = getattr(model, "checkpoint_rules", CheckpointRules())
@@ -175,8 +206,8 @@ def load_weights(
     filled: dict[str, set[str]] = {name: set() for name in needed}
     unexpected: list[str] = []
     skipped: Counter[str] = Counter()
-    for stored, tensor, release in iter_tensors(checkpoint_files(folder)):
-        name = rules.rename(stored)
+    for stored_name, tensor, release in stored_tensors(checkpoint_files(folder), stored):
+        name = rules.rename(stored_name)
         found = targets.get(name)
         pattern = None if found is not None else rules.ignore_pattern(name)
         if pattern is not None:
@@ -185,32 +216,35 @@ def load_weights(
         if found is None and tied_embeddings and name == "lm_head.weight":
             continue
         if found is None:
-            unexpected.append(stored)
+            unexpected.append(stored_name)
             continue
+        if isinstance(tensor, StoredRows) and (rank.world > 1 or _transformed(rules, name)):
+            tensor = tensor.to(dtype).dense()
         try:
             transformed = rules.transform(name, tensor)
             parts = [target.rank_slice(transformed, rank) for target in found]
         except CheckpointError as e:
-            raise CheckpointError(f"tensor {stored}: {e}") from None
+            raise CheckpointError(f"tensor {stored_name}: {e}") from None
         dests = []
         for target, part in zip(found, parts):
             dest = None if target.fill is not None else target.view(params[target.param_name].data)
             expected = tuple(target.shape) if dest is None else tuple(dest.shape)
             if expected != tuple(part.shape):
                 raise CheckpointError(
-                    f"tensor {stored} has shape {list(part.shape)} but the model expects {list(expected)} "
+                    f"tensor {stored_name} has shape {list(part.shape)} but the model expects {list(expected)} "
                     "(config.json does not match the weights)"
                 )
             covered = set(target.covers) or {target.shard}
             if covered & filled[target.param_name]:
                 raise CheckpointError(
-                    f"tensor {stored} is stored twice (it fills part of {target.param_name} that was already loaded)"
+                    f"tensor {stored_name} is stored twice (it fills part of {target.param_name} that was already loaded)"
                 )
             filled[target.param_name] |= covered
             dests.append(dest)
         # a tensor loaded as stored goes a block of rows at a time, each block's pages dropped once
         # stored, so a large one (the embedding) is never resident whole beside its copy
-        whole = all(part is tensor for part in parts) and tensor.dim() > 0 and tensor.numel() > 0
+        whole = all(part is tensor for part in parts) and isinstance(tensor, torch.Tensor) and tensor.dim() > 0 \
+            and tensor.numel() > 0
         step = max(1, LOAD_BLOCK_BYTES * tensor.shape[0] // max(tensor.nbytes, 1)) if whole else None
         for r0 in range(0, tensor.shape[0], step) if whole else [0]:
             rows = slice(r0, r0 + step) if whole else slice(None)
@@ -219,7 +253,7 @@ def load_weights(
                 if dest is None:
                     target.fill(block, r0)
                 else:
-                    dest[rows].copy_(block)
+                    dest[rows].copy_(block.dense() if isinstance(block, StoredRows) else block)
             if whole:
                 row_bytes = tensor.nbytes // tensor.shape[0]
                 release(r0 * row_bytes, min(r0 + step, tensor.shape[0]) * row_bytes)
@@ -238,6 +272,10 @@ def load_weights(
             f"checkpoint is missing {len(missing)} tensor(s): {_some(sorted(missing))} "
             "(incomplete download, or config.json does not match the weights)"
         )
+
+
+def _transformed(rules: CheckpointRules, name: str) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern, _ in rules.transforms)
 
 
 def _is_str(value: object) -> bool:

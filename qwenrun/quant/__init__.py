@@ -16,7 +16,7 @@ MoE routers, whose few weights decide which experts run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -71,23 +71,35 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, quantiz
     return model
 
 
-def quantize_on_meta(model: nn.Module, q: Quantization, dtype: torch.dtype, device: torch.device) -> None:
+def quantize_on_meta(model: nn.Module, q: Quantization, dtype: torch.dtype, device: torch.device,
+                     only: Collection[str] | None = None) -> None:
     """Swap the layers `quantize_model` would quantize, in a model built on `meta` and not yet
     loaded, for empty quantized layers that the loader fills as their checkpoint tensors arrive
     (each quantizes the tensor into its packed rows; see `qwenrun.quant.linear.streamed_targets`), so
     no full-precision copy of them is ever allocated. A tied LM head is filled from the embedding's
-    tensor, beside the embedding itself."""
+    tensor, beside the embedding itself.
+
+    `only` (checkpoint weight names, as the layers name them) narrows this to the layers whose every
+    weight is among them and that take `q.method` itself (not its int8 fallback): the layers a
+    quantized checkpoint stores in a form that maps onto `q` without loss; the others stay as they are."""
     q.check(dtype, device)
     for path, parent, name, child in _chosen(model, q):
         prefix = path.rsplit(".", 1)[0] + "." if "." in path else ""
         produce = getattr(child, "weight_targets", None)
         sources = list(produce(prefix, path) if produce else plain_targets(child, prefix, path))
+        weights = [t.checkpoint_name for t in sources if not t.covers and not t.checkpoint_name.endswith(".bias")]
+        if only is not None and not (weights and all(w in only for w in weights)):
+            continue
         if isinstance(child, Qwen3MoeExperts):
-            setattr(parent, name, QuantizedExperts.empty(child, q.method, q.group_size, sources))
+            layer = QuantizedExperts.empty(child, q.method, q.group_size, sources)
         else:
             N, K = child.weight.shape
             fmt = _linear_format(q.method, (N, K), q.group_size)
-            setattr(parent, name, QuantizedLinear.empty(fmt, N, K, q.group_size, child.bias, sources))
+            layer = QuantizedLinear.empty(fmt, N, K, q.group_size, child.bias, sources)
+        if only is None or layer.format == q.method:
+            setattr(parent, name, layer)
+    if only is not None:
+        return  # a tied LM head reads the embedding, which no checkpoint stores quantized
     if q.quantize_lm_head and getattr(model, "lm_head", None) is None:
         emb = model.model.embed_tokens
         produce = getattr(emb, "weight_targets", None)

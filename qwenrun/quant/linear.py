@@ -101,11 +101,15 @@ def _quantize_into(module: nn.Module, prefix: str, fmt: str, group_size: int, ro
     matrix rows at a time."""
     dests = [getattr(module, prefix + name).view(rows, -1) for name in PART_NAMES[fmt]]
     w = tensor.reshape(-1, in_features)
-    first += row * (tensor[0].numel() // in_features) if tensor.dim() > 1 else 0
+    first += row * (tensor[0].numel() // in_features) if row and tensor.dim() > 1 else 0
     step = max(1, QUANT_CHUNK_BYTES // (4 * in_features))
     for a in range(0, w.shape[0], step):
         block = w[a : a + step]
-        for dest, part in zip(dests, quantize_parts(fmt, block, group_size)):
+        parts = None
+        if not isinstance(block, torch.Tensor):  # a checkpoint's own quantized rows (`qwenrun.quant.formats`)
+            parts = block.int4_parts(group_size) if fmt == "int4" else None
+            block = block.dense() if parts is None else block
+        for dest, part in zip(dests, parts or quantize_parts(fmt, block, group_size)):
             dest[first + a : first + a + block.shape[0]].copy_(part.reshape(block.shape[0], -1))
 
 
