@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun import kernels
+from qwenrun.layers.checkpoint import split
 from qwenrun.layers.linear import MergedLinear
+from qwenrun.layers.parallel import current, parts, row_parallel, sliced
 from qwenrun.layers.recurrent import RecurrentMetadata, RecurrentStateSpec
 
 CHUNK = 64
@@ -183,7 +185,10 @@ def gdn_prefill(
 
 class GatedDeltaNet(nn.Module):
     """The linear-attention mixer. `in_proj` rows `[q | k | v | z | b | a]`; `sources` names the
-    checkpoint tensors that fill them, in that order (see the module docstring)."""
+    checkpoint tensors that fill them, in that order, with their row counts (see the module
+    docstring). A tensor-parallel rank holds num_k_heads / world key heads with their value heads
+    (every row group, the conv channels, the per-head decay parameters and state slots split alike);
+    its owner all-reduces the output (`tp`)."""
 
     def __init__(self, hidden: int, num_k_heads: int, num_v_heads: int, k_head_dim: int, v_head_dim: int,
                  conv_kernel: int, eps: float, sources: tuple[tuple[str, int], ...] | None = None) -> None:
@@ -191,20 +196,31 @@ class GatedDeltaNet(nn.Module):
         if num_v_heads % num_k_heads:
             raise ValueError(f"linear_num_value_heads ({num_v_heads}) must be a multiple of "
                              f"linear_num_key_heads ({num_k_heads})")
+        tp = current()
+        self.tp = tp if tp.world > 1 else None
+        kd, vd = num_k_heads * k_head_dim, num_v_heads * v_head_dim  # the whole layer's
+        # each checkpoint tensor's row groups, whole-layer sizes (a rank takes its part of each)
+        groups = {"in_proj_qkv": (kd, kd, vd), "in_proj_z": (vd,), "in_proj_b": (num_v_heads,),
+                  "in_proj_a": (num_v_heads,), "in_proj_qkvz": (kd, kd, vd, vd), "in_proj_ba": (num_v_heads,) * 2}
+        num_k_heads = tp.divide(num_k_heads, "linear_num_key_heads")
+        num_v_heads //= tp.world
         self.num_k_heads, self.num_v_heads = num_k_heads, num_v_heads
         self.k_head_dim, self.v_head_dim, self.eps = k_head_dim, v_head_dim, eps
         self.key_dim, self.value_dim = num_k_heads * k_head_dim, num_v_heads * v_head_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         if sources is None:  # Qwen3.5's split projections
-            sources = (("in_proj_qkv", self.conv_dim), ("in_proj_z", self.value_dim),
-                       ("in_proj_b", num_v_heads), ("in_proj_a", num_v_heads))
-        self.in_proj = MergedLinear(hidden, [n for _, n in sources], [s for s, _ in sources])
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=False)
+            sources = (("in_proj_qkv", 2 * kd + vd), ("in_proj_z", vd), ("in_proj_b", groups["in_proj_b"][0]),
+                       ("in_proj_a", groups["in_proj_a"][0]))
+        self.in_proj = MergedLinear(hidden, [n // tp.world for _, n in sources], [s for s, _ in sources], False,
+                                    [parts(groups[s]) for s, _ in sources])
+        self.conv1d = sliced(nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=False),
+                             tp, weight=parts((kd, kd, vd)))
         self.dt_bias = nn.Parameter(torch.empty(num_v_heads))
         self.A_log = nn.Parameter(torch.empty(num_v_heads))
+        sliced(self, tp, dt_bias=split(0), A_log=split(0))
         self.norm = nn.Module()
         self.norm.weight = nn.Parameter(torch.empty(v_head_dim))  # gated RMSNorm: a plain weight, not 1 + w
-        self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
+        self.out_proj = row_parallel(nn.Linear(self.value_dim, hidden, bias=False), tp)
 
     def state_spec(self, dtype: torch.dtype) -> RecurrentStateSpec:
         return RecurrentStateSpec(self.conv_dim, self.conv1d.kernel_size[0], self.num_v_heads, self.k_head_dim,
@@ -227,7 +243,7 @@ class GatedDeltaNet(nn.Module):
                               self.dt_bias, states, z[rows], self.norm.weight, self.eps, self.num_k_heads)
 
         if cached and meta.is_decode_only:  # rows are the sequences, no gather
-            return self.out_proj(decode(slice(None), meta.slots, meta.out_slots).reshape(T, Hv * dv))
+            return self._out(decode(slice(None), meta.slots, meta.out_slots).reshape(T, Hv * dv))
         out = x.new_empty(T, Hv, dv)
         heads = meta.head_lens()
         decodes = [i for i, n in enumerate(heads) if cached and n == 1 and meta.has_initial_state[i]]
@@ -251,7 +267,11 @@ class GatedDeltaNet(nn.Module):
                 states[dst].copy_(state)
         for r in meta.draft_rounds:  # each round reads the states the one before wrote
             out[r.rows] = decode(r.rows, r.slots, r.out_slots)
-        return self.out_proj(out.reshape(T, Hv * dv))
+        return self._out(out.reshape(T, Hv * dv))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        out = self.out_proj(o)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 def next_qkvz_to_split(num_k_heads: int, k_head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -33,6 +33,7 @@ from qwenrun.layers.gated_delta_net import GatedDeltaNet, next_ba_to_split, next
 from qwenrun.layers.linear import MergedLinear
 from qwenrun.layers.mtp import MtpHead
 from qwenrun.layers.norm import RMSNorm, zero_centred
+from qwenrun.layers.parallel import current, kv_heads, lm_head, local_kv_heads, parts, row_parallel
 from qwenrun.layers.recurrent import RecurrentStateSpec
 from qwenrun.models.qwen3 import Qwen3MLP, Qwen3Model
 from qwenrun.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock
@@ -48,13 +49,17 @@ class Qwen3NextAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
+        self.tp = tp = current()  # this rank's heads, as Qwen3Attention
+        self.head_dim = d = cfg.head_dim
+        self.num_heads = tp.divide(cfg.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = local_kv_heads(tp, cfg.num_attention_heads, cfg.num_key_value_heads)
+        self.q_size = self.num_heads * d
+        kv = self.num_kv_heads * d
+        q_all = cfg.num_attention_heads * d
+        kv_part = kv_heads(cfg.num_key_value_heads, d)
         self.qkv_proj = MergedLinear(cfg.hidden_size, (2 * self.q_size, kv, kv), ("q_proj", "k_proj", "v_proj"),
-                                     cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+                                     cfg.attention_bias, (parts((q_all, q_all)), kv_part, kv_part))
+        self.o_proj = row_parallel(nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias), tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.scale = self.head_dim**-0.5
@@ -68,7 +73,8 @@ class Qwen3NextAttention(nn.Module):
         q_rot, k_cache, v_cache = qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, *rope,
                                                      self.q_norm.eps, self.num_heads, self.num_kv_heads, kv[0], kv[1],
                                                      meta.slot_mapping)
-        return self.o_proj(attend(q_rot, k_cache, v_cache, meta, self.scale) * torch.sigmoid(gate))
+        out = self.o_proj(attend(q_rot, k_cache, v_cache, meta, self.scale) * torch.sigmoid(gate))
+        return out if self.tp.world == 1 else self.tp.all_reduce(out)
 
 
 class Qwen3NextSparseMoeBlock(Qwen3MoeSparseMoeBlock):
@@ -141,7 +147,8 @@ class Qwen3NextForCausalLM(Qwen3MoeForCausalLM):
                                   f"{', '.join(HYBRID_MODEL_TYPES)}")
         self.config = cfg
         self.model = Qwen3NextModel(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)])
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = current()
+        self.lm_head = None if cfg.tie_word_embeddings else lm_head(cfg.hidden_size, cfg.vocab_size)
         self.checkpoint_rules = self.rules(cfg)
 
     @classmethod
@@ -190,9 +197,9 @@ class Qwen3NextForCausalLM(Qwen3MoeForCausalLM):
 
     def cache_specs(self, dtype: torch.dtype) -> list[KVCacheSpec | RecurrentStateSpec]:
         """Per layer: a state slot spec for linear attention, paged KV for full attention."""
-        cfg = self.config
         return [layer.linear_attn.state_spec(dtype) if layer.is_linear
-                else KVCacheSpec(cfg.num_key_value_heads, cfg.head_dim, dtype) for layer in self.model.layers]
+                else KVCacheSpec(layer.self_attn.num_kv_heads, layer.self_attn.head_dim, dtype)
+                for layer in self.model.layers]
 
 
 def query_gate_to_split(num_heads: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
