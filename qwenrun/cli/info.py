@@ -45,8 +45,9 @@ GENERATION_KEYS = (
 SPECULATIVE_TOKENS = 4  # the draft length `info` shows the cost of (a common num_speculative_tokens)
 
 
-def describe(model: str, revision: str | None) -> dict[str, Any]:
-    """Everything `info` prints, as JSON-ready values (bytes and counts as plain integers)."""
+def describe(model: str, revision: str | None, tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """Everything `info` prints, as JSON-ready values (bytes and counts as plain integers);
+    `tensor_parallel_size` > 1 adds what one rank holds (`per_rank`)."""
     ckpt = open_checkpoint(model, revision, weights=False)
     cfg = ckpt.config
     rope: dict[str, Any] = {"type": cfg.rope.rope_type, "theta": cfg.rope.theta}
@@ -94,6 +95,7 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         except InvalidRequestError as e:
             speculative = str(e)
     gen = ckpt.generation_config
+    per_rank = _per_rank(cfg, tensor_parallel_size) if tensor_parallel_size > 1 else None
     return {
         **_described(ckpt.path),
         "model": model,
@@ -120,9 +122,31 @@ def describe(model: str, revision: str | None) -> dict[str, Any]:
         "recurrent_state_bytes_per_sequence": sum(s.bytes_per_slot for s in state),  # bf16 conv, fp32 state
         "default_cache": fits,
         "default_cache_speculative": speculative,  # hybrid models: the same budget with draft slots
+        "per_rank": per_rank,
         "checkpoint_dtype": cfg.torch_dtype,
         "generation_defaults": {k: gen[k] for k in GENERATION_KEYS if k in gen},
     }
+
+
+def _per_rank(cfg: Any, world: int) -> dict[str, Any] | str:
+    """Rank 0's shard, built on meta as `load_model(tp=...)` builds it (every rank holds as much):
+    its parameters (replicated norms and routers included) and its KV heads' bytes per token; or
+    why the model does not split into `world` ranks."""
+    from qwenrun.errors import CheckpointError
+    from qwenrun.layers.parallel import TensorParallel, building
+
+    try:
+        with torch.device("meta"), building(TensorParallel(0, world)):
+            shard = create_model(cfg)
+    except CheckpointError as e:
+        return str(e)
+    n = sum(p.numel() for p in shard.parameters())
+    specs = shard.cache_specs(torch.bfloat16)
+    kv = sum(2 * s.num_kv_heads * s.head_dim for s in specs if isinstance(s, KVCacheSpec))
+    return {"tensor_parallel_size": world, "num_parameters": n, "weight_bytes": {"bfloat16": 2 * n, "float32": 4 * n},
+            "kv_cache_bytes_per_token": {"bfloat16": 2 * kv, "float32": 4 * kv},
+            "recurrent_state_bytes_per_sequence": sum(s.bytes_per_slot for s in specs
+                                                      if isinstance(s, RecurrentStateSpec))}
 
 
 def _described(path: Path) -> dict[str, Any]:
@@ -215,6 +239,16 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
             f"{d['kv_cache_bytes_per_token']['int8']:,} with --kv-cache-dtype int8 (scales included)",
         ),
     ]
+    rank = d["per_rank"]
+    if isinstance(rank, str):
+        rows.append(("per rank", f"does not split: {rank}"))
+    elif rank is not None:
+        rows.append((f"per rank (TP={rank['tensor_parallel_size']})",
+                     f"{rank['num_parameters']:,} parameters: {human_bytes(rank['weight_bytes']['bfloat16'])} bf16, "
+                     f"{human_bytes(rank['weight_bytes']['float32'])} fp32; KV cache "
+                     f"{rank['kv_cache_bytes_per_token']['bfloat16']:,} bytes per token bf16"
+                     + (f"; recurrent state {human_bytes(rank['recurrent_state_bytes_per_sequence'])} per sequence"
+                        if rank["recurrent_state_bytes_per_sequence"] else "")))
     if d["num_linear_attention_layers"]:
         rows.append((
             "recurrent state",
@@ -246,7 +280,7 @@ def _lines(d: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = describe(args.model, args.revision)
+    d = describe(args.model, args.revision, getattr(args, "tensor_parallel_size", 1))
     if args.json:
         print(json.dumps(d, indent=2))
         return 0

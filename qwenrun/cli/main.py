@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint without loading its weights")
     _add_model(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                      help="also show the memory one of N tensor-parallel ranks holds")
     quant = sub.add_parser(
         "quantize",
         help="write a checkpoint in qwenrun's own int8/int4 format (loads with no conversion)",

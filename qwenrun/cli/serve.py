@@ -138,6 +138,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", '
                          '"num_speculative_tokens": 4}\' (prompt lookup; also "draft_model" with "model", '
                          'and "mtp"); greedy output is unchanged')
+    rt.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
+                    help="split the model over N ranks on this host (processes: gloo on CPU, NCCL over "
+                         "one GPU each; default 1)")
+    rt.add_argument("--enable-expert-parallel", action="store_true",
+                    help="MoE models: spread whole experts over the tensor-parallel ranks instead of "
+                         "splitting every expert")
     rt.add_argument("--tool-call-parser", default="hermes", help="tool-call format (default hermes)")
     rt.add_argument("--mcp-config", metavar="FILE",
                     help="also serve POST /v1/agent/chat/completions, which runs these MCP servers' tools "
@@ -192,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
                   quantization=args.quantization, speculative_config=args.speculative_config,
-                  kv_cache_dtype=args.kv_cache_dtype)
+                  kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+                  enable_expert_parallel=args.enable_expert_parallel)
     names, accepted = model_names(args.model, args.served_model_name)
     slots = llm.engine.cache.slots
     state = "" if slots is None else (
