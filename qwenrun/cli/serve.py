@@ -144,6 +144,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     rt.add_argument("--enable-expert-parallel", action="store_true",
                     help="MoE models: spread whole experts over the tensor-parallel ranks instead of "
                          "splitting every expert")
+    rt.add_argument("--data-parallel-size", type=_positive, default=1, metavar="N",
+                    help="N whole replicas of the model, each a Ray actor with its own placement group, "
+                         "behind this one API; a request goes to the replica holding its prompt's prefix, "
+                         "else to the least loaded (default 1: no Ray)")
+    rt.add_argument("--ray-address", metavar="ADDR",
+                    help="the Ray cluster the replicas join (\"auto\": the one this node is in; "
+                         "default: start a local one)")
     rt.add_argument("--tool-call-parser", default="hermes", help="tool-call format (default hermes)")
     rt.add_argument("--mcp-config", metavar="FILE",
                     help="also serve POST /v1/agent/chat/completions, which runs these MCP servers' tools "
@@ -192,14 +199,24 @@ def run(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True, highlight=False)
     start = time.perf_counter()
+    llm_kwargs = dict(dtype=args.dtype, device=args.device, revision=args.revision,
+                      max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
+                      quantization=args.quantization, speculative_config=args.speculative_config,
+                      kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+                      enable_expert_parallel=args.enable_expert_parallel)
+    replicas = None
     with err.status(f"Loading {args.model}…"):
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                  max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
-                  quantization=args.quantization, speculative_config=args.speculative_config,
-                  kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-                  enable_expert_parallel=args.enable_expert_parallel)
+        if args.data_parallel_size > 1:
+            from qwenrun.distributed.ray_data_parallel import RayDataParallelEngine
+
+            replicas = RayDataParallelEngine.launch(args.model, args.data_parallel_size,
+                                                    ray_address=args.ray_address,
+                                                    max_waiting_per_replica=args.max_queue, **llm_kwargs)
+            llm = replicas.frontend
+        else:
+            llm = LLM(args.model, **llm_kwargs)
     names, accepted = model_names(args.model, args.served_model_name)
     slots = llm.engine.cache.slots
     state = "" if slots is None else (
@@ -208,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
     err.print(Text(f"loaded {args.model} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
                    f"in {time.perf_counter() - start:.1f} s; context {llm.engine.max_model_len} tokens{state}",
                    style="grey50"), soft_wrap=True)
+    if replicas is not None:
+        where = ", ".join(f"{i.device} {i.num_threads} threads on {i.node}" for i in replicas.infos)
+        err.print(Text(f"{len(replicas.infos)} data-parallel replicas on Ray ({where}); this process "
+                       "routes and serves", style="grey50"), soft_wrap=True)
     tools = None
     restore = _sigterm_as_interrupt()
     try:
@@ -220,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(llm, served_model_name=names, accepted_model_names=accepted,
                          api_key=args.api_key, max_queue=args.max_queue,
                          media_limits=MediaLimits.for_server(allow_http=args.allow_media_urls),
-                         webui=args.webui)
+                         webui=args.webui, engine=replicas)
         if tools is not None:
             from qwenrun.agent.server import AGENT_PATH, add_agent_route
 
@@ -243,6 +264,11 @@ def run(args: argparse.Namespace) -> int:
         restore()
         if tools is not None:
             tools.close()  # stops the MCP child processes
+        if replicas is not None:
+            import ray
+
+            replicas.shutdown()
+            ray.shutdown()
     return 0
 
 

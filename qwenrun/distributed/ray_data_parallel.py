@@ -135,6 +135,8 @@ class RayDataParallelEngine:
         # Validation and prompts only: one sequence's cache, the replicas' context window, on CPU.
         frontend_kwargs = {**llm_kwargs, "device": "cpu", "max_num_seqs": 1, "speculative_config": None,
                            "max_model_len": infos[0].max_model_len}
+        if llm_kwargs.get("tensor_parallel_size", 1) > 1:  # the replicas split the model, not the front end
+            frontend_kwargs |= {"tensor_parallel_size": 1, "enable_expert_parallel": False}
         frontend = LLM(model, **frontend_kwargs)
         logger.info("data parallelism: %d replicas of %s, %d CPUs%s each", data_parallel_size, model, cpus,
                     " and a GPU" if cuda else "")
@@ -249,9 +251,15 @@ class RayDataParallelEngine:
         from ray.util.placement_group import remove_placement_group
 
         for r in self.replicas:
-            ray.kill(r)
+            try:
+                ray.kill(r)
+            except ray.exceptions.RayError as e:  # a cluster already gone (its head stopped first)
+                logger.warning("could not stop a data-parallel replica: %s", e)
         for g in self.placement_groups:
-            remove_placement_group(g)
+            try:
+                remove_placement_group(g)
+            except ray.exceptions.RayError as e:
+                logger.warning("could not remove a replica's placement group: %s", e)
 
 
 def _apply(req: Request, item: ReplicaDelta) -> StepDelta:
