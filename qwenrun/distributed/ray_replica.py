@@ -97,6 +97,7 @@ class EngineReplica:
         self.llm = LLM(model, **llm_kwargs)
         self.engine = async_engine.AsyncEngine(self.llm.engine, max_waiting=max_waiting)
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self.aborted = 0  # requests ended by `abort` (their clients went away)
 
     def info(self) -> ReplicaInfo:
         import torch
@@ -138,18 +139,19 @@ class EngineReplica:
         task = self._tasks.pop(request_id, None)
         if task is not None:
             task.cancel()
+            self.aborted += 1
 
     def stats(self) -> async_engine.EngineStats:
         return self.engine.stats()
 
     def cache_report(self) -> dict[str, Any]:
-        """Block counts, and `CacheManager.check_integrity` run when the replica is idle ("busy"
+        """Block counts, requests aborted so far, and `CacheManager.check_integrity` run when the replica is idle ("busy"
         otherwise: the engine thread may be changing the cache under it)."""
         engine = self.llm.engine
         pool = engine.pool
         report: dict[str, Any] = {"num_blocks": pool.num_blocks, "num_free": pool.num_free,
                                   "num_live": engine.cache.num_live,
-                                  "unfinished": len(engine.unfinished_requests())}
+                                  "unfinished": len(engine.unfinished_requests()), "aborted": self.aborted}
         if engine.has_unfinished_requests() or self._tasks:
             report["integrity"] = "busy"
             return report

@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +27,9 @@ import qwenrun  # noqa: E402
 from qwenrun.sampling.params import SamplingParams  # noqa: E402
 
 BUNDLED = str(Path(qwenrun.__file__).parent / "assets" / "qwen3-tiny-thinker")
-LLM_KWARGS = dict(dtype="float32", device="cpu", kv_cache_memory=8 << 20, max_model_len=512)
+LLM_KWARGS = dict(dtype="float32", device="cpu", kv_cache_memory=16 << 20, max_model_len=1024)
+# ignore_eos streams this long take the bundled model ~2.5 s on one thread: time to act after the first chunk
+LONG = 1000
 QUESTIONS = ["What is 12 + 34?", "What is 305 + 417?", "What is 23 * 41?", "What is 88 - 19?"]
 
 
@@ -80,6 +83,24 @@ def launch():
 def chat(question: str, max_tokens: int = 96) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0,
             "max_tokens": max_tokens}
+
+
+@contextmanager
+def running_stream(server: Server, dp, body: dict, attempts: int = 5):
+    """(replica, first data line, the rest of the lines) of a stream caught while its replica still
+    runs it. On a busy machine the server may send a whole stream of the bundled model before this
+    thread reads its first chunk; the stream is then drained and asked for again."""
+    for _ in range(attempts):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as s:
+            lines = s.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            busy = [i for i, n in enumerate(dp.router.load) if n == 1]
+            if busy:
+                yield busy[0], first, lines
+                return
+            for _ in lines:
+                pass
+    pytest.fail(f"every one of {attempts} streams had finished before its first chunk was read")
 
 
 def wait_idle(dp, timeout: float = 20.0) -> dict:
@@ -152,20 +173,25 @@ class TestServed:
         assert min(hits) >= 2 * dp.infos[0].block_size, hits  # and each found its prefix cached there
         wait_idle(dp)
 
+    def test_client_gone_aborts_on_the_replica(self, served):
+        dp, server = served
+        body = {"model": "tiny", "prompt": "1 + 1 =", "max_tokens": LONG, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        aborted = sum(r["aborted"] for r in dp.cache_reports().values())
+        with running_stream(server, dp, body) as (home, _, _):
+            pass
+        # the connection is closed: the replica cancels the stream and frees the blocks
+        reports = wait_idle(dp)
+        assert sum(r["aborted"] for r in reports.values()) == aborted + 1
+        assert ray.get(dp.replicas[home].stats.remote()).running == 0
+
     def test_killed_replica_fails_its_stream_and_the_server_carries_on(self, served):
         dp, server = served
-        body = {"model": "tiny", "prompt": "1 + 1 =", "max_tokens": 400, "ignore_eos": True,
+        body = {"model": "tiny", "prompt": "1 + 1 =", "max_tokens": LONG, "ignore_eos": True,
                 "temperature": 0, "stream": True}
-        events = []
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as s:
-            lines = s.iter_lines()
-            for line in lines:
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    break
-            [victim] = [i for i, n in enumerate(dp.router.load) if n == 1]
+        with running_stream(server, dp, body) as (victim, first, lines):
             ray.kill(dp.replicas[victim])
-            events += [line[6:] for line in lines if line.startswith("data: ")]
+            events = [first[6:]] + [line[6:] for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
         assert error["type"] == "server_error" and f"replica {victim} died" in error["message"], error
