@@ -36,8 +36,11 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
+import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -217,6 +220,14 @@ def _worker_main(config: WorkerConfig, rank: int, conn: Connection) -> None:
             return
 
 
+def _last_words(conn: Connection) -> str | None:
+    """The error a worker sent before it exited, if any."""
+    try:
+        return conn.recv()[1] if conn.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
 class MultiprocExecutor(Executor):
     """Ranks 1..N-1 as processes on this host (torch.multiprocessing, spawn); rank 0 is the caller,
     which joins the group once they are started and loads its shard while they load theirs
@@ -237,6 +248,33 @@ class MultiprocExecutor(Executor):
             self.procs.append(proc)
             self.conns.append(parent)
         self._dead: str | None = None
+
+    def join_group(self, make: Callable[[], Any]) -> Any:
+        """`make()` (rank 0's side of the group's rendezvous), given up as soon as a worker exits
+        before joining (a script without a `__main__` guard, a failed import) instead of at the
+        group's timeout."""
+        result: list[Any] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(make())
+            except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+                failure.append(e)
+
+        thread = threading.Thread(target=run, daemon=True, name="qwenrun-tp-rendezvous")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+                if not proc.is_alive():
+                    detail = _last_words(conn) or f"exit code {proc.exitcode}"
+                    raise QwenrunError(f"tensor-parallel rank {rank} exited before joining the group: {detail}"
+                                       "\n(a script that starts tensor-parallel ranks needs an "
+                                       "`if __name__ == '__main__':` guard: the ranks are spawned and import it)")
+        if failure:
+            raise failure[0]
+        return result[0]
 
     def wait_ready(self) -> None:
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
@@ -348,7 +386,7 @@ def start_tensor_parallel(path: str | os.PathLike[str], dtype: torch.dtype, devi
                           store.port, threads)
     executor = MultiprocExecutor(config)
     try:
-        tp = TensorParallel(0, world, _driver_group(store, config), expert_parallel)
+        tp = TensorParallel(0, world, executor.join_group(lambda: _driver_group(store, config)), expert_parallel)
         executor.tp = tp
         model = load_model(open_checkpoint(path), dtype, device, quantization=quantization, tp=tp)
         executor.wait_ready()
@@ -361,6 +399,7 @@ def start_tensor_parallel(path: str | os.PathLike[str], dtype: torch.dtype, devi
         pack_linears(model)
     wrapped = TensorParallelModel(model, executor)
     wrapped._store = store  # the rendezvous store lives as long as the group
+    weakref.finalize(wrapped, executor.close)  # the workers go with the model (and at exit)
     return wrapped
 
 
