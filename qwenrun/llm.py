@@ -66,6 +66,9 @@ class LLM:
         tensor_parallel_size: ranks the model is split over (processes on this host: gloo on CPU, NCCL
             over one GPU each); this process is rank 0 and schedules, `qwenrun.distributed.executor`.
         enable_expert_parallel: MoE experts spread whole over the ranks instead of split.
+        distributed_executor_backend: where ranks 1..N-1 run: "mp" (processes on this host) or
+            "ray" (Ray actors in a placement group, any node of the cluster; `ray_address` joins one,
+            else a local cluster starts), `qwenrun.distributed.ray_executor`.
         speculative_config: vLLM's shape; {"method": "ngram", "num_speculative_tokens": k,
             "prompt_lookup_min": 1, "prompt_lookup_max": 3} drafts by prompt lookup, {"method":
             "draft_model", "model": path or hub id, "num_speculative_tokens": k} with a smaller Qwen3
@@ -95,6 +98,8 @@ class LLM:
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
         kv_cache_dtype: str = "auto",
+        distributed_executor_backend: str = "mp",
+        ray_address: str | None = None,
     ) -> None:
         ckpt = open_checkpoint(model, revision)
         self.checkpoint = ckpt
@@ -112,14 +117,23 @@ class LLM:
             raise InvalidRequestError("speculative decoding does not run tensor-parallel yet",
                                       param="tensor_parallel_size")
         # quantized as it loads: peak memory is the quantized model, not the full-precision one
+        if distributed_executor_backend not in ("mp", "ray"):
+            raise InvalidRequestError(f"distributed_executor_backend is 'mp' or 'ray', not "
+                                      f"{distributed_executor_backend!r}", param="distributed_executor_backend")
         if tensor_parallel_size > 1:
             from qwenrun.distributed.executor import start_tensor_parallel
 
             if ckpt.config.vision is not None:
                 raise InvalidRequestError("vision-language models do not run tensor-parallel yet",
                                           param="tensor_parallel_size")
-            self.model = start_tensor_parallel(ckpt.path, self.dtype, self.device, tensor_parallel_size,
-                                               enable_expert_parallel, quant)
+            if distributed_executor_backend == "ray":
+                from qwenrun.distributed.ray_executor import start_tensor_parallel_ray
+
+                self.model = start_tensor_parallel_ray(ckpt.path, self.dtype, self.device, tensor_parallel_size,
+                                                       enable_expert_parallel, quant, ray_address)
+            else:
+                self.model = start_tensor_parallel(ckpt.path, self.dtype, self.device, tensor_parallel_size,
+                                                   enable_expert_parallel, quant)
         else:
             self.model = load_model(ckpt, self.dtype, self.device, mtp=spec is not None and spec.method == "mtp",
                                     quantization=quant)

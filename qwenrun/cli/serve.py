@@ -144,6 +144,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     rt.add_argument("--enable-expert-parallel", action="store_true",
                     help="MoE models: spread whole experts over the tensor-parallel ranks instead of "
                          "splitting every expert")
+    rt.add_argument("--distributed-executor-backend", "--distributed-executor", choices=("mp", "ray"),
+                    default="mp", help="where the tensor-parallel ranks run: mp (processes on this host, "
+                    "default) or ray (Ray actors, on any node of the cluster --ray-address names)")
     rt.add_argument("--data-parallel-size", type=_positive, default=1, metavar="N",
                     help="N whole replicas of the model, each a Ray actor with its own placement group, "
                          "behind this one API; a request goes to the replica holding its prompt's prefix, "
@@ -205,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
                       enable_prefix_caching=args.enable_prefix_caching, tool_parser=args.tool_call_parser,
                       quantization=args.quantization, speculative_config=args.speculative_config,
                       kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-                      enable_expert_parallel=args.enable_expert_parallel)
+                      enable_expert_parallel=args.enable_expert_parallel,
+                      distributed_executor_backend=args.distributed_executor_backend)
+    if args.distributed_executor_backend == "ray" and args.data_parallel_size == 1:
+        llm_kwargs["ray_address"] = args.ray_address
     replicas = None
     with err.status(f"Loading {args.model}…"):
         if args.data_parallel_size > 1:
