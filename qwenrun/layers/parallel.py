@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenrun.errors import CheckpointError
-from qwenrun.layers.checkpoint import Rank, RankSlice, replicated, split
+from qwenrun.layers.checkpoint import Rank, RankSlice, split
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,6 @@ def sliced(module: nn.Module, tp: TensorParallel, **slices: RankSlice) -> nn.Mod
     if tp.world > 1:
         module.tp_slices = slices
     return module
-
-
-def slice_of(module: nn.Module, pname: str) -> RankSlice:
-    return getattr(module, "tp_slices", {}).get(pname, replicated)
 
 
 # ------------------------------------------------------------------------------- vocabulary

@@ -13,6 +13,7 @@ from torch import nn
 from qwenrun.config import ModelConfig
 from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.forward_batch import ForwardBatch
+from qwenrun.layers.parallel import current
 from qwenrun.layers.vision import VisionTower
 from qwenrun.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 from qwenrun.models.qwen3_next import Qwen3NextModel
@@ -32,6 +33,7 @@ class Qwen3_5VLTextModel(Qwen3NextModel):
 class Qwen3_5ForConditionalGeneration(VisionLanguage, Qwen3_5ForCausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         nn.Module.__init__(self)
+        self.tp = current()  # compute_logits reads it; vision-language models run in one process
         if cfg.linear is None or cfg.vision is None:
             raise ValueError(f"{type(self).__name__} needs a hybrid text config and a vision_config")
         if cfg.vision.deepstack_visual_indexes:

@@ -23,6 +23,7 @@ from torch import nn
 from qwenrun.config import ModelConfig
 from qwenrun.layers.checkpoint import CheckpointRules
 from qwenrun.layers.forward_batch import ForwardBatch
+from qwenrun.layers.parallel import current
 from qwenrun.layers.vision import VisionTower, conv_kernel_as_linear
 from qwenrun.models.qwen3 import Qwen3ForCausalLM, Qwen3Model
 from qwenrun.models.qwen3_5 import fused_experts
@@ -97,6 +98,7 @@ class Qwen3VLForConditionalGeneration(VisionLanguage, Qwen3ForCausalLM):
 
     def __init__(self, cfg: ModelConfig) -> None:
         nn.Module.__init__(self)
+        self.tp = current()  # compute_logits reads it; vision-language models run in one process
         self.config = cfg
         self.visual = VisionTower(_vision_config(cfg))
         self.model = Qwen3VLTextModel(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers)])
