@@ -152,8 +152,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                          "behind this one API; a request goes to the replica holding its prompt's prefix, "
                          "else to the least loaded (default 1: no Ray)")
     rt.add_argument("--ray-address", metavar="ADDR",
-                    help="the Ray cluster the replicas join (\"auto\": the one this node is in; "
-                         "default: start a local one)")
+                    help="the Ray cluster the data-parallel replicas or the Ray tensor-parallel ranks join "
+                         "(\"auto\": the one this node is in; default: start a local one)")
     rt.add_argument("--tool-call-parser", default="hermes", help="tool-call format (default hermes)")
     rt.add_argument("--mcp-config", metavar="FILE",
                     help="also serve POST /v1/agent/chat/completions, which runs these MCP servers' tools "

@@ -1,0 +1,60 @@
+"""`qwenrun serve --data-parallel-size 2` as a user starts it: a local Ray cluster of its own, two
+replicas, one API; SIGTERM stops the server and its replicas."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="ray is not installed (pip install 'qwenrun[distributed]')")
+httpx = pytest.importorskip("httpx")
+
+import qwenrun  # noqa: E402
+
+BUNDLED = str(Path(qwenrun.__file__).parent / "assets" / "qwen3-tiny-thinker")
+
+
+def test_serve_data_parallel(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "qwenrun", "serve", BUNDLED, "--data-parallel-size", "2", "--port", str(port),
+           "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "8MiB", "--max-model-len", "512",
+           "--no-webui", "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, f"qwenrun serve exited: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"qwenrun serve did not become healthy: {log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        assert "2 data-parallel replicas on Ray (cpu 1 threads" in log.read_text()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "qwen3-tiny-thinker", "messages": [{"role": "user", "content": "What is 12 + 34?"}],
+            "temperature": 0, "max_tokens": 96})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "12 + 34 = 46", r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:  # SIGTERM first: a killed server leaves its Ray cluster behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
