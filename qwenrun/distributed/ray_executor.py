@@ -118,7 +118,8 @@ class RayExecutor(Executor):
         try:
             ray.get(self._ready, timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise QwenrunError(f"the tensor-parallel ranks did not load their shards in {READY_TIMEOUT_S:.0f} s") from None
+            raise QwenrunError(f"the tensor-parallel ranks did not load their shards in "
+                               f"{READY_TIMEOUT_S:.0f} s") from None
         except ray.exceptions.RayError as e:
             raise QwenrunError(f"a tensor-parallel rank failed to start: {e}") from None
 

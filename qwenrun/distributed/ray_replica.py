@@ -145,8 +145,8 @@ class EngineReplica:
         return self.engine.stats()
 
     def cache_report(self) -> dict[str, Any]:
-        """Block counts, requests aborted so far, and `CacheManager.check_integrity` run when the replica is idle ("busy"
-        otherwise: the engine thread may be changing the cache under it)."""
+        """Block counts, requests aborted so far, and `CacheManager.check_integrity` run when the
+        replica is idle ("busy" otherwise: the engine thread may be changing the cache under it)."""
         engine = self.llm.engine
         pool = engine.pool
         report: dict[str, Any] = {"num_blocks": pool.num_blocks, "num_free": pool.num_free,
