@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0  # a cluster without the CPUs (or GPUs) asked for never places the bundles
+STATS_WAIT_S = 0.5  # the longest `stats` holds the event loop waiting for the replicas' answers
 
 
 def _ray() -> Any:
@@ -79,6 +80,7 @@ class RayDataParallelEngine:
         self.retries = 0  # requests sent again after their replica died before streaming
         self._stopped = False
         self._on_replica: dict[str, int] = {}  # request id -> replica serving it now
+        self._last_stats: dict[int, EngineStats] = {}  # each replica's latest answer to `stats`
 
     @classmethod
     def launch(cls, model: str, data_parallel_size: int, *, ray_address: str | None = None,
@@ -220,20 +222,23 @@ class RayDataParallelEngine:
             self.router.remove(i)
 
     def stats(self) -> EngineStats:
-        """The live replicas' stats summed (a replica that does not answer within 2 s is left out)."""
+        """The live replicas' stats summed. It is called on the event loop (every request's queue
+        check, every scrape), so it waits at most `STATS_WAIT_S` in all: a replica that has not
+        answered by then counts with its last answer."""
         ray = _ray()
-        total = EngineStats(0, 0, 0, 0, 0, 0, 0)
         live = self.router.live_replicas
-        refs = [self.replicas[i].stats.remote() for i in live]
-        for i, ref in zip(live, refs):
+        refs = {self.replicas[i].stats.remote(): i for i in live}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_WAIT_S)
+        for ref in done:
             try:
-                s: EngineStats = ray.get(ref, timeout=2.0)
+                self._last_stats[refs[ref]] = ray.get(ref)
             except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
-                self._lose(i, e)
-                continue
-            except ray.exceptions.GetTimeoutError:
-                continue
-            total = EngineStats(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(s))))
+                self._lose(refs[ref], e)
+        total = EngineStats(0, 0, 0, 0, 0, 0, 0)
+        for i in self.router.live_replicas:
+            if i in self._last_stats:
+                total = EngineStats(*(a + b for a, b in zip(dataclasses.astuple(total),
+                                                            dataclasses.astuple(self._last_stats[i]))))
         return total
 
     def cache_reports(self) -> dict[int, dict[str, Any]]:
