@@ -70,7 +70,7 @@ class WorkerConfig:
 
     model: str  # the checkpoint folder (already resolved by the driver)
     dtype: torch.dtype
-    device: str  # "cpu" or "cuda" (rank r takes cuda:r)
+    device: str  # "cpu" or "cuda" (`device_of`)
     world: int
     expert_parallel: bool
     quantization: Quantization | None
@@ -83,7 +83,10 @@ class WorkerConfig:
         return "nccl" if self.device == "cuda" else "gloo"
 
     def device_of(self, rank: int) -> torch.device:
-        return torch.device("cuda", rank) if self.device == "cuda" else torch.device("cpu")
+        """cuda:rank, or cuda:0 in a process that sees one GPU (a Ray actor given its own)."""
+        if self.device != "cuda":
+            return torch.device("cpu")
+        return torch.device("cuda", rank if torch.cuda.device_count() > 1 else 0)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ STOP = "stop"
 def connect(config: WorkerConfig, rank: int) -> TensorParallel:
     """Join the ranks' process group (rank 0 hosts the rendezvous store) and return the rank's view."""
     if config.device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(config.device_of(rank))
     store = dist.TCPStore(config.store_host, config.store_port, config.world, rank == 0, timeout=GROUP_TIMEOUT)
     if config.backend == "nccl":
         group = dist.ProcessGroupNCCL(store, rank, config.world)
@@ -180,9 +183,21 @@ class Worker:
 
 
 class Executor(ABC):
-    """The driver's side of the workers (see the module docstring)."""
+    """The driver's side of the workers (see the module docstring). `start_tensor_parallel` makes
+    one with `executor_class(config)`, which starts ranks 1..N-1 (each runs `Worker(config, rank)`,
+    then `handle` on every message), then joins the group as rank 0 through `join_group` and loads
+    its own shard while the workers load theirs, then calls `wait_ready`."""
 
     tp: TensorParallel  # rank 0's view of the group
+
+    def join_group(self, make: Callable[[], Any]) -> Any:
+        """Rank 0's side of the rendezvous (`make()`, which blocks until every rank has joined);
+        an executor that can see a worker die meanwhile gives up sooner than the group's timeout."""
+        return make()
+
+    @abstractmethod
+    def wait_ready(self) -> None:
+        """Return once every worker has loaded its shard; QwenrunError with its error otherwise."""
 
     @abstractmethod
     def send(self, msg: Any) -> None:
@@ -373,18 +388,22 @@ class TensorParallelModel(nn.Module):
 
 
 def start_tensor_parallel(path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, world: int,
-                          expert_parallel: bool, quantization: Quantization | None) -> TensorParallelModel:
-    """Start ranks 1..world-1 on this host, load rank 0's shard here, and return the engine's model;
-    call `bind_cache` once the engine has its cache."""
+                          expert_parallel: bool, quantization: Quantization | None,
+                          executor_class: Callable[[WorkerConfig], Executor] = MultiprocExecutor,
+                          host: str = "127.0.0.1") -> TensorParallelModel:
+    """Start ranks 1..world-1 (`executor_class`: local processes by default), load rank 0's shard
+    here, and return the engine's model; call `bind_cache` once the engine has its cache. `host`:
+    the address of this process that the ranks reach its rendezvous store at (another host's
+    ranks need this host's address)."""
     from qwenrun.loading.loader import load_model, open_checkpoint
 
-    if device.type == "cuda" and torch.cuda.device_count() < world:
+    if executor_class is MultiprocExecutor and device.type == "cuda" and torch.cuda.device_count() < world:
         raise QwenrunError(f"tensor_parallel_size {world} needs {world} GPUs; {torch.cuda.device_count()} visible")
-    store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
+    store = dist.TCPStore(host, 0, world, True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else 0
-    config = WorkerConfig(str(path), dtype, device.type, world, expert_parallel, quantization, "127.0.0.1",
+    config = WorkerConfig(str(path), dtype, device.type, world, expert_parallel, quantization, host,
                           store.port, threads)
-    executor = MultiprocExecutor(config)
+    executor = executor_class(config)
     try:
         tp = TensorParallel(0, world, executor.join_group(lambda: _driver_group(store, config)), expert_parallel)
         executor.tp = tp
