@@ -248,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
                          api_key=args.api_key, max_queue=args.max_queue,
                          media_limits=MediaLimits.for_server(allow_http=args.allow_media_urls),
                          webui=args.webui, engine=replicas)
+        if replicas is not None:
+            app.state.qwenrun.metrics.registry.register(replicas.collector())
         if tools is not None:
             from qwenrun.agent.server import AGENT_PATH, add_agent_route
 

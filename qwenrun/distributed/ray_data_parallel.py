@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from qwenrun.distributed.ray_replica import EngineReplica, ReplicaDelta, ReplicaFailure, ReplicaInfo
 from qwenrun.distributed.router import PrefixAffinityRouter
@@ -241,6 +244,11 @@ class RayDataParallelEngine:
                                                             dataclasses.astuple(self._last_stats[i]))))
         return total
 
+    def collector(self) -> Collector:
+        """Per-replica Prometheus metrics, for the app's registry beside the summed ones
+        (`app.state.qwenrun.metrics.registry.register(engine.collector())`)."""
+        return _ReplicaCollector(self)
+
     def cache_reports(self) -> dict[int, dict[str, Any]]:
         """Each live replica's `EngineReplica.cache_report` (blocks, live handles, integrity)."""
         ray = _ray()
@@ -265,6 +273,43 @@ class RayDataParallelEngine:
                 remove_placement_group(g)
             except ray.exceptions.RayError as e:
                 logger.warning("could not remove a replica's placement group: %s", e)
+
+
+class _ReplicaCollector(Collector):
+    """Each replica's gauges, labelled `replica`, from its latest `stats` answer (the summed
+    collector, registered first, has just asked), plus the router's counters."""
+
+    def __init__(self, engine: RayDataParallelEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        e, labels = self.engine, ["replica"]
+        up = GaugeMetricFamily("qwenrun_replica_up", "1 while a data-parallel replica is alive.", labels=labels)
+        in_flight = GaugeMetricFamily("qwenrun_replica_requests_in_flight",
+                                      "Requests the router has on a replica.", labels=labels)
+        running = GaugeMetricFamily("qwenrun_replica_num_requests_running", "Requests a replica decodes.",
+                                    labels=labels)
+        waiting = GaugeMetricFamily("qwenrun_replica_num_requests_waiting", "Requests a replica has queued.",
+                                    labels=labels)
+        usage = GaugeMetricFamily("qwenrun_replica_kv_cache_usage_perc",
+                                  "Fraction of a replica's KV cache blocks in use (0 to 1).", labels=labels)
+        hit = GaugeMetricFamily("qwenrun_replica_prefix_cache_hit_rate",
+                                "Fraction of a replica's prompt tokens served from its prefix cache.", labels=labels)
+        for i, alive in enumerate(e.router.alive):
+            name = [str(i)]
+            up.add_metric(name, float(alive))
+            in_flight.add_metric(name, e.router.load[i])
+            s = e._last_stats.get(i)
+            if alive and s is not None:
+                running.add_metric(name, s.running)
+                waiting.add_metric(name, s.waiting)
+                usage.add_metric(name, s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
+                hit.add_metric(name, s.prefix_cache_hit_rate)
+        yield from (up, in_flight, running, waiting, usage, hit)
+        yield CounterMetricFamily("qwenrun_router_affinity_hits", "Requests sent to the replica of their prefix.",
+                                  value=e.router.affinity_hits)
+        yield CounterMetricFamily("qwenrun_router_retries",
+                                  "Requests sent again after their replica died before streaming.", value=e.retries)
 
 
 def _apply(req: Request, item: ReplicaDelta) -> StepDelta:

@@ -77,7 +77,9 @@ def launch():
 
     dp = RayDataParallelEngine.launch(BUNDLED, 2, **LLM_KWARGS)
     assert [i.num_threads for i in dp.infos] == [1, 1]  # a CPU each, of the cluster's two
-    return dp, Server(create_app(dp.frontend, served_model_name="tiny", engine=dp))
+    app = create_app(dp.frontend, served_model_name="tiny", engine=dp)
+    app.state.qwenrun.metrics.registry.register(dp.collector())
+    return dp, Server(app)
 
 
 def chat(question: str, max_tokens: int = 96) -> dict:
@@ -171,6 +173,9 @@ class TestServed:
         assert placed[0] != placed[1] and placed[2] == placed[1] and placed[3] == placed[0], placed
         hits = [a.prefix_hit_tokens - b.prefix_hit_tokens for a, b in zip(stats(), before)]
         assert min(hits) >= 2 * dp.infos[0].block_size, hits  # and each found its prefix cached there
+        metrics = httpx.get(server.url + "/metrics").text
+        assert f"qwenrun_router_affinity_hits_total {float(dp.router.affinity_hits)}" in metrics
+        assert dp.router.affinity_hits >= 2
         wait_idle(dp)
 
     def test_client_gone_aborts_on_the_replica(self, served):
@@ -203,6 +208,10 @@ class TestServed:
         assert httpx.get(server.url + "/health").status_code == 200
         metrics = httpx.get(server.url + "/metrics").text
         assert "qwenrun_num_requests_running 0.0" in metrics
+        assert f'qwenrun_replica_up{{replica="{victim}"}} 0.0' in metrics
+        assert f'qwenrun_replica_up{{replica="{1 - victim}"}} 1.0' in metrics
+        assert f'qwenrun_replica_num_requests_running{{replica="{1 - victim}"}} 0.0' in metrics
+        assert f'replica="{victim}"' not in metrics.split("qwenrun_replica_num_requests_running")[-1]
         assert list(wait_idle(dp)) == [1 - victim]
 
 
