@@ -18,9 +18,8 @@ streaming), since its client already holds part of an answer the retry would not
 sampling. The server stays up while one replica lives. A client that goes away aborts its request
 on the replica, which frees its blocks at its next step.
 
-The front end's `LLM` holds a copy of the weights (on CPU) and a KV cache sized for one sequence
-(`max_num_seqs=1`), which it never runs: building requests needs the engine's validation, and a
-weightless front end is not there yet.
+The front end's `LLM` is built on the meta device (`_frontend`): it validates and builds requests
+with the engine's own code but holds neither weights nor a KV cache.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ class RayDataParallelEngine:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from qwenrun.llm import LLM, resolve_device
+        from qwenrun.llm import resolve_device
 
         init_ray(ray_address)
         total = int(ray.cluster_resources().get("CPU", 1))
@@ -137,12 +136,7 @@ class RayDataParallelEngine:
             for g in groups:
                 remove_placement_group(g)
             raise
-        # Validation and prompts only: one sequence's cache, the replicas' context window, on CPU.
-        frontend_kwargs = {**llm_kwargs, "device": "cpu", "max_num_seqs": 1, "speculative_config": None,
-                           "max_model_len": infos[0].max_model_len}
-        if llm_kwargs.get("tensor_parallel_size", 1) > 1:  # the replicas split the model, not the front end
-            frontend_kwargs |= {"tensor_parallel_size": 1, "enable_expert_parallel": False}
-        frontend = LLM(model, **frontend_kwargs)
+        frontend = _frontend(model, llm_kwargs, infos[0].max_model_len)
         logger.info("data parallelism: %d replicas of %s, %d CPUs%s each", data_parallel_size, model, cpus,
                     " and a GPU" if cuda else "")
         return cls(frontend, replicas, groups, infos, max_waiting_per_replica=max_waiting_per_replica,
@@ -310,6 +304,27 @@ class _ReplicaCollector(Collector):
                                   value=e.router.affinity_hits)
         yield CounterMetricFamily("qwenrun_router_retries",
                                   "Requests sent again after their replica died before streaming.", value=e.retries)
+
+
+def _frontend(model: str, llm_kwargs: dict[str, Any], max_model_len: int) -> LLM:
+    """The front end's `LLM`: the replicas' tokenizer, template, defaults and context window, and an
+    engine that validates and builds requests but never runs one, so it is built on the meta device
+    (no weights, no KV cache in memory: the budget only has to admit one whole context) and
+    unquantized, unsplit and without a drafter. Its requests' seeded generators are made on the CPU
+    (a meta device has none), and are never drawn from: each replica makes its own."""
+    import torch
+
+    from qwenrun.llm import LLM
+
+    kwargs = {**llm_kwargs, "device": "meta", "max_num_seqs": 1, "max_model_len": max_model_len,
+              "kv_cache_memory": 1 << 50, "speculative_config": None, "quantization": None}
+    if llm_kwargs.get("tensor_parallel_size", 1) > 1:
+        kwargs |= {"tensor_parallel_size": 1, "enable_expert_parallel": False}
+    if "kv_cache_dtype" in llm_kwargs:
+        kwargs["kv_cache_dtype"] = "auto"
+    frontend = LLM(model, **kwargs)
+    frontend.engine.device = torch.device("cpu")
+    return frontend
 
 
 def _apply(req: Request, item: ReplicaDelta) -> StepDelta:

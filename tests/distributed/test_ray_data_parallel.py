@@ -77,6 +77,7 @@ def launch():
 
     dp = RayDataParallelEngine.launch(BUNDLED, 2, **LLM_KWARGS)
     assert [i.num_threads for i in dp.infos] == [1, 1]  # a CPU each, of the cluster's two
+    assert {p.device.type for p in dp.frontend.model.parameters()} == {"meta"}  # no weights in the front end
     app = create_app(dp.frontend, served_model_name="tiny", engine=dp)
     app.state.qwenrun.metrics.registry.register(dp.collector())
     return dp, Server(app)
