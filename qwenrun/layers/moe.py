@@ -31,7 +31,8 @@ def grouped_experts(
     """x [T, H]; weights/experts [T, k] -> Σ_k weights · Expert_k(x).
 
     Assignments are sorted by expert so each selected expert runs once over all of its tokens; experts
-    nobody chose cost nothing (one host sync per layer reads the counts)."""
+    nobody chose cost nothing (one host sync per layer reads the counts). An id of `num_experts` is
+    no expert: those assignments (another rank's experts, `local_assignments`) are skipped."""
     T, k = experts.shape
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
@@ -39,7 +40,7 @@ def grouped_experts(
     token_of = order // k  # [T*k] token row of each sorted assignment
     out = torch.zeros_like(x)
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts[:num_experts]):
         if n == 0:
             continue
         idx = order[start : start + n]
@@ -148,12 +149,16 @@ class Qwen3MoeExperts(Experts):
 
 def local_assignments(weights: torch.Tensor, experts: torch.Tensor, first: int,
                       num_local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, ids) over a rank's experts `first .. first + num_local`: an assignment to another
-    rank's expert gets weight 0 (on local expert 0), so the all-reduce over ranks adds each chosen
-    expert's output once."""
+    """(weights, ids) over a rank's experts `first .. first + num_local`, so that the all-reduce over
+    ranks adds each chosen expert's output once: a lone token keeps only its local assignments (the
+    fused decode kernel then reads only their weights), more tokens give another rank's assignments
+    the id `num_local`, which `grouped_experts` skips."""
     local = experts - first
     outside = (local < 0) | (local >= num_local)
-    return weights.masked_fill(outside, 0), local.masked_fill(outside, 0)
+    if experts.shape[0] == 1:
+        keep = ~outside[0]
+        return weights[:, keep], local[:, keep]
+    return weights.masked_fill(outside, 0), local.masked_fill(outside, num_local)
 
 
 def _whole(t: torch.Tensor, rank: Rank) -> torch.Tensor:

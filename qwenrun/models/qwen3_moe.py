@@ -42,6 +42,8 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.local is not None:
             weights, experts = local_assignments(weights, experts, *self.local)
+            if experts.shape[1] == 0:  # a lone token none of whose experts live on this rank
+                return torch.zeros_like(x)
         return self.experts(x, weights.to(logits.dtype), experts)
 
 
