@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +112,8 @@ class RayDataParallelEngine:
         cpus = num_cpus_per_replica or max(1, total // data_parallel_size)
         cuda = resolve_device(llm_kwargs.get("device", "auto")).type == "cuda"  # as this node sees it
         bundle = {"CPU": cpus, **({"GPU": 1} if cuda else {})}
-        groups = [placement_group([bundle], strategy="STRICT_PACK", name=f"qwenrun-replica-{i}")
+        run = uuid.uuid4().hex[:12]  # placement group names are cluster-wide: one per launch
+        groups = [placement_group([bundle], strategy="STRICT_PACK", name=f"qwenrun-replica-{run}-{i}")
                   for i in range(data_parallel_size)]
         try:
             ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,7 @@ class RayExecutor(Executor):
         cuda = config.device == "cuda"
         bundle = {"CPU": num_cpus, **({"GPU": 1} if cuda else {})}
         self.group = placement_group([bundle] * (config.world - 1), strategy="PACK",
-                                     name=f"qwenrun-tp-{os.getpid()}")
+                                     name=f"qwenrun-tp-{uuid.uuid4().hex[:12]}")
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             remove_placement_group(self.group)

@@ -73,6 +73,27 @@ def test_ranks_are_ray_actors_and_logits_match(llms):
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
 
 
+def test_moe_with_expert_parallelism_on_ray(llms, tmp_path):
+    """A second model's ranks beside the first's (the cluster's other CPU): MoE experts spread whole."""
+    import torch
+
+    from qwenrun.llm import LLM
+    from tiny import make_checkpoint
+
+    folder, ref = make_checkpoint("moe-norm-topk", tmp_path / "moe")
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
+    tp = LLM(folder, tensor_parallel_size=2, enable_expert_parallel=True, distributed_executor_backend="ray", **kw)
+    try:
+        ids = list(range(3, 40))
+        a, b = tp.logits(ids), LLM(folder, **kw).logits(ids)
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0]
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+        assert ((a - want).abs().max() / want.abs().max()).item() <= 1e-4
+    finally:
+        tp.model.executor.close()
+
+
 def test_greedy_through_the_server_equals_one_process(llms, server):
     _, one = llms
     params = SamplingParams(temperature=0, max_tokens=96)
