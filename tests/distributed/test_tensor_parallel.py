@@ -26,10 +26,12 @@ KV = 8 << 20
 
 # (checkpoint, expert parallel, config overrides): dense GQA with an untied head, one KV head (each
 # rank keeps a copy), 8 q / 2 kv heads with biases (o_proj's added once), MoE with experts split and
-# spread, the Qwen3-Next and Qwen3.5 hybrids (Gated DeltaNet + gated attention)
+# spread, the Qwen3-Next and Qwen3.5 hybrids (Gated DeltaNet + gated attention); Qwen3-Next's prompts
+# are prefilled in chunks of 16 tokens (state checkpoints at every chunk, copied on the prefix hit)
 CASES = [("dense-untied-gqa2", False, {}), ("dense-untied-gqa2", False, {"num_key_value_heads": 1}),
          ("dense-gqa4-yarn", False, {}), ("moe-norm-topk", False, {}), ("moe-raw-topk-sparse2-mlponly", True, {}),
          ("next-interval4-moe", True, {}), ("qwen3_5-interval4", False, {})]
+CHUNKED = {"next-interval4-moe": 16}
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -45,9 +47,9 @@ def _close(llm: LLM) -> None:
                          ids=[f"{n}{'-ep' if ep else ''}{'-kv1' if x else ''}" for n, ep, x in CASES])
 def test_tp2_logits_and_greedy_tokens_equal_tp1(name, ep, extra, tmp_path):
     folder, ref = make_checkpoint(name, tmp_path / name, **extra)
-    one = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=KV)
-    two = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=KV, tensor_parallel_size=2,
-              enable_expert_parallel=ep)
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=KV, max_num_batched_tokens=CHUNKED.get(name, 512))
+    one = LLM(folder, **kw)
+    two = LLM(folder, **kw, tensor_parallel_size=2, enable_expert_parallel=ep)
     try:
         prompts = _prompts(ref.config.vocab_size)
         for prompt in prompts:
@@ -62,6 +64,30 @@ def test_tp2_logits_and_greedy_tokens_equal_tp1(name, ep, extra, tmp_path):
         assert again == want[1:2]
     finally:
         _close(two)
+
+
+def test_one_process_runs_no_collective(tmp_path, monkeypatch):
+    """tensor_parallel_size=1 is the single-process model: plain embedding, no collective called."""
+    def refuse(self, x):
+        raise AssertionError("a collective ran in a single process")
+
+    monkeypatch.setattr(TensorParallel, "all_reduce", refuse)
+    monkeypatch.setattr(TensorParallel, "all_gather", refuse)
+    folder, _ = make_checkpoint("next-interval4-moe", tmp_path / "ckpt")
+    llm = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=KV)
+    assert type(llm.model.model.embed_tokens) is torch.nn.Embedding
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+
+
+def test_info_per_rank(tmp_path):
+    from qwenrun.cli.info import describe
+
+    folder, _ = make_checkpoint("moe-norm-topk", tmp_path / "ckpt")
+    whole = describe(str(folder), None)
+    rank = describe(str(folder), None, 2)["per_rank"]
+    assert 0.5 <= rank["num_parameters"] / whole["num_parameters"] <= 0.56
+    assert rank["kv_cache_bytes_per_token"]["bfloat16"] * 2 == whole["kv_cache_bytes_per_token"]["bfloat16"]
+    assert "not divisible" in describe(str(folder), None, 3)["per_rank"]
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
