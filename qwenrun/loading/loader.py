@@ -117,6 +117,10 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, mtp: 
         model = create_model(ckpt.config)
         if mtp:
             model.mtp = model.make_mtp()
+    if own is not None and tp.world > 1:  # its tensors are whole modules' packed parts, not rows to split
+        raise InvalidRequestError(f"{ckpt.path} was written by `qwenrun quantize`, which does not load "
+                                  "tensor-parallel yet; load its source checkpoint with quantization=",
+                                  param="tensor_parallel_size")
     if own is not None:
         return _assign_quantized(model, ckpt, own[0], dtype, device, mtp, quantization)
     only = None

@@ -126,6 +126,16 @@ def test_tp2_int8_quantizes_each_shard(tmp_path):
         _close(two)
 
 
+def test_qwenrun_quantized_checkpoint_is_refused_clearly(tmp_path):
+    from qwenrun.cli.quantize import quantize
+    from qwenrun.errors import InvalidRequestError
+
+    folder, _ = make_checkpoint("dense-untied-gqa2", tmp_path / "ckpt")
+    quantize(str(folder), tmp_path / "int8", "int8")
+    with pytest.raises(InvalidRequestError, match="does not load tensor-parallel"):
+        load_model(open_checkpoint(tmp_path / "int8"), torch.float32, torch.device("cpu"), tp=TensorParallel(1, 2))
+
+
 def test_dead_worker_fails_requests_with_a_clear_error(tmp_path):
     folder, _ = make_checkpoint("dense-untied-gqa2", tmp_path / "ckpt")
     llm = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=KV, tensor_parallel_size=2)
