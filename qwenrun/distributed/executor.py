@@ -22,8 +22,10 @@ The protocol, which another executor (Ray: one actor per rank) reuses as it is:
 
 Failure: a worker that dies (or raises) closes its connections; the driver's next collective or
 send raises, and so does every later step (`check`), so the engine fails its requests with
-`WorkerDiedError` instead of waiting; the process group's timeout bounds any other wait. Workers
-die with the driver (PR_SET_PDEATHSIG, and the end of their message pipe).
+`WorkerDiedError` instead of waiting; the process group's timeout bounds any other wait. A step that
+fails on rank 0 part-way stops the workers too (they may wait inside one of its collectives, which
+no later step could pair with). Workers die with the driver (PR_SET_PDEATHSIG, and the end of their
+message pipe).
 """
 
 from __future__ import annotations
@@ -331,7 +333,7 @@ class MultiprocExecutor(Executor):
                 pass
             conn.close()
         for proc in self.procs:
-            proc.join(timeout=10)
+            proc.join(timeout=5)  # an idle worker exits at STOP; one stuck in a collective is killed
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -374,9 +376,13 @@ class TensorParallelModel(nn.Module):
             hidden = self.model_shard(batch)
             rows = batch.logits_rows
             self._logits = self.model_shard.compute_logits(hidden[rows]) if rows.numel() else None
-        except RuntimeError as e:  # a collective whose peer has gone
+        except BaseException as e:
+            # a collective whose peer has gone, or rank 0 failing part-way: the workers may be
+            # inside a collective of this step, so no later step could pair with theirs
             self.executor.check()
-            raise WorkerDiedError(f"tensor-parallel step failed: {e}") from e
+            self.executor.close()
+            raise WorkerDiedError(f"tensor-parallel step failed on rank 0 ({type(e).__name__}: {e}); the ranks "
+                                  "are out of step and were stopped (restart the engine)") from e
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,31 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_rank0_failing_mid_step_stops_the_ranks(tmp_path):
+    """Rank 0 raises after the layers' collectives, before the LM head's gather the worker waits in:
+    the request fails, and later ones too (the ranks cannot be paired again), without waiting."""
+    folder, _ = make_checkpoint("dense-untied-gqa2", tmp_path / "ckpt")
+    llm = LLM(folder, dtype="float32", device="cpu", kv_cache_memory=KV, tensor_parallel_size=2)
+    try:
+        norm = llm.model.model_shard.model.norm
+
+        def boom(*args):
+            raise RuntimeError("boom")
+
+        norm.forward = boom
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        start = time.time()
+        [out] = [o.outputs[0] for o in llm.generate([[1, 2, 3]], params)]
+        assert out.finish_reason == "error" and "out of step" in out.error
+        del norm.forward
+        [out] = [o.outputs[0] for o in llm.generate([[1, 2, 3]], params)]
+        assert out.finish_reason == "error" and "tensor-parallel" in out.error
+        assert time.time() - start < 20
+        assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    finally:
+        _close(llm)
+
+
 _DRIVER = """
 import sys, time
 from qwenrun import LLM
