@@ -227,7 +227,7 @@ class RayDataParallelEngine:
         ray = _ray()
         live = self.router.live_replicas
         refs = {self.replicas[i].stats.remote(): i for i in live}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_WAIT_S)
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_WAIT_S) if refs else ([], [])
         for ref in done:
             try:
                 self._last_stats[refs[ref]] = ray.get(ref)
