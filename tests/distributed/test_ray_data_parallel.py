@@ -250,3 +250,12 @@ class TestRetry:
         r = server.post("/v1/completions", body)  # and the server goes on with the survivor
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == req.text
         assert list(wait_idle(dp)) == [1 - home]
+
+    def test_no_replica_left(self, served):
+        dp, server = served
+        for i in dp.router.live_replicas:
+            ray.kill(dp.replicas[i])
+        time.sleep(0.5)
+        r = server.post("/v1/completions", {"model": "tiny", "prompt": "1 + 1 =", "max_tokens": 4})
+        assert r.status_code == 500 and "every data-parallel replica has died" in r.json()["error"]["message"], r.text
+        assert httpx.get(server.url + "/health").status_code == 503
