@@ -1,8 +1,10 @@
 """`--data-parallel-size 2` on a local Ray cluster (`ray.init(num_cpus=2)`), through the HTTP server,
 with the bundled model: greedy answers equal one engine's, a repeated prefix goes back to its
-replica (and hits its cache there), and a replica killed with `ray.kill` fails the request it was
-streaming with an OpenAI-style error, its queued request is retried on the survivor, the server keeps
-serving, and the survivors hold no leaked blocks.
+replica (and hits its cache there), a client that hangs up aborts its request on the replica, and a
+replica killed with `ray.kill` fails the request it was streaming with an OpenAI-style error while
+the server keeps serving on the survivor, which holds no leaked blocks; a request sent to a replica
+that died is retried on the other before anything streamed; with none left, requests fail and
+/health says 503.
 
 One Ray cluster for the module (starting Ray costs seconds); each class launches its own replicas.
 """
