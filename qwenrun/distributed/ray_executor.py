@@ -2,15 +2,14 @@
 
 The protocol is `qwenrun.distributed.executor`'s, unchanged: the driver (this process, rank 0)
 schedules and runs its own shard; ranks 1..N-1 are `RayRankWorker` actors, each holding an
-`executor.Worker` and taking the driver's messages in order (Ray runs one caller's tasks on a
-threaded-off actor in submission order), without replies; the collectives inside each forward keep
+`executor.Worker` and taking the driver's messages in order (Ray runs one caller's tasks on an
+actor with one thread in submission order), without replies; the collectives inside each forward keep
 the ranks in step (gloo on CPU, NCCL on CUDA, rendezvous at the driver's node address).
 
 Placement: one placement group for the workers, a bundle per rank (`num_cpus` CPUs each, plus a
-GPU on CUDA), PACK so a small model stays on one node when it fits and spreads when it must. On
-CUDA, rank r uses GPU r (`WorkerConfig.device_of`) with every GPU visible, so CUDA ranks must
-share the driver's node for now (not run here: this machine has no GPU pair); CPU ranks may be
-anywhere the driver's address reaches.
+GPU on CUDA: Ray shows the actor that one GPU, its cuda:0), PACK so a small model stays on one
+node when it fits and spreads when it must; a CPU rank's torch threads are its bundle's CPUs, an
+even share of the cluster's. NCCL over Ray is not run here (no GPU pair).
 
 Failure: `check` looks at the answers of the messages sent so far: a rank whose actor died or whose
 `handle` raised fails every later step with `WorkerDiedError` (the engine fails the requests; the
@@ -19,6 +18,7 @@ model cannot run again until it is rebuilt), as a dead process does under `Multi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import uuid
@@ -26,21 +26,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from qwenrun.distributed.executor import (
-    GROUP_TIMEOUT,
     READY_TIMEOUT_S,
     Executor,
     TensorParallelModel,
     Worker,
     WorkerConfig,
     WorkerDiedError,
-    _driver_group,
+    start_tensor_parallel,
 )
 from qwenrun.distributed.ray_data_parallel import PLACEMENT_TIMEOUT_S, _ray, init_ray
 from qwenrun.errors import QwenrunError
-from qwenrun.layers.parallel import TensorParallel
 from qwenrun.quant import Quantization
 
 
@@ -61,12 +58,15 @@ class RayRankWorker:
 class RayExecutor(Executor):
     """Ranks 1..world-1 as `RayRankWorker` actors in one placement group (module docstring)."""
 
-    def __init__(self, config: WorkerConfig, num_cpus: int) -> None:
+    def __init__(self, config: WorkerConfig) -> None:
         ray = _ray()
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cuda = config.device == "cuda"
+        num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.world)  # an even share each
+        if not cuda:
+            config = dataclasses.replace(config, threads=num_cpus)  # torch's threads: the bundle's CPUs
         bundle = {"CPU": num_cpus, **({"GPU": 1} if cuda else {})}
         self.group = placement_group([bundle] * (config.world - 1), strategy="PACK",
                                      name=f"qwenrun-tp-{uuid.uuid4().hex[:12]}")
@@ -76,10 +76,8 @@ class RayExecutor(Executor):
             raise QwenrunError(f"the Ray cluster could not place {config.world - 1} tensor-parallel ranks of "
                                f"{bundle} in {PLACEMENT_TIMEOUT_S:.0f} s (it has {ray.cluster_resources()})")
         actor = ray.remote(RayRankWorker)
-        # Rank r takes cuda:r (`WorkerConfig.device_of`), so every GPU stays visible to it: one node only.
-        env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if cuda else None
         self.workers = [actor.options(
-            num_cpus=num_cpus, num_gpus=1 if cuda else 0, max_concurrency=1, runtime_env=env,
+            num_cpus=num_cpus, num_gpus=1 if cuda else 0, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank - 1),
         ).remote(config, rank) for rank in range(1, config.world)]
         self._ready = [w.ready.remote() for w in self.workers]
@@ -169,35 +167,9 @@ class RayExecutor(Executor):
 def start_tensor_parallel_ray(path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, world: int,
                               expert_parallel: bool, quantization: Quantization | None,
                               ray_address: str | None = None) -> TensorParallelModel:
-    """`executor.start_tensor_parallel` with the ranks on Ray: start ranks 1..world-1 as actors,
-    load rank 0's shard here, and return the engine's model (call `bind_cache` once the engine
-    has its cache). CPU workers get an even share of the cluster's CPUs each."""
-    import weakref
-
-    from qwenrun.layers.packed import cpu_packing_available, pack_linears
-    from qwenrun.loading.loader import load_model, open_checkpoint
-
+    """`executor.start_tensor_parallel` with ranks 1..world-1 as Ray actors (joining `ray_address`,
+    else a local cluster), reaching the rendezvous at this node's address."""
     ray = _ray()
     init_ray(ray_address)
-    host = ray.util.get_node_ip_address()  # the ranks on other nodes reach the store here
-    store = dist.TCPStore(host, 0, world, True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // world)
-    threads = cpus if device.type == "cpu" else 0
-    config = WorkerConfig(str(path), dtype, device.type, world, expert_parallel, quantization, host, store.port,
-                          threads)
-    executor = RayExecutor(config, cpus)
-    try:
-        tp = TensorParallel(0, world, executor.join_group(lambda: _driver_group(store, config)), expert_parallel)
-        executor.tp = tp
-        model = load_model(open_checkpoint(path), dtype, device, quantization=quantization, tp=tp)
-        executor.wait_ready()
-    except BaseException:
-        executor.close()
-        raise
-    if cpu_packing_available(dtype, device):
-        pack_linears(model)
-    wrapped = TensorParallelModel(model, executor)
-    wrapped._store = store  # the rendezvous store lives as long as the group
-    weakref.finalize(wrapped, executor.close)
-    return wrapped
-
+    return start_tensor_parallel(path, dtype, device, world, expert_parallel, quantization,
+                                 executor_class=RayExecutor, host=ray.util.get_node_ip_address())
