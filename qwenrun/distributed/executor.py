@@ -405,10 +405,15 @@ def start_tensor_parallel(path: str | os.PathLike[str], dtype: torch.dtype, devi
 
     if executor_class is MultiprocExecutor and device.type == "cuda" and torch.cuda.device_count() < world:
         raise QwenrunError(f"tensor_parallel_size {world} needs {world} GPUs; {torch.cuda.device_count()} visible")
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise QwenrunError(f"tensor-parallel rank r runs on cuda:r; rank 0 (this process) cannot use {device}")
     store = dist.TCPStore(host, 0, world, True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
     threads = max(1, torch.get_num_threads() // world) if device.type == "cpu" else 0
     config = WorkerConfig(str(path), dtype, device.type, world, expert_parallel, quantization, host,
                           store.port, threads)
+    if device.type == "cuda":
+        device = config.device_of(0)
+        torch.cuda.set_device(device)  # here, not in the rendezvous thread: the current device is per thread
     executor = executor_class(config)
     try:
         tp = TensorParallel(0, world, executor.join_group(lambda: _driver_group(store, config)), expert_parallel)
@@ -430,6 +435,5 @@ def start_tensor_parallel(path: str | os.PathLike[str], dtype: torch.dtype, devi
 
 def _driver_group(store: dist.TCPStore, config: WorkerConfig) -> Any:
     if config.backend == "nccl":
-        torch.cuda.set_device(0)
         return dist.ProcessGroupNCCL(store, 0, config.world)
     return dist.ProcessGroupGloo(store, 0, config.world, GROUP_TIMEOUT)
