@@ -257,6 +257,8 @@ class RayDataParallelEngine:
             return
         self._stopped = True
         ray = _ray()
+        if not ray.is_initialized():  # Ray already shut down: the replicas went with it (a call would restart it)
+            return
         from ray.util.placement_group import remove_placement_group
 
         for r in self.replicas:

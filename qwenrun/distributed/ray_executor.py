@@ -146,20 +146,20 @@ class RayExecutor(Executor):
             raise WorkerDiedError(f"{self._dead}; the model cannot run (restart the engine)")
 
     def close(self) -> None:
-        if not self.workers:
-            return
         ray = _ray()
-        from ray.util.placement_group import remove_placement_group
+        # with Ray already shut down (at exit) its actors went with it, and a call would start a new cluster
+        if self.workers and ray.is_initialized():
+            from ray.util.placement_group import remove_placement_group
 
-        for w in self.workers:
+            for w in self.workers:
+                try:
+                    ray.kill(w)
+                except ray.exceptions.RayError:
+                    pass  # the cluster went first
             try:
-                ray.kill(w)
+                remove_placement_group(self.group)
             except ray.exceptions.RayError:
-                pass  # the cluster went first
-        try:
-            remove_placement_group(self.group)
-        except ray.exceptions.RayError:
-            pass
+                pass
         self.workers, self._pending = [], []
         self._dead = self._dead or "the tensor-parallel workers were stopped"
 
