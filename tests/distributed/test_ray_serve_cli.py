@@ -1,5 +1,6 @@
-"""`qwenrun serve --data-parallel-size 2` as a user starts it: a local Ray cluster of its own, two
-replicas, one API; SIGTERM stops the server and its replicas."""
+"""`qwenrun serve` on Ray as a user starts it, with a local Ray cluster of its own: two data-parallel
+replicas behind one API, or tensor-parallel rank 1 as a Ray actor; SIGTERM stops the server, and
+Ray is started once (a call after its shutdown at exit would start another, left running)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import qwenrun  # noqa: E402
 BUNDLED = str(Path(qwenrun.__file__).parent / "assets" / "qwen3-tiny-thinker")
 
 
-def test_serve_data_parallel(tmp_path):
+@pytest.mark.parametrize("flags", [["--data-parallel-size", "2"],
+                                   ["--tensor-parallel-size", "2", "--distributed-executor", "ray"]])
+def test_serve_on_ray(tmp_path, flags):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "qwenrun", "serve", BUNDLED, "--data-parallel-size", "2", "--port", str(port),
+    cmd = [sys.executable, "-m", "qwenrun", "serve", BUNDLED, *flags, "--port", str(port),
            "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "8MiB", "--max-model-len", "512",
            "--no-webui", "--log-level", "warning"]
     with open(log, "wb") as out:
@@ -43,13 +46,15 @@ def test_serve_data_parallel(tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        assert "2 data-parallel replicas on Ray (cpu 1 threads" in log.read_text()
+        if "--data-parallel-size" in flags:
+            assert "2 data-parallel replicas on Ray (cpu 1 threads" in log.read_text()
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "qwen3-tiny-thinker", "messages": [{"role": "user", "content": "What is 12 + 34?"}],
             "temperature": 0, "max_tokens": 96})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "12 + 34 = 46", r.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert log.read_text().count("Started a local Ray instance") == 1
     finally:
         if proc.poll() is None:  # SIGTERM first: a killed server leaves its Ray cluster behind
             proc.terminate()
