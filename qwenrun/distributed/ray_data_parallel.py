@@ -106,7 +106,9 @@ class RayDataParallelEngine:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from qwenrun.llm import resolve_device
+        from qwenrun.loading.loader import open_checkpoint
 
+        open_checkpoint(model, llm_kwargs.get("revision"))  # a bad path or id: its one-line error, before Ray
         init_ray(ray_address)
         total = int(ray.cluster_resources().get("CPU", 1))
         cpus = num_cpus_per_replica or max(1, total // data_parallel_size)
