@@ -35,6 +35,7 @@ from importlib import resources
 import weakref
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -70,6 +71,8 @@ from qwenrun.server.protocol import (
 from qwenrun.server.serving import MAX_BODY_BYTES, APIError, ServerState, as_api_error
 
 if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
     from qwenrun.engine.engine import LLMEngine
     from qwenrun.llm import LLM
 
@@ -339,9 +342,11 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
     async def count_tokens(request: HTTPRequest) -> Response:
         return await anthropic_api.count_tokens(state, request)
 
+    modalities = ["text", "image", "video"] if media is not None else ["text"]
+
     def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=state.created, root=str(llm.checkpoint.path),
-                         max_model_len=state.max_model_len)
+                         max_model_len=state.max_model_len, input_modalities=modalities)
 
     @app.get("/v1/models", openapi_extra=_doc(ModelList))
     async def list_models() -> Response:
@@ -374,30 +379,45 @@ def create_app(llm: LLM, *, served_model_name: str | Sequence[str], api_key: str
 
 # ------------------------------------------------------------------------------------ chat page
 
-_WEBUI_TYPES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+_WEBUI_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".woff2": "font/woff2"}
 # Same origin only: no CDN can be reached offline, and markdown an answer smuggles past the page's
-# escaping still cannot load images or scripts from elsewhere. Inline scripts and styles are off too.
-_WEBUI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# escaping still cannot load images or scripts from elsewhere. Inline scripts and styles are off too
+# (KaTeX sets its sizes through the CSSOM, which style-src does not govern). Attachments are shown
+# from the data: URLs they are sent as.
+_WEBUI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; font-src 'self'; "
+              "img-src 'self' data:; media-src data:; connect-src 'self'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
 
 
 def _add_webui(app: FastAPI) -> None:
-    """`GET /` (the page) and `GET /webui/{name}` (its files), read from the package once."""
-    folder = resources.files("qwenrun.server") / "webui"
-    files = {name: folder.joinpath(name).read_bytes() for name in _WEBUI_TYPES}
+    """`GET /` (the page) and `GET /webui/{path}` (its files, vendored libraries included), read
+    from the package once; only files of the types above are served, so a path names one of them
+    or nothing (no traversal: it is a key, never joined to a folder)."""
+    root = resources.files("qwenrun.server") / "webui"
+    files: dict[str, tuple[bytes, str]] = {}
+
+    def walk(folder: Traversable, prefix: str) -> None:
+        for item in folder.iterdir():
+            if item.is_dir():
+                walk(item, f"{prefix}{item.name}/")
+            elif (kind := _WEBUI_TYPES.get(PurePosixPath(item.name).suffix)) is not None:
+                files[prefix + item.name] = (item.read_bytes(), kind)
+
+    walk(root, "")
     headers = {"Content-Security-Policy": _WEBUI_CSP, "X-Content-Type-Options": "nosniff",
                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
     def page_file(name: str) -> Response:
         if name not in files:
             raise StarletteHTTPException(404, "Not Found")
-        return Response(files[name], media_type=_WEBUI_TYPES[name], headers=headers)
+        body, kind = files[name]
+        return Response(body, media_type=kind, headers=headers)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         return page_file("index.html")
 
-    @app.get("/webui/{name}", include_in_schema=False)
+    @app.get("/webui/{name:path}", include_in_schema=False)
     async def webui_file(name: str) -> Response:
         return page_file(name)

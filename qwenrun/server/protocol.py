@@ -402,6 +402,8 @@ class ModelCard(_Out):
     owned_by: str = "qwenrun"
     root: str | None = None
     max_model_len: int | None = None
+    # what `messages` may carry (OpenRouter's name): "image" and "video" for vision-language models
+    input_modalities: list[str] = Field(default_factory=lambda: ["text"])
 
 
 class ModelList(_Out):
