@@ -1,6 +1,7 @@
 """The chat page of `qwenrun serve` in a real browser: Debian's headless Chromium driven by Playwright
 for Python, against `qwenrun serve` processes on the bundled model (qwen3-tiny-thinker, which thinks
-through column arithmetic and stops early at a thinking budget).
+through column arithmetic and stops early at a thinking budget) and on a tiny Qwen3-VL checkpoint
+steered to answer with math (attachments and typesetting).
 
 Every test fails if the page asked for anything outside the server's origin (the browser's own
 request log), and saves a screenshot (QWENRUN_UI_SCREENSHOTS, else the test's tmp dir). The page
@@ -10,6 +11,8 @@ set; the tests set it to 0, so answers are the greedy ones.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -22,11 +25,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: scripts/setup.sh dev")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from tiny import VL_TOKENS, make_vl_checkpoint  # noqa: E402
 
 _REPO = Path(__file__).resolve().parents[2]
 BUNDLED = _REPO / "qwenrun" / "assets" / "qwen3-tiny-thinker"
@@ -98,17 +104,60 @@ class Serve:
             self.proc.communicate()
 
 
+# The VL checkpoint's tokenizer: WordLevel, id i is the word `w{i}` but for the vision tokens, ChatML's
+# and these words, which the steered model answers with, one a step, then <|im_end|> (its EOS).
+VL_SPECIAL = {VL_TOKENS["image_token_id"]: "<|image_pad|>", VL_TOKENS["video_token_id"]: "<|video_pad|>",
+              VL_TOKENS["vision_start_token_id"]: "<|vision_start|>",
+              VL_TOKENS["vision_end_token_id"]: "<|vision_end|>", 504: "<|im_start|>", 505: "<|im_end|>"}
+VL_WORDS = {506: "user", 507: "assistant", 508: "system", 509: "[UNK]",
+            10: "Pythagoras:", 11: "$a^2+b^2=c^2$", 12: "so", 13: "\\(c=\\sqrt{a^2+b^2}\\)"}
+VL_ANSWER = [10, 11, 12, 13, 505]  # after "assistant"
+VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_vl_model(folder: Path) -> Path:
+    """A tiny Qwen3-VL checkpoint (tests/tiny.py "vl-untied") whose greedy answer to any prompt is
+    VL_ANSWER: every weight zero but the norms (one), so a position's residual is its token's
+    embedding, and the untied LM head maps each answer token's embedding to the next one."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    folder, model = make_vl_checkpoint("vl-untied", folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if "norm" in name else 0.0)
+        embed = model.get_input_embeddings().weight
+        for dim, (src, dst) in enumerate(zip([507, *VL_ANSWER], VL_ANSWER)):
+            embed[src, dim] = 1.0
+            model.lm_head.weight[dst, dim] = 1.0
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 505}))
+    vocab = {f"w{i}": i for i in range(512)}
+    for i, text in {**VL_SPECIAL, **VL_WORDS}.items():
+        del vocab[f"w{i}"]
+        vocab[text] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VL_SPECIAL.values()])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": VL_TEMPLATE}))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> Iterator[dict[str, Serve]]:
-    """Three servers started at once (each load overlaps the others): the plain one (with the demo
-    calculator over MCP, for the agent route), one with --api-key, one with --no-webui."""
+    """Four servers started at once (each load overlaps the others): the plain one (with the demo
+    calculator over MCP, for the agent route), one with --api-key, one with --no-webui, and the
+    steered vision-language one."""
     config = tmp_path_factory.mktemp("mcp") / "servers.json"
     calculator = _REPO / "tests" / "mcp_servers" / "demo_calculator.py"
     config.write_text(json.dumps({"mcpServers": {"calc": {"command": sys.executable, "args": [str(calculator)]}}}))
     started = {"plain": Serve("--mcp-config", str(config)), "key": Serve("--api-key", KEY),
                "off": Serve("--no-webui")}
     try:
-        started["plain"].wait(), started["key"].wait(), started["off"].wait(page=False)
+        started["vl"] = Serve(str(make_vl_model(tmp_path_factory.mktemp("vl") / "qwen3-vl-steered")))
+        for name, s in started.items():
+            s.wait(page=name != "off")
         yield started
     finally:
         for s in started.values():  # all at once: each takes seconds to shut down
@@ -132,11 +181,15 @@ def shots(tmp_path) -> Path:
     return folder
 
 
-def open_page(browser, server: Serve, requests: list[str], *, width: int = 1200, height: int = 860):
+def open_page(browser, server: Serve, requests: list[str], *, width: int = 1200, height: int = 860,
+              permissions: tuple[str, ...] = ()):
     """A fresh browser context (empty storage) on the printed page URL, temperature 0, and every
-    request URL appended to `requests`. (Not a route handler adding temperature: Playwright's
-    interception buffers the response, so nothing would stream.)"""
-    context = browser.new_context(viewport={"width": width, "height": height})
+    request URL appended to `requests`; `window.__csp` collects the page's CSP violations. (Not a
+    route handler adding temperature: Playwright's interception buffers the response, so nothing
+    would stream.)"""
+    context = browser.new_context(viewport={"width": width, "height": height}, permissions=list(permissions))
+    context.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation',"
+                            " (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));")
     page = context.new_page()
     page.on("request", lambda r: requests.append(r.url))
     page.goto(server.url)
@@ -225,6 +278,7 @@ def test_thinking_off_has_no_reasoning_block(browser, servers, requests_seen, sh
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id"))
     assert order == expected, order
+    assert page.is_hidden("#attach")  # a text-only model: nothing to attach
     page.click("#thinking")
     assert page.is_disabled("#budget")
     ask(page, "What is 347 + 586?")
@@ -280,31 +334,39 @@ def test_stop_cancels_on_the_server(browser, servers, requests_seen, shots):
     assert "29842" in last_answer(page).locator(".answer").text_content()
     before = server.metrics()
     whole_run = before["qwenrun_generation_tokens_total"] - start
-    page.click("#new-chat")
-    ask(page, question)
-    page.wait_for_selector("article.msg.assistant .reasoning-body:text-matches('.')")
-    page.keyboard.press("Escape")
-    wait_answer(page)
-    assert "stopped" in last_answer(page).locator(".stats").text_content()
-    deadline = time.time() + 10
-    while (after := server.metrics())["qwenrun_num_requests_running"] and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    after = server.metrics()
-    assert after["qwenrun_num_requests_running"] == 0 and after["qwenrun_num_requests_waiting"] == 0
     finished = lambda m: sum(v for k, v in m.items() if k.startswith("qwenrun_request_finished_total"))
-    assert finished(after) == finished(before), "the stopped request finished instead of being aborted"
-    stopped_run = after["qwenrun_generation_tokens_total"] - before["qwenrun_generation_tokens_total"]
-    assert 0 < stopped_run < whole_run, (stopped_run, whole_run)
+    for how in ("click", "Escape"):  # the Stop button, then the key
+        page.click("#new-chat")
+        ask(page, question)
+        page.wait_for_selector("article.msg.assistant .reasoning-body:text-matches('.')")
+        page.click("#stop") if how == "click" else page.keyboard.press("Escape")
+        wait_answer(page)
+        assert "stopped" in last_answer(page).locator(".stats").text_content()
+        deadline = time.time() + 10
+        while (after := server.metrics())["qwenrun_requests_aborted_total"] == before["qwenrun_requests_aborted_total"]:
+            assert time.time() < deadline, f"the server did not cancel the request ({how})"
+            time.sleep(0.05)
+        assert after["qwenrun_requests_aborted_total"] == before["qwenrun_requests_aborted_total"] + 1
+        assert after["qwenrun_num_requests_running"] == 0 and after["qwenrun_num_requests_waiting"] == 0
+        assert finished(after) == finished(before), "the stopped request finished instead of being aborted"
+        stopped_run = after["qwenrun_generation_tokens_total"] - before["qwenrun_generation_tokens_total"]
+        assert 0 < stopped_run < whole_run, (how, stopped_run, whole_run)
+        before = after
     page.screenshot(path=shots / "stopped.png")
 
 
 def test_reload_keeps_the_conversation_and_edit_regenerate(browser, servers, requests_seen, shots):
-    page = open_page(browser, servers["plain"], requests_seen)
+    page = open_page(browser, servers["plain"], requests_seen, permissions=("clipboard-read", "clipboard-write"))
     page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
     ask(page, "What is 12 + 30?")
     wait_answer(page)
     assert "42" in last_answer(page).locator(".answer").text_content()
+    last_answer(page).locator("button:text('Copy')").click()
+    page.wait_for_selector("article.msg.assistant button:text('Copied')")
+    source = page.evaluate("JSON.parse(localStorage.getItem('qwenrun.chats.v1'))[0].messages[1].content")
+    assert "42" in source and page.evaluate("navigator.clipboard.readText()") == source  # the markdown source
+    page.click("article.msg.user button:text('Copy')")
+    page.wait_for_function("async () => await navigator.clipboard.readText() === 'What is 12 + 30?'")
     page.reload()
     page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
     assert page.locator("article.msg.user .body").text_content() == "What is 12 + 30?"
@@ -427,7 +489,8 @@ def test_markdown_is_escaped_then_rendered(browser, servers, requests_seen):
     page.wait_for_selector("#model-name:text('qwen3-tiny-thinker')")
     evil = ('<img src="http://example.com/x.png" onerror="alert(1)"> <script>alert(2)</script> '
             '[x](javascript:alert(3)) **bold** `<b>code</b>`\n\n```python\ndef f(x):  # "c"\n    return "<i>" + 1\n```\n\n'
-            'Math: $x^{2} \\times \\frac{a}{b}$\n\n- one\n- two')
+            'Math: $x^{2} \\times \\frac{a}{b}$ and \\(\\sqrt{2}\\), $5 and $6 (money), \\[E=mc^2\\]\n\n'
+            '$$\n\\sum_{i=1}^{n} i\n$$\n\n$\\href{http://example.com}{x}$ and $\\frac{1}$\n\n- one\n- two')
     html = page.evaluate("s => markdown(s)", evil)
     page.evaluate("h => { const d = document.createElement('div'); d.id = 'probe'; d.innerHTML = h; document.body.append(d); }", html)
     probe = page.locator("#probe")
@@ -439,9 +502,26 @@ def test_markdown_is_escaped_then_rendered(browser, servers, requests_seen):
     assert probe.locator(".code .tok-c").text_content() == '# "c"'
     assert probe.locator(".code .tok-s").text_content() == '"<i>"'
     assert probe.locator(".code .tok-n").text_content() == "1"
-    assert probe.locator(".math").text_content() == "x2 × a/b"
-    assert probe.locator(".math sup").text_content() == "2"
     assert probe.locator("ul li").all_text_contents() == ["one", "two"]
+    tex = ["x^{2} \\times \\frac{a}{b}", "\\sqrt{2}", "E=mc^2", "\\sum_{i=1}^{n} i", "\\href{http://example.com}{x}",
+           "\\frac{1}"]
+    # before typesetting (or without KaTeX) the TeX source is the text; dollar amounts stay text
+    assert probe.locator(".math").all_text_contents() == tex
+    assert "$5 and $6 (money)" in probe.text_content()
+    page.evaluate("typeset(document.getElementById('probe'))")
+    assert probe.locator(".math .katex").count() == 5
+    assert probe.locator(".math annotation").all_text_contents() == tex[:5]  # KaTeX's MathML keeps the source
+    assert probe.locator(".math.display .katex-display").count() == 2  # \[ \] and $$ $$
+    assert probe.locator(".katex .mfrac").count() == 1 and probe.locator(".katex .sqrt").count() == 1
+    assert probe.locator(".katex a, .katex [href]").count() == 0  # \href is not trusted: no link
+    error = probe.locator(".math.math-error")  # shown as the source, marked, with KaTeX's message
+    assert error.text_content() == "\\frac{1}" and "KaTeX parse error" in error.get_attribute("title")
+    # sizes set through the CSSOM, fonts from this origin: nothing the CSP blocked
+    assert page.evaluate("document.querySelector('#probe .katex .vlist').style.height") != ""
+    fonts = page.evaluate("document.fonts.ready.then(() => [...document.fonts].filter((f) => "
+                          "f.family.startsWith('KaTeX') && f.status === 'loaded').length)")
+    assert fonts > 0
+    assert page.evaluate("window.__csp") == []
 
 
 def test_no_webui_flag_and_page_headers(servers):
@@ -456,3 +536,90 @@ def test_no_webui_flag_and_page_headers(servers):
     # the page is outside /v1: it loads without the key, the API behind it does not
     assert httpx.get(servers["key"].url).status_code == 200
     assert httpx.get(f"{servers['key'].origin}/v1/models").status_code == 401
+
+
+def _png(w: int, h: int, seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _mp4(frames: int = 6) -> bytes:
+    av = pytest.importorskip("av", reason="PyAV not installed: it writes the test's video")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def test_attachments_reach_a_vision_model_and_math_is_typeset(browser, servers, requests_seen, shots):
+    """On a vision-language model the page offers attachments (file picker, paste, drop), shows
+    them, sends them as data: URL content parts; the steered answer's math is typeset by KaTeX."""
+    page = open_page(browser, servers["vl"], requests_seen)
+    page.wait_for_selector("#model-name:text('qwen3-vl-steered')")
+    assert page.get_attribute("#attach", "aria-label").startswith("Attach image or video")
+    assert page.get_attribute("#attach-input", "accept") == "image/*,video/*"
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
+    cat, dog, clip = _png(40, 30, 1), _png(24, 36, 2), _mp4()
+    with page.expect_file_chooser() as chooser:  # the Attach button opens the picker
+        page.click("#attach")
+    chooser.value.set_files([{"name": "cat.png", "mimeType": "image/png", "buffer": cat}])
+    page.wait_for_selector("#pending img[alt='Image: cat.png']")
+    # a paste into the message box and a drop on the composer, as the browser delivers them
+    page.evaluate("""([b64, name, type, how]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type}));
+        if (how === "paste") document.getElementById("prompt").dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true}));
+        else document.getElementById("composer").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(dog).decode(), "dog.png", "image/png", "paste"])
+    page.wait_for_selector("#pending img[alt='Image: dog.png']")
+    page.evaluate("""([b64, name, type]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type}));
+        document.getElementById("composer").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(clip).decode(), "clip.mp4", "video/mp4"])
+    page.wait_for_selector("#pending video[aria-label='Video: clip.mp4']")
+    page.click("#pending button[aria-label='Remove image: dog.png']")
+    assert page.locator("#pending li").count() == 2
+    page.screenshot(path=shots / "attachments-pending.png")
+    ask(page, "w20 w21")
+    wait_answer(page)
+    # the request: the picked image and the dropped video as data: URLs, then the text
+    parts = bodies[-1]["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "video_url", "text"]
+    assert parts[0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(cat).decode()
+    assert parts[1]["video_url"]["url"] == "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    assert parts[2] == {"type": "text", "text": "w20 w21"}
+    assert page.is_hidden("#pending")
+    user_msg = page.locator("article.msg.user")
+    assert user_msg.locator(".attachments img").get_attribute("alt") == "Image: cat.png"
+    assert user_msg.locator(".attachments video").count() == 1
+    # the steered answer, streamed and typeset
+    answer = last_answer(page)
+    assert answer.locator(".answer").text_content().strip().startswith("Pythagoras:")
+    assert answer.locator(".stats").text_content().endswith("5 tokens · done")
+    assert answer.locator(".math annotation").all_text_contents() == ["a^2+b^2=c^2", "c=\\sqrt{a^2+b^2}"]
+    assert answer.locator(".katex .sqrt").count() == 1 and answer.locator(".katex msup").count() >= 3
+    assert page.evaluate("window.__csp") == []
+    page.screenshot(path=shots / "attachments-math.png")
+    # kept across a reload, images and all
+    page.reload()
+    page.wait_for_selector("#model-name:text('qwen3-vl-steered')")
+    assert page.locator("article.msg.user .attachments img").get_attribute("src").startswith("data:image/png;base64,")
+    assert last_answer(page).locator(".math .katex").count() == 2
+    # a file the model cannot take is refused at the page
+    page.set_input_files("#attach-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])
+    page.wait_for_selector("#error:text('notes.txt: this model takes image and video.')")
+    assert page.locator("#pending li").count() == 0

@@ -16,11 +16,15 @@ const ui = {
   agentBox: $("agent-box"), modelName: $("model-name"), modelContext: $("model-context"),
   chatList: $("chat-list"), chats: $("chats"), chatsToggle: $("chats-toggle"),
   newChat: $("new-chat"), theme: $("theme"), keyDialog: $("key-dialog"), keyForm: $("key-form"),
-  keyInput: $("key-input"), keyError: $("key-error"),
+  keyInput: $("key-input"), keyError: $("key-error"), attach: $("attach"), attachInput: $("attach-input"),
+  pending: $("pending"),
 };
+// The server reads request bodies up to 16 MiB and base64 makes 4 bytes of 3: what one message may attach.
+const MAX_ATTACH_BYTES = 11 << 20;
 
 const state = {
-  model: null, context: 0, agent: false,
+  model: null, context: 0, agent: false, modalities: ["text"],
+  pending: [], // attachments for the next message: {kind: "image" | "video", type, name, size, dataUrl}
   chats: load(localStorage, STORE, []),
   current: null,
   settings: Object.assign({thinking: true, budget: null, temperature: null, theme: null, agent: false},
@@ -31,7 +35,13 @@ const state = {
 function load(storage, key, fallback) {
   try { const v = JSON.parse(storage.getItem(key)); return v ?? fallback; } catch { return fallback; }
 }
-function saveChats() { localStorage.setItem(STORE, JSON.stringify(state.chats)); }
+function saveChats() {
+  try {
+    localStorage.setItem(STORE, JSON.stringify(state.chats));
+  } catch { // over the browser's quota (a few MB; attachments are data URLs): keep the text, drop the media
+    localStorage.setItem(STORE, JSON.stringify(state.chats, (k, v) => (k === "dataUrl" ? undefined : v)));
+  }
+}
 function saveSettings() { localStorage.setItem(SETTINGS, JSON.stringify(state.settings)); }
 
 // ------------------------------------------------------------------------------- markdown
@@ -66,47 +76,41 @@ function highlight(code, lang) {
   return out + esc(code.slice(last));
 }
 
-const TEX = {
-  "\\times": "×", "\\cdot": "·", "\\div": "÷", "\\pm": "±", "\\mp": "∓", "\\leq": "≤", "\\le": "≤",
-  "\\geq": "≥", "\\ge": "≥", "\\neq": "≠", "\\ne": "≠", "\\approx": "≈", "\\equiv": "≡", "\\infty": "∞",
-  "\\sum": "∑", "\\prod": "∏", "\\int": "∫", "\\partial": "∂", "\\nabla": "∇", "\\sqrt": "√", "\\in": "∈",
-  "\\notin": "∉", "\\subset": "⊂", "\\subseteq": "⊆", "\\cup": "∪", "\\cap": "∩", "\\emptyset": "∅",
-  "\\forall": "∀", "\\exists": "∃", "\\to": "→", "\\rightarrow": "→", "\\leftarrow": "←", "\\Rightarrow": "⇒",
-  "\\iff": "⇔", "\\ldots": "…", "\\dots": "…", "\\cdots": "⋯", "\\circ": "∘", "\\deg": "°", "\\%": "%",
-  "\\alpha": "α", "\\beta": "β", "\\gamma": "γ", "\\delta": "δ", "\\epsilon": "ε", "\\varepsilon": "ε",
-  "\\zeta": "ζ", "\\eta": "η", "\\theta": "θ", "\\lambda": "λ", "\\mu": "μ", "\\nu": "ν", "\\xi": "ξ",
-  "\\pi": "π", "\\rho": "ρ", "\\sigma": "σ", "\\tau": "τ", "\\phi": "φ", "\\varphi": "φ", "\\chi": "χ",
-  "\\psi": "ψ", "\\omega": "ω", "\\Gamma": "Γ", "\\Delta": "Δ", "\\Theta": "Θ", "\\Lambda": "Λ",
-  "\\Pi": "Π", "\\Sigma": "Σ", "\\Phi": "Φ", "\\Omega": "Ω", "\\left": "", "\\right": "", "\\,": " ",
-  "\\;": " ", "\\quad": "  ", "\\!": "",
-};
+// Math is cut out of the markdown as its TeX source, escaped, in an element that `typeset` hands to
+// KaTeX (vendored: /webui/vendor/katex). katex.render builds DOM nodes and sets their sizes through
+// the CSSOM, which the page's CSP allows (inline style attributes it does not, so TeX KaTeX cannot
+// parse is marked here, not by KaTeX's own error span, which colours itself with one).
+function mathSpan(src, display) {
+  const t = src.trim();
+  return `<span class="math${display ? " display" : ""}" data-tex="${esc(t)}">${esc(t)}</span>`;
+}
 
-// TeX shown as readable text, not typeset: symbols become Unicode, \frac{a}{b} becomes (a)/(b),
-// ^{..} and _{..} become sup/sub, \text{..} and \mathrm{..} keep their words. Output is escaped.
-function tex(src) {
-  let s = src.replace(/\\(?:text|mathrm|mathbf|mathit|operatorname|boxed)\{([^{}]*)\}/g, "$1");
-  for (let i = 0; i < 4 && /\\frac\{/.test(s); i++)
-    s = s.replace(/\\frac\{([^{}]*)\}\{([^{}]*)\}/g, (_, a, b) => `${a.length > 1 ? `(${a})` : a}/${b.length > 1 ? `(${b})` : b}`);
-  s = s.replace(/\\[A-Za-z]+|\\[,;!%]/g, (c) => (c in TEX ? TEX[c] : c));
-  let out = "", last = 0;
-  for (const m of s.matchAll(/([\^_])(\{([^{}]*)\}|([A-Za-z0-9]))/g)) {
-    const tag = m[1] === "^" ? "sup" : "sub";
-    out += esc(s.slice(last, m.index)) + `<${tag}>${esc(m[3] ?? m[4])}</${tag}>`;
-    last = m.index + m[0].length;
+function typeset(root) {
+  if (!window.katex) return; // not loaded: the TeX source stays readable as text
+  for (const node of root.querySelectorAll(".math[data-tex]")) {
+    const src = node.dataset.tex;
+    node.removeAttribute("data-tex");
+    try {
+      katex.render(src, node, {displayMode: node.classList.contains("display"), throwOnError: true});
+    } catch (e) {
+      node.classList.add("math-error");
+      node.title = e.message;
+      node.textContent = src;
+    }
   }
-  return out + esc(s.slice(last)).replace(/[{}]/g, "");
 }
 
 // Inline markdown of one escaped-later text run: code spans and math are cut out first (their
 // content is literal), then bold, italic and links on the escaped rest.
 function inline(text) {
   const parts = [];
-  const re = /(`+)([\s\S]*?[^`])\1(?!`)|\$\$([\s\S]+?)\$\$|\\\(([\s\S]+?)\\\)|\$([^\s$](?:[^$\n]*[^\s$])?)\$(?!\d)/g;
+  const re = /(`+)([\s\S]*?[^`])\1(?!`)|\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|\$([^\s$](?:[^$\n]*[^\s$])?)\$(?!\d)/g;
   let last = 0;
   for (const m of text.matchAll(re)) {
     parts.push(decorate(esc(text.slice(last, m.index))));
     if (m[1]) parts.push(`<code>${esc(m[2].trim())}</code>`);
-    else parts.push(`<span class="math" title="${esc(m[3] ?? m[4] ?? m[5])}">${tex(m[3] ?? m[4] ?? m[5])}</span>`);
+    else if (m[3] ?? m[4]) parts.push(mathSpan(m[3] ?? m[4], true));
+    else parts.push(mathSpan(m[5] ?? m[6], false));
     last = m.index + m[0].length;
   }
   parts.push(decorate(esc(text.slice(last))));
@@ -147,8 +151,7 @@ function markdown(src) {
       const close = line.trim() === "$$" ? "$$" : "\\]";
       const body = [];
       for (i++; i < lines.length && lines[i].trim() !== close; i++) body.push(lines[i]);
-      const t = body.join("\n");
-      out.push(`<div class="math display" title="${esc(t)}">${tex(t)}</div>`);
+      out.push(mathSpan(body.join("\n"), true));
     } else if ((m = line.match(/^(#{1,6})\s+(.*)$/))) {
       flush();
       const level = Math.min(6, m[1].length + 2); // h1/h2 belong to the page
@@ -239,6 +242,11 @@ async function loadModel() {
   state.context = card.max_model_len || 0;
   ui.modelName.textContent = card.id;
   ui.modelContext.textContent = state.context ? `context ${state.context.toLocaleString("en")} tokens` : "";
+  state.modalities = card.input_modalities || ["text"];
+  const media = ["image", "video"].filter((k) => state.modalities.includes(k));
+  ui.attach.hidden = !media.length;
+  ui.attach.setAttribute("aria-label", `Attach ${media.join(" or ")} (or drop or paste one into the message box)`);
+  ui.attachInput.accept = media.map((k) => `${k}/*`).join(",");
   document.title = `${card.id} · qwenrun`;
   setupBudget();
   try { // the agent route exists only with `serve --mcp-config`; the schema lists it then
@@ -381,8 +389,10 @@ function renderMessage(c, m, index) {
   article.setAttribute("aria-label", m.role === "user" ? "You" : "Assistant");
   article.append(el("div", "who", m.role === "user" ? "You" : (m.meta?.model || "Assistant")));
   if (m.role === "user") {
+    if (m.attachments?.length) article.append(attachmentList(m.attachments));
     const body = el("div", "body");
     body.innerHTML = markdown(m.content);
+    typeset(body);
     article.append(body, actions([
       button("Edit", () => editMessage(article, c, index), "Edit this message"),
       button("Copy", (ev) => copy(ev.target, m.content), "Copy this message"),
@@ -396,6 +406,7 @@ function renderMessage(c, m, index) {
   for (const call of m.toolCalls || []) article.append(renderToolCall(call));
   const answer = el("div", "body answer");
   answer.innerHTML = markdown(m.content || "");
+  typeset(answer);
   if (m.error) answer.append(el("p", "error", m.error));
   article.append(answer);
   const stats = el("div", "stats muted", statsText(meta));
@@ -494,9 +505,10 @@ function editMessage(article, c, index) {
   box.setAttribute("aria-label", "Edit message");
   const save = button("Save and send", () => {
     const text = box.value.trim();
-    if (!text) return;
+    const old = c.messages[index];
+    if (!text && !old.attachments?.length) return;
     c.messages = c.messages.slice(0, index);
-    c.messages.push({role: "user", content: text});
+    c.messages.push({...old, content: text});
     saveChats();
     renderAll();
     generate(c);
@@ -510,6 +522,86 @@ function editMessage(article, c, index) {
   article.querySelector(".actions").replaceChildren(save, cancel);
   box.focus();
 }
+
+// ------------------------------------------------------------------------------- attachments
+
+// A message with attachments goes out as OpenAI content parts, the media first (Qwen's own order),
+// each as the data: URL it was read into; the server decodes and checks them (qwenrun/multimodal).
+function contentParts(m) {
+  const media = (m.attachments || []).filter((a) => a.dataUrl);
+  if (!media.length) return m.content || "";
+  return [...media.map((a) => a.kind === "video" ? {type: "video_url", video_url: {url: a.dataUrl}}
+                                                 : {type: "image_url", image_url: {url: a.dataUrl}}),
+          {type: "text", text: m.content || ""}];
+}
+
+function attachmentList(items, removable = false) {
+  const list = el("ul", "attachments");
+  list.setAttribute("aria-label", "Attachments");
+  items.forEach((a, i) => {
+    const li = el("li");
+    if (!a.dataUrl) {
+      li.append(el("span", "missing", `${a.kind} ${a.name} (not kept: browser storage full)`));
+    } else if (a.kind === "video") {
+      const v = el("video");
+      v.src = a.dataUrl;
+      v.muted = true;
+      v.preload = "metadata";
+      v.controls = !removable;
+      v.setAttribute("aria-label", `Video: ${a.name}`);
+      li.append(v);
+    } else {
+      const img = el("img");
+      img.src = a.dataUrl;
+      img.alt = `Image: ${a.name}`;
+      li.append(img);
+    }
+    if (removable) {
+      const x = button("×", () => { state.pending.splice(i, 1); renderPending(); ui.prompt.focus(); },
+                       `Remove ${a.kind}: ${a.name}`);
+      x.classList.add("remove");
+      li.append(x);
+    }
+    list.append(li);
+  });
+  return list;
+}
+
+function renderPending() {
+  ui.pending.replaceChildren(...attachmentList(state.pending, true).childNodes);
+  ui.pending.hidden = !state.pending.length;
+}
+
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+    r.readAsDataURL(file);
+  });
+}
+
+// From the file picker, a drop or a paste; what the model cannot take, or what would not fit in
+// one request, is refused with a message instead of failing at the server.
+async function addFiles(files) {
+  showError("");
+  for (const f of files) {
+    const kind = ["image", "video"].find((k) => f.type.startsWith(`${k}/`));
+    if (!kind || !state.modalities.includes(kind)) {
+      showError(`${f.name || "That file"}: this model takes ${state.modalities.filter((k) => k !== "text").join(" and ") || "text only"}.`);
+      continue;
+    }
+    const used = state.pending.reduce((n, a) => n + a.size, 0);
+    if (used + f.size > MAX_ATTACH_BYTES) {
+      showError(`${f.name}: attachments of one message are limited to ${MAX_ATTACH_BYTES >> 20} MiB.`);
+      continue;
+    }
+    state.pending.push({kind, type: f.type, name: f.name || kind, size: f.size, dataUrl: await readDataUrl(f)});
+  }
+  renderPending();
+}
+
+const hasFiles = (ev) => !ui.attach.hidden && [...(ev.dataTransfer?.types || [])].includes("Files");
 
 // ------------------------------------------------------------------------------- generation
 
@@ -528,11 +620,15 @@ function showError(text) {
 
 function send() {
   const text = ui.prompt.value.trim();
-  if (!text || state.controller) return;
+  if ((!text && !state.pending.length) || state.controller) return;
   const c = chat() || startChat();
-  c.messages.push({role: "user", content: text});
-  if (c.title === "New chat") c.title = text.length > 48 ? text.slice(0, 47) + "…" : text;
+  const m = {role: "user", content: text};
+  if (state.pending.length) m.attachments = state.pending.splice(0);
+  c.messages.push(m);
+  const title = text || m.attachments.map((a) => a.name).join(", ");
+  if (c.title === "New chat") c.title = title.length > 48 ? title.slice(0, 47) + "…" : title;
   ui.prompt.value = "";
+  renderPending();
   saveChats();
   renderAll();
   generate(c);
@@ -555,7 +651,7 @@ function stop() {
 function requestBody(c, meta) {
   const body = {
     model: state.model,
-    messages: c.messages.map((m) => ({role: m.role, content: m.content || ""})),
+    messages: c.messages.map((m) => ({role: m.role, content: contentParts(m)})),
     chat_template_kwargs: {enable_thinking: meta.thinking},
   };
   if (meta.thinking && meta.budget != null) body.thinking_budget = meta.budget;
@@ -726,6 +822,26 @@ function wire() {
     if (ev.key === "Escape" && state.controller && !ui.keyDialog.open) { ev.preventDefault(); stop(); }
   });
   ui.stop.onclick = stop;
+  ui.attach.onclick = () => ui.attachInput.click();
+  ui.attachInput.onchange = () => { addFiles([...ui.attachInput.files]); ui.attachInput.value = ""; };
+  ui.form.addEventListener("dragover", (ev) => {
+    if (!hasFiles(ev)) return;
+    ev.preventDefault();
+    ui.form.classList.add("dropping");
+  });
+  ui.form.addEventListener("dragleave", () => ui.form.classList.remove("dropping"));
+  ui.form.addEventListener("drop", (ev) => {
+    ui.form.classList.remove("dropping");
+    if (!hasFiles(ev)) return;
+    ev.preventDefault();
+    addFiles([...ev.dataTransfer.files]);
+  });
+  ui.prompt.addEventListener("paste", (ev) => {
+    const files = [...(ev.clipboardData?.files || [])];
+    if (ui.attach.hidden || !files.length) return;
+    ev.preventDefault();
+    addFiles(files);
+  });
   ui.newChat.onclick = () => { if (state.controller) stop(); startChat(); renderAll(); ui.prompt.focus(); };
   ui.thinking.onchange = () => { state.settings.thinking = ui.thinking.checked; saveSettings(); showBudget(state.settings.budget); };
   ui.budget.oninput = () => setBudget(budgetStops()[Number(ui.budget.value)] ?? null);
