@@ -129,6 +129,11 @@ def write_quantized(model: nn.Module, source: Path, out: Path, q: Quantization, 
         "group_size": q.group_size, "quantize_lm_head": q.quantize_lm_head,
         "dtype": str(dtype).removeprefix("torch.")}
     config.get("text_config", {}).pop("quantization_config", None)
+    # `auto` loads in the dtype the weights were quantized from (the full-precision ones are stored in it)
+    for fields in (config, config.get("text_config", {})):
+        for key in [k for k in ("torch_dtype", "dtype") if k in fields] or ([] if fields is not config else
+                                                                             ["torch_dtype"]):
+            fields[key] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return files
 

@@ -139,3 +139,17 @@ def test_refused_uses(sources, tmp_path):
     with pytest.raises(InvalidRequestError, match="format_version 99") as e:
         load_model(open_checkpoint(out), torch.float32, CPU)
     assert e.value.param == "quantization_config.format_version"
+
+
+def test_llm_runs_it_in_the_dtype_it_was_quantized_from(sources, tmp_path):
+    """`LLM(out)` with dtype auto: the source is fp32, the checkpoint quantized from bf16 loads in bf16
+    and decodes the tokens of quantizing the source at load in bf16."""
+    from qwenrun import LLM, SamplingParams
+
+    quantize(str(sources["moe"]), tmp_path / "q", "int4", dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=16)
+    ours = LLM(tmp_path / "q", device="cpu", kv_cache_memory=8 << 20)
+    assert ours.dtype == torch.bfloat16
+    at_load = LLM(sources["moe"], dtype="bfloat16", device="cpu", quantization="int4", kv_cache_memory=8 << 20)
+    prompt = [[1, 2, 3, 4, 5]]
+    assert ours.generate(prompt, params)[0].outputs[0].token_ids == at_load.generate(prompt, params)[0].outputs[0].token_ids
