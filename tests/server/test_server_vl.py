@@ -160,6 +160,13 @@ def assert_same_tokens(llm: LLM, response, out) -> None:
     assert response.usage.completion_tokens == len(comp.token_ids) == NEW
 
 
+def test_models_list_what_messages_may_carry(server):
+    """The chat page shows its Attach button from this field."""
+    with server.http() as http:
+        assert http.get("/v1/models").json()["data"][0]["input_modalities"] == ["text", "image", "video"]
+        assert http.get("/v1/models/qwen-test").json()["input_modalities"] == ["text", "image", "video"]
+
+
 def test_openai_client_images_match_llm_chat(llm, served, server):
     cat, dog = png(70, 45, 1), png(33, 100, 2)
     messages = user("w10 w11", image_part(cat), "w12 w13", image_part(dog), "w14")
@@ -423,6 +430,7 @@ def test_text_only_model_refuses_images(tmp_path, qwen3_tokenizer_dir):
         folder, dtype="float32", device="cpu", kv_cache_memory=16 << 20, max_model_len=256
     )
     with serve(text_llm) as s, s.http() as http:
+        assert http.get("/v1/models").json()["data"][0]["input_modalities"] == ["text"]
         r = http.post(
             "/v1/chat/completions",
             json={"model": "qwen-test", "messages": user("Hi", image_part(png(8, 8)))},
