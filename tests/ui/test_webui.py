@@ -522,6 +522,10 @@ def test_markdown_is_escaped_then_rendered(browser, servers, requests_seen):
                           "f.family.startsWith('KaTeX') && f.status === 'loaded').length)")
     assert fonts > 0
     assert page.evaluate("window.__csp") == []
+    # \vec's arrow comes sized by a style attribute, which the CSP refuses: the page sets it through the CSSOM
+    arrow = page.evaluate("""() => { const d = document.createElement('div'); d.innerHTML = markdown('$\\\\vec{x}$');
+        document.body.append(d); typeset(d); return d.querySelector('.katex svg').getBoundingClientRect().width; }""")
+    assert arrow > 0
 
 
 def test_no_webui_flag_and_page_headers(servers):

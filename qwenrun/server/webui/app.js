@@ -92,6 +92,9 @@ function typeset(root) {
     node.removeAttribute("data-tex");
     try {
       katex.render(src, node, {displayMode: node.classList.contains("display"), throwOnError: true});
+      // a few constructs (\vec's arrow, \fcolorbox's border) come with a style attribute, which the
+      // CSP refuses (and reports); the same declarations set through the CSSOM are allowed
+      for (const styled of node.querySelectorAll("[style]")) styled.style.cssText = styled.getAttribute("style");
     } catch (e) {
       node.classList.add("math-error");
       node.title = e.message;
