@@ -9,6 +9,12 @@ parameter and buffer of the loaded model once (quantized parts, the full-precisi
 
     python benchmarks/load_rss.py                              # 0.6B shape and 30B-A3B shape, 8 layers, int4
     python benchmarks/load_rss.py --cases qwen3-0.6b --also-unstreamed
+    python benchmarks/load_rss.py --cases qwen3-0.6b --also-prequantized   # + `qwenrun quantize`'s output
+
+"load s" is the wall time of `LLM(...)` in the child (checkpoint files in the page cache, kernels
+already built). With --also-prequantized the checkpoint is first written by `qwenrun quantize` (kept
+in --cache-dir) and loaded with no quantization asked: its tensors are mapped from the files, so its
+peak counts those file pages (which the kernel can drop and re-read) instead of anonymous memory.
 
 The 0.6B checkpoint is written by decode_bench.build_checkpoint (transformers); the 30B-A3B one tensor by
 tensor, one shard per layer (N(0, 0.02) bf16, Qwen's per-expert names), since the whole bf16 model at 8
@@ -112,15 +118,19 @@ def child(args: argparse.Namespace) -> None:
             return quantize_model(model, q.method, q.group_size, q.quantize_lm_head) if q else model
 
         llm_module.load_model = load_whole
-    llm = LLM(args.child, dtype="bfloat16", device="cpu", quantization=args.method, kv_cache_memory=args.kv_mb * MB,
-              max_model_len=1024)
+    import time
+
+    start = time.perf_counter()
+    llm = LLM(args.child, dtype="bfloat16", device="cpu", quantization=None if args.prequantized else args.method,
+              kv_cache_memory=args.kv_mb * MB, max_model_len=1024)
+    seconds = time.perf_counter() - start
     seen, nbytes = set(), 0
     for t in [*llm.model.parameters(), *llm.model.buffers()]:
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
             nbytes += t.untyped_storage().nbytes()
-    print(json.dumps({"peak": vm_hwm(), "model": nbytes}))
+    print(json.dumps({"peak": vm_hwm(), "model": nbytes, "seconds": seconds}))
 
 
 def run_child(*extra: str) -> dict:
@@ -137,7 +147,10 @@ def main() -> None:
     ap.add_argument("--kv-mb", type=int, default=128, help="KV cache budget (kv_cache_memory), MB")
     ap.add_argument("--cache-dir", default=os.environ.get("QWENRUN_BENCH_DIR", "/tmp/qwenrun-bench"))
     ap.add_argument("--also-unstreamed", action="store_true", help="also the load-then-quantize path")
+    ap.add_argument("--also-prequantized", action="store_true",
+                    help="also a checkpoint `qwenrun quantize` wrote, loaded as it is")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--prequantized", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--unstreamed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -155,13 +168,22 @@ def main() -> None:
             r = run_child(*common, *(["--unstreamed"] if unstreamed else []))
             bound = 1.15 * r["model"] + args.kv_mb * MB + 300 * MB
             rows.append((f"{case} {args.method}" + (" (load, then quantize)" if unstreamed else ""), r["model"],
-                         r["peak"], bound))
+                         r["peak"], bound, r["seconds"]))
+        if args.also_prequantized:
+            out = cache / f"{folder.name}-{args.method}-qwenrun"
+            if not (out / "config.json").is_file():
+                subprocess.run([sys.executable, "-m", "qwenrun", "quantize", str(folder), "--to", args.method,
+                                str(out)], check=True)
+            r = run_child("--prequantized", *common[:-1], str(out))
+            bound = 1.15 * r["model"] + args.kv_mb * MB + 300 * MB
+            rows.append((f"{case} {args.method} (qwenrun quantize output)", r["model"], r["peak"], bound,
+                         r["seconds"]))
     print(f"torch baseline (import torch and qwenrun, kernels found): {base / MB:.0f} MB; KV budget {args.kv_mb} MB\n")
-    print("| case | model bytes | KV budget | torch baseline | peak RSS | peak / model | bound (1.15·model + KV + 300 MB) | peak / bound |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, model, peak, bound in rows:
+    print("| case | model bytes | KV budget | torch baseline | peak RSS | peak / model | bound (1.15·model + KV + 300 MB) | peak / bound | load s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, model, peak, bound, seconds in rows:
         print(f"| {name} | {model / MB:.0f} MB | {args.kv_mb} MB | {base / MB:.0f} MB | {peak / MB:.0f} MB | "
-              f"{peak / model:.2f} | {bound / MB:.0f} MB | {peak / bound:.2f} |")
+              f"{peak / model:.2f} | {bound / MB:.0f} MB | {peak / bound:.2f} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":
