@@ -118,7 +118,8 @@ def write_quantized(source: Path, dest: Path, method: str, **kw) -> tuple[Path, 
         if method == "awq":
             parts, dense[name] = awq_tensors(w, kw["group_size"])
         elif method == "gptq":
-            parts, dense[name] = gptq_tensors(w, kw["group_size"], kw["sym"], kw["desc_act"])
+            g = w.shape[1] if kw["group_size"] == -1 else kw["group_size"]  # -1: one group per row
+            parts, dense[name] = gptq_tensors(w, g, kw["sym"], kw["desc_act"], kw.get("format", "gptq") == "gptq")
         else:
             parts, dense[name] = fp8_tensors(w)
         for k, v in parts.items():
@@ -129,7 +130,7 @@ def write_quantized(source: Path, dest: Path, method: str, **kw) -> tuple[Path, 
         "awq": {"quant_method": "awq", "bits": 4, "group_size": kw.get("group_size"), "version": "gemm",
                 "zero_point": True, "modules_to_not_convert": None},
         "gptq": {"quant_method": "gptq", "bits": 4, "group_size": kw.get("group_size"), "sym": kw.get("sym"),
-                 "desc_act": kw.get("desc_act"), "checkpoint_format": "gptq", "damp_percent": 0.01},
+                 "desc_act": kw.get("desc_act"), "checkpoint_format": kw.get("format", "gptq"), "damp_percent": 0.01},
         "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
     }[method]
     (dest / "config.json").write_text(json.dumps(config))
@@ -189,6 +190,7 @@ CASES = [  # (source, method, options, the layers' int4 group in qwenrun or None
     ("moe", "gptq", dict(group_size=128, sym=True, desc_act=False), 128),
     ("dense", "gptq", dict(group_size=32, sym=False, desc_act=False), 32),
     ("dense", "gptq", dict(group_size=64, sym=True, desc_act=True), None),
+    ("dense", "gptq", dict(group_size=-1, sym=False, desc_act=False, format="gptq_v2"), 128),
     ("dense", "fp8", {}, None),
     ("moe", "fp8", {}, None),
 ]
@@ -262,3 +264,17 @@ def test_unsupported_variants_are_refused(sources, tmp_path, config, field):
     with pytest.raises(InvalidRequestError) as e:
         load_model(open_checkpoint(folder), torch.float32, CPU)
     assert e.value.param == field and field.split(".")[1] in str(e.value)
+
+
+def test_info_names_the_format(sources, tmp_path):
+    from qwenrun.cli.info import describe
+
+    source, _ = sources["moe"]
+    expected = {("awq", 128): "awq 4-bit, group 128 (runs as qwenrun int4)",
+                ("fp8", None): "fp8 e4m3, 128x128 blocks (dequantized at load)"}
+    for (method, group), text in expected.items():
+        folder, _ = write_quantized(source, tmp_path / method, method, group_size=group)
+        d = describe(str(folder), None)
+        assert d["quantization"]["format"] == text
+        assert d["weight_file_bytes"] == (folder / "model.safetensors").stat().st_size
+    assert describe(str(source), None)["quantization"] is None
