@@ -26,7 +26,7 @@ from qwenrun.errors import CheckpointError
 from qwenrun.layers.checkpoint import CheckpointRules, Rank
 from qwenrun.layers.linear import WeightTarget, plain_targets
 from qwenrun.loading.source import read_json
-from qwenrun.quant.formats import StoredFormat, StoredRows, stored_tensors
+from qwenrun.quant.formats import StoredFormat, StoredRows, row_permutation, stored_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +218,13 @@ def load_weights(
         if found is None:
             unexpected.append(stored_name)
             continue
+        reordered = False
         if isinstance(tensor, StoredRows) and (rank.world > 1 or _transformed(rules, name)):
-            tensor = tensor.to(dtype).dense()
+            # a rule that only reorders rows keeps them quantized; any other needs the dense tensor
+            perm = None if rank.world > 1 else row_permutation(partial(rules.transform, name), tensor.shape[0])
+            tensor, reordered = (tensor.to(dtype).dense(), False) if perm is None else (tensor[perm], True)
         try:
-            transformed = rules.transform(name, tensor)
+            transformed = tensor if reordered else rules.transform(name, tensor)
             parts = [target.rank_slice(transformed, rank) for target in found]
         except CheckpointError as e:
             raise CheckpointError(f"tensor {stored_name}: {e}") from None

@@ -127,7 +127,8 @@ class StoredRows:
             raise AssertionError(f"stored quantized rows {self.shape} cannot be viewed as {shape}")
         return self
 
-    def __getitem__(self, rows: slice) -> StoredRows:
+    def __getitem__(self, rows: slice | torch.Tensor) -> StoredRows:
+        """Rows `rows` (a slice, or an index tensor: a checkpoint rule's row permutation)."""
         raise NotImplementedError
 
     def dense(self) -> torch.Tensor:
@@ -184,6 +185,25 @@ class Int4Rows(StoredRows):
             return None
         r = (K // G) // group_size
         return pack_int4(self.codes), self.scale.repeat_interleave(r, 1), self.mins.repeat_interleave(r, 1)
+
+
+def row_permutation(transform, rows: int) -> torch.Tensor | None:
+    """The row order `transform` gives a [rows, K] tensor, if it only reorders whole rows whatever K
+    (Qwen3-Next's grouped `in_proj_qkvz` / `in_proj_ba`); None for anything else, which needs the
+    dequantized tensor."""
+    found = []
+    for width in (1, 2):
+        try:
+            out = transform(torch.arange(rows).view(rows, 1).expand(rows, width).contiguous())
+        except (RuntimeError, ValueError):
+            return None
+        if tuple(out.shape) != (rows, width) or not torch.equal(out, out[:, :1].expand(rows, width)):
+            return None
+        found.append(out[:, 0])
+    perm = found[0]
+    if not torch.equal(perm, found[1]) or not torch.equal(perm.sort().values, torch.arange(rows)):
+        return None
+    return perm
 
 
 def _unpack_int32(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:

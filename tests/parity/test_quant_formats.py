@@ -34,7 +34,8 @@ LOGITS_TOL = 1e-4  # of the largest reference logit, as tests/parity/test_parity
 SIZES = dict(hidden_size=128, intermediate_size=256, head_dim=32)
 # the linears Qwen's AWQ/GPTQ/FP8 checkpoints store quantized (attention, MLP and expert projections;
 # never the embedding, LM head, norms or MoE router)
-QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight")
+QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|linear_attn\.(in_proj_qkvz|in_proj_ba|out_proj)"
+                       r"|mlp\.(experts\.\d+\.|shared_expert\.)?(gate|up|down)_proj)\.weight")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column 8c + AWQ_ORDER[i]
 
 
@@ -175,6 +176,8 @@ def sources(tmp_path_factory):
     return {
         "dense": make_checkpoint("dense-untied-gqa2", root / "dense", **SIZES),
         "moe": make_checkpoint("moe-norm-topk", root / "moe", **SIZES, moe_intermediate_size=128),
+        "hybrid": make_checkpoint("next-interval4-moe", root / "hybrid", hidden_size=128, moe_intermediate_size=128,
+                                  shared_expert_intermediate_size=128),
     }
 
 
@@ -193,6 +196,9 @@ CASES = [  # (source, method, options, the layers' int4 group in qwenrun or None
     ("dense", "gptq", dict(group_size=-1, sym=False, desc_act=False, format="gptq_v2"), 128),
     ("dense", "fp8", {}, None),
     ("moe", "fp8", {}, None),
+    ("hybrid", "fp8", {}, None),
+    # out_proj (96 inputs) does not fit int4: dequantized; in_proj_qkvz/ba reordered by Next's rule, still int4
+    ("hybrid", "awq", dict(group_size=32), 32),
 ]
 
 
@@ -208,18 +214,34 @@ def test_matches_the_dequantized_reference(sources, tmp_path, case):
     if group is None:
         assert not linears and not experts  # dequantized to the model dtype
         return
+    if name == "hybrid":
+        assert all(isinstance(layer.linear_attn.in_proj, Int4Linear) for layer in model.model.layers
+                   if hasattr(layer, "linear_attn"))
     assert linears and all(isinstance(m, Int4Linear) and m.group_size == group for m in linears)
     assert not isinstance(model.lm_head, QuantizedLinear)  # stored in full precision, kept so
-    assert (name == "moe") == bool(experts) and all(m.format == "int4" for m in experts)
-    # without loss: the int4 layers hold exactly the stored values
-    attn = model.model.layers[0].self_attn.qkv_proj
-    want = torch.cat([dense[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
-    assert torch.equal(expand("int4", attn.parts, group, torch.float32), want)
-    if experts:
-        e = experts[0]
-        down = [p[3] for p in e.parts("w2")]
-        layer = next(n for n, m in model.named_modules() if m is e)
-        assert torch.equal(expand("int4", down, group, torch.float32), dense[f"{layer}.3.down_proj.weight"])
+    assert (name != "dense") == bool(experts) and all(m.format == "int4" for m in experts)
+    # without loss: every int4 layer holds exactly the stored values, as qwenrun lays out the same
+    # weights loaded dequantized (merged projections, Qwen3-Next's reordered rows, stacked experts)
+    plain = {n: m for n, m in load_model(open_checkpoint(_dequantized(source, dense, tmp_path)), torch.float32,
+                                         CPU).named_modules()}
+    for path, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            assert torch.equal(expand("int4", m.parts, group, torch.float32), plain[path].weight), path
+        elif isinstance(m, QuantizedExperts):
+            for which in ("w13", "w2"):
+                for e in range(m.num_experts):
+                    got = expand("int4", [p[e] for p in m.parts(which)], group, torch.float32)
+                    assert torch.equal(got, getattr(plain[path], which)[e]), f"{path}.{which}[{e}]"
+
+
+def _dequantized(source: Path, dense: dict[str, torch.Tensor], root: Path) -> Path:
+    """`source` with its quantized weights replaced by their dequantized values, as a plain checkpoint."""
+    plain = root / "dequantized"
+    plain.mkdir()
+    for f in source.glob("*.json"):
+        shutil.copy(f, plain / f.name)
+    save_file({**load_file(source / "model.safetensors"), **dense}, plain / "model.safetensors")
+    return plain
 
 
 @pytest.mark.parametrize("method", ["awq", "fp8"])
@@ -228,11 +250,7 @@ def test_asked_quantization_requantizes_the_dequantized_weights(sources, tmp_pat
     the dequantized weights at load."""
     source, _ = sources["moe"]
     folder, dense = write_quantized(source, tmp_path / method, method, group_size=128)
-    plain = tmp_path / "dequantized"
-    plain.mkdir()
-    for f in source.glob("*.json"):
-        shutil.copy(f, plain / f.name)
-    save_file({**load_file(source / "model.safetensors"), **dense}, plain / "model.safetensors")
+    plain = _dequantized(source, dense, tmp_path)
     q = Quantization("int8")
     a = load_model(open_checkpoint(folder), torch.float32, CPU, quantization=q)
     b = load_model(open_checkpoint(plain), torch.float32, CPU, quantization=q)
