@@ -206,7 +206,7 @@ def load_weights(
     filled: dict[str, set[str]] = {name: set() for name in needed}
     unexpected: list[str] = []
     skipped: Counter[str] = Counter()
-    for stored_name, tensor, release in stored_tensors(checkpoint_files(folder), stored):
+    for stored_name, tensor, release in stored_tensors(partial(iter_tensors, checkpoint_files(folder)), stored):
         name = rules.rename(stored_name)
         found = targets.get(name)
         pattern = None if found is not None else rules.ignore_pattern(name)

@@ -24,9 +24,8 @@ dequantized to the model dtype.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,17 +264,17 @@ def quantized_weight_names(names: list[str], fmt: StoredFormat, dtypes: dict[str
     return {n.removesuffix(".qweight") + ".weight" for n in names if n.endswith(".qweight")}
 
 
-def stored_tensors(files: list[Path], fmt: StoredFormat | None) -> Iterator[tuple[str, Any, Any]]:
-    """`qwenrun.loading.weights.iter_tensors`, with each quantized weight's tensors given as one
-    `X.weight` (a `StoredRows`), its companions (scales, zeros, g_idx) read up front: they are small
-    (1/64 of an int4 weight at group 128), and may sit after the weight or in another shard."""
-    from qwenrun.loading.weights import iter_tensors
-
+def stored_tensors(read: Callable[[], Iterator[tuple[str, torch.Tensor, Any]]],
+                   fmt: StoredFormat | None) -> Iterator[tuple[str, Any, Any]]:
+    """The checkpoint's (name, tensor, release) stream (`read()`, the loader's reader; called twice),
+    with each quantized weight's tensors given as one `X.weight` (a `StoredRows`), its companions
+    (scales, zeros, g_idx) read up front: they are small (1/64 of an int4 weight at group 128), and
+    may sit after the weight or in another shard."""
     if fmt is None:
-        yield from iter_tensors(files)
+        yield from read()
         return
-    side = {name: tensor.clone() for name, tensor, _ in iter_tensors(files) if name.endswith(_COMPANIONS)}
-    for name, tensor, release in iter_tensors(files):
+    side = {name: tensor.clone() for name, tensor, _ in read() if name.endswith(_COMPANIONS)}
+    for name, tensor, release in read():
         if name.endswith(_COMPANIONS):
             continue
         if fmt.method == "fp8" and name.endswith(".weight") and tensor.dtype == torch.float8_e4m3fn:
