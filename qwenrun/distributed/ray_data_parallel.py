@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from qwenrun.distributed.ray_cluster import PLACEMENT_TIMEOUT_S, ray_module as _ray, init_ray
 from qwenrun.distributed.ray_replica import EngineReplica, ReplicaDelta, ReplicaFailure, ReplicaInfo
 from qwenrun.distributed.router import PrefixAffinityRouter
 from qwenrun.engine.async_engine import EngineStats
@@ -45,26 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLACEMENT_TIMEOUT_S = 120.0  # a cluster without the CPUs (or GPUs) asked for never places the bundles
 STATS_WAIT_S = 0.5  # the longest `stats` holds the event loop waiting for the replicas' answers
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise QwenrunError("data parallelism runs replicas on Ray, which is not installed: "
-                           "pip install 'qwenrun[distributed]' (ray==2.60.0)") from None
-    return ray
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (a Ray cluster, "auto" for the one this node is in), or start a local
-    cluster; nothing when Ray is already initialised in this process."""
-    ray = _ray()
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=False, log_to_driver=True)
 
 
 class RayDataParallelEngine:

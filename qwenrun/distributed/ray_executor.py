@@ -36,7 +36,7 @@ from qwenrun.distributed.executor import (
     WorkerDiedError,
     start_tensor_parallel,
 )
-from qwenrun.distributed.ray_data_parallel import PLACEMENT_TIMEOUT_S, _ray, init_ray
+from qwenrun.distributed.ray_cluster import PLACEMENT_TIMEOUT_S, init_ray, ray_module as _ray
 from qwenrun.errors import QwenrunError
 from qwenrun.quant import Quantization
 
