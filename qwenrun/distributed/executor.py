@@ -385,6 +385,16 @@ class TensorParallelModel(nn.Module):
                                   "are out of step and were stopped (restart the engine)") from e
         return hidden
 
+    @property
+    def healthy(self) -> bool:
+        """False once a rank has gone: no later step can run, so /health must stop saying ok
+        (an orchestrator restarts the server) while the API still answers each request clearly."""
+        try:
+            self.executor.check()
+        except WorkerDiedError:
+            return False
+        return True
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits of the last forward's logits rows (`hidden` is those rows' hidden states)."""
         logits, self._logits = self._logits, None

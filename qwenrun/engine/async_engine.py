@@ -91,8 +91,9 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        """The engine loop is running and accepting work (what /health reports)."""
-        return self._thread.is_alive() and not self._stopped
+        """The engine loop is running and accepting work, and the model can still run a step (a
+        tensor-parallel model whose rank has died cannot): what /health reports."""
+        return self._thread.is_alive() and not self._stopped and getattr(self.engine.model, "healthy", True)
 
     def shutdown(self) -> None:
         self._stopped = True

@@ -119,3 +119,5 @@ def test_killed_rank_fails_requests_with_a_clear_error(llms, server):
         assert error["type"] == "server_error" and "tensor-parallel rank 1" in error["message"], error
         assert time.time() - start < 30  # an answer, not a wait for the group's timeout
     assert httpx.get(f"{server}/v1/models", timeout=10).status_code == 200
+    health = httpx.get(f"{server}/health", timeout=10)  # no step can run any more: say so to probes
+    assert health.status_code == 503 and health.json()["status"] == "engine stopped", health.text

@@ -142,9 +142,11 @@ def test_dead_worker_fails_requests_with_a_clear_error(tmp_path):
     try:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         assert len(llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 4
+        assert llm.model.healthy
         [worker] = llm.model.executor.procs
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(timeout=10)
+        assert not llm.model.healthy  # what /health reports (503)
         start = time.time()
         outs = [o.outputs[0] for o in llm.generate([[1, 2, 3], [4, 5]], params)]
         assert time.time() - start < 10  # failed, not waited on
