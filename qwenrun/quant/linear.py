@@ -155,7 +155,9 @@ def quantized_matmul(x: torch.Tensor, fmt: str, parts: Sequence[torch.Tensor], g
     linears and by each expert's slice of the stacked expert weights."""
     x2 = x.reshape(-1, x.shape[-1])
     small = x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] <= 32
-    if fmt == "int8" and small:  # no kernels, or an input size they do not take
+    if fmt == "int8" and small and x2.shape[1] % 16 == 0:
+        # no kernels, or an input size they do not take; torch's kernel reads K in steps of 16 and
+        # gives garbage or a segfault otherwise (torch 2.13; a tiny MoE's 40-wide experts hit it)
         y = torch.ops.aten._weight_int8pack_mm(x2, parts[0], parts[1].to(x2.dtype))
         y = y + bias if bias is not None else y
     elif x2.dtype == torch.bfloat16 and x2.device.type == "cpu" and cpu_gemm_widens_bf16():

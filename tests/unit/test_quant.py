@@ -14,7 +14,7 @@ from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.linear import MergedLinear
 from qwenrun.quant.linear import (
     QuantizedExperts, QuantizedLinear, dequantize_int4, pack_int4, quantize_int4,
-    quantize_int8, unpack_int4,
+    quantize_int8, quantized_matmul, unpack_int4,
 )
 from tiny import make_checkpoint
 
@@ -27,6 +27,19 @@ def test_int8_reconstruction_within_half_a_step():
     err = (q.float() * scale[:, None] - w).abs()
     assert (err <= scale[:, None] / 2 + 1e-6).all()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [40, 64])
+def test_int8_torch_path_takes_any_input_width(k, dtype):
+    """The torch reference path (no C++ kernels) for K not a multiple of 16, where torch's
+    `_weight_int8pack_mm` crashed: the expanded weight's product, for decode-sized batches."""
+    q, scale = quantize_int8(torch.randn(24, k))
+    for m in (1, 3, 8):
+        x = torch.randn(m, k).to(dtype)
+        y = quantized_matmul.reference(x, "int8", [q, scale], 0, None)
+        ref = x.float() @ (q.float() * scale[:, None]).T
+        assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_reconstruction_within_half_a_step(group):
