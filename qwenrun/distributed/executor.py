@@ -193,9 +193,29 @@ class Executor(ABC):
     tp: TensorParallel  # rank 0's view of the group
 
     def join_group(self, make: Callable[[], Any]) -> Any:
-        """Rank 0's side of the rendezvous (`make()`, which blocks until every rank has joined);
-        an executor that can see a worker die meanwhile gives up sooner than the group's timeout."""
-        return make()
+        """Rank 0's side of the rendezvous (`make()`, which blocks until every rank has joined),
+        run on a thread while `check_started` is polled: a worker that fails to start gives up the
+        wait at once instead of at the group's timeout."""
+        result: list[Any] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(make())
+            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                failure.append(e)
+
+        thread = threading.Thread(target=run, daemon=True, name="qwenrun-tp-rendezvous")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            self.check_started()
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def check_started(self) -> None:
+        """QwenrunError naming a worker that has failed before joining the group."""
 
     @abstractmethod
     def wait_ready(self) -> None:
@@ -266,32 +286,13 @@ class MultiprocExecutor(Executor):
             self.conns.append(parent)
         self._dead: str | None = None
 
-    def join_group(self, make: Callable[[], Any]) -> Any:
-        """`make()` (rank 0's side of the group's rendezvous), given up as soon as a worker exits
-        before joining (a script without a `__main__` guard, a failed import) instead of at the
-        group's timeout."""
-        result: list[Any] = []
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                result.append(make())
-            except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
-                failure.append(e)
-
-        thread = threading.Thread(target=run, daemon=True, name="qwenrun-tp-rendezvous")
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.1)
-            for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
-                if not proc.is_alive():
-                    detail = _last_words(conn) or f"exit code {proc.exitcode}"
-                    raise QwenrunError(f"tensor-parallel rank {rank} exited before joining the group: {detail}"
-                                       "\n(a script that starts tensor-parallel ranks needs an "
-                                       "`if __name__ == '__main__':` guard: the ranks are spawned and import it)")
-        if failure:
-            raise failure[0]
-        return result[0]
+    def check_started(self) -> None:
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            if not proc.is_alive():
+                detail = _last_words(conn) or f"exit code {proc.exitcode}"
+                raise QwenrunError(f"tensor-parallel rank {rank} exited before joining the group: {detail}"
+                                   "\n(a script that starts tensor-parallel ranks needs an "
+                                   "`if __name__ == '__main__':` guard: the ranks are spawned and import it)")
 
     def wait_ready(self) -> None:
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):

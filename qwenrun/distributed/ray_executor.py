@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,33 +82,15 @@ class RayExecutor(Executor):
         self._pending: list[tuple[int, Any]] = []  # (rank, answer of a message not yet looked at)
         self._dead: str | None = None
 
-    def join_group(self, make: Callable[[], Any]) -> Any:
-        """`make()` (rank 0's side of the rendezvous), given up as soon as a worker fails to start
-        instead of at the group's timeout."""
+    def check_started(self) -> None:
         ray = _ray()
-        result: list[Any] = []
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                result.append(make())
-            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-                failure.append(e)
-
-        thread = threading.Thread(target=run, daemon=True, name="qwenrun-tp-rendezvous")
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
-            done, _ = ray.wait(self._ready, num_returns=len(self._ready), timeout=0)
-            for rank, ref in enumerate(self._ready, start=1):
-                if ref in done:
-                    try:
-                        ray.get(ref)
-                    except ray.exceptions.RayError as e:
-                        raise QwenrunError(f"tensor-parallel rank {rank} failed to start: {e}") from None
-        if failure:
-            raise failure[0]
-        return result[0]
+        done, _ = ray.wait(self._ready, num_returns=len(self._ready), timeout=0)
+        for rank, ref in enumerate(self._ready, start=1):
+            if ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise QwenrunError(f"tensor-parallel rank {rank} failed to start: {e}") from None
 
     def wait_ready(self) -> None:
         ray = _ray()
