@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ pytest.importorskip("ray", reason="ray is not installed (pip install 'qwenrun[di
 httpx = pytest.importorskip("httpx")
 
 import qwenrun  # noqa: E402
+from serving import wait_healthy  # noqa: E402
 
 BUNDLED = str(Path(qwenrun.__file__).parent / "assets" / "qwen3-tiny-thinker")
 
@@ -36,16 +36,7 @@ def test_serve_on_ray(tmp_path, flags):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, f"qwenrun serve exited: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"qwenrun serve did not become healthy: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_healthy(proc, url, log, timeout=180)
         if "--data-parallel-size" in flags:
             assert "2 data-parallel replicas on Ray (cpu 1 threads" in log.read_text()
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
+from serving import wait_healthy
 from tiny import add_tokenizer, make_checkpoint
 
 from qwenrun import LLM, SamplingParams
@@ -44,16 +44,7 @@ def test_served_tp2_greedy_equals_tp1(name, flags, tmp_path, qwen3_tokenizer_dir
         chat = [{"role": "user", "content": "What is 2 + 3?"}]
         want_chat = one.chat(chat, SamplingParams(temperature=0, max_tokens=12), enable_thinking=False)[0].outputs[0]
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(proc, url, timeout=120)
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 12, "ignore_eos": True})
         assert r.status_code == 200, r.text

@@ -27,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from prometheus_client.parser import text_string_to_metric_families
+from serving import wait_healthy
 from tiny import add_tokenizer, make_checkpoint
 
 VOCAB = 151936
@@ -54,16 +55,7 @@ def server(tmp_path_factory, qwen3_tokenizer_dir):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, f"qwenrun serve exited: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"qwenrun serve did not become healthy: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_healthy(proc, url, log, timeout=240)
         yield proc, url, log
     finally:
         proc.terminate()

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
 
 import pytest
 
@@ -34,6 +31,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from prometheus_client.parser import text_string_to_metric_families
+import serving
 from steered import make_steered_checkpoint
 
 from qwenrun import LLM
@@ -74,40 +72,9 @@ def tool_table(tokenizer) -> dict[int, int]:
 # ------------------------------------------------------------------------------------- harness
 
 
-class Server:
-    """A real uvicorn server on a free local port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
+class Server(serving.Server):
     def client(self, api_key: str = "none", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
-
-    def http(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
 
 
 @contextmanager
