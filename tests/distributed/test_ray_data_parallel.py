@@ -93,14 +93,16 @@ def wait_idle(dp, timeout: float = 20.0) -> dict:
     return reports
 
 
-class TestServed:
-    @pytest.fixture(scope="class")
-    def served(self):
-        dp, server = launch()
-        with server:
-            yield dp, server
-        dp.shutdown()
+@pytest.fixture(scope="class")
+def served():
+    """Replicas and a server for each test class (a class that kills a replica gets its own)."""
+    dp, server = launch()
+    with server:
+        yield dp, server
+    dp.shutdown()
 
+
+class TestServed:
     def test_greedy_equals_one_engine(self, served):
         from qwenrun.llm import LLM
 
@@ -190,13 +192,6 @@ class TestServed:
 
 
 class TestRetry:
-    @pytest.fixture(scope="class")
-    def served(self):
-        dp, server = launch()
-        with server:
-            yield dp, server
-        dp.shutdown()
-
     def test_request_on_a_dead_replica_is_retried_before_streaming(self, served):
         import asyncio
 
