@@ -24,6 +24,7 @@ dequantized to the model dtype.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +100,7 @@ def stored_format(config: dict[str, Any]) -> StoredFormat | None:
     return StoredFormat("gptq", group, zeros_minus_one=fmt == "gptq", act_order=bool(qc.get("desc_act", False)))
 
 
-class StoredRows:
+class StoredRows(ABC):
     """A weight [N, K] that a checkpoint stores quantized, standing in for its tensor in the loader:
     sliced by output rows (`rows[a:b]`), given the model dtype (`to`), then either dequantized
     (`dense`) or, where the format maps without loss, handed to an int4 layer as its parts
@@ -126,13 +127,13 @@ class StoredRows:
             raise AssertionError(f"stored quantized rows {self.shape} cannot be viewed as {shape}")
         return self
 
+    @abstractmethod
     def __getitem__(self, rows: slice | torch.Tensor) -> StoredRows:
         """Rows `rows` (a slice, or an index tensor: a checkpoint rule's row permutation)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dense(self) -> torch.Tensor:
         """The dequantized rows in `dtype` (computed in fp32, rounded once)."""
-        raise NotImplementedError
 
     def int4_parts(self, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """qwenrun's int4 parts (packed, scale, mins) holding exactly these weights, or None."""
