@@ -133,6 +133,16 @@ def test_refused_uses(sources, tmp_path):
     quantize(str(sources["dense-untied"]), out, "int8")
     with pytest.raises(InvalidRequestError, match="already quantized as int8"):
         load_model(open_checkpoint(out), torch.float32, CPU, quantization=Quantization("int4"))
+    with pytest.raises(InvalidRequestError, match="quantize_lm_head=True") as e:
+        load_model(open_checkpoint(out), torch.float32, CPU, quantization=Quantization("int8", quantize_lm_head=False))
+    assert e.value.param == "quantize_lm_head"
+    load_model(open_checkpoint(out), torch.float32, CPU, quantization=Quantization("int8"))  # what it holds: fine
+    out4 = tmp_path / "q4"
+    quantize(str(sources["dense-untied"]), out4, "int4", group_size=64)
+    with pytest.raises(InvalidRequestError, match="group size 64") as e:
+        load_model(open_checkpoint(out4), torch.float32, CPU, quantization=Quantization("int4", 128))
+    assert e.value.param == "quant_group_size"
+    load_model(open_checkpoint(out4), torch.float32, CPU, quantization=Quantization("int4", 64))
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["format_version"] = 99
     (out / "config.json").write_text(json.dumps(config))
