@@ -207,11 +207,20 @@ def row_permutation(transform, rows: int) -> torch.Tensor | None:
 
 
 def _unpack_int32(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
-    """int32 [..., M] holding eight 4-bit values each -> uint8 [..., 8M]; value j of each word comes
-    from nibble `order[j]`."""
+    """int32 [R, M] holding eight 4-bit values each -> uint8 [R, 8M]; value j of each word comes
+    from nibble `order[j]`. Unpacked in blocks of rows: the shifted int32 intermediate is 32x the
+    packed bytes, which for a whole 8B-sized projection would add hundreds of MB to peak RSS."""
     shifts = torch.tensor([4 * i for i in order], dtype=torch.int32)
-    q = (packed[..., None] >> shifts) & 0xF
-    return q.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    R, M = packed.shape
+    out = torch.empty(R, 8 * M, dtype=torch.uint8)
+    step = max(1, _UNPACK_WORDS // max(M, 1))
+    for r in range(0, R, step):
+        q = (packed[r : r + step, :, None] >> shifts) & 0xF
+        out[r : r + step] = q.reshape(q.shape[0], -1)
+    return out
+
+
+_UNPACK_WORDS = 1 << 20  # int32 words per block: a 32 MB intermediate
 
 
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # output column j of a word sits in nibble AWQ_REVERSE_ORDER[j]

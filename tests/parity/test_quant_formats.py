@@ -296,3 +296,17 @@ def test_info_names_the_format(sources, tmp_path):
         assert d["quantization"]["format"] == text
         assert d["weight_file_bytes"] == (folder / "model.safetensors").stat().st_size
     assert describe(str(source), None)["quantization"] is None
+
+
+@pytest.mark.parametrize("pack,unpack", [(tuple(range(8)), tuple(range(8))), (AWQ_ORDER, (0, 4, 1, 5, 2, 6, 3, 7))],
+                         ids=["gptq", "awq"])
+def test_unpacking_in_row_blocks_gives_every_row(monkeypatch, pack, unpack):
+    """A block that does not divide the rows, and one word per block: the last rows are not lost."""
+    from qwenrun.quant import formats
+    values = torch.randint(0, 16, (13, 48), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    packed, order = _pack(values, pack), unpack
+    whole = formats._unpack_int32(packed, order)
+    assert torch.equal(whole, values)
+    for words in (1, 5 * packed.shape[1]):
+        monkeypatch.setattr(formats, "_UNPACK_WORDS", words)
+        assert torch.equal(formats._unpack_int32(packed, order), values)
