@@ -146,14 +146,16 @@ def _assign_quantized(model: nn.Module, ckpt: Checkpoint, q: Quantization, dtype
         raise InvalidRequestError(f"{ckpt.path} is already quantized as {q.method} (its quantization_config); "
                                   f"load it without quantization, or quantize its source as {asked.method}",
                                   param="quantization")
-    if asked is not None and asked.method == "int4" and asked.group_size != q.group_size:
-        raise InvalidRequestError(f"{ckpt.path} is quantized as int4 with group size {q.group_size} (its "
-                                  f"quantization_config), not {asked.group_size}: load it without quantization, "
-                                  "or quantize its source with that group size", param="quant_group_size")
-    if asked is not None and asked.quantize_lm_head != q.quantize_lm_head:
-        raise InvalidRequestError(f"{ckpt.path} was quantized with quantize_lm_head={q.quantize_lm_head} (its "
-                                  "quantization_config): load it without quantization, or quantize its source "
-                                  "again", param="quantize_lm_head")
+    if asked is not None:
+        if asked.method == "int4" and asked.group_size != q.group_size:
+            raise InvalidRequestError(f"{ckpt.path} is quantized as int4 with group size {q.group_size} (its "
+                                      f"quantization_config), not {asked.group_size}: load it without "
+                                      "quantization, or quantize its source with that group size",
+                                      param="quant_group_size")
+        if asked.quantize_lm_head != q.quantize_lm_head:
+            raise InvalidRequestError(f"{ckpt.path} was quantized with quantize_lm_head={q.quantize_lm_head} (its "
+                                      "quantization_config): load it without quantization, or quantize its "
+                                      "source again", param="quantize_lm_head")
     quantize_on_meta(model, q, dtype, device)
     expected = model.state_dict(keep_vars=True)
     mapped = map_tensors(checkpoint_files(ckpt.path))

@@ -208,8 +208,8 @@ def row_permutation(transform, rows: int) -> torch.Tensor | None:
 
 def _unpack_int32(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
     """int32 [R, M] holding eight 4-bit values each -> uint8 [R, 8M]; value j of each word comes
-    from nibble `order[j]`. Unpacked in blocks of rows: the shifted int32 intermediate is 32x the
-    packed bytes, which for a whole 8B-sized projection would add hundreds of MB to peak RSS."""
+    from nibble `order[j]`. Unpacked in blocks of rows: the shifted int32 intermediate is 8x the
+    packed bytes (32 per word), which for a whole 8B-sized projection would add hundreds of MB to peak RSS."""
     shifts = torch.tensor([4 * i for i in order], dtype=torch.int32)
     R, M = packed.shape
     out = torch.empty(R, 8 * M, dtype=torch.uint8)
