@@ -37,6 +37,10 @@ namespace {
 // arithmetic per byte is high enough that the hardware prefetcher alone leaves the stream at ~19-24
 // GB/s; 4 KiB ahead measured ~28 (int8) and ~26 (int4) GB/s. bf16 is faster without it.
 constexpr int kPrefetch = 4096;
+// bf16 with several activation rows: the extra arithmetic per weight byte stalls the stream behind
+// the hardware prefetcher (5 rows cost ~2x one), while prefetching 8 KiB ahead into L2 keeps it
+// at ~1.0-1.1x (Zen 4); with one row the hardware prefetcher alone is as fast or faster
+constexpr int kPrefetchL2 = 8192;
 
 using bf16 = at::BFloat16;
 
@@ -96,6 +100,21 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// the lane sums of NB accumulators (NB <= 4) into out[0..NB): for four, a shuffle tree that shares
+// its steps between them instead of four separate reductions (a tile's epilogue is a sizeable part of
+// its work when K is ~1-3K)
+template <int NB>
+inline void hsum(const __m512 (&acc)[NB], float* out) {
+  if constexpr (NB == 4) {
+    __m256 s[4];
+    for (int j = 0; j < 4; ++j) s[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  } else {
+    for (int j = 0; j < NB; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // weight formats. Each computes out[i][j] = x_i . W[rows[j]] for MB activation rows and NB weight
 // rows, keeping all MB*NB accumulators in registers so every weight byte is loaded once.
@@ -107,7 +126,7 @@ struct Bf16Weights {
   const uint16_t* x;  // [M, K] bf16 activations
 
   template <int MB, int NB>
-  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
     __m512 acc[MB][NB];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -116,6 +135,8 @@ struct Bf16Weights {
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
       __m512bh wv[NB];
+      if constexpr (MB > 1)
+        for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k) + kPrefetchL2, _MM_HINT_T1);
       for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
       for (int i = 0; i < MB; ++i) {
         __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
@@ -131,8 +152,7 @@ struct Bf16Weights {
         for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
       }
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int i = 0; i < MB; ++i) hsum<NB>(acc[i], out[i]);
   }
 };
 
@@ -212,7 +232,7 @@ struct Int8Weights {
   const float* comp;
 
   template <int MB, int NB>
-  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
     const int64_t lds = (K + 63) / 64 * 16;
     __m512 acc[MB][NB];
     for (int i = 0; i < MB; ++i)
@@ -233,8 +253,10 @@ struct Int8Weights {
           acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)), sv, acc[i][j]);
       }
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) out[i][j] = (_mm512_reduce_add_ps(acc[i][j]) - comp[m0 + i]) * scale[rows[j]];
+    for (int i = 0; i < MB; ++i) {
+      hsum<NB>(acc[i], out[i]);
+      for (int j = 0; j < NB; ++j) out[i][j] = (out[i][j] - comp[m0 + i]) * scale[rows[j]];
+    }
   }
 };
 
@@ -252,7 +274,7 @@ struct Int4Weights {
   const float* xsum;  // [M, K/G] per-group sums of the quantized x
 
   template <int MB, int NB>
-  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
     const int64_t lds = K / 64 * 16;
     __m512 acc[MB][NB];
     for (int i = 0; i < MB; ++i)
@@ -302,14 +324,15 @@ struct Int4Weights {
         }
       }
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) {
-        const float* mr = mins + rows[j] * ng;
-        const float* xr = xsum + (m0 + i) * ng;
-        float minpart = 0.f;
-        for (int64_t g = 0; g < ng; ++g) minpart += mr[g] * xr[g];
-        out[i][j] = _mm512_reduce_add_ps(acc[i][j]) + minpart;
+    // the minimums' part, sum_g min_g xsum_g, 16 groups a step into the lanes the sum above reduces
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 mk = tail16(ng - g);
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xg = _mm512_maskz_loadu_ps(mk, xsum + (m0 + i) * ng + g);
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, mins + rows[j] * ng + g), xg, acc[i][j]);
       }
+    }
+    for (int i = 0; i < MB; ++i) hsum<NB>(acc[i], out[i]);
   }
 };
 
@@ -420,7 +443,7 @@ struct Bf16Weights {
   }
 
   template <int MB, int NB>
-  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
     __m256 acc[MB][NB][2];
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j) acc[i][j][0] = acc[i][j][1] = _mm256_setzero_ps();
@@ -517,7 +540,7 @@ struct Int8Weights {
   const float* xs;  // [M, K/32]
 
   template <int MB, int NB>
-  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
     const int64_t nb = K / 32;
     __m256 acc[MB][NB];
     for (int i = 0; i < MB; ++i)
@@ -554,7 +577,7 @@ struct Int4Weights {
   const float* xsum;  // [M, K/G] per-group sums of the quantized x
 
   template <int MB, int NB>
-  void dot(int64_t m0, const int64_t* rows, float (*out)[2]) const {
+  void dot(int64_t m0, const int64_t* rows, float (*out)[4]) const {
     const int64_t nb = K / 32, blocks_per_group = G / 128;
     const int shift = G == 64 ? 1 : 0;  // groups of 32 or 64: a 32-input block's group is its index >> shift
     const __m256i low = _mm256_set1_epi8(0xf);
@@ -614,44 +637,91 @@ struct Int4Weights {
 
 enum class Epilogue { kPlain, kSiluMul };
 
-// one output column per block: its weight row (kPlain), or its gate and up rows (kSiluMul)
-template <class W, int MB>
-inline void dot_dispatch(const W& wt, int64_t m0, const int64_t* rows, int nb, float (*out)[2]) {
-  if (nb == 2) return wt.template dot<MB, 2>(m0, rows, out);
-  wt.template dot<MB, 1>(m0, rows, out);
+// a tile of NB weight rows (a run of columns, or their gate rows then their up rows) times mb <= 8
+// activation rows
+template <class W, int NB>
+inline void dot_tile(const W& wt, int64_t m0, int mb, const int64_t* rows, float (*out)[4]) {
+  switch (mb) {
+    case 1: return wt.template dot<1, NB>(m0, rows, out);
+    case 2: return wt.template dot<2, NB>(m0, rows, out);
+    case 3: return wt.template dot<3, NB>(m0, rows, out);
+    case 4: return wt.template dot<4, NB>(m0, rows, out);
+#if QWENRUN_AVX512
+    case 5: return wt.template dot<5, NB>(m0, rows, out);
+    case 6: return wt.template dot<6, NB>(m0, rows, out);
+    case 7: return wt.template dot<7, NB>(m0, rows, out);
+    default: return wt.template dot<8, NB>(m0, rows, out);
+#else
+    default: return wt.template dot<4, NB>(m0, rows, out);
+#endif
+  }
 }
 
 template <class W>
-inline void dot_rows(const W& wt, int64_t m0, int mb, const int64_t* rows, int nb, float (*out)[2]) {
-  switch (mb) {
-    case 1: return dot_dispatch<W, 1>(wt, m0, rows, nb, out);
-    case 2: return dot_dispatch<W, 2>(wt, m0, rows, nb, out);
-    case 3: return dot_dispatch<W, 3>(wt, m0, rows, nb, out);
-    default: return dot_dispatch<W, 4>(wt, m0, rows, nb, out);
+inline void dot_rows(const W& wt, int64_t m0, int mb, const int64_t* rows, int nb, float (*out)[4]) {
+  switch (nb) {
+    case 1: return dot_tile<W, 1>(wt, m0, mb, rows, out);
+    case 2: return dot_tile<W, 2>(wt, m0, mb, rows, out);
+#if QWENRUN_AVX512
+    case 3: return dot_tile<W, 3>(wt, m0, mb, rows, out);
+    default: return dot_tile<W, 4>(wt, m0, mb, rows, out);
+#else
+    default: return dot_tile<W, 2>(wt, m0, mb, rows, out);
+#endif
   }
 }
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
+// Tile shape: weight rows x activation rows per pass, all accumulators in registers. One or two
+// activation rows stream one weight row at a time (two gated): a tile of 4 rows is four interleaved
+// streams, which the hardware prefetcher serves ~25% slower. With more rows the arithmetic per weight byte
+// binds instead (the integer formats' most), so AVX-512 (32 registers) takes 4 weight rows by up to 4
+// activation rows, then 2 by up to 8: independent dot products in flight hide the latency of each
+// accumulator's chain, and each activation vector loaded serves several weight rows (int4 at 5 rows:
+// ~2.6x fewer ns per weight row, L2-resident). AVX2 (16 registers) keeps one row (two gated) by 4.
+struct TileShape {
+  int weight_rows, act_rows;
+};
+inline TileShape tile_shape(int64_t M, bool gated) {
+#if QWENRUN_AVX512
+  if (M <= 2) return TileShape{gated ? 2 : 1, 2};
+  return M <= 4 ? TileShape{4, 4} : TileShape{2, 8};
+#else
+  return TileShape{gated ? 2 : 1, 4};
+#endif
+}
+
 // y [M, N_out] (T) = epilogue(x W^T + bias). kPlain: N_out = N. kSiluMul: W holds [gate; up] with
-// N = 2 * N_out, and y = silu(gate) * up, computed from the fp32 dot products. Rows go one at a time
-// (gate and up together), so each thread reads its share of the weight as one sequential stream;
-// blocks of 4 rows were ~25% slower (four short streams per 4 KiB page defeat the prefetcher).
+// N = 2 * N_out, and y = silu(gate) * up, computed from the fp32 dot products. A tile's columns are
+// adjacent rows of W (gated: their gate rows and their up rows), so each thread reads its share of
+// the weight as one or two sequential streams; the activation rows go in passes over the tile,
+// which the first pass left in L1.
 template <class W, class T>
 void gemv(const W& wt, int64_t M, int64_t N_out, Epilogue ep, const float* bias, T* y) {
   const bool gated = ep == Epilogue::kSiluMul;
-  at::parallel_for(0, N_out, 8, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t rows[2] = {c, N_out + c};
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
-        float out[4][2];
-        dot_rows(wt, m0, mb, rows, gated ? 2 : 1, out);
-        for (int i = 0; i < mb; ++i) {
-          float v = out[i][0] + (bias ? bias[c] : 0.f);
-          if (gated) v = silu(v) * (out[i][1] + (bias ? bias[N_out + c] : 0.f));
-          y[(m0 + i) * N_out + c] = static_cast<T>(v);
-        }
+  const TileShape shape = tile_shape(M, gated);
+  const int cols = gated ? shape.weight_rows / 2 : shape.weight_rows;
+  const int64_t tiles = (N_out + cols - 1) / cols;
+  at::parallel_for(0, tiles, std::max(1, 8 / cols), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t * cols;
+      const int nc = static_cast<int>(std::min<int64_t>(cols, N_out - c));
+      int64_t rows[4];
+      for (int q = 0; q < nc; ++q) {
+        rows[q] = c + q;
+        if (gated) rows[nc + q] = N_out + c + q;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += shape.act_rows) {
+        const int mb = static_cast<int>(std::min<int64_t>(shape.act_rows, M - m0));
+        float out[8][4];
+        dot_rows(wt, m0, mb, rows, gated ? 2 * nc : nc, out);
+        for (int i = 0; i < mb; ++i)
+          for (int q = 0; q < nc; ++q) {
+            float v = out[i][q] + (bias ? bias[c + q] : 0.f);
+            if (gated) v = silu(v) * (out[i][nc + q] + (bias ? bias[N_out + c + q] : 0.f));
+            y[(m0 + i) * N_out + c + q] = static_cast<T>(v);
+          }
       }
     }
   });

@@ -155,6 +155,43 @@ def test_bf16_gemv_any_k_and_row_count(m, k):
     assert ((fused.double() - F.silu(gate) * up).abs() <= (F.silu(gate) * up).abs() * 2**-7 + 1e-4).all()
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("m", [*range(1, 11), 16, 17])
+def test_gemv_tiles_cover_every_column_and_row(fmt, m):
+    """The kernels take tiles of up to 4 weight rows by up to 8 activation rows: column counts that
+    leave a partial tile (13 plain, 7 gated), and row counts that leave a partial pass, with a bias,
+    against the exact product of what the kernel multiplies (the quantized activations for int8/int4)."""
+    k = 256
+    w, x, bias = randn(14, k), randn(m, k, dtype=torch.bfloat16), randn(14)
+    if fmt == "bf16":
+        wq = w.bfloat16()
+        xs, wd = x.double(), wq.double()
+        run = lambda wt, act, b: ops.gemv_bf16(x, wt, b, act)  # noqa: E731
+        parts = (wq,)
+    elif fmt == "int8":
+        q, scale = quantize_int8(w)
+        xs, wd = _quantized_activations(x, 32), q.double() * scale.double()[:, None]
+        run = lambda wt, act, b: ops.gemv_int8(x, wt, scale[: wt.shape[0]], b, act)  # noqa: E731
+        parts = (q,)
+    else:
+        q, scale, mins = quantize_int4(w, 128)
+        xs, wd = _quantized_activations(x, 128), dequantize_int4(q, scale, mins, 128).double()
+        packed = pack_int4(q)
+        run = lambda wt, act, b: ops.gemv_int4(x, wt, scale[: wt.shape[0]], mins[: wt.shape[0]], 128, b, act)  # noqa: E731
+        parts = (packed,)
+    full = xs @ wd.T + bias.bfloat16().double()
+    plain = run(parts[0][:13], "none", bias[:13].bfloat16())
+    ref = full[:, :13]
+    assert plain.shape == (m, 13)
+    assert ((plain.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()
+    gate, up = full.chunk(2, dim=-1)
+    fused = run(parts[0], "silu_mul", bias.bfloat16())
+    ref = F.silu(gate) * up
+    assert fused.shape == (m, 7)
+    assert ((fused.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-4 * ref.abs().max()).all()
+
+
 @pytest.mark.parametrize("chunk_bytes", [64 << 20, 4096])
 def test_wide_linear_is_the_fp32_product_rounded_once(monkeypatch, chunk_bytes):
     """The prefill GEMM of CPUs without bf16 instructions, whole and in slices of output rows (4096
