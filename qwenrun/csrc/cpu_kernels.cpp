@@ -931,6 +931,38 @@ inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Rows of one sequence at consecutive positions over the same cache slots (1 + k verified drafts, a
+// short prefill tail) form a run: each key and value row is loaded once for all of the run's queries,
+// instead of once per row (5 rows cost ~3.5x one row; a run costs about one row's key reads).
+constexpr int64_t kRunMax = 8;
+
+// [first row, rows] of each run: row b + r joins b's run if it attends to r more positions, all of
+// them at the slots row b's slot row names (the kernel reads every row's keys through row b's)
+inline std::vector<std::pair<int64_t, int64_t>> query_runs(const int64_t* sp, const int64_t* lp, int64_t B, int64_t L) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t b = 0; b < B;) {
+    int64_t r = 1;
+    while (b + r < B && r < kRunMax && lp[b + r] == lp[b] + r &&
+           std::equal(sp + b * L, sp + b * L + lp[b + r], sp + (b + r) * L))
+      ++r;
+    runs.emplace_back(b, r);
+    b += r;
+  }
+  return runs;
+}
+
+// the lanes of q . k for one key row (in registers) and one query head, two FMA chains deep
+template <int ND>
+inline __m512 head_dot(const __m512 (&kv)[ND], const float* qg) {
+  __m512 s0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qg));
+  __m512 s1 = _mm512_setzero_ps();
+  for (int c = 1; c < ND; ++c) {
+    if (c & 1) s1 = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qg + c * 16), s1);
+    else s0 = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qg + c * 16), s0);
+  }
+  return _mm512_add_ps(s0, s1);
+}
+
 template <class T, class C, int ND>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const float* ks,
                            const float* vs, const at::Tensor& slots, const at::Tensor& lens, double scale,
@@ -945,21 +977,27 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * nkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(G * d), scores(G * L);
+  const auto runs = query_runs(sp, lp, B, L);
+  const int64_t nruns = static_cast<int64_t>(runs.size());
+  at::parallel_for(0, nruns * nkv, 1, [&](int64_t t0, int64_t t1) {
+    // the run's queries as R * G heads, qh = r * G + g
+    std::vector<float> qf(kRunMax * G * d), scores(kRunMax * G * L);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nkv, h = t % nkv, n = lp[b];
-      const int64_t* srow = sp + b * L;
+      const auto [b0, R] = runs[t / nkv];
+      const int64_t h = t % nkv, QH = R * G, first = lp[b0], last = lp[b0 + R - 1];
+      const int64_t* srow = sp + b0 * L;
       const C* kh = kp + h * S * d;
       const C* vh = vp + h * S * d;
       const float* ksh = quantized ? ks + h * S : nullptr;
       const float* vsh = quantized ? vs + h * S : nullptr;
-      for (int64_t g = 0; g < G; ++g)
-        for (int c = 0; c < ND; ++c)
-          _mm512_storeu_ps(&qf[g * d + c * 16],
-                           _mm512_mul_ps(load16(qp + (b * nh + h * G + g) * d + c * 16), _mm512_set1_ps(float(scale))));
-      // scores: each key row is loaded once into registers and serves all G query heads
-      for (int64_t pos = 0; pos < n; ++pos) {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t g = 0; g < G; ++g)
+          for (int c = 0; c < ND; ++c)
+            _mm512_storeu_ps(&qf[(r * G + g) * d + c * 16],
+                             _mm512_mul_ps(load16(qp + ((b0 + r) * nh + h * G + g) * d + c * 16), _mm512_set1_ps(float(scale))));
+      // scores: each key row is loaded once into registers and serves every query head of the run
+      // that reaches its position (row r sees positions below first + r)
+      for (int64_t pos = 0; pos < last; ++pos) {
         const C* kr = kh + srow[pos] * d;
         __m512 kv[ND];
         for (int c = 0; c < ND; ++c) kv[c] = load16(kr + c * 16);
@@ -967,20 +1005,21 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
           const __m512 sk = _mm512_set1_ps(ksh[srow[pos]]);
           for (int c = 0; c < ND; ++c) kv[c] = _mm512_mul_ps(kv[c], sk);
         }
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = &qf[g * d];
-          __m512 s0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qg));
-          __m512 s1 = _mm512_setzero_ps();
-          for (int c = 1; c < ND; ++c) {
-            if (c & 1) s1 = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qg + c * 16), s1);
-            else s0 = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qg + c * 16), s0);
-          }
-          scores[g * L + pos] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        // four heads at a time: their lane sums share one shuffle tree
+        int64_t qh = pos < first ? 0 : (pos - first + 1) * G;
+        for (; qh + 4 <= QH; qh += 4) {
+          __m512 acc[4];
+          for (int u = 0; u < 4; ++u) acc[u] = head_dot<ND>(kv, &qf[(qh + u) * d]);
+          float sc4[4];
+          hsum<4>(acc, sc4);
+          for (int u = 0; u < 4; ++u) scores[(qh + u) * L + pos] = sc4[u];
         }
+        for (; qh < QH; ++qh) scores[qh * L + pos] = _mm512_reduce_add_ps(head_dot<ND>(kv, &qf[qh * d]));
       }
-      // softmax in fp32
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = &scores[g * L];
+      // softmax in fp32 over each row's own context; the positions past it weigh 0 in the value pass
+      for (int64_t qh = 0; qh < QH; ++qh) {
+        const int64_t n = first + qh / G;
+        float* sc = &scores[qh * L];
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t p = 0; p < n; p += 16) mx = _mm512_mask_max_ps(mx, tail16(n - p), mx, _mm512_maskz_loadu_ps(tail16(n - p), sc + p));
         const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
@@ -993,12 +1032,14 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
         }
         const float inv = 1.f / _mm512_reduce_add_ps(sum);
         for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
+        std::fill(sc + n, sc + last, 0.f);
       }
       // weighted values, two query heads at a time with their accumulators in registers
-      for (int64_t g0 = 0; g0 < G; g0 += 2) {
-        const bool two = g0 + 1 < G;
-        const float* p0 = &scores[g0 * L];
-        const float* p1 = two ? &scores[(g0 + 1) * L] : p0;
+      for (int64_t q0 = 0; q0 < QH; q0 += 2) {
+        const bool two = q0 + 1 < QH;
+        const float* p0 = &scores[q0 * L];
+        const float* p1 = two ? &scores[(q0 + 1) * L] : p0;
+        const int64_t n = first + (two ? q0 + 1 : q0) / G;
         __m512 a0[ND], a1[ND];
         for (int c = 0; c < ND; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
         for (int64_t pos = 0; pos < n; ++pos) {
@@ -1011,9 +1052,11 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
             a1[c] = _mm512_fmadd_ps(w1, vv, a1[c]);
           }
         }
+        // query head qh of the run is row b0 + qh / G, head h * G + qh % G
+        const auto dst = [&](int64_t qh) { return op + ((b0 + qh / G) * nh + h * G + qh % G) * d; };
         for (int c = 0; c < ND; ++c) {
-          store16(op + (b * nh + h * G + g0) * d + c * 16, a0[c], 0xffff);
-          if (two) store16(op + (b * nh + h * G + g0 + 1) * d + c * 16, a1[c], 0xffff);
+          store16(dst(q0) + c * 16, a0[c], 0xffff);
+          if (two) store16(dst(q0 + 1) + c * 16, a1[c], 0xffff);
         }
       }
     }

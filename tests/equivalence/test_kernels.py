@@ -364,6 +364,28 @@ def test_bf16_decode_attention_kernel_close_to_reference():
         assert (out[b].float() - ref[0]).abs().max() <= 2**-7 * ref.abs().max()
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_runs_of_one_sequence(dtype):
+    """Rows at consecutive positions over the same slots share their key and value reads (a run, at
+    most 8 rows); rows that only look alike must not: row 10 has one more position but a different
+    slot for it, row 11 the same slots but a length that skips one, rows 12-13 another sequence."""
+    nh, nkv, d, L = 4, 2, 32, 60
+    k_cache, v_cache = randn(nkv, 256, d, dtype=dtype), randn(nkv, 256, d, dtype=dtype)
+    base = torch.randperm(200)[:L]
+    other = base.clone()
+    other[40] = 250
+    slots = torch.stack([base] * 10 + [other, base, torch.arange(L), torch.arange(L)])
+    lens = torch.tensor([30 + i for i in range(10)] + [41, 42, 7, 8])  # rows 0-9: a run of 8, then 2
+    q = randn(len(lens), nh, d, dtype=dtype)
+    out = ops.decode_attention(q, k_cache, v_cache, slots, lens, d**-0.5)
+    for b in range(len(lens)):
+        s = slots[b, : lens[b]]
+        ref = _reference(q[b : b + 1].float(), k_cache[:, s].transpose(0, 1).float(),
+                         v_cache[:, s].transpose(0, 1).float(), int(lens[b]), 1, d**-0.5)
+        assert (out[b].float() - ref[0]).abs().max() <= (2**-7 if dtype == torch.bfloat16 else 1e-5) * ref.abs().max()
+
+
 @pytest.mark.parametrize("checkpoint", ["dense-untied-gqa2", "moe-norm-topk"])
 def test_bf16_fast_path_as_accurate_as_plain_model(tmp_path, checkpoint):
     """The bf16 CPU fast path (kernels, or oneDNN-packed weights without them) against plain F.linear
