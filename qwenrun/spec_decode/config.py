@@ -18,9 +18,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
     # No drafts in a step with at least this many decoding requests: their rows alone already make the
-    # step compute-bound, so drafts would cost what they save (vLLM's name; None: never off). 8: where
-    # a bf16 linear stops streaming its weight (kernels.GEMV_MAX_ROWS, measured on Zen 4); spec_bench's
-    # "rows" table measures the crossover on the machine at hand.
+    # step compute-bound, so drafts would cost what they save (vLLM's name; None: never off). 8: past
+    # it a bf16 step's linears cost ~1.4x one row's and int4's over 2x (the kernels' tiles, Zen 4);
+    # spec_bench's "rows" table measures the crossover on the machine at hand.
     disable_by_batch_size: int | None = 8
     # Each request's draft length follows its acceptance rate (`spec_decode.policy`); False: always k.
     adaptive_draft_length: bool = True
