@@ -56,13 +56,48 @@ def check_cache_specs(llm: LLM, cfg) -> None:
             assert (spec.num_kv_heads, spec.head_dim) == (cfg.num_key_value_heads, cfg.head_dim)
 
 
+NEAR_TIE = 0.01  # routing probabilities closer than this may order differently in bf16 and fp32
+
+
+def _routing(llm: LLM, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE layer, for each row of `prompt`: its top-k expert set (sorted) and the margin between
+    its k-th and (k+1)-th routing probabilities."""
+    seen = []
+
+    def hook(mod, args, out):
+        probs = mod.gate(args[0]).float().softmax(-1)
+        top = probs.topk(mod.top_k + 1, dim=-1)
+        seen.append((top.indices[:, : mod.top_k].sort(-1).values, top.values[:, -2] - top.values[:, -1]))
+
+    hooks = [m.register_forward_hook(hook) for m in llm.model.modules() if hasattr(m, "top_k") and hasattr(m, "gate")]
+    try:
+        llm.logits(prompt)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def check_logits(fp32: LLM, bf16: LLM, vocab: int, bf16_tol: float | None = 0.1) -> None:
+    """bf16 within `bf16_tol` of fp32, except at rows where an MoE layer's choice of experts differs:
+    at the first such layer fp32's own routing must have been a near-tie (tiny random routers have
+    them), which bf16's rounding may break either way; the row's logits then follow other experts."""
     for prompt in PROMPTS:
         a, b = fp32.logits(prompt), bf16.logits(prompt)
         assert a.shape == b.shape == (len(prompt), vocab)
         assert a.dtype == b.dtype == torch.float32  # returned for scoring; bf16 computes in bf16
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
-        assert bf16_tol is None or (a - b).abs().max() <= bf16_tol * a.abs().max(), "bf16 far from fp32"
+        if bf16_tol is None:
+            continue
+        rerouted = torch.zeros(len(prompt), dtype=torch.bool)
+        for (ea, margin), (eb, _) in zip(_routing(fp32, prompt), _routing(bf16, prompt)):
+            flipped = (ea != eb).any(-1)
+            # the first layer to route differently does so at near-ties; later layers see other inputs
+            assert rerouted.any() or (margin[flipped] < NEAR_TIE).all(), "bf16 rerouted a row fp32 did not route near a tie"
+            rerouted |= flipped
+        assert rerouted.float().mean() <= 0.25, "bf16 rerouted too many rows"
+        err = (a - b).abs().amax(-1)[~rerouted]
+        assert (err <= bf16_tol * a.abs().max()).all(), "bf16 far from fp32"
 
 
 def check_cache_vs_no_cache(llm: LLM) -> None:
