@@ -60,8 +60,8 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # decode attention
 # Up to this many activation rows, streaming the weight beats a oneDNN GEMM (for int8/int4, a GEMM over
 # the weight expanded to bf16); measured crossovers on a Zen 4 core pair (AVX-512): ~40 (bf16, since
 # the kernels take tiles of rows: 0.6B-shaped layer linears at 32 rows 0.92x F.linear's time, at 48
-# 1.08x), ~40 and ~56 rows. On a Zen 3 core pair (AVX2) torch's bf16 GEMM has no bf16 instructions to use and the kernels
-# were 2-5x faster at every size measured (1-192 rows, a 6144 x 1024 weight, on a loaded host), so bf16
+# 1.08x), ~40 and ~56 rows. On a Zen 3 core pair (AVX2) torch's bf16 GEMM has no bf16 instructions
+# to use and the kernels were 2-5x faster at every size measured (1-192 rows, a 6144 x 1024 weight, on a loaded host), so bf16
 # streams up to 64 rows; int8/int4 keep the AVX-512 bounds, because the kernels quantize activations
 # and prompts past them should meet the unquantized GEMM's accuracy (tests/parity/test_hybrid_loading.py).
 _MAX_ROWS = {"avx512": {"bf16": 32, "int8": 32, "int4": 48}, "avx2": {"bf16": 64, "int8": 32, "int4": 48}}

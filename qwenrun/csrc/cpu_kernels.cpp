@@ -645,8 +645,8 @@ inline void dot_tile(const W& wt, int64_t m0, int mb, const int64_t* rows, float
     case 1: return wt.template dot<1, NB>(m0, rows, out);
     case 2: return wt.template dot<2, NB>(m0, rows, out);
     case 3: return wt.template dot<3, NB>(m0, rows, out);
-    case 4: return wt.template dot<4, NB>(m0, rows, out);
 #if QWENRUN_AVX512
+    case 4: return wt.template dot<4, NB>(m0, rows, out);
     case 5: return wt.template dot<5, NB>(m0, rows, out);
     case 6: return wt.template dot<6, NB>(m0, rows, out);
     case 7: return wt.template dot<7, NB>(m0, rows, out);
@@ -661,8 +661,8 @@ template <class W>
 inline void dot_rows(const W& wt, int64_t m0, int mb, const int64_t* rows, int nb, float (*out)[4]) {
   switch (nb) {
     case 1: return dot_tile<W, 1>(wt, m0, mb, rows, out);
-    case 2: return dot_tile<W, 2>(wt, m0, mb, rows, out);
 #if QWENRUN_AVX512
+    case 2: return dot_tile<W, 2>(wt, m0, mb, rows, out);
     case 3: return dot_tile<W, 3>(wt, m0, mb, rows, out);
     default: return dot_tile<W, 4>(wt, m0, mb, rows, out);
 #else
@@ -979,9 +979,11 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
   T* op = out.data_ptr<T>();
   const auto runs = query_runs(sp, lp, B, L);
   const int64_t nruns = static_cast<int64_t>(runs.size());
+  int64_t longest = 1;
+  for (const auto& run : runs) longest = std::max(longest, run.second);
   at::parallel_for(0, nruns * nkv, 1, [&](int64_t t0, int64_t t1) {
-    // the run's queries as R * G heads, qh = r * G + g
-    std::vector<float> qf(kRunMax * G * d), scores(kRunMax * G * L);
+    // the run's queries as R * G heads, qh = r * G + g (a plain decode batch's runs are all 1 row)
+    std::vector<float> qf(longest * G * d), scores(longest * G * L);
     for (int64_t t = t0; t < t1; ++t) {
       const auto [b0, R] = runs[t / nkv];
       const int64_t h = t % nkv, QH = R * G, first = lp[b0], last = lp[b0 + R - 1];

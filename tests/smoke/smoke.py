@@ -15,6 +15,7 @@ import torch
 from qwenrun import LLM, SamplingParams
 from qwenrun.layers.attention import KVCacheSpec
 from qwenrun.layers.recurrent import RecurrentStateSpec
+from qwenrun.models.qwen3_moe import Qwen3MoeSparseMoeBlock
 from tiny import make_checkpoint
 
 PROMPTS = ([5, 17, 3], list(range(30, 52)), [200, 7, 7, 7, 9, 1, 64])
@@ -59,9 +60,9 @@ def check_cache_specs(llm: LLM, cfg) -> None:
 NEAR_TIE = 0.01  # routing probabilities closer than this may order differently in bf16 and fp32
 
 
-def _routing(llm: LLM, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per MoE layer, for each row of `prompt`: its top-k expert set (sorted) and the margin between
-    its k-th and (k+1)-th routing probabilities."""
+def _logits_and_routing(llm: LLM, prompt: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The prompt's logits and, per MoE layer of that same forward, each row's top-k expert set
+    (sorted) and the margin between its k-th and (k+1)-th routing probabilities."""
     seen = []
 
     def hook(mod, args, out):
@@ -69,13 +70,12 @@ def _routing(llm: LLM, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tens
         top = probs.topk(mod.top_k + 1, dim=-1)
         seen.append((top.indices[:, : mod.top_k].sort(-1).values, top.values[:, -2] - top.values[:, -1]))
 
-    hooks = [m.register_forward_hook(hook) for m in llm.model.modules() if hasattr(m, "top_k") and hasattr(m, "gate")]
+    hooks = [m.register_forward_hook(hook) for m in llm.model.modules() if isinstance(m, Qwen3MoeSparseMoeBlock)]
     try:
-        llm.logits(prompt)
+        return llm.logits(prompt), seen
     finally:
         for h in hooks:
             h.remove()
-    return seen
 
 
 def check_logits(fp32: LLM, bf16: LLM, vocab: int, bf16_tol: float | None = 0.1) -> None:
@@ -83,14 +83,14 @@ def check_logits(fp32: LLM, bf16: LLM, vocab: int, bf16_tol: float | None = 0.1)
     at the first such layer fp32's own routing must have been a near-tie (tiny random routers have
     them), which bf16's rounding may break either way; the row's logits then follow other experts."""
     for prompt in PROMPTS:
-        a, b = fp32.logits(prompt), bf16.logits(prompt)
+        (a, routed_a), (b, routed_b) = _logits_and_routing(fp32, prompt), _logits_and_routing(bf16, prompt)
         assert a.shape == b.shape == (len(prompt), vocab)
         assert a.dtype == b.dtype == torch.float32  # returned for scoring; bf16 computes in bf16
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         if bf16_tol is None:
             continue
         rerouted = torch.zeros(len(prompt), dtype=torch.bool)
-        for (ea, margin), (eb, _) in zip(_routing(fp32, prompt), _routing(bf16, prompt)):
+        for (ea, margin), (eb, _) in zip(routed_a, routed_b):
             flipped = (ea != eb).any(-1)
             # the first layer to route differently does so at near-ties; later layers see other inputs
             assert rerouted.any() or (margin[flipped] < NEAR_TIE).all(), "bf16 rerouted a row fp32 did not route near a tie"
