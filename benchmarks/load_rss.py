@@ -19,6 +19,13 @@ peak counts those file pages (which the kernel can drop and re-read) instead of 
 The 0.6B checkpoint is written by decode_bench.build_checkpoint (transformers); the 30B-A3B one tensor by
 tensor, one shard per layer (N(0, 0.02) bf16, Qwen's per-expert names), since the whole bf16 model at 8
 layers (~10 GB) would be held twice by transformers. Both are kept in --cache-dir for the next run.
+
+`--llamacpp` adds llama.cpp's Q4_0 of the same weights (converted once by benchmarks/gguf_build.py with
+llama.cpp's own converter and quantizer, kept in --cache-dir), loaded by llama-cpp-python with its
+defaults in a child of its own at the same context length. Both engines' children also report the
+peak after a first token (a 4-token prompt through every layer): llama.cpp maps its file and reads a
+weight's pages when first used, as a `qwenrun quantize` output does, so only that column compares
+lazily loaded files fairly. "model bytes" for llama.cpp is its own `llama_model_size`.
 """
 
 from __future__ import annotations
@@ -28,13 +35,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_bench import SHAPES, build_checkpoint  # noqa: E402
+from gguf_build import DEFAULT_SRC, q4_0_from_checkpoint  # noqa: E402
 
 MB = 1 << 20
 CASES = {"qwen3-0.6b": ("qwen3-0.6b", None), "qwen3-30b-a3b-8l": ("qwen3-30b-a3b", 8)}
+FIRST_PROMPT = [9707, 11, 1879, 0]
 
 
 def vm_hwm() -> int:
@@ -95,6 +105,16 @@ def build_moe_checkpoint(shape: str, layers: int, out: Path) -> Path:
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.llamacpp_child:  # no torch in this process: llama.cpp's footprint alone
+        import llama_cpp
+
+        start = time.perf_counter()
+        llm = llama_cpp.Llama(args.child, n_ctx=1024, n_threads=2, n_threads_batch=2, verbose=False)
+        seconds = time.perf_counter() - start
+        loaded = vm_hwm()
+        llm.eval(FIRST_PROMPT)
+        print(json.dumps({"peak": loaded, "first": vm_hwm(), "model": llm._model.size(), "seconds": seconds}))
+        return
     import torch
 
     from qwenrun import kernels
@@ -107,6 +127,7 @@ def child(args: argparse.Namespace) -> None:
         return
     from qwenrun import LLM
     from qwenrun.loading.loader import load_model
+    from qwenrun.sampling.params import SamplingParams
 
     if args.unstreamed:  # the load-then-quantize path (issue 16's "before"), for comparison
         import qwenrun.llm as llm_module
@@ -118,8 +139,6 @@ def child(args: argparse.Namespace) -> None:
             return quantize_model(model, q.method, q.group_size, q.quantize_lm_head) if q else model
 
         llm_module.load_model = load_whole
-    import time
-
     start = time.perf_counter()
     llm = LLM(args.child, dtype="bfloat16", device="cpu", quantization=None if args.prequantized else args.method,
               kv_cache_memory=args.kv_mb * MB, max_model_len=1024)
@@ -130,7 +149,11 @@ def child(args: argparse.Namespace) -> None:
         if key not in seen:
             seen.add(key)
             nbytes += t.untyped_storage().nbytes()
-    print(json.dumps({"peak": vm_hwm(), "model": nbytes, "seconds": seconds}))
+    loaded = vm_hwm()
+    llm.engine.add_request(FIRST_PROMPT, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    print(json.dumps({"peak": loaded, "first": vm_hwm(), "model": nbytes, "seconds": seconds}))
 
 
 def run_child(*extra: str) -> dict:
@@ -149,7 +172,10 @@ def main() -> None:
     ap.add_argument("--also-unstreamed", action="store_true", help="also the load-then-quantize path")
     ap.add_argument("--also-prequantized", action="store_true",
                     help="also a checkpoint `qwenrun quantize` wrote, loaded as it is")
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp's Q4_0 of the same weights")
+    ap.add_argument("--llama-cpp-src", default=DEFAULT_SRC, help="llama.cpp source tree (its converter)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prequantized", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--unstreamed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,6 +184,11 @@ def main() -> None:
         return
     base = run_child("--child", "baseline")["peak"]
     rows = []
+
+    def add(name: str, r: dict, kv: bool = True) -> None:
+        bound = 1.15 * r["model"] + args.kv_mb * MB + 300 * MB if kv else None
+        rows.append((name, r, bound))
+
     for case in args.cases.split(","):
         shape, layers = CASES[case]
         cache = Path(args.cache_dir)
@@ -166,24 +197,25 @@ def main() -> None:
         common = ["--method", args.method, "--kv-mb", str(args.kv_mb), "--child", str(folder)]
         for unstreamed in (False, True) if args.also_unstreamed else (False,):
             r = run_child(*common, *(["--unstreamed"] if unstreamed else []))
-            bound = 1.15 * r["model"] + args.kv_mb * MB + 300 * MB
-            rows.append((f"{case} {args.method}" + (" (load, then quantize)" if unstreamed else ""), r["model"],
-                         r["peak"], bound, r["seconds"]))
+            add(f"{case} {args.method}" + (" (load, then quantize)" if unstreamed else ""), r)
         if args.also_prequantized:
             out = cache / f"{folder.name}-{args.method}-qwenrun"
             if not (out / "config.json").is_file():
                 subprocess.run([sys.executable, "-m", "qwenrun", "quantize", str(folder), "--to", args.method,
                                 str(out)], check=True)
-            r = run_child("--prequantized", *common[:-1], str(out))
-            bound = 1.15 * r["model"] + args.kv_mb * MB + 300 * MB
-            rows.append((f"{case} {args.method} (qwenrun quantize output)", r["model"], r["peak"], bound,
-                         r["seconds"]))
-    print(f"torch baseline (import torch and qwenrun, kernels found): {base / MB:.0f} MB; KV budget {args.kv_mb} MB\n")
-    print("| case | model bytes | KV budget | torch baseline | peak RSS | peak / model | bound (1.15·model + KV + 300 MB) | peak / bound | load s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, model, peak, bound, seconds in rows:
-        print(f"| {name} | {model / MB:.0f} MB | {args.kv_mb} MB | {base / MB:.0f} MB | {peak / MB:.0f} MB | "
-              f"{peak / model:.2f} | {bound / MB:.0f} MB | {peak / bound:.2f} | {seconds:.2f} |")
+            add(f"{case} {args.method} (qwenrun quantize output)", run_child("--prequantized", *common[:-1], str(out)))
+        if args.llamacpp:
+            gguf = q4_0_from_checkpoint(folder, cache / f"{folder.name}-q4_0.gguf", args.llama_cpp_src)
+            add(f"{case} llama.cpp Q4_0", run_child("--llamacpp-child", "--child", str(gguf)), kv=False)
+    print(f"torch baseline (import torch and qwenrun, kernels found): {base / MB:.0f} MB; KV budget {args.kv_mb} MB "
+          "(llama.cpp: its own KV cache for 1024 tokens, no torch)\n")
+    print("| case | model bytes | peak RSS after load | peak / model | bound (1.15·model + KV + 300 MB) | "
+          "peak / bound | peak after a first token | load s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r, bound in rows:
+        b = f"{bound / MB:.0f} MB | {r['peak'] / bound:.2f}" if bound else "– | –"
+        print(f"| {name} | {r['model'] / MB:.0f} MB | {r['peak'] / MB:.0f} MB | {r['peak'] / r['model']:.2f} | {b} | "
+              f"{r['first'] / MB:.0f} MB | {r['seconds']:.2f} |")
 
 
 if __name__ == "__main__":
