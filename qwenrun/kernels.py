@@ -243,10 +243,12 @@ KERNELS: dict[str, Kernel] = {
     # (fmt, parts, group_size, dtype) -> the dense weight [N, K]
     "dequantize": Kernel(lambda fmt, parts, group_size, dtype: parts[0].device.type == "cpu", _dequantize,
                          ("dequantize_int8", "dequantize_int4")),
-    # (x [T, H], weights [T, k], experts [T, k], module: layers.moe.Experts) -> [T, H]: a lone token shares
-    # no expert with another, so one call runs all its chosen experts, for modules whose weights it reads
+    # (x [T, H], weights [T, k], experts [T, k], module: layers.moe.Experts) -> [T, H]: one call runs every
+    # chosen expert once for all the tokens that chose it, for modules whose stacked weights it reads and
+    # decode-sized T (past the streaming bound, grouped_experts' GEMMs per expert win)
     "routed_experts": Kernel(
-        lambda x, weights, experts, m: x.shape[0] == 1 and m.fused_format is not None and _streams(x, m.fused_format),
+        lambda x, weights, experts, m: m.fused_format is not None and _streams(x, m.fused_format)
+        and (m.fused_format != "int8" or (x.shape[-1] % 32 == 0 and m.fused_weights()[1][0].shape[-1] % 32 == 0)),
         lambda lib, x, weights, experts, m: lib.moe_gemv(x, experts, weights, m.fused_format, *m.fused_weights()),
         ("moe_gemv",),
     ),

@@ -470,6 +470,15 @@ def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
     # the quantizers' own error on Gaussian weights, through two matrices (4 bits: a step of ~σ/3)
     exact = _moe_reference(x, w, ids, w13, w2)
     assert rel_err(grouped, exact) < {"bf16": 0.02, "int8": 0.05, "int4": 0.25}[fmt]
+    # id E is no expert (another rank's, under expert parallelism): that assignment adds nothing
+    elsewhere = ids.clone()
+    elsewhere[1, 0] = elsewhere[3, 1] = E
+    dropped = w.clone()
+    dropped[1, 0] = dropped[3, 1] = 0
+    with torch.inference_mode():
+        skipped = module(x, w, elsewhere)
+    assert rel_err(skipped, _moe_reference(x, dropped, ids, *seen)) < tol
+    assert kernels.uses_kernel("routed_experts", x, w, ids, module) == (kernels.cpu_ops() is not None)
 
 
 def _dequantized(w: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -547,6 +556,15 @@ def test_dispatch_picks_the_kernels_at_bf16_decode_shapes(monkeypatch):
             assert not kernels.uses_kernel(name, *args), name
 
 
+def _int8_experts(E: int, H: int, I: int):
+    from qwenrun.quant.linear import QuantizedExperts
+
+    experts = torch.nn.Module()
+    experts.num_experts = E
+    experts.w13, experts.w2 = torch.nn.Parameter(randn(E, 2 * I, H)), torch.nn.Parameter(randn(E, H, I))
+    return QuantizedExperts.from_experts(experts, "int8", 64)
+
+
 def test_dispatch_picks_torch_where_a_kernel_does_not_apply():
     calls = _decode_calls()
     norm, qk, attn, lin, quant, experts = (calls[n] for n in ("rms_norm", "qk_norm_rope_store", "decode_attention",
@@ -563,9 +581,11 @@ def test_dispatch_picks_torch_where_a_kernel_does_not_apply():
             "too many rows int8": ("quantized_linear", (randn(kernels.GEMV_MAX_ROWS["int8"] + 1, 1024),) + quant[1:]),
             "int8 K % 32": ("quantized_linear", (randn(1, 80), "int8", list(quantize_int8(randn(8, 80))), 0, None,
                                                   "none")),
-            "2 tokens": ("routed_experts", (experts[0].expand(2, -1), experts[1].expand(2, -1),
-                                            experts[2].expand(2, -1), experts[3])),
+            "too many tokens": ("routed_experts", tuple(t.expand(kernels.GEMV_MAX_ROWS["bf16"] + 1, -1)
+                                                        for t in experts[:3]) + (experts[3],)),
             "unfused experts": ("routed_experts", experts[:3] + (Qwen3MoeExperts(4, 1024, 32),)),
+            "int8 experts, I % 32": ("routed_experts", (randn(1, 256), torch.ones(1, 2), torch.tensor([[0, 1]]),
+                                                        _int8_experts(4, 256, 40))),
         }
         for case, (name, args) in torch_cases.items():
             assert not kernels.uses_kernel(name, *args), case
