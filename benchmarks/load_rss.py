@@ -25,7 +25,8 @@ llama.cpp's own converter and quantizer, kept in --cache-dir), loaded by llama-c
 defaults in a child of its own at the same context length. Both engines' children also report the
 peak after a first token (a 4-token prompt through every layer): llama.cpp maps its file and reads a
 weight's pages when first used, as a `qwenrun quantize` output does, so only that column compares
-lazily loaded files fairly. "model bytes" for llama.cpp is its own `llama_model_size`.
+lazily loaded files fairly; "anon + file" splits the resident set after it into memory the process
+holds and mapped file pages. "model bytes" for llama.cpp is its own `llama_model_size`.
 """
 
 from __future__ import annotations
@@ -47,12 +48,23 @@ CASES = {"qwen3-0.6b": ("qwen3-0.6b", None), "qwen3-30b-a3b-8l": ("qwen3-30b-a3b
 FIRST_PROMPT = [9707, 11, 1879, 0]
 
 
+def status(key: str) -> int:
+    """A /proc/self/status size field, bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
 def vm_hwm() -> int:
     """This process's peak resident set, bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return status("VmHWM")
+
+
+def resident_parts() -> dict:
+    """The resident set now, split: anonymous memory (what the process holds) and mapped file pages
+    (which the kernel may drop and read again)."""
+    return {"anon": status("RssAnon"), "file": status("RssFile")}
 
 
 def build_moe_checkpoint(shape: str, layers: int, out: Path) -> Path:
@@ -113,7 +125,8 @@ def child(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         loaded = vm_hwm()
         llm.eval(FIRST_PROMPT)
-        print(json.dumps({"peak": loaded, "first": vm_hwm(), "model": llm._model.size(), "seconds": seconds}))
+        print(json.dumps({"peak": loaded, "first": vm_hwm(), "model": llm._model.size(), "seconds": seconds,
+                          **resident_parts()}))
         return
     import torch
 
@@ -153,7 +166,7 @@ def child(args: argparse.Namespace) -> None:
     llm.engine.add_request(FIRST_PROMPT, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
-    print(json.dumps({"peak": loaded, "first": vm_hwm(), "model": nbytes, "seconds": seconds}))
+    print(json.dumps({"peak": loaded, "first": vm_hwm(), "model": nbytes, "seconds": seconds, **resident_parts()}))
 
 
 def run_child(*extra: str) -> dict:
@@ -210,12 +223,12 @@ def main() -> None:
     print(f"torch baseline (import torch and qwenrun, kernels found): {base / MB:.0f} MB; KV budget {args.kv_mb} MB "
           "(llama.cpp: its own KV cache for 1024 tokens, no torch)\n")
     print("| case | model bytes | peak RSS after load | peak / model | bound (1.15·model + KV + 300 MB) | "
-          "peak / bound | peak after a first token | load s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "peak / bound | peak after a first token | then anon + file | load s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r, bound in rows:
         b = f"{bound / MB:.0f} MB | {r['peak'] / bound:.2f}" if bound else "– | –"
         print(f"| {name} | {r['model'] / MB:.0f} MB | {r['peak'] / MB:.0f} MB | {r['peak'] / r['model']:.2f} | {b} | "
-              f"{r['first'] / MB:.0f} MB | {r['seconds']:.2f} |")
+              f"{r['first'] / MB:.0f} MB | {r['anon'] / MB:.0f} + {r['file'] / MB:.0f} MB | {r['seconds']:.2f} |")
 
 
 if __name__ == "__main__":
