@@ -64,7 +64,8 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # decode attention
 # to use and the kernels were 2-5x faster at every size measured (1-192 rows, a 6144 x 1024 weight, on a loaded host), so bf16
 # streams up to 64 rows; int8/int4 keep the AVX-512 bounds, because the kernels quantize activations
 # and prompts past them should meet the unquantized GEMM's accuracy (tests/parity/test_hybrid_loading.py).
-_MAX_ROWS = {"avx512": {"bf16": 32, "int8": 32, "int4": 48}, "avx2": {"bf16": 64, "int8": 32, "int4": 48}}
+_MAX_ROWS = {"avx512": {"bf16": 32, "int8": 32, "int4": 48, "int8_x16": 32, "int4_x16": 48},
+             "avx2": {"bf16": 64, "int8": 32, "int4": 48}}
 BUILD_WAIT_S = 600.0  # for another process's build; QWENRUN_KERNEL_BUILD_WAIT overrides
 _DONE, _LOCK, _TORCH_BATON = "built", "qwenrun.lock", "lock"
 
@@ -166,18 +167,19 @@ def _kv_values(cache: Any) -> torch.Tensor:
 
 def _gemv_quantized(lib: ModuleType, x: torch.Tensor, fmt: str, parts: list[torch.Tensor], group_size: int,
                     bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
-    if fmt == "int8":
-        y = lib.gemv_int8(_rows(x), *parts, bias, act)
+    # the _x16 formats exist only where the library has their kernels (`quant.linear.interleavable`)
+    if fmt.startswith("int8"):
+        y = (lib.gemv_int8_x16 if fmt == "int8_x16" else lib.gemv_int8)(_rows(x), *parts, bias, act)
     else:
-        y = lib.gemv_int4(_rows(x), *parts, group_size, bias, act)
+        y = (lib.gemv_int4_x16 if fmt == "int4_x16" else lib.gemv_int4)(_rows(x), *parts, group_size, bias, act)
     return y.view(*x.shape[:-1], -1)
 
 
 def _dequantize(lib: ModuleType, fmt: str, parts: list[torch.Tensor], group_size: int,
                 dtype: torch.dtype) -> torch.Tensor:
-    if fmt == "int8":
-        return lib.dequantize_int8(*parts, dtype)
-    return lib.dequantize_int4(*parts, group_size, dtype)
+    if fmt.startswith("int8"):
+        return lib.dequantize_int8(*parts, dtype, fmt == "int8_x16")
+    return lib.dequantize_int4(*parts, group_size, dtype, fmt == "int4_x16")
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ KERNELS: dict[str, Kernel] = {
     ),
     # (x [..., K], fmt, parts, group_size, bias, act) -> [..., N]; the int8 kernel reads 32-input blocks
     "quantized_linear": Kernel(
-        lambda x, fmt, parts, group_size, bias, act="none": (fmt == "int4" or x.shape[-1] % 32 == 0)
+        lambda x, fmt, parts, group_size, bias, act="none": (fmt != "int8" or x.shape[-1] % 32 == 0)
         and _streams(x, fmt),
         _gemv_quantized,
         ("gemv_int8", "gemv_int4"),

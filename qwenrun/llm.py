@@ -17,6 +17,7 @@ from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestEr
 from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.quant import Quantization, quantize_model
+from qwenrun.quant.linear import interleave_quantized
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.spec_decode import ModelDrafter, SpeculativeConfig
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
@@ -143,6 +144,7 @@ class LLM:
                 quantize_model(model, quant.method, quant.group_size, quant.quantize_lm_head)
             if cpu_packing_available(self.dtype, self.device):
                 pack_linears(model)  # whatever quantization left in bf16
+            interleave_quantized(model)
 
         if tensor_parallel_size == 1:  # the ranks prepare their own shards
             prepare_weights(self.model, quantized=True)

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -43,6 +44,12 @@ constexpr int kPrefetch = 4096;
 constexpr int kPrefetchL2 = 8192;
 
 using bf16 = at::BFloat16;
+
+// weight readers of 16-row slabs (their `dot` fills 16 outputs a row; `gemv_tile` has its own form for them)
+template <class W, class = void>
+struct is_slab : std::false_type {};
+template <class W>
+struct is_slab<W, std::void_t<decltype(W::kSlab)>> : std::true_type {};
 
 #if QWENRUN_AVX512
 // ---------------------------------------------------------------------------------------------
@@ -333,6 +340,122 @@ struct Int4Weights {
       }
     }
     for (int i = 0; i < MB; ++i) hsum<NB>(acc[i], out[i]);
+  }
+};
+
+// int4 weights interleaved in slabs of 16 rows (format "int4_x16", groups a multiple of 128; made from
+// the layout above by `qwenrun.quant.linear.interleave_int4`): for slab s and 128-input block b, 1 KiB
+// at (s K/128 + b) 1024 holds 16 vectors c of 64 bytes, vector c being rows 0-15 times the 4 bytes of
+// inputs 4c..4c+3 (low nibbles; the high ones 64 + 4c..), and scales and minimums are [N/16, K/G, 16].
+// One `vpdpbusd` with 4 activation bytes broadcast then advances all 16 rows, so a block costs 32 of them
+// and one convert and FMA per activation row for the 16 rows, where a row at a time costs two, a
+// convert, an FMA and a lane sum per row: the difference when several activation rows (verified drafts,
+// a small batch) make the arithmetic, not the bytes, the bound. llama.cpp repacks Q4_0 the same way.
+struct Int4SlabWeights {
+  static constexpr bool kSlab = true;
+  const uint8_t* w;
+  const float* scale;  // [N/16, K/G, 16]
+  const float* mins;   // [N/16, K/G, 16]
+  int64_t K, G, ng;
+  const int8_t* xq;
+  const float* xs;    // [M, K/64, 16]
+  const float* xsum;  // [M, K/G]
+
+  template <int MB>
+  void dot(int64_t m0, int64_t s, float (*out)[16]) const {
+    const int64_t nblk = K / 128, lds = K / 64 * 16, blocks_per_group = G / 128;
+    const __m512i low = _mm512_set1_epi8(0xf);
+    const uint8_t* ws = w + s * nblk * 1024;
+    __m512 acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+    // independent vpdpbusd chains a row (low and high nibbles; a lone row splits each in two more):
+    // with one row the chains' latency, not the instructions' throughput, would bind
+    constexpr int CH = MB == 1 ? 4 : 2;
+    for (int64_t b = 0, g = 0, bg = 0; b < nblk; ++b) {
+      __m512i d[MB][CH];
+      for (int i = 0; i < MB; ++i)
+        for (int h = 0; h < CH; ++h) d[i][h] = _mm512_setzero_si512();
+      const uint8_t* wb = ws + b * 1024;
+      const int8_t* xb = xq + m0 * K + b * 128;
+      for (int c = 0; c < 16; ++c) {
+        // one row streams fastest on the hardware prefetcher alone (a slab is one sequential stream);
+        // more, whose arithmetic per byte stalls it, prefetch into L2 (Zen 4, ad-hoc A/B: 1 row 0.82x of
+        // the plain layout's time without, 0.95x with T0; 5 rows 1.23x of its one row with T1, 1.37x T0)
+        if constexpr (MB > 1) _mm_prefetch(reinterpret_cast<const char*>(wb + c * 64) + kPrefetch, _MM_HINT_T1);
+        const __m512i v = _mm512_loadu_si512(wb + c * 64);
+        const __m512i wl = _mm512_and_si512(v, low), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const int h = CH == 4 ? 2 * (c & 1) : 0;
+        for (int i = 0; i < MB; ++i) {
+          int32_t x0, x1;
+          std::memcpy(&x0, xb + i * K + 4 * c, 4);
+          std::memcpy(&x1, xb + i * K + 64 + 4 * c, 4);
+          d[i][h] = _mm512_dpbusd_epi32(d[i][h], wl, _mm512_set1_epi32(x0));
+          d[i][h + 1] = _mm512_dpbusd_epi32(d[i][h + 1], wh, _mm512_set1_epi32(x1));
+        }
+      }
+      const __m512 sv = _mm512_loadu_ps(scale + (s * ng + g) * 16);
+      for (int i = 0; i < MB; ++i) {
+        __m512i sum = _mm512_add_epi32(d[i][0], d[i][1]);
+        if constexpr (CH == 4) sum = _mm512_add_epi32(sum, _mm512_add_epi32(d[i][2], d[i][3]));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(sv, _mm512_set1_ps(xs[(m0 + i) * lds + b * 32])),
+                                 acc[i]);
+      }
+      if (++bg == blocks_per_group) bg = 0, ++g;
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512 mv = _mm512_loadu_ps(mins + (s * ng + g) * 16);
+      for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[(m0 + i) * ng + g]), acc[i]);
+    }
+    for (int i = 0; i < MB; ++i) _mm512_storeu_ps(out[i], acc[i]);
+  }
+};
+
+// int8 weights interleaved in slabs of 16 rows (format "int8_x16", `interleave_int8`): slab s is 16 K bytes
+// at 16 s K, 64 bytes per 4 inputs (rows 0-15 times inputs 4v..4v+3), the per-row scales as they are.
+// As for int4_x16, one `vpdpbusd` with 4 activation bytes broadcast advances all 16 rows, and a block of
+// 32 inputs (one activation scale) takes one convert and FMA for the 16 rows, not one per row plus a
+// lane sum.
+struct Int8SlabWeights {
+  static constexpr bool kSlab = true;
+  const int8_t* w;
+  const float* scale;  // [N]
+  int64_t K;
+  const int8_t* xq;
+  const float* xs;  // [M, K/64, 16]
+  const float* comp;
+
+  template <int MB>
+  void dot(int64_t m0, int64_t s, float (*out)[16]) const {
+    const int64_t lds = (K + 63) / 64 * 16;
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    constexpr int CH = MB == 1 ? 2 : 1;  // a lone row's chain split in two, as Int4SlabWeights
+    const int8_t* ws = w + s * 16 * K;
+    __m512 acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      __m512i d[MB][CH];
+      for (int i = 0; i < MB; ++i)
+        for (int h = 0; h < CH; ++h) d[i][h] = _mm512_setzero_si512();
+      const int8_t* wb = ws + k0 * 16;
+      for (int v = 0; v < 8; ++v) {
+        if constexpr (MB > 1) _mm_prefetch(reinterpret_cast<const char*>(wb + v * 64) + kPrefetch, _MM_HINT_T1);
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wb + v * 64), flip);
+        for (int i = 0; i < MB; ++i) {
+          int32_t x;
+          std::memcpy(&x, xq + (m0 + i) * K + k0 + 4 * v, 4);
+          d[i][v % CH] = _mm512_dpbusd_epi32(d[i][v % CH], wv, _mm512_set1_epi32(x));
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        __m512i sum = d[i][0];
+        if constexpr (CH == 2) sum = _mm512_add_epi32(sum, d[i][1]);
+        const float sa = xs[(m0 + i) * lds + (k0 / 64) * 16 + (k0 % 64 ? 8 : 0)];
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(sa), acc[i]);
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(scale + s * 16);
+    for (int i = 0; i < MB; ++i)
+      _mm512_storeu_ps(out[i], _mm512_mul_ps(_mm512_sub_ps(acc[i], _mm512_set1_ps(comp[m0 + i])), sv));
   }
 };
 
@@ -698,7 +821,7 @@ inline TileShape tile_shape(int64_t M, bool gated) {
 // (gated: their gate rows and their up rows), so consecutive tiles read the weight as one or two
 // sequential streams; the activation rows (from `x_row0` of what `wt` reads) go in passes over the
 // tile, which the first pass left in L1.
-template <class W, class T>
+template <class W, class T, std::enable_if_t<!is_slab<W>::value, int> = 0>
 inline void gemv_tile(const W& wt, int64_t x_row0, int64_t M, int64_t row0, int64_t N_out, bool gated, TileShape shape,
                       int64_t t, const float* bias, T* y) {
   const int cols = gated ? shape.weight_rows / 2 : shape.weight_rows;
@@ -722,6 +845,51 @@ inline void gemv_tile(const W& wt, int64_t x_row0, int64_t M, int64_t row0, int6
   }
 }
 
+#if QWENRUN_AVX512
+template <class W>
+inline void slab_dot(const W& wt, int64_t m0, int mb, int64_t s, float (*out)[16]) {
+  switch (mb) {
+    case 1: return wt.template dot<1>(m0, s, out);
+    case 2: return wt.template dot<2>(m0, s, out);
+    case 3: return wt.template dot<3>(m0, s, out);
+    case 4: return wt.template dot<4>(m0, s, out);
+    case 5: return wt.template dot<5>(m0, s, out);
+    case 6: return wt.template dot<6>(m0, s, out);
+    case 7: return wt.template dot<7>(m0, s, out);
+    default: return wt.template dot<8>(m0, s, out);
+  }
+}
+
+// gemv_tile for slab weights: a tile is one slab of output columns (16 t ..), gated its gate slab and
+// its up slab, all its activation rows in passes of 8 (N_out and row0 are multiples of 16)
+template <class W, class T, std::enable_if_t<is_slab<W>::value, int> = 0>
+inline void gemv_tile(const W& wt, int64_t x_row0, int64_t M, int64_t row0, int64_t N_out, bool gated, TileShape,
+                      int64_t t, const float* bias, T* y) {
+  const int64_t c = t * 16, gate = (row0 + c) / 16, up = (row0 + N_out + c) / 16;
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int mb = static_cast<int>(std::min<int64_t>(8, M - m0));
+    float g[8][16], u[8][16];
+    slab_dot(wt, x_row0 + m0, mb, gate, g);
+    if (gated) slab_dot(wt, x_row0 + m0, mb, up, u);
+    for (int i = 0; i < mb; ++i)
+      for (int q = 0; q < 16; ++q) {
+        float v = g[i][q] + (bias ? bias[c + q] : 0.f);
+        if (gated) v = silu(v) * (u[i][q] + (bias ? bias[N_out + c + q] : 0.f));
+        y[(m0 + i) * N_out + c + q] = static_cast<T>(v);
+      }
+  }
+}
+#endif
+
+// the tile shape of W's gemv_tile: a slab's 16 columns (gated: 32 weight rows) for slab weights
+template <class W>
+inline TileShape tile_shape_for(int64_t M, bool gated) {
+#if QWENRUN_AVX512
+  if constexpr (is_slab<W>::value) return TileShape{gated ? 32 : 16, 8};
+#endif
+  return tile_shape(M, gated);
+}
+
 inline int64_t tile_count(int64_t N_out, bool gated, TileShape shape) {
   const int cols = gated ? shape.weight_rows / 2 : shape.weight_rows;
   return (N_out + cols - 1) / cols;
@@ -730,7 +898,7 @@ inline int64_t tile_count(int64_t N_out, bool gated, TileShape shape) {
 template <class W, class T>
 void gemv(const W& wt, int64_t M, int64_t N_out, Epilogue ep, const float* bias, T* y) {
   const bool gated = ep == Epilogue::kSiluMul;
-  const TileShape shape = tile_shape(M, gated);
+  const TileShape shape = tile_shape_for<W>(M, gated);
   const int cols = gated ? shape.weight_rows / 2 : shape.weight_rows;
   at::parallel_for(0, tile_count(N_out, gated, shape), std::max(1, 8 / cols), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) gemv_tile(wt, 0, M, 0, N_out, gated, shape, t, bias, y);
@@ -830,21 +998,78 @@ at::Tensor gemv_int4(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   return y;
 }
 
+#if QWENRUN_AVX512
+inline bool int4_x16_shape_ok(int64_t N, int64_t K, int64_t group_size) {
+  return N % 32 == 0 && K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0;
+}
+
+// gemv_int8 over slab-interleaved weights (Int8SlabWeights); N % 32 == 0 so a gated half is whole slabs
+at::Tensor gemv_int8_x16(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale,
+                         const c10::optional<at::Tensor>& bias, const std::string& act) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous int8 [N, K]");
+  TORCH_CHECK(w.size(0) % 32 == 0 && w.size(1) % 32 == 0, "int8_x16 needs N and K divisible by 32");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == w.size(0) && scale.is_contiguous(), "scale must be fp32 [N]");
+  check_x(x_, w.size(1));
+  at::Tensor x = x_.contiguous();
+  QuantizedActivations a = quantize_activations(x, 0, 32);
+  Epilogue ep = parse_epilogue(act);
+  at::Tensor y = new_output(x_, w.size(0), ep);
+  Int8SlabWeights wt{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(),
+                     a.s.data_ptr<float>(), a.comp.data_ptr<float>()};
+  run(wt, x, ep, bias_f32(bias), y);
+  return y;
+}
+
+// gemv_int4 over slab-interleaved weights (Int4SlabWeights); N % 32 == 0 so a gated half is whole slabs
+at::Tensor gemv_int4_x16(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mins,
+                         int64_t group_size, const c10::optional<at::Tensor>& bias, const std::string& act) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(int4_x16_shape_ok(N, K, group_size), "int4_x16 needs N divisible by 32 and K by the group (a multiple of 128)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  mins.is_contiguous() && scale.numel() == N * (K / group_size) && mins.numel() == scale.numel(),
+              "scales and mins must be fp32 [N, K/group]");
+  check_x(x_, K);
+  at::Tensor x = x_.contiguous();
+  QuantizedActivations a = quantize_activations(x, group_size, 128);
+  Epilogue ep = parse_epilogue(act);
+  at::Tensor y = new_output(x_, N, ep);
+  Int4SlabWeights wt{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), mins.data_ptr<float>(), K, group_size,
+                     K / group_size, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()};
+  run(wt, x, ep, bias_f32(bias), y);
+  return y;
+}
+#endif
+
 // Weights back to a dense matrix for prefill GEMMs (compute-bound, so one conversion per call pays).
-at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::ScalarType dtype) {
+// interleaved: w in the int8_x16 layout (Int8SlabWeights), read back row by row
+at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::ScalarType dtype, bool interleaved) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && scale.scalar_type() == at::kFloat,
               "int8 weight [N, K] and fp32 scale [N] expected");
   const int64_t N = w.size(0), K = w.size(1);
+#if QWENRUN_AVX512
+  TORCH_CHECK(!interleaved || (N % 32 == 0 && K % 32 == 0), "int8_x16 needs N and K divisible by 32");
+#else
+  TORCH_CHECK(!interleaved, "int8_x16 weights are an AVX-512 layout");
+#endif
   at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
   const int8_t* q = w.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #if QWENRUN_AVX512
+    // a row's 4-input groups of a slab are dwords 64 bytes apart: 16 of them make 64 inputs
+    const __m512i gather = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(64));
+    alignas(64) int8_t row[64];
     for (int64_t n = n0; n < n1; ++n) {
       const __m512 sv = _mm512_set1_ps(s[n]);
       for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 m = tail16(K - k);
-        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + n * K + k))), sv);
+        if (interleaved && k % 64 == 0)
+          _mm512_store_si512(row, _mm512_i32gather_epi32(gather, q + (n / 16) * 16 * K + k * 16 + (n % 16) * 4, 1));
+        const __m128i codes = interleaved ? _mm_load_si128(reinterpret_cast<const __m128i*>(row + k % 64))
+                                          : _mm_maskz_loadu_epi8(m, q + n * K + k);
+        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), sv);
         if (dtype == at::kBFloat16)
           store16(out.data_ptr<bf16>() + n * K + k, v, m);
         else
@@ -873,11 +1098,17 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::Sca
   return out;
 }
 
+// interleaved: w, scale and mins in the int4_x16 layout (Int4SlabWeights), read back row by row
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mins, int64_t group_size,
-                           at::ScalarType dtype) {
+                           at::ScalarType dtype, bool interleaved) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && int4_shape_ok(w.size(1) * 2, group_size),
               "packed int4 weight [N, K/2] with K divisible by 128 and the group expected");
   const int64_t N = w.size(0), K = w.size(1) * 2, ng = K / group_size;
+#if QWENRUN_AVX512
+  TORCH_CHECK(!interleaved || int4_x16_shape_ok(N, K, group_size), "int4_x16 needs N divisible by 32 and groups of 128k");
+#else
+  TORCH_CHECK(!interleaved, "int4_x16 weights are an AVX-512 layout");
+#endif
   at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
   const uint8_t* q = w.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
@@ -885,14 +1116,24 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #if QWENRUN_AVX512
     alignas(64) uint8_t codes[128];
+    // a row's 64 bytes of a slab's block are 16 dwords 64 bytes apart
+    const __m512i gather = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(64));
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k0 = 0; k0 < K; k0 += 128) {
         __m512i lo, hi;
-        unpack_int4_block(q + n * (K / 2) + k0 / 2, lo, hi);
+        if (interleaved) {
+          const __m512i b = _mm512_i32gather_epi32(gather, q + ((n / 16) * (K / 128) + k0 / 128) * 1024 + (n % 16) * 4, 1);
+          lo = _mm512_and_si512(b, _mm512_set1_epi8(0xf));
+          hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0xf));
+        } else {
+          unpack_int4_block(q + n * (K / 2) + k0 / 2, lo, hi);
+        }
         _mm512_store_si512(codes, lo);
         _mm512_store_si512(codes + 64, hi);
         for (int64_t t = 0; t < 128; t += 16) {  // 16 inputs, all in one group (groups are >= 32)
-          const int64_t g = n * ng + (k0 + t) / group_size;
+          const int64_t gi = (k0 + t) / group_size;
+          const int64_t g = interleaved ? ((n / 16) * ng + gi) * 16 + n % 16 : n * ng + gi;
           const __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(codes + t)))),
                                            _mm512_set1_ps(s[g]), _mm512_set1_ps(mn[g]));
           if (dtype == at::kBFloat16)
@@ -1512,6 +1753,29 @@ void with_stacked_weights(const std::string& fmt, const std::vector<at::Tensor>&
 #endif
     return;
   }
+#if QWENRUN_AVX512
+  if (fmt == "int8_x16") {
+    TORCH_CHECK(parts.size() == 2 && parts[0].scalar_type() == at::kChar && parts[0].size(2) == K && K % 32 == 0 &&
+                    parts[0].size(1) % 32 == 0 && parts[1].scalar_type() == at::kFloat &&
+                    parts[1].numel() == parts[0].size(0) * parts[0].size(1),
+                "int8_x16 experts must be [E, N, K] int8 (N and K divisible by 32) with fp32 scales [E, N]");
+    QuantizedActivations a = quantize_activations(x, 0, 32);
+    f(Int8SlabWeights{parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), K, a.q.data_ptr<int8_t>(),
+                      a.s.data_ptr<float>(), a.comp.data_ptr<float>()});
+    return;
+  }
+  if (fmt == "int4_x16") {
+    TORCH_CHECK(parts.size() == 3 && parts[0].scalar_type() == at::kByte && parts[0].size(2) * 2 == K &&
+                    int4_x16_shape_ok(parts[0].size(1), K, group) && parts[1].scalar_type() == at::kFloat &&
+                    parts[2].scalar_type() == at::kFloat && parts[1].numel() == parts[0].size(0) * parts[0].size(1) * (K / group) &&
+                    parts[2].numel() == parts[1].numel(),
+                "int4_x16 experts must be [E, N, K/2] uint8 (N divisible by 32, groups of 128k) with fp32 scales and mins");
+    QuantizedActivations a = quantize_activations(x, group, 128);
+    f(Int4SlabWeights{parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), K, group,
+                      K / group, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()});
+    return;
+  }
+#endif
   TORCH_CHECK(fmt == "int4", "unknown expert format ", fmt);
   TORCH_CHECK(parts.size() == 3 && parts[0].scalar_type() == at::kByte && parts[0].size(2) * 2 == K &&
                   int4_shape_ok(K, group) && parts[1].scalar_type() == at::kFloat && parts[2].scalar_type() == at::kFloat &&
@@ -1535,7 +1799,7 @@ void grouped_gemv(const W& wt, const std::vector<ExpertRun>& runs, int64_t N_out
   std::vector<int64_t> first(runs.size() + 1, 0);  // each run's first tile
   std::vector<TileShape> shapes;
   for (size_t r = 0; r < runs.size(); ++r) {
-    shapes.push_back(tile_shape(runs[r].count, gated));
+    shapes.push_back(tile_shape_for<W>(runs[r].count, gated));
     first[r + 1] = first[r] + tile_count(N_out, gated, shapes[r]);
   }
   const int64_t N = gated ? 2 * N_out : N_out;
@@ -2073,6 +2337,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mins"), py::arg("group_size"), py::arg("bias"), py::arg("act"));
   m.def("dequantize_int8", &dequantize_int8);
   m.def("dequantize_int4", &dequantize_int4);
+#if QWENRUN_AVX512
+  m.def("gemv_int8_x16", &gemv_int8_x16, "gemv_int8 over slab-interleaved weights", py::arg("x"), py::arg("w"),
+        py::arg("scale"), py::arg("bias"), py::arg("act"));
+  m.def("gemv_int4_x16", &gemv_int4_x16, "gemv_int4 over slab-interleaved weights", py::arg("x"), py::arg("w"),
+        py::arg("scale"), py::arg("mins"), py::arg("group_size"), py::arg("bias"), py::arg("act"));
+#endif
   m.def("decode_attention", &decode_attention);
   m.def("decode_attention_int8", &decode_attention_int8);
   m.def("rms_norm", &rms_norm);

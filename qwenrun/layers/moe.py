@@ -65,7 +65,7 @@ class Experts(nn.Module, ABC):
     """`num_experts` routed expert MLPs (SiLU(gate) · up, then down), in one weight format.
 
     Subclasses give `expert(x, e)`; those whose stacked weights the C++ MoE kernel reads set
-    `fused_format` ("bf16", "int8", "int4") and give `fused_weights()` for it."""
+    `fused_format` ("bf16", "int8", "int4", "int4_x16") and give `fused_weights()` for it."""
 
     num_experts: int
     fused_format: str | None = None

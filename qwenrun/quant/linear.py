@@ -64,8 +64,56 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((b & 0xF, b >> 4), dim=2).reshape(N, K2 * 2)
 
 
-# the tensors that hold a quantized matrix, per format (module buffer names; kernel argument order)
-PART_NAMES = {"int8": ("qweight", "scale"), "int4": ("packed", "scale", "mins")}
+# the tensors that hold a quantized matrix, per format (module buffer names; kernel argument order);
+# "int8_x16" / "int4_x16" are those formats interleaved in slabs of 16 rows for the AVX-512 kernels
+# (`interleave_quantized`), the same tensors reordered
+PART_NAMES = {"int8": ("qweight", "scale"), "int4": ("packed", "scale", "mins"),
+              "int8_x16": ("qweight", "scale"), "int4_x16": ("packed", "scale", "mins")}
+INTERLEAVED = {"int8": "int8_x16", "int4": "int4_x16"}
+
+
+def interleave_int8(qweight: torch.Tensor, scale: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 parts [..., N, K], [..., N] to the "int8_x16" layout, or back with `inverse`: per slab of 16
+    rows, the 4 bytes of inputs 4v..4v+3 of all 16 rows side by side (the C++ kernels' Int8SlabWeights
+    says why); the scales stay as they are. N must be a multiple of 16."""
+    *lead, N, K = qweight.shape
+    order = (0, 1, 3, 2, 4)
+    view = (-1, N // 16, K // 4, 16, 4) if inverse else (-1, N // 16, 16, K // 4, 4)
+    return qweight.reshape(view).permute(order).contiguous().view(*lead, N, K), scale
+
+
+def interleave_int4(packed: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                    inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 parts [..., N, K/2], [..., N, K/G] (a matrix or a stack of experts) to the "int4_x16"
+    layout, or back with `inverse`: per slab of 16 rows and block of 128 inputs, the bytes of inputs
+    4c..4c+3 of all 16 rows side by side (c = 0..15), scales and minimums [N/16, K/G, 16] (the C++
+    kernels' Int4SlabWeights says why). Same shapes and bytes, reordered; N must be a multiple of 16."""
+    *lead, N, half = packed.shape
+    ng = scale.shape[-1]
+    if not inverse:
+        codes = packed.reshape(-1, N // 16, 16, half // 64, 16, 4).permute(0, 1, 3, 4, 2, 5)
+        scale, mins = (t.reshape(-1, N // 16, 16, ng).transpose(2, 3) for t in (scale, mins))
+    else:
+        codes = packed.reshape(-1, N // 16, half // 64, 16, 16, 4).permute(0, 1, 4, 2, 3, 5)
+        scale, mins = (t.reshape(-1, N // 16, ng, 16).transpose(2, 3) for t in (scale, mins))
+    return (codes.contiguous().view(*lead, N, half), scale.contiguous().view(*lead, N, ng),
+            mins.contiguous().view(*lead, N, ng))
+
+
+def interleave(fmt: str, parts: Sequence[torch.Tensor], inverse: bool = False) -> tuple[torch.Tensor, ...]:
+    """`parts` of plain format `fmt` in its interleaved layout (or, `inverse`, of an interleaved format back)."""
+    return (interleave_int8 if fmt.startswith("int8") else interleave_int4)(*parts, inverse=inverse)
+
+
+def interleavable(fmt: str, shape: Sequence[int], group_size: int) -> bool:
+    """Whether parts of a matrix of `shape` [N, K] in `fmt` take the interleaved layout: the AVX-512
+    kernels read it (`gemv_int8_x16` / `gemv_int4_x16`), rows fill 32-row pairs of slabs (a [gate; up]
+    projection's halves are whole slabs), int8 inputs whole 32-input blocks, int4 groups whole
+    128-input blocks."""
+    lib = kernels.cpu_ops()
+    if fmt not in INTERLEAVED or lib is None or not hasattr(lib, f"gemv_{INTERLEAVED[fmt]}") or shape[0] % 32:
+        return False
+    return shape[1] % 32 == 0 if fmt == "int8" else group_size % 128 == 0
 
 
 def quantize_parts(fmt: str, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
@@ -141,6 +189,8 @@ def streamed_targets(module: nn.Module, own: str, sources: Sequence[WeightTarget
 @kernels.op("dequantize")
 def expand(fmt: str, parts: Sequence[torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] of quantized `parts` (int8: qweight, scale; int4: packed, scale, mins)."""
+    if fmt.endswith("_x16"):
+        fmt, parts = fmt.removesuffix("_x16"), interleave(fmt, parts, inverse=True)
     if fmt == "int8":
         q, scale = parts
         return (q.float() * scale[:, None]).to(dtype)
@@ -304,3 +354,23 @@ class QuantizedExperts(Experts):
 
     def fused_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         return self.parts("w13"), self.parts("w2"), self.group_size
+
+
+def interleave_quantized(model: nn.Module) -> nn.Module:
+    """Reorder every int8/int4 linear and expert stack of `model` that can take it into its format's
+    interleaved layout (`interleavable`), in place of its plain parts: a decode step's few activation
+    rows then cost far fewer instructions per weight byte (RESULTS.md, issue 14). Weights stay plain
+    on disk (`qwenrun quantize` writes a model before this runs)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.parts[0].is_cpu \
+                and interleavable(module.format, module.parts[0].shape, module.group_size):
+            for name, part in zip(PART_NAMES[module.format], interleave(module.format, module.parts)):
+                setattr(module, name, part)
+            module.format = INTERLEAVED[module.format]
+        elif isinstance(module, QuantizedExperts) and module.parts("w2")[0].is_cpu and all(
+                interleavable(module.format, module.parts(w)[0].shape[1:], module.group_size) for w in ("w13", "w2")):
+            for which in ("w13", "w2"):
+                for name, part in zip(PART_NAMES[module.format], interleave(module.format, module.parts(which))):
+                    setattr(module, f"{which}_{name}", part)
+            module.format = module.fused_format = INTERLEAVED[module.format]
+    return model

@@ -223,14 +223,15 @@ def test_quantized_prefill_widened_matches_the_expanded_weight(monkeypatch, fmt)
 def test_dequantize_kernels_match_python():
     for k in (96, 13):  # 13: a tail past the last whole vector
         q8, s8 = quantize_int8(randn(17, k))
-        torch.testing.assert_close(ops.dequantize_int8(q8, s8, torch.float32), q8.float() * s8[:, None])
-        assert torch.equal(ops.dequantize_int8(q8, s8, torch.bfloat16), (q8.float() * s8[:, None]).bfloat16())
+        torch.testing.assert_close(ops.dequantize_int8(q8, s8, torch.float32, False), q8.float() * s8[:, None])
+        assert torch.equal(ops.dequantize_int8(q8, s8, torch.bfloat16, False), (q8.float() * s8[:, None]).bfloat16())
     q4, s4, m4 = quantize_int4(randn(9, 256), 64)
     packed = pack_int4(q4)
     assert torch.equal(unpack_int4(packed), q4)
     ref = dequantize_int4(q4, s4, m4, 64)
-    torch.testing.assert_close(ops.dequantize_int4(packed, s4, m4, 64, torch.float32), ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ops.dequantize_int4(packed, s4, m4, 64, torch.bfloat16), ref.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(ops.dequantize_int4(packed, s4, m4, 64, torch.float32, False), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ops.dequantize_int4(packed, s4, m4, 64, torch.bfloat16, False), ref.bfloat16(),
+                               rtol=0, atol=0)
 
 
 @needs_kernels
@@ -241,6 +242,153 @@ def test_kernels_reject_bad_shapes():
         ops.gemv_bf16(randn(1, 64, dtype=torch.bfloat16), randn(8, 64, dtype=torch.bfloat16), None, "gelu")
     with pytest.raises(RuntimeError, match="divisible by 128"):
         ops.gemv_int4(randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), randn(8, 1), randn(8, 1), 64, None, "none")
+    if hasattr(ops, "gemv_int4_x16"):  # slabs of 16 rows, in pairs: 48 rows is not whole pairs
+        with pytest.raises(RuntimeError, match="N divisible by 32"):
+            ops.gemv_int4_x16(randn(1, 128), torch.zeros(48, 64, dtype=torch.uint8), randn(48, 1), randn(48, 1), 128,
+                              None, "none")
+
+
+needs_x16 = pytest.mark.skipif(ops is None or not hasattr(ops, "gemv_int4_x16"),
+                               reason="the interleaved (_x16) layouts' kernels are AVX-512 (VNNI) only")
+
+
+def _int4_x16(w: torch.Tensor, group: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """w's int4 parts in the plain layout and interleaved."""
+    q, scale, mins = quantize_int4(w, group)
+    plain = (pack_int4(q), scale, mins)
+    return plain, quant_linear.interleave_int4(*plain)
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_interleave_int4_is_a_reordering_and_its_inverse_undoes_it(lead):
+    """Every byte, scale and minimum kept, moved (not copied in place), and back exactly: plain and
+    interleaved parts expand to the same weight, a matrix or a stack of experts."""
+    w = randn(*lead, 64, 256)
+    flat = w.reshape(-1, 256)
+    q, scale, mins = quantize_int4(flat, 128)
+    plain = tuple(t.reshape(*lead, 64, -1) for t in (pack_int4(q), scale, mins))
+    mixed = quant_linear.interleave_int4(*plain)
+    for a, b in zip(plain, mixed):
+        assert a.shape == b.shape and a.dtype == b.dtype and not torch.equal(a, b)
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
+    for a, b in zip(plain, quant_linear.interleave_int4(*mixed, inverse=True)):
+        assert torch.equal(a, b)
+    # slab 1, block 1, vector c = 2, row 3, byte 1 is plain row 16 + 3's byte 64 + 4 * 2 + 1
+    assert mixed[0].reshape(-1)[(1 * 2 + 1) * 1024 + 2 * 64 + 3 * 4 + 1] == plain[0].reshape(-1, 128)[19, 73]
+    one = [p.reshape(-1, 64, p.shape[-1])[0] for p in mixed]
+    assert torch.equal(quant_linear.expand.reference("int4_x16", one, 128, torch.float32),
+                       dequantize_int4(q[:64], scale[:64], mins[:64], 128))
+
+
+@needs_x16
+@pytest.mark.parametrize("group, k", [(128, 256), (256, 512), (128, 1024)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 48])
+def test_int4_x16_gemv_exact_given_its_quantized_activations(group, k, m):
+    """The slab kernel against the exact product of what it multiplies, as the plain int4 kernel is
+    tested: all-15 codes against full-scale activations in row 0, a partial pass of 8 activation rows,
+    plain with a bias and fused SiLU·up (whose halves are two slabs apart)."""
+    w = randn(64, k)
+    w[0] = torch.where(torch.arange(k) % group == 0, -1.0, 1.0)
+    (packed, scale, mins), mixed = _int4_x16(w, group)
+    x, bias = randn(m, k), randn(64)
+    x[0] = 1.0
+    full = _quantized_activations(x, 128) @ dequantize_int4(unpack_int4(packed), scale, mins, group).double().T
+    got = ops.gemv_int4_x16(x, *mixed, group, bias, "none")
+    ref = full + bias.double()
+    assert got.shape == (m, 64)
+    assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    gate, up = full.chunk(2, dim=-1)
+    fused = ops.gemv_int4_x16(x.bfloat16(), *mixed, group, None, "silu_mul")
+    x_b = _quantized_activations(x.bfloat16(), 128) @ dequantize_int4(unpack_int4(packed), scale, mins, group).double().T
+    gate, up = x_b.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    assert fused.shape == (m, 32) and fused.dtype == torch.bfloat16
+    assert ((fused.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-4 * ref.abs().max()).all()
+    plain = ops.gemv_int4(x, packed, scale, mins, group, bias, "none")
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_interleave_int8_is_a_reordering_and_its_inverse_undoes_it(lead):
+    q, scale = quantize_int8(randn(*lead, 32, 64).reshape(-1, 64))
+    q, scale = q.reshape(*lead, 32, 64), scale.reshape(*lead, 32)
+    mixed, same = quant_linear.interleave("int8", (q, scale))
+    assert same is scale and mixed.shape == q.shape and not torch.equal(mixed, q)
+    assert torch.equal(quant_linear.interleave("int8_x16", (mixed, scale), inverse=True)[0], q)
+    # slab 1, inputs 4 * 5 .. (v = 5), row 3, byte 2 is plain row 16 + 3's input 22
+    assert mixed.reshape(-1)[1 * 16 * 64 + 5 * 64 + 3 * 4 + 2] == q.reshape(-1, 64)[19, 22]
+
+
+@needs_x16
+@pytest.mark.parametrize("k", [32, 96, 1056])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 32])
+def test_int8_x16_gemv_exact_given_its_quantized_activations(m, k):
+    """As the plain int8 kernel: full-scale weights with matching full-scale activations in row 0,
+    odd numbers of 32-input blocks, plain with a bias and fused, and equal to the plain kernel."""
+    w = randn(64, k)
+    w[:8] = torch.where(randn(8, k) > 0, 1.0, -1.0)
+    q, scale = quantize_int8(w)
+    mixed, _ = quant_linear.interleave("int8", (q, scale))
+    x, bias = randn(m, k, dtype=torch.bfloat16), randn(64)
+    x[0] = torch.where(q[0] > 0, 1.0, -1.0)
+    full = _quantized_activations(x, 32) @ (q.double() * scale.double()[:, None]).T
+    got = ops.gemv_int8_x16(x.float(), mixed, scale, bias, "none")
+    ref = full + bias.double()
+    assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    fused = ops.gemv_int8_x16(x, mixed, scale, None, "silu_mul")
+    gate, up = full.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    assert fused.shape == (m, 32) and fused.dtype == torch.bfloat16
+    assert ((fused.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-4 * ref.abs().max()).all()
+    plain = ops.gemv_int8(x.float(), q, scale, bias, "none")
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+@needs_x16
+def test_int8_x16_dequantize_kernel_matches_python():
+    q, scale = quantize_int8(randn(96, 160))
+    mixed, _ = quant_linear.interleave("int8", (q, scale))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(ops.dequantize_int8(mixed, scale, dtype, True), ops.dequantize_int8(q, scale, dtype, False))
+    assert torch.equal(quant_linear.expand.reference("int8_x16", (mixed, scale), 0, torch.float32),
+                       q.float() * scale[:, None])
+
+
+@needs_x16
+def test_int4_x16_dequantize_kernel_matches_python():
+    (packed, scale, mins), mixed = _int4_x16(randn(96, 384), 128)
+    ref = quant_linear.expand.reference("int4", (packed, scale, mins), 128, torch.float32)
+    torch.testing.assert_close(ops.dequantize_int4(*mixed, 128, torch.float32, True), ref, rtol=1e-6, atol=1e-6)
+    # the same arithmetic as the plain layout's kernel, element for element
+    assert torch.equal(quant_linear.expand("int4_x16", mixed, 128, torch.bfloat16),
+                       ops.dequantize_int4(packed, scale, mins, 128, torch.bfloat16, False))
+
+
+@needs_x16
+def test_interleave_quantized_takes_only_what_its_kernels_read():
+    """Linears whose rows fill pairs of slabs and whose groups are whole blocks are interleaved, and
+    compute what they did; the rest, and experts with a matrix that does not fit, keep the plain layout."""
+    from qwenrun.quant.linear import Int4Linear, Int8Linear, QuantizedExperts, interleave_quantized
+
+    model = torch.nn.Module()
+    model.fits = Int4Linear.from_weight(randn(64, 256), randn(64), 128)
+    model.odd_rows = Int4Linear.from_weight(randn(48, 256), None, 128)
+    model.small_group = Int4Linear.from_weight(randn(64, 256), None, 64)
+    model.int8 = Int8Linear.from_weight(randn(64, 256), None)
+    experts = torch.nn.Module()
+    experts.num_experts, experts.w13, experts.w2 = 4, torch.nn.Parameter(randn(4, 256, 256)), \
+        torch.nn.Parameter(randn(4, 256, 128))
+    model.experts = QuantizedExperts.from_experts(experts, "int4", 64)  # int4 experts, groups of 64
+    x = randn(3, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        before = model.fits(x), model.fits.silu_mul(x), model.int8(x), model.int8.silu_mul(x)
+        interleave_quantized(model)
+        after = model.fits(x), model.fits.silu_mul(x), model.int8(x), model.int8.silu_mul(x)
+    assert model.fits.format == "int4_x16"
+    assert model.int8.format == "int8_x16"
+    assert [m.format for m in (model.odd_rows, model.small_group, model.experts)] == ["int4", "int4", "int4"]
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0.01, atol=0.01 * a.abs().max().item())
 
 
 @needs_kernels
@@ -438,14 +586,17 @@ def _moe_reference(x, weights, ids, w13, w2):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int8_x16", "int4_x16"])
 def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
     """A lone token (one C++ call over its chosen experts) and several tokens (grouped by expert) against
     a plain per-token, per-expert loop over the same weights, dequantized for int8/int4."""
     from qwenrun.layers.packed import StreamingExperts
-    from qwenrun.quant.linear import QuantizedExperts
+    from qwenrun.quant.linear import QuantizedExperts, interleave_quantized
 
+    if fmt.endswith("_x16") and (ops is None or not hasattr(ops, f"gemv_{fmt}")):
+        pytest.skip(f"the {fmt} layout's kernels are AVX-512 (VNNI) only")
     E, H, I = 6, 256, 128
+    group = 128 if fmt == "int4_x16" else 64
     w13, w2 = randn(E, 2 * I, H) * 0.1, randn(E, H, I) * 0.1
     if fmt == "bf16":
         module = StreamingExperts(E, w13.bfloat16(), w2.bfloat16())
@@ -453,9 +604,11 @@ def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
     else:
         experts = torch.nn.Module()
         experts.num_experts, experts.w13, experts.w2 = E, torch.nn.Parameter(w13), torch.nn.Parameter(w2)
-        module = QuantizedExperts.from_experts(experts, fmt, 64)
-        assert module.format == fmt
-        seen = [torch.stack([_dequantized(w[e], fmt) for e in range(E)]) for w in (w13, w2)]
+        module = QuantizedExperts.from_experts(experts, fmt.removesuffix("_x16"), group)
+        if fmt.endswith("_x16"):
+            interleave_quantized(module)
+        assert module.format == module.fused_format == fmt
+        seen = [torch.stack([_dequantized(w[e], fmt.removesuffix("_x16"), group) for e in range(E)]) for w in (w13, w2)]
     x = randn(5, H, dtype=torch.bfloat16)
     ids = torch.tensor([[0, 5], [2, 0], [4, 3], [5, 2], [0, 1]])  # experts shared across tokens, in any slot
     w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=torch.bfloat16)
@@ -469,7 +622,7 @@ def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
     assert rel_err(grouped, reference) < tol
     # the quantizers' own error on Gaussian weights, through two matrices (4 bits: a step of ~σ/3)
     exact = _moe_reference(x, w, ids, w13, w2)
-    assert rel_err(grouped, exact) < {"bf16": 0.02, "int8": 0.05, "int4": 0.25}[fmt]
+    assert rel_err(grouped, exact) < {"bf16": 0.02, "int8": 0.05, "int4": 0.25, "int8_x16": 0.05, "int4_x16": 0.3}[fmt]
     # id E is no expert (another rank's, under expert parallelism): that assignment adds nothing
     elsewhere = ids.clone()
     elsewhere[1, 0] = elsewhere[3, 1] = E
@@ -481,11 +634,11 @@ def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
     assert kernels.uses_kernel("routed_experts", x, w, ids, module) == (kernels.cpu_ops() is not None)
 
 
-def _dequantized(w: torch.Tensor, fmt: str) -> torch.Tensor:
+def _dequantized(w: torch.Tensor, fmt: str, group: int = 64) -> torch.Tensor:
     if fmt == "int8":
         q, scale = quantize_int8(w)
         return q.float() * scale[:, None]
-    return dequantize_int4(*quantize_int4(w, 64), 64)
+    return dequantize_int4(*quantize_int4(w, group), group)
 
 
 def _decode_calls(dtype=torch.bfloat16) -> dict[str, tuple]:
@@ -640,8 +793,8 @@ def test_every_operation_matches_its_torch_reference_at_decode_shapes():
 @pytest.mark.parametrize("checkpoint, quantization, expected", [
     ("dense-untied-gqa2", None, {"gemv_bf16"}),
     ("moe-norm-topk", None, {"gemv_bf16", "moe_gemv"}),
-    ("moe-norm-topk", "int8", {"gemv_int8", "moe_gemv"}),
-    ("dense-untied-gqa2", "int4", {"gemv_int4"}),
+    ("moe-norm-topk", "int8", {"gemv_int8_x16" if hasattr(ops, "gemv_int8_x16") else "gemv_int8", "moe_gemv"}),
+    ("dense-untied-gqa2", "int4", {"gemv_int4_x16" if hasattr(ops, "gemv_int4_x16") else "gemv_int4"}),
 ])
 def test_bf16_decode_runs_the_cpp_kernels(tmp_path, monkeypatch, checkpoint, quantization, expected):
     """A whole bf16 model's steps call the same C++ kernels as before the dispatch table existed."""

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from qwenrun import LLM, SamplingParams
+from qwenrun import LLM, SamplingParams, kernels
 from qwenrun.errors import InvalidRequestError
 from qwenrun.layers.linear import MergedLinear
 from qwenrun.quant.linear import (
-    QuantizedExperts, QuantizedLinear, dequantize_int4, pack_int4, quantize_int4,
+    QuantizedExperts, QuantizedLinear, dequantize_int4, interleave, pack_int4, quantize_int4,
     quantize_int8, quantized_matmul, unpack_int4,
 )
 from tiny import make_checkpoint
@@ -71,6 +71,8 @@ def models(request, tmp_path_factory):
 
 
 def _python_dequantized(fmt: str, parts: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    if fmt.endswith("_x16"):  # the kernels' interleaved layout (`interleave_quantized`)
+        fmt, parts = fmt.removesuffix("_x16"), interleave(fmt, parts, inverse=True)
     if fmt == "int8":
         q, scale = parts
         return q.float() * scale[:, None]
@@ -86,15 +88,20 @@ def _agreement(got: torch.Tensor, ref: torch.Tensor) -> float:
     return (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_model_computes_its_dequantized_weights(models, method):
+@pytest.mark.parametrize("method, group", [("int8", 0), ("int4", 32), ("int4", 128)])
+def test_quantized_model_computes_its_dequantized_weights(models, method, group):
     """The quantized bf16 model against the fp32 model whose weights are the quantized ones, expanded in
     Python: no further from it than plain bf16 is from fp32 (the kernels also round activations).
+    int8, and int4 in groups of 128, take the interleaved layouts where the kernels have them.
     How much quantization itself costs is measured on the trained model below; on random weights it is
     only noise (they give the quantizer no structure to exploit)."""
     folder, bf16, fp32, ids = models
-    qllm = LLM(folder, dtype="bfloat16", kv_cache_memory=8 << 20, quantization=method, quant_group_size=32)
+    qllm = LLM(folder, dtype="bfloat16", kv_cache_memory=8 << 20, quantization=method, quant_group_size=group or 32)
     assert not [n for n, m in qllm.model.named_modules() if isinstance(m, (nn.Linear, MergedLinear))]
+    formats = {m.format for m in qllm.model.modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
+    # int8, and int4 in groups of 128, take the interleaved layout where the kernels have it
+    interleaved = method == "int8" or group == 128
+    assert (f"{method}_x16" in formats) == (interleaved and hasattr(kernels.cpu_ops(), f"gemv_{method}_x16"))
     ref = LLM(folder, dtype="float32", kv_cache_memory=8 << 20)
     plain = dict(ref.model.named_modules())
     for name, module in qllm.model.named_modules():
