@@ -167,11 +167,11 @@ def _kv_values(cache: Any) -> torch.Tensor:
 
 def _gemv_quantized(lib: ModuleType, x: torch.Tensor, fmt: str, parts: list[torch.Tensor], group_size: int,
                     bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
-    # the _x16 formats exist only where the library has their kernels (`quant.linear.interleavable`)
+    # the _x16 formats exist only where the library runs them (`quant.linear.interleavable`)
     if fmt.startswith("int8"):
-        y = (lib.gemv_int8_x16 if fmt == "int8_x16" else lib.gemv_int8)(_rows(x), *parts, bias, act)
+        y = lib.gemv_int8(_rows(x), *parts, bias, act, fmt == "int8_x16")
     else:
-        y = (lib.gemv_int4_x16 if fmt == "int4_x16" else lib.gemv_int4)(_rows(x), *parts, group_size, bias, act)
+        y = lib.gemv_int4(_rows(x), *parts, group_size, bias, act, fmt == "int4_x16")
     return y.view(*x.shape[:-1], -1)
 
 

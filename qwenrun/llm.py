@@ -14,10 +14,9 @@ from qwenrun.engine.encoder_cache import MultimodalItem
 from qwenrun.engine.engine import LLMEngine
 from qwenrun.engine.request import CompletionOutput, Request, RequestOutput, think_open_in_prompt
 from qwenrun.errors import CheckpointError, ContextLengthError, InvalidRequestError, RequestFailedError
-from qwenrun.layers.packed import cpu_packing_available, pack_linears
 from qwenrun.loading.loader import load_model, open_checkpoint, resolve_dtype
 from qwenrun.quant import Quantization, quantize_model
-from qwenrun.quant.linear import interleave_quantized
+from qwenrun.quant.linear import prepare_cpu_weights
 from qwenrun.sampling.params import SamplingParams
 from qwenrun.spec_decode import ModelDrafter, SpeculativeConfig
 from qwenrun.tokenizer.chat import ChatTemplate, soft_thinking_switch
@@ -142,9 +141,7 @@ class LLM:
         def prepare_weights(model: torch.nn.Module, quantized: bool) -> None:
             if quant is not None and not quantized:
                 quantize_model(model, quant.method, quant.group_size, quant.quantize_lm_head)
-            if cpu_packing_available(self.dtype, self.device):
-                pack_linears(model)  # whatever quantization left in bf16
-            interleave_quantized(model)
+            prepare_cpu_weights(model, self.dtype, self.device)  # whatever quantization left in bf16 packed
 
         if tensor_parallel_size == 1:  # the ranks prepare their own shards
             prepare_weights(self.model, quantized=True)

@@ -943,6 +943,24 @@ inline bool int4_shape_ok(int64_t K, int64_t group_size) {
   return (group_size == 32 || group_size == 64 || group_size % 128 == 0) && K % group_size == 0 && K % 128 == 0;
 }
 
+#if QWENRUN_AVX512
+// gather offsets of one row's 64 bytes in a slab: 16 dwords (4 inputs each, or 8 int4 codes) 64 bytes apart
+inline __m512i slab_row_offsets() {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(64));
+}
+#endif
+
+// The slab layouts (int8_x16 / int4_x16, Int8SlabWeights / Int4SlabWeights) of a matrix of N rows: AVX-512
+// only, N % 32 == 0 (a gated half is whole slabs), int8 inputs in 32-input blocks, int4 groups of 128k
+inline void check_interleaved(int64_t N, int64_t K, int64_t group_size, bool int4) {
+#if QWENRUN_AVX512
+  TORCH_CHECK(N % 32 == 0 && (int4 ? group_size % 128 == 0 : K % 32 == 0),
+              int4 ? "int4_x16 needs N divisible by 32 and groups of a multiple of 128" : "int8_x16 needs N and K divisible by 32");
+#else
+  TORCH_CHECK(false, "the int8_x16 / int4_x16 weight layouts are AVX-512 only");
+#endif
+}
+
 at::Tensor gemv_bf16(const at::Tensor& x_, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                      const std::string& act) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous bf16 [N, K]");
@@ -959,17 +977,24 @@ at::Tensor gemv_bf16(const at::Tensor& x_, const at::Tensor& w, const c10::optio
   return y;
 }
 
+// interleaved: w in the int8_x16 layout (Int8SlabWeights)
 at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias, const std::string& act) {
+                     const c10::optional<at::Tensor>& bias, const std::string& act, bool interleaved) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous int8 [N, K]");
   TORCH_CHECK(w.size(1) % 32 == 0, "int8 kernel needs K divisible by 32");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == w.size(0) && scale.is_contiguous(), "scale must be fp32 [N]");
+  if (interleaved) check_interleaved(w.size(0), w.size(1), 0, false);
   check_x(x_, w.size(1));
   at::Tensor x = x_.contiguous();
   QuantizedActivations a = quantize_activations(x, 0, 32);
   Epilogue ep = parse_epilogue(act);
   at::Tensor y = new_output(x_, w.size(0), ep);
 #if QWENRUN_AVX512
+  if (interleaved) {
+    run(Int8SlabWeights{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(),
+                        a.s.data_ptr<float>(), a.comp.data_ptr<float>()}, x, ep, bias_f32(bias), y);
+    return y;
+  }
   Int8Weights wt{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(),
                  a.s.data_ptr<float>(), a.comp.data_ptr<float>()};
 #else
@@ -979,67 +1004,35 @@ at::Tensor gemv_int8(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   return y;
 }
 
+// interleaved: w, scale and mins in the int4_x16 layout (Int4SlabWeights)
 at::Tensor gemv_int4(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mins,
-                     int64_t group_size, const c10::optional<at::Tensor>& bias, const std::string& act) {
+                     int64_t group_size, const c10::optional<at::Tensor>& bias, const std::string& act, bool interleaved) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;
   TORCH_CHECK(int4_shape_ok(K, group_size), "int4 needs K divisible by 128 and by the group (32, 64 or a multiple of 128)");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scale.is_contiguous() &&
                   mins.is_contiguous() && scale.numel() == N * (K / group_size) && mins.numel() == scale.numel(),
               "scales and mins must be fp32 [N, K/group]");
+  if (interleaved) check_interleaved(N, K, group_size, true);
   check_x(x_, K);
   at::Tensor x = x_.contiguous();
   QuantizedActivations a = quantize_activations(x, group_size, group_size >= 128 ? 128 : 32);
   Epilogue ep = parse_epilogue(act);
   at::Tensor y = new_output(x_, N, ep);
+#if QWENRUN_AVX512
+  if (interleaved) {
+    run(Int4SlabWeights{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), mins.data_ptr<float>(), K, group_size,
+                        K / group_size, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()},
+        x, ep, bias_f32(bias), y);
+    return y;
+  }
+#endif
   Int4Weights wt{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), mins.data_ptr<float>(), K, group_size, K / group_size,
                  a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()};
   run(wt, x, ep, bias_f32(bias), y);
   return y;
 }
 
-#if QWENRUN_AVX512
-inline bool int4_x16_shape_ok(int64_t N, int64_t K, int64_t group_size) {
-  return N % 32 == 0 && K % 128 == 0 && group_size % 128 == 0 && K % group_size == 0;
-}
-
-// gemv_int8 over slab-interleaved weights (Int8SlabWeights); N % 32 == 0 so a gated half is whole slabs
-at::Tensor gemv_int8_x16(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale,
-                         const c10::optional<at::Tensor>& bias, const std::string& act) {
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous int8 [N, K]");
-  TORCH_CHECK(w.size(0) % 32 == 0 && w.size(1) % 32 == 0, "int8_x16 needs N and K divisible by 32");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == w.size(0) && scale.is_contiguous(), "scale must be fp32 [N]");
-  check_x(x_, w.size(1));
-  at::Tensor x = x_.contiguous();
-  QuantizedActivations a = quantize_activations(x, 0, 32);
-  Epilogue ep = parse_epilogue(act);
-  at::Tensor y = new_output(x_, w.size(0), ep);
-  Int8SlabWeights wt{w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(1), a.q.data_ptr<int8_t>(),
-                     a.s.data_ptr<float>(), a.comp.data_ptr<float>()};
-  run(wt, x, ep, bias_f32(bias), y);
-  return y;
-}
-
-// gemv_int4 over slab-interleaved weights (Int4SlabWeights); N % 32 == 0 so a gated half is whole slabs
-at::Tensor gemv_int4_x16(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& mins,
-                         int64_t group_size, const c10::optional<at::Tensor>& bias, const std::string& act) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous uint8 [N, K/2]");
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  TORCH_CHECK(int4_x16_shape_ok(N, K, group_size), "int4_x16 needs N divisible by 32 and K by the group (a multiple of 128)");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  mins.is_contiguous() && scale.numel() == N * (K / group_size) && mins.numel() == scale.numel(),
-              "scales and mins must be fp32 [N, K/group]");
-  check_x(x_, K);
-  at::Tensor x = x_.contiguous();
-  QuantizedActivations a = quantize_activations(x, group_size, 128);
-  Epilogue ep = parse_epilogue(act);
-  at::Tensor y = new_output(x_, N, ep);
-  Int4SlabWeights wt{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), mins.data_ptr<float>(), K, group_size,
-                     K / group_size, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()};
-  run(wt, x, ep, bias_f32(bias), y);
-  return y;
-}
-#endif
 
 // Weights back to a dense matrix for prefill GEMMs (compute-bound, so one conversion per call pays).
 // interleaved: w in the int8_x16 layout (Int8SlabWeights), read back row by row
@@ -1047,19 +1040,13 @@ at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scale, at::Sca
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && scale.scalar_type() == at::kFloat,
               "int8 weight [N, K] and fp32 scale [N] expected");
   const int64_t N = w.size(0), K = w.size(1);
-#if QWENRUN_AVX512
-  TORCH_CHECK(!interleaved || (N % 32 == 0 && K % 32 == 0), "int8_x16 needs N and K divisible by 32");
-#else
-  TORCH_CHECK(!interleaved, "int8_x16 weights are an AVX-512 layout");
-#endif
+  if (interleaved) check_interleaved(N, K, 0, false);
   at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
   const int8_t* q = w.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #if QWENRUN_AVX512
-    // a row's 4-input groups of a slab are dwords 64 bytes apart: 16 of them make 64 inputs
-    const __m512i gather = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(64));
+    const __m512i gather = slab_row_offsets();  // a row's 64 inputs of a slab
     alignas(64) int8_t row[64];
     for (int64_t n = n0; n < n1; ++n) {
       const __m512 sv = _mm512_set1_ps(s[n]);
@@ -1104,11 +1091,7 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && int4_shape_ok(w.size(1) * 2, group_size),
               "packed int4 weight [N, K/2] with K divisible by 128 and the group expected");
   const int64_t N = w.size(0), K = w.size(1) * 2, ng = K / group_size;
-#if QWENRUN_AVX512
-  TORCH_CHECK(!interleaved || int4_x16_shape_ok(N, K, group_size), "int4_x16 needs N divisible by 32 and groups of 128k");
-#else
-  TORCH_CHECK(!interleaved, "int4_x16 weights are an AVX-512 layout");
-#endif
+  if (interleaved) check_interleaved(N, K, group_size, true);
   at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
   const uint8_t* q = w.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
@@ -1116,9 +1099,7 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scale, const a
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #if QWENRUN_AVX512
     alignas(64) uint8_t codes[128];
-    // a row's 64 bytes of a slab's block are 16 dwords 64 bytes apart
-    const __m512i gather = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(64));
+    const __m512i gather = slab_row_offsets();  // a row's 64 bytes of a slab's block
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t k0 = 0; k0 < K; k0 += 128) {
         __m512i lo, hi;
@@ -1773,49 +1754,38 @@ void with_stacked_weights(const std::string& fmt, const std::vector<at::Tensor>&
 #endif
     return;
   }
-  if (fmt == "int8") {
+  const bool interleaved = fmt == "int8_x16" || fmt == "int4_x16";
+  if (fmt == "int8" || fmt == "int8_x16") {
     TORCH_CHECK(parts.size() == 2 && parts[0].scalar_type() == at::kChar && parts[0].size(2) == K && K % 32 == 0 &&
                     parts[1].scalar_type() == at::kFloat && parts[1].numel() == parts[0].size(0) * parts[0].size(1),
                 "int8 experts must be [E, N, K] int8 (K divisible by 32) with fp32 scales [E, N]");
+    if (interleaved) check_interleaved(parts[0].size(1), K, 0, false);
     QuantizedActivations a = quantize_activations(x, 0, 32);
 #if QWENRUN_AVX512
-    f(Int8Weights{parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), K, a.q.data_ptr<int8_t>(),
-                  a.s.data_ptr<float>(), a.comp.data_ptr<float>()});
+    if (interleaved)
+      f(Int8SlabWeights{parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), K, a.q.data_ptr<int8_t>(),
+                        a.s.data_ptr<float>(), a.comp.data_ptr<float>()});
+    else
+      f(Int8Weights{parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), K, a.q.data_ptr<int8_t>(),
+                    a.s.data_ptr<float>(), a.comp.data_ptr<float>()});
 #else
     f(Int8Weights{parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), K, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>()});
 #endif
     return;
   }
-#if QWENRUN_AVX512
-  if (fmt == "int8_x16") {
-    TORCH_CHECK(parts.size() == 2 && parts[0].scalar_type() == at::kChar && parts[0].size(2) == K && K % 32 == 0 &&
-                    parts[0].size(1) % 32 == 0 && parts[1].scalar_type() == at::kFloat &&
-                    parts[1].numel() == parts[0].size(0) * parts[0].size(1),
-                "int8_x16 experts must be [E, N, K] int8 (N and K divisible by 32) with fp32 scales [E, N]");
-    QuantizedActivations a = quantize_activations(x, 0, 32);
-    f(Int8SlabWeights{parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), K, a.q.data_ptr<int8_t>(),
-                      a.s.data_ptr<float>(), a.comp.data_ptr<float>()});
-    return;
-  }
-  if (fmt == "int4_x16") {
-    TORCH_CHECK(parts.size() == 3 && parts[0].scalar_type() == at::kByte && parts[0].size(2) * 2 == K &&
-                    int4_x16_shape_ok(parts[0].size(1), K, group) && parts[1].scalar_type() == at::kFloat &&
-                    parts[2].scalar_type() == at::kFloat && parts[1].numel() == parts[0].size(0) * parts[0].size(1) * (K / group) &&
-                    parts[2].numel() == parts[1].numel(),
-                "int4_x16 experts must be [E, N, K/2] uint8 (N divisible by 32, groups of 128k) with fp32 scales and mins");
-    QuantizedActivations a = quantize_activations(x, group, 128);
-    f(Int4SlabWeights{parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), K, group,
-                      K / group, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()});
-    return;
-  }
-#endif
-  TORCH_CHECK(fmt == "int4", "unknown expert format ", fmt);
+  TORCH_CHECK(fmt == "int4" || fmt == "int4_x16", "unknown expert format ", fmt);
   TORCH_CHECK(parts.size() == 3 && parts[0].scalar_type() == at::kByte && parts[0].size(2) * 2 == K &&
                   int4_shape_ok(K, group) && parts[1].scalar_type() == at::kFloat && parts[2].scalar_type() == at::kFloat &&
                   parts[1].numel() == parts[0].size(0) * parts[0].size(1) * (K / group) &&
                   parts[2].numel() == parts[1].numel(),
               "int4 experts must be [E, N, K/2] uint8 with fp32 scales and mins [E, N, K/group]");
+  if (interleaved) check_interleaved(parts[0].size(1), K, group, true);
   QuantizedActivations a = quantize_activations(x, group, group >= 128 ? 128 : 32);
+#if QWENRUN_AVX512
+  if (interleaved)
+    return f(Int4SlabWeights{parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), K,
+                             group, K / group, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()});
+#endif
   f(Int4Weights{parts[0].data_ptr<uint8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), K, group,
                 K / group, a.q.data_ptr<int8_t>(), a.s.data_ptr<float>(), a.gsum.data_ptr<float>()});
 }
@@ -2365,17 +2335,13 @@ std::vector<at::Tensor> gdn_prefill(const at::Tensor& mixed_, const c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = act(x W^T + b), bf16 W", py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("act"));
   m.def("gemv_int8", &gemv_int8, "y = act(x (W*s)^T + b), int8 W", py::arg("x"), py::arg("w"), py::arg("scale"),
-        py::arg("bias"), py::arg("act"));
+        py::arg("bias"), py::arg("act"), py::arg("interleaved") = false);
   m.def("gemv_int4", &gemv_int4, "y = act(x W^T + b), group-wise int4 W", py::arg("x"), py::arg("w"), py::arg("scale"),
-        py::arg("mins"), py::arg("group_size"), py::arg("bias"), py::arg("act"));
+        py::arg("mins"), py::arg("group_size"), py::arg("bias"), py::arg("act"), py::arg("interleaved") = false);
   m.def("dequantize_int8", &dequantize_int8);
   m.def("dequantize_int4", &dequantize_int4);
-#if QWENRUN_AVX512
-  m.def("gemv_int8_x16", &gemv_int8_x16, "gemv_int8 over slab-interleaved weights", py::arg("x"), py::arg("w"),
-        py::arg("scale"), py::arg("bias"), py::arg("act"));
-  m.def("gemv_int4_x16", &gemv_int4_x16, "gemv_int4 over slab-interleaved weights", py::arg("x"), py::arg("w"),
-        py::arg("scale"), py::arg("mins"), py::arg("group_size"), py::arg("bias"), py::arg("act"));
-#endif
+  // whether the int8_x16 / int4_x16 slab layouts run here (`interleaved` arguments, expert formats)
+  m.attr("interleaved_layouts") = py::bool_(QWENRUN_AVX512 != 0);
   m.def("decode_attention", &decode_attention);
   m.def("decode_attention_int8", &decode_attention_int8);
   m.def("rms_norm", &rms_norm);

@@ -126,15 +126,12 @@ def connect(config: WorkerConfig, rank: int) -> TensorParallel:
 
 def load_shard(config: WorkerConfig, tp: TensorParallel) -> nn.Module:
     """The rank's shard, quantized and packed as `LLM` prepares a single-process model."""
-    from qwenrun.layers.packed import cpu_packing_available, pack_linears
+    from qwenrun.quant.linear import prepare_cpu_weights
     from qwenrun.loading.loader import load_model, open_checkpoint
-    from qwenrun.quant.linear import interleave_quantized
 
     device = config.device_of(tp.rank)
     model = load_model(open_checkpoint(config.model), config.dtype, device, quantization=config.quantization, tp=tp)
-    if cpu_packing_available(config.dtype, device):
-        pack_linears(model)
-    return interleave_quantized(model)
+    return prepare_cpu_weights(model, config.dtype, device)
 
 
 def move(obj: Any, device: torch.device) -> Any:
@@ -435,12 +432,9 @@ def start_tensor_parallel(path: str | os.PathLike[str], dtype: torch.dtype, devi
     except BaseException:
         executor.close()
         raise
-    from qwenrun.layers.packed import cpu_packing_available, pack_linears
-    from qwenrun.quant.linear import interleave_quantized
+    from qwenrun.quant.linear import prepare_cpu_weights
 
-    if cpu_packing_available(dtype, device):
-        pack_linears(model)
-    interleave_quantized(model)
+    prepare_cpu_weights(model, dtype, device)
     wrapped = TensorParallelModel(model, executor)
     wrapped._store = store  # the rendezvous store lives as long as the group
     weakref.finalize(wrapped, executor.close)  # the workers go with the model (and at exit)

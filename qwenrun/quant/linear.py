@@ -21,6 +21,7 @@ from torch import nn
 from qwenrun import kernels
 from qwenrun.layers.linear import WeightTarget, cpu_gemm_widens_bf16, plain_targets, silu_mul, wide_linear
 from qwenrun.layers.moe import Experts
+from qwenrun.layers.packed import cpu_packing_available, pack_linears
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,11 @@ def interleave(fmt: str, parts: Sequence[torch.Tensor], inverse: bool = False) -
 
 
 def interleavable(fmt: str, shape: Sequence[int], group_size: int) -> bool:
-    """Whether parts of a matrix of `shape` [N, K] in `fmt` take the interleaved layout: the AVX-512
-    kernels read it (`gemv_int8_x16` / `gemv_int4_x16`), rows fill 32-row pairs of slabs (a [gate; up]
-    projection's halves are whole slabs), int8 inputs whole 32-input blocks, int4 groups whole
-    128-input blocks."""
+    """Whether parts of a matrix of `shape` [N, K] in `fmt` take the interleaved layout: the kernels read
+    it (AVX-512 builds), rows fill 32-row pairs of slabs (a [gate; up] projection's halves are whole
+    slabs), int8 inputs whole 32-input blocks, int4 groups whole 128-input blocks."""
     lib = kernels.cpu_ops()
-    if fmt not in INTERLEAVED or lib is None or not hasattr(lib, f"gemv_{INTERLEAVED[fmt]}") or shape[0] % 32:
+    if fmt not in INTERLEAVED or not getattr(lib, "interleaved_layouts", False) or shape[0] % 32:
         return False
     return shape[1] % 32 == 0 if fmt == "int8" else group_size % 128 == 0
 
@@ -374,3 +374,11 @@ def interleave_quantized(model: nn.Module) -> nn.Module:
                     setattr(module, f"{which}_{name}", part)
             module.format = module.fused_format = INTERLEAVED[module.format]
     return model
+
+
+def prepare_cpu_weights(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A loaded (and quantized) model's weights in the CPU fast paths' layouts: bf16 linears packed
+    (`layers.packed.pack_linears`), int8/int4 ones reordered into slabs (`interleave_quantized`)."""
+    if cpu_packing_available(dtype, device):
+        pack_linears(model)
+    return interleave_quantized(model)

@@ -242,13 +242,13 @@ def test_kernels_reject_bad_shapes():
         ops.gemv_bf16(randn(1, 64, dtype=torch.bfloat16), randn(8, 64, dtype=torch.bfloat16), None, "gelu")
     with pytest.raises(RuntimeError, match="divisible by 128"):
         ops.gemv_int4(randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), randn(8, 1), randn(8, 1), 64, None, "none")
-    if hasattr(ops, "gemv_int4_x16"):  # slabs of 16 rows, in pairs: 48 rows is not whole pairs
+    if ops.interleaved_layouts:  # slabs of 16 rows, in pairs: 48 rows is not whole pairs
         with pytest.raises(RuntimeError, match="N divisible by 32"):
-            ops.gemv_int4_x16(randn(1, 128), torch.zeros(48, 64, dtype=torch.uint8), randn(48, 1), randn(48, 1), 128,
-                              None, "none")
+            ops.gemv_int4(randn(1, 128), torch.zeros(48, 64, dtype=torch.uint8), randn(48, 1), randn(48, 1), 128,
+                          None, "none", True)
 
 
-needs_x16 = pytest.mark.skipif(ops is None or not hasattr(ops, "gemv_int4_x16"),
+needs_x16 = pytest.mark.skipif(ops is None or not ops.interleaved_layouts,
                                reason="the interleaved (_x16) layouts' kernels are AVX-512 (VNNI) only")
 
 
@@ -293,12 +293,12 @@ def test_int4_x16_gemv_exact_given_its_quantized_activations(group, k, m):
     x, bias = randn(m, k), randn(64)
     x[0] = 1.0
     full = _quantized_activations(x, 128) @ dequantize_int4(unpack_int4(packed), scale, mins, group).double().T
-    got = ops.gemv_int4_x16(x, *mixed, group, bias, "none")
+    got = ops.gemv_int4(x, *mixed, group, bias, "none", True)
     ref = full + bias.double()
     assert got.shape == (m, 64)
     assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
     gate, up = full.chunk(2, dim=-1)
-    fused = ops.gemv_int4_x16(x.bfloat16(), *mixed, group, None, "silu_mul")
+    fused = ops.gemv_int4(x.bfloat16(), *mixed, group, None, "silu_mul", True)
     x_b = _quantized_activations(x.bfloat16(), 128) @ dequantize_int4(unpack_int4(packed), scale, mins, group).double().T
     gate, up = x_b.chunk(2, dim=-1)
     ref = F.silu(gate) * up
@@ -332,10 +332,10 @@ def test_int8_x16_gemv_exact_given_its_quantized_activations(m, k):
     x, bias = randn(m, k, dtype=torch.bfloat16), randn(64)
     x[0] = torch.where(q[0] > 0, 1.0, -1.0)
     full = _quantized_activations(x, 32) @ (q.double() * scale.double()[:, None]).T
-    got = ops.gemv_int8_x16(x.float(), mixed, scale, bias, "none")
+    got = ops.gemv_int8(x.float(), mixed, scale, bias, "none", True)
     ref = full + bias.double()
     assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
-    fused = ops.gemv_int8_x16(x, mixed, scale, None, "silu_mul")
+    fused = ops.gemv_int8(x, mixed, scale, None, "silu_mul", True)
     gate, up = full.chunk(2, dim=-1)
     ref = F.silu(gate) * up
     assert fused.shape == (m, 32) and fused.dtype == torch.bfloat16
@@ -593,7 +593,7 @@ def test_moe_decode_and_grouped_paths_match_per_expert_loop(fmt):
     from qwenrun.layers.packed import StreamingExperts
     from qwenrun.quant.linear import QuantizedExperts, interleave_quantized
 
-    if fmt.endswith("_x16") and (ops is None or not hasattr(ops, f"gemv_{fmt}")):
+    if fmt.endswith("_x16") and (ops is None or not ops.interleaved_layouts):
         pytest.skip(f"the {fmt} layout's kernels are AVX-512 (VNNI) only")
     E, H, I = 6, 256, 128
     group = 128 if fmt == "int4_x16" else 64
@@ -793,8 +793,8 @@ def test_every_operation_matches_its_torch_reference_at_decode_shapes():
 @pytest.mark.parametrize("checkpoint, quantization, expected", [
     ("dense-untied-gqa2", None, {"gemv_bf16"}),
     ("moe-norm-topk", None, {"gemv_bf16", "moe_gemv"}),
-    ("moe-norm-topk", "int8", {"gemv_int8_x16" if hasattr(ops, "gemv_int8_x16") else "gemv_int8", "moe_gemv"}),
-    ("dense-untied-gqa2", "int4", {"gemv_int4_x16" if hasattr(ops, "gemv_int4_x16") else "gemv_int4"}),
+    ("moe-norm-topk", "int8", {"gemv_int8", "moe_gemv"}),
+    ("dense-untied-gqa2", "int4", {"gemv_int4"}),
 ])
 def test_bf16_decode_runs_the_cpp_kernels(tmp_path, monkeypatch, checkpoint, quantization, expected):
     """A whole bf16 model's steps call the same C++ kernels as before the dispatch table existed."""
