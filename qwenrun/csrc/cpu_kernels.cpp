@@ -1195,6 +1195,62 @@ inline __m512 head_dot(const __m512 (&kv)[ND], const float* qg) {
   return _mm512_add_ps(s0, s1);
 }
 
+// The weighted values of QH query heads (probabilities `scores`, rows of L, zero past each head's
+// context) over bf16 value rows, with the probabilities rounded to bf16 as transformers' eager
+// attention casts them before its value product. Two positions per vdpbf16ps: rows pos and pos + 1
+// interleaved by 16-bit unpacks against the pair of their weights, half the instructions of fp32
+// FMAs on widened values (5 verify rows cost ~2.8x one row's attention with those). An unpack
+// leaves chunk c's accumulator lanes in the order [cols 8j..8j+3 (lo), 8j+4..8j+7 (hi)] per 128-bit
+// lane j; one permute per head puts them back.
+template <int ND, class Dst>
+inline void bf16_weighted_values(const float* scores, bf16* probs, int64_t QH, int64_t G, int64_t L, int64_t first,
+                                 int64_t last, const int64_t* srow, const uint16_t* vh, Dst dst) {
+  constexpr int64_t d = ND * 16;
+  constexpr int NC = ND / 2;  // chunks of 32 columns
+  const int64_t P = L + 2;
+  for (int64_t qh = 0; qh < QH; ++qh) {
+    bf16* pb = probs + qh * P;
+    const float* sc = scores + qh * L;
+    for (int64_t p = 0; p < last; p += 16) store16(pb + p, _mm512_maskz_loadu_ps(tail16(last - p), sc + p), tail16(last - p));
+    pb[last] = pb[last + 1] = bf16(0.f);
+  }
+  const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t q0 = 0; q0 < QH; q0 += 2) {
+    const bool two = q0 + 1 < QH;
+    const int32_t* w0 = reinterpret_cast<const int32_t*>(probs + q0 * P);
+    const int32_t* w1 = reinterpret_cast<const int32_t*>(probs + (two ? q0 + 1 : q0) * P);
+    const int64_t n = first + (two ? q0 + 1 : q0) / G;
+    __m512 a0[ND], a1[ND];
+    for (int c = 0; c < ND; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
+    const auto step = [&](int64_t pos, bool pair) {
+      const uint16_t* v0 = vh + srow[pos] * d;
+      const uint16_t* v1 = pair ? vh + srow[pos + 1] * d : v0;
+      const __m512bh p0 = (__m512bh)_mm512_set1_epi32(w0[pos / 2]), p1 = (__m512bh)_mm512_set1_epi32(w1[pos / 2]);
+      for (int c = 0; c < NC; ++c) {
+        const __m512i x = _mm512_loadu_si512(v0 + c * 32);
+        const __m512i y = pair ? _mm512_loadu_si512(v1 + c * 32) : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(x, y), hi = (__m512bh)_mm512_unpackhi_epi16(x, y);
+        a0[2 * c] = _mm512_dpbf16_ps(a0[2 * c], lo, p0);
+        a0[2 * c + 1] = _mm512_dpbf16_ps(a0[2 * c + 1], hi, p0);
+        a1[2 * c] = _mm512_dpbf16_ps(a1[2 * c], lo, p1);
+        a1[2 * c + 1] = _mm512_dpbf16_ps(a1[2 * c + 1], hi, p1);
+      }
+    };
+    int64_t pos = 0;
+    for (; pos + 1 < n; pos += 2) step(pos, true);
+    if (pos < n) step(pos, false);  // odd n: the pair's second weight is the zero padding
+    for (int c = 0; c < NC; ++c) {
+      store16(dst(q0) + c * 32, _mm512_permutex2var_ps(a0[2 * c], first_half, a0[2 * c + 1]), 0xffff);
+      store16(dst(q0) + c * 32 + 16, _mm512_permutex2var_ps(a0[2 * c], second_half, a0[2 * c + 1]), 0xffff);
+      if (two) {
+        store16(dst(q0 + 1) + c * 32, _mm512_permutex2var_ps(a1[2 * c], first_half, a1[2 * c + 1]), 0xffff);
+        store16(dst(q0 + 1) + c * 32 + 16, _mm512_permutex2var_ps(a1[2 * c], second_half, a1[2 * c + 1]), 0xffff);
+      }
+    }
+  }
+}
+
 template <class T, class C, int ND>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const float* ks,
                            const float* vs, const at::Tensor& slots, const at::Tensor& lens, double scale,
@@ -1218,6 +1274,9 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
     // the run's queries as R * G heads, qh = r * G + g (a plain decode batch's runs are all 1 row)
     std::vector<float> qf(bf16_dot ? 0 : longest * G * d), scores(longest * G * L);
     std::vector<const uint16_t*> qrows(bf16_dot ? longest * G : 0);
+    // bf16 probabilities, a row of L + 2 per query head (even, zero-padded): two positions' weights are
+    // one 32-bit pair, as vdpbf16ps takes them
+    std::vector<bf16> probs(bf16_dot ? longest * G * (L + 2) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const auto [b0, R] = runs[t / nkv];
       const int64_t h = t % nkv, QH = R * G, first = lp[b0], last = lp[b0 + R - 1];
@@ -1300,6 +1359,13 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::
         const float inv = 1.f / _mm512_reduce_add_ps(sum);
         for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
         std::fill(sc + n, sc + last, 0.f);
+      }
+      if constexpr (bf16_dot) {
+        bf16_weighted_values<ND>(scores.data(), probs.data(), QH, G, L, first, last, srow,
+                                 reinterpret_cast<const uint16_t*>(vh), [&](int64_t qh) {
+                                   return op + ((b0 + qh / G) * nh + h * G + qh % G) * d;
+                                 });
+        continue;
       }
       // weighted values, two query heads at a time with their accumulators in registers
       for (int64_t q0 = 0; q0 < QH; q0 += 2) {
