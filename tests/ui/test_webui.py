@@ -338,7 +338,9 @@ def test_stop_cancels_on_the_server(browser, servers, requests_seen, shots):
     for how in ("click", "Escape"):  # the Stop button, then the key
         page.click("#new-chat")
         ask(page, question)
-        page.wait_for_selector("article.msg.assistant .reasoning-body:text-matches('.')")
+        # at once, not after the first reasoning text: on a fast host the server streams the whole
+        # ~150-token answer before a stop sent then arrives, and nothing is left to cancel
+        page.wait_for_selector("#stop", state="visible")
         page.click("#stop") if how == "click" else page.keyboard.press("Escape")
         wait_answer(page)
         assert "stopped" in last_answer(page).locator(".stats").text_content()
@@ -350,7 +352,7 @@ def test_stop_cancels_on_the_server(browser, servers, requests_seen, shots):
         assert after["qwenrun_num_requests_running"] == 0 and after["qwenrun_num_requests_waiting"] == 0
         assert finished(after) == finished(before), "the stopped request finished instead of being aborted"
         stopped_run = after["qwenrun_generation_tokens_total"] - before["qwenrun_generation_tokens_total"]
-        assert 0 < stopped_run < whole_run, (how, stopped_run, whole_run)
+        assert stopped_run < whole_run, (how, stopped_run, whole_run)
         before = after
     page.screenshot(path=shots / "stopped.png")
 
